@@ -1,0 +1,42 @@
+"""gradience_jax: curvature and spectral geometry of neural networks, JAX-native.
+
+The public API is re-exported here; everything else is internal.
+"""
+
+from gradience_jax import data
+from gradience_jax import models
+from gradience_jax import tree
+from gradience_jax.operators import heads
+from gradience_jax.operators.base import LinearOperator
+from gradience_jax.operators.base import damped
+from gradience_jax.operators.base import from_dense
+from gradience_jax.operators.base import from_matvec
+from gradience_jax.operators.data import dataset_operator
+from gradience_jax.operators.fisher import empirical_fisher
+from gradience_jax.operators.fisher import mc_fisher
+from gradience_jax.operators.fisher import per_example_grads
+from gradience_jax.operators.ggn import SplitModel
+from gradience_jax.operators.ggn import ggn
+from gradience_jax.operators.hessian import hessian
+from gradience_jax.operators.select import params_filter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LinearOperator",
+    "SplitModel",
+    "damped",
+    "data",
+    "dataset_operator",
+    "empirical_fisher",
+    "from_dense",
+    "from_matvec",
+    "ggn",
+    "heads",
+    "hessian",
+    "mc_fisher",
+    "models",
+    "params_filter",
+    "per_example_grads",
+    "tree",
+]

@@ -1,0 +1,139 @@
+"""Input checks at API boundaries: clear errors that name the leaf path and the problem."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradience_jax.tree import path_str
+
+PyTree = Any
+
+
+def is_traced(tree: PyTree) -> bool:
+    """True when any leaf is a tracer (we are inside jit / vmap / grad): skip eager checks."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def check_params(params: PyTree, name: str = "params") -> None:
+    """Parameters must be a non-empty pytree of floating-point arrays."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    if not flat:
+        raise ValueError(f"{name} is an empty pytree: there is nothing to differentiate")
+    for path, leaf in flat:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None:
+            raise TypeError(
+                f"{name} leaf '{path_str(path)}' is a {type(leaf).__name__}, not an array"
+            )
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{name} leaf '{path_str(path)}' has dtype {dtype}: curvature needs floating "
+                "point parameters (integer and complex leaves are not differentiable here; "
+                "split them off, e.g. nnx.split(model, nnx.Param))"
+            )
+
+
+def check_batch(batch: PyTree, name: str = "batch") -> int:
+    """All leaves of ``batch`` must share a leading batch axis; returns its size."""
+    flat = jax.tree_util.tree_flatten_with_path(batch)[0]
+    if not flat:
+        raise ValueError(f"{name} is an empty pytree")
+    sizes = {}
+    for path, leaf in flat:
+        shape = np.shape(leaf)
+        if len(shape) == 0:
+            raise ValueError(
+                f"{name} leaf '{path_str(path)}' is a scalar: every leaf needs a leading batch axis"
+            )
+        sizes[path_str(path)] = shape[0]
+    if len(set(sizes.values())) > 1:
+        desc = ", ".join(f"'{p}': {n}" for p, n in sizes.items())
+        raise ValueError(f"{name} leaves have inconsistent leading (batch) axes: {desc}")
+    n = next(iter(sizes.values()))
+    if n == 0:
+        raise ValueError(f"{name} has batch size 0")
+    return int(n)
+
+
+def check_like(v: PyTree, like: PyTree, name: str = "v", like_name: str = "params") -> None:
+    """``v`` must have the structure, shapes and dtypes of ``like``."""
+    v_def = jax.tree_util.tree_structure(v)
+    l_def = jax.tree_util.tree_structure(like)
+    if v_def != l_def:
+        v_paths = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(v)[0]}
+        l_paths = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
+        missing, extra = sorted(l_paths - v_paths), sorted(v_paths - l_paths)
+        detail = ""
+        if missing:
+            detail += f" missing leaves {missing[:5]}"
+        if extra:
+            detail += f" unexpected leaves {extra[:5]}"
+        if not detail:
+            detail = f" (structure {v_def} vs {l_def})"
+        raise ValueError(f"{name} does not match the pytree structure of {like_name}:{detail}")
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(v)[0], jax.tree_util.tree_leaves(like)
+    ):
+        if tuple(np.shape(a)) != tuple(np.shape(b)):
+            raise ValueError(
+                f"{name} leaf '{path_str(path)}' has shape {tuple(np.shape(a))}, "
+                f"{like_name} has {tuple(np.shape(b))}"
+            )
+        if jnp.result_type(a) != jnp.result_type(b):
+            raise TypeError(
+                f"{name} leaf '{path_str(path)}' has dtype {jnp.result_type(a)}, "
+                f"{like_name} has {jnp.result_type(b)}"
+            )
+
+
+def check_all_finite(tree: PyTree, what: str) -> None:
+    """Raise ``FloatingPointError`` naming the first leaf with NaN / Inf (eager values only)."""
+    if is_traced(tree):
+        return
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        arr = np.asarray(leaf)
+        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+            where = path_str(path) or "<root>"
+            raise FloatingPointError(f"{what} is not finite at leaf '{where}'")
+
+
+def check_scalar_fn(fn: Callable, args: tuple, name: str) -> None:
+    """``fn(*args)`` must return a real scalar (checked by shape inference only)."""
+    try:
+        out = jax.eval_shape(fn, *args)
+    except Exception as exc:  # re-raise with context, keep the cause
+        raise ValueError(f"{name} failed on the given params / batch: {exc}") from exc
+    leaves = jax.tree_util.tree_leaves(out)
+    if len(leaves) != 1 or leaves[0].shape != ():
+        shapes = [tuple(x.shape) for x in leaves]
+        raise ValueError(
+            f"{name} must return a scalar (the mean loss over the batch), got shape(s) {shapes}"
+        )
+    if not jnp.issubdtype(leaves[0].dtype, jnp.floating):
+        raise TypeError(f"{name} must return a floating-point scalar, got {leaves[0].dtype}")
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_value_and_grad(loss_fn: Callable) -> Callable:
+    return jax.jit(jax.value_and_grad(loss_fn))
+
+
+def check_loss_at_point(loss_fn: Callable, params: PyTree, batch: PyTree, name: str) -> None:
+    """The loss and its gradient must be finite at ``(params, batch)`` (one jitted pass)."""
+    if is_traced((params, batch)):
+        return
+    try:
+        fn = _jitted_value_and_grad(loss_fn)
+    except TypeError:  # unhashable callable
+        fn = jax.jit(jax.value_and_grad(loss_fn))
+    value, grad = fn(params, batch)
+    if not np.isfinite(np.asarray(value)):
+        raise FloatingPointError(
+            f"{name} is not finite at the evaluation point (value {float(value)})"
+        )
+    check_all_finite(grad, f"the gradient of {name}")

@@ -1,0 +1,1 @@
+"""Curvature matrices as matrix-free :class:`LinearOperator` s."""

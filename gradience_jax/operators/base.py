@@ -1,0 +1,318 @@
+"""Matrix-free linear operators on parameter pytrees.
+
+A :class:`LinearOperator` is a pytree: its *operands* (params, batch, keys, matrices, ...)
+are the children and its *prepare* function, vector template, PSD flag and name are static
+aux data. So an operator can be passed as an argument to ``jax.jit`` (large arrays are never
+baked into the program as constants) and the compiled program is reused for new params of
+the same shapes.
+
+``prepare(operands)`` runs inside a trace and returns the matvec closure; linearising
+operators do their one-off work there (``jax.linearize``), so algorithms that apply the
+operator many times in one compiled program (Lanczos, SLQ, CG) call :meth:`LinearOperator.bind`
+once and reuse the closure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+
+from gradience_jax import tree as tu
+from gradience_jax._validate import check_like, is_traced
+
+PyTree = Any
+Matvec = Callable[[PyTree], PyTree]
+
+DEFAULT_MAX_DENSE_PARAMS = 5000
+
+
+def _spec_of(like: PyTree) -> tuple:
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    return treedef, tuple((tuple(np.shape(x)), jnp.dtype(jnp.result_type(x))) for x in leaves)
+
+
+def _like_of(spec: tuple) -> PyTree:
+    treedef, leaves = spec
+    return jax.tree_util.tree_unflatten(
+        treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves]
+    )
+
+
+@jax.tree_util.register_pytree_node_class
+class LinearOperator:
+    """A symmetric linear map on parameter pytrees, applied matrix-free.
+
+    Attributes:
+        operands: the arrays the map depends on (a pytree; traced under ``jit``).
+        prepare: static, hashable ``prepare(operands) -> matvec``.
+        params_like: pytree of ``jax.ShapeDtypeStruct``: the vectors' structure.
+        is_psd: whether the operator is positive semi-definite by construction.
+        name: a short label (``"hessian"``, ``"ggn"``, ...).
+
+    ``op @ v`` / ``op.matvec(v)`` applies the operator (jitted, compiled once per
+    operator kind and shapes). Operators add, subtract and scale: ``op1 + op2``, ``2.0 * op``.
+    """
+
+    def __init__(
+        self,
+        prepare: Callable[[PyTree], Matvec],
+        operands: PyTree,
+        params_like: PyTree,
+        *,
+        is_psd: bool = False,
+        name: str = "operator",
+        _spec: tuple | None = None,
+    ):
+        self.prepare = prepare
+        self.operands = operands
+        self._spec = _spec if _spec is not None else _spec_of(params_like)
+        self.is_psd = bool(is_psd)
+        self.name = str(name)
+
+    # -- pytree protocol ------------------------------------------------------------------
+    def tree_flatten(self):
+        return (self.operands,), (self.prepare, self._spec, self.is_psd, self.name)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        prepare, spec, is_psd, name = aux
+        return cls(prepare, children[0], None, is_psd=is_psd, name=name, _spec=spec)
+
+    # -- shape information ----------------------------------------------------------------
+    @property
+    def params_like(self) -> PyTree:
+        """The vectors' template: a pytree of ``jax.ShapeDtypeStruct``."""
+        return _like_of(self._spec)
+
+    @property
+    def n_params(self) -> int:
+        """Dimension of the operator (number of scalar parameters)."""
+        return int(sum(int(np.prod(shape)) for shape, _ in self._spec[1]))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_params, self.n_params)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """Common dtype of the vectors' leaves."""
+        return jnp.result_type(*[dtype for _, dtype in self._spec[1]])
+
+    # -- application ----------------------------------------------------------------------
+    def bind(self) -> Matvec:
+        """The matvec closure; call inside a trace and reuse it for many products."""
+        return self.prepare(self.operands)
+
+    def matvec(self, v: PyTree) -> PyTree:
+        """``A v`` for a pytree ``v`` shaped like ``params_like``."""
+        if not is_traced(v):
+            check_like(v, self.params_like, "v", f"the {self.name} operator's params")
+        return _apply(self, v)
+
+    def __matmul__(self, v: PyTree) -> PyTree:
+        return self.matvec(v)
+
+    def __call__(self, v: PyTree) -> PyTree:
+        return self.matvec(v)
+
+    def __add__(self, other: "LinearOperator") -> "LinearOperator":
+        return add(self, other)
+
+    def __sub__(self, other: "LinearOperator") -> "LinearOperator":
+        return add(self, scale(other, -1.0))
+
+    def __mul__(self, alpha: Any) -> "LinearOperator":
+        return scale(self, alpha)
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "LinearOperator":
+        return scale(self, -1.0)
+
+    def __repr__(self) -> str:
+        return (
+            f"LinearOperator(name={self.name!r}, n_params={self.n_params}, "
+            f"is_psd={self.is_psd}, dtype={self.dtype})"
+        )
+
+    def to_dense(self, max_params: int = DEFAULT_MAX_DENSE_PARAMS) -> jax.Array:
+        """The dense ``(n, n)`` matrix in ``tree.ravel`` order (tests and small models only).
+
+        Raises:
+            ValueError: if ``n_params > max_params`` (the matrix would need
+                ``n^2`` entries; raise ``max_params`` explicitly if you mean it).
+        """
+        n = self.n_params
+        if n > max_params:
+            raise ValueError(
+                f"to_dense() refuses an operator with n_params={n} > max_params={max_params}: "
+                f"the dense matrix would hold {n * n:,} entries. Pass max_params={n} to force it."
+            )
+        return _to_dense(self)
+
+
+@jax.jit
+def _apply(op: LinearOperator, v: PyTree) -> PyTree:
+    return op.bind()(v)
+
+
+@jax.jit
+def _to_dense(op: LinearOperator) -> jax.Array:
+    like = op.params_like
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), like)
+    flat0, unravel = jax.flatten_util.ravel_pytree(zeros)
+    basis = jnp.eye(flat0.size, dtype=flat0.dtype)
+    mv = op.bind()
+    cols = jax.vmap(lambda e: jax.flatten_util.ravel_pytree(mv(unravel(e)))[0])(basis)
+    return cols.T
+
+
+# -- constructors ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _DensePrepare:
+    def __call__(self, matrix: jax.Array) -> Matvec:
+        return lambda v: (matrix @ v).astype(v.dtype)
+
+
+def from_dense(matrix: Any, *, is_psd: bool | None = None, name: str = "dense") -> LinearOperator:
+    """A ``LinearOperator`` on 1-D vectors from a symmetric ``(n, n)`` matrix.
+
+    ``is_psd=None`` decides by the smallest eigenvalue (eager matrices only).
+    """
+    matrix = jnp.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"matrix must be square 2-D, got shape {matrix.shape}")
+    if is_psd is None:
+        evals = np.linalg.eigvalsh(np.asarray(matrix, dtype=np.float64))
+        is_psd = bool(evals[0] >= -1e-12 * max(1.0, abs(evals[-1])))
+    like = jax.ShapeDtypeStruct((matrix.shape[0],), matrix.dtype)
+    return LinearOperator(_DensePrepare(), matrix, like, is_psd=is_psd, name=name)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _CallablePrepare:
+    fn: Callable[[PyTree], PyTree]
+
+    def __call__(self, operands: PyTree) -> Matvec:
+        return self.fn
+
+
+def from_matvec(
+    matvec: Callable[[PyTree], PyTree],
+    params_like: PyTree,
+    *,
+    is_psd: bool = False,
+    name: str = "custom",
+) -> LinearOperator:
+    """Wrap a user matvec ``v -> A v`` (arrays it closes over become compile-time constants)."""
+    return LinearOperator(_CallablePrepare(matvec), (), params_like, is_psd=is_psd, name=name)
+
+
+# -- algebra -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _SumPrepare:
+    def __call__(self, operands: PyTree) -> Matvec:
+        first, second = operands
+        mv1, mv2 = first.bind(), second.bind()
+        return lambda v: tu.add(mv1(v), mv2(v))
+
+
+def add(a: LinearOperator, b: LinearOperator) -> LinearOperator:
+    """The operator ``a + b`` (vectors must have the same structure)."""
+    if not isinstance(b, LinearOperator) or not isinstance(a, LinearOperator):
+        raise TypeError("can only add a LinearOperator to another LinearOperator")
+    if a._spec != b._spec:
+        raise ValueError(
+            f"cannot add operators over different parameter trees ({a.name} and {b.name})"
+        )
+    return LinearOperator(
+        _SumPrepare(),
+        (a, b),
+        None,
+        is_psd=a.is_psd and b.is_psd,
+        name=f"({a.name} + {b.name})",
+        _spec=a._spec,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScalePrepare:
+    def __call__(self, operands: PyTree) -> Matvec:
+        op, alpha = operands
+        mv = op.bind()
+        return lambda v: tu.scale(alpha, mv(v))
+
+
+def _nonnegative(alpha: Any) -> bool:
+    if is_traced(alpha):
+        return False
+    return bool(np.all(np.asarray(alpha) >= 0))
+
+
+def scale(op: LinearOperator, alpha: Any) -> LinearOperator:
+    """The operator ``alpha * op`` (``alpha`` is an operand: new values reuse the program)."""
+    alpha = jnp.asarray(alpha)
+    if alpha.ndim != 0:
+        raise ValueError(f"alpha must be a scalar, got shape {alpha.shape}")
+    return LinearOperator(
+        _ScalePrepare(),
+        (op, alpha),
+        None,
+        is_psd=op.is_psd and _nonnegative(alpha),
+        name=f"scaled({op.name})",
+        _spec=op._spec,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _DampedPrepare:
+    def __call__(self, operands: PyTree) -> Matvec:
+        op, lam = operands
+        mv = op.bind()
+        return lambda v: tu.axpy(lam, v, mv(v))
+
+
+def damped(op: LinearOperator, lam: Any) -> LinearOperator:
+    """The operator ``op + lam * I`` (Tikhonov damping).
+
+    Raises:
+        ValueError: if ``lam`` is not a finite scalar.
+    """
+    lam = jnp.asarray(lam)
+    if lam.ndim != 0:
+        raise ValueError(f"damping lam must be a scalar, got shape {lam.shape}")
+    if not is_traced(lam) and not np.isfinite(np.asarray(lam)):
+        raise ValueError(f"damping lam must be finite, got {lam}")
+    return LinearOperator(
+        _DampedPrepare(),
+        (op, lam),
+        None,
+        is_psd=op.is_psd and _nonnegative(lam),
+        name=f"damped({op.name})",
+        _spec=op._spec,
+    )
+
+
+def identity(params_like: PyTree) -> LinearOperator:
+    """The identity on vectors shaped like ``params_like``."""
+    return from_matvec(lambda v: v, params_like, is_psd=True, name="identity")
+
+
+__all__ = [
+    "LinearOperator",
+    "add",
+    "damped",
+    "from_dense",
+    "from_matvec",
+    "identity",
+    "scale",
+]

@@ -1,0 +1,87 @@
+"""Dataset-level operators: the batch-size-weighted mean of an operator over batches."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+
+from gradience_jax import tree as tu
+from gradience_jax._validate import check_batch
+from gradience_jax.operators.base import LinearOperator
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _DatasetPrepare:
+    prepares: tuple  # one static prepare per group of same-shaped batches
+
+    def __call__(self, operands):
+        groups, total = operands
+
+        def matvec(v):
+            acc = tu.zeros_like(v)
+            for prepare, (stacked, weights) in zip(self.prepares, groups):
+
+                def step(carry, xs):
+                    ops_i, w_i = xs
+                    out = prepare(ops_i)(v)
+                    return tu.axpy(w_i / total, out, carry), None
+
+                acc, _ = jax.lax.scan(step, acc, (stacked, weights))
+            return acc
+
+        return matvec
+
+
+def dataset_operator(
+    make_op: Callable[..., LinearOperator],
+    fn: Callable,
+    params: PyTree,
+    batches: Iterable[PyTree],
+    **kwargs: Any,
+) -> LinearOperator:
+    """``A v = sum_b N_b A_b v / sum_b N_b`` over an iterable of batches.
+
+    Each batch's operator is built as ``make_op(fn, params=params, batch=b, **kwargs)``
+    (e.g. ``dataset_operator(gj.ggn, model_fn, params, batches, head=head)``). Batches of
+    equal shapes are stacked and scanned, so the compiled matvec does not grow with their
+    number; a ``key`` in ``kwargs`` is folded with the batch index.
+
+    Weighting by batch size makes the result equal the operator on the concatenated data
+    for losses that are means over examples.
+    """
+    ops, sizes = [], []
+    for i, b in enumerate(batches):
+        kw = dict(kwargs)
+        if "key" in kw:
+            kw["key"] = jax.random.fold_in(kw["key"], i)
+        kw.setdefault("linearize", False)
+        ops.append(make_op(fn, params=params, batch=b, **kw))
+        sizes.append(check_batch(b))
+    if not ops:
+        raise ValueError("batches is empty: a dataset operator needs at least one batch")
+    groups: dict = {}
+    for op, n in zip(ops, sizes):
+        treedef = jax.tree_util.tree_structure(op)
+        shapes = tuple(jnp.shape(x) for x in jax.tree_util.tree_leaves(op))
+        groups.setdefault((treedef, shapes), []).append((op, n))
+    prepares, operands = [], []
+    for members in groups.values():
+        prepares.append(members[0][0].prepare)
+        stacked = tu.stack([m.operands for m, _ in members])
+        weights = jnp.asarray([n for _, n in members], dtype=jnp.float32)
+        operands.append((stacked, weights))
+    total = jnp.asarray(float(sum(sizes)), dtype=jnp.float32)
+    first = ops[0]
+    return LinearOperator(
+        _DatasetPrepare(tuple(prepares)),
+        (tuple(operands), total),
+        None,
+        is_psd=all(op.is_psd for op in ops),
+        name=f"dataset({first.name}, {len(ops)} batches)",
+        _spec=first._spec,
+    )

@@ -1,0 +1,219 @@
+"""Fisher information operators: empirical Fisher and Monte-Carlo (sampled-label) Fisher.
+
+Empirical Fisher (per-example gradients ``g_n`` of the observed labels' loss):
+``F v = (1/N) sum_n g_n (g_n . v)``. ``"cached"`` stores the ``(N, P)`` gradients once
+(``vmap`` of ``grad``, each example fed as a batch of one); ``"streaming"`` never stores
+them: ``F v = J_L^T (J_L v) / N`` with ``J_L`` the Jacobian of the per-example loss vector,
+one ``jvp`` and one ``vjp`` per product (Kunstner et al. 2019 discuss when the EF differs
+from the Fisher).
+
+Monte-Carlo Fisher (type-2 / sampled labels): ``F v = J^T M J v`` with ``M`` the average
+over ``num_samples`` draws of ``g_s g_s^T`` per token, ``g_s`` the output-space gradient for a
+label sampled from the model's predictive distribution (Martens 2014). Its expectation is
+the GGN of the matching head (softmax CE for ``"categorical"``, MSE for ``"gaussian"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from gradience_jax import tree as tu
+from gradience_jax._validate import check_batch, check_loss_at_point, check_params, check_scalar_fn
+from gradience_jax.operators._common import jtmj_matvec, resolve_linearize
+from gradience_jax.operators.base import LinearOperator
+from gradience_jax.operators.heads import _Head, likelihood_head
+
+PyTree = Any
+
+#: ``mode="auto"`` caches per-example gradients when they take at most this many bytes.
+CACHE_BUDGET_BYTES = 1024**3
+
+
+def per_example_losses(loss_fn: Callable, params: PyTree, batch: PyTree) -> jax.Array:
+    """``(N,)`` losses, each example fed to ``loss_fn`` as a batch of one (``vmap``)."""
+    one = lambda ex: loss_fn(params, jax.tree_util.tree_map(lambda x: x[None], ex))  # noqa: E731
+    return jax.vmap(one)(batch)
+
+
+def per_example_grads(loss_fn: Callable, params: PyTree, batch: PyTree) -> PyTree:
+    """Per-example gradients: a pytree like ``params`` with a leading ``N`` axis."""
+
+    def one(p, ex):
+        return loss_fn(p, jax.tree_util.tree_map(lambda x: x[None], ex))
+
+    return jax.vmap(jax.grad(one), in_axes=(None, 0))(params, batch)
+
+
+@jax.jit
+def _cache_grads(loss_fn_holder, params, batch):
+    return per_example_grads(loss_fn_holder.fn, params, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FnHolder:
+    fn: Callable
+
+
+jax.tree_util.register_static(_FnHolder)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CachedEFPrepare:
+    def __call__(self, operands):
+        (grads,) = operands
+        n = jax.tree_util.tree_leaves(grads)[0].shape[0]
+
+        def matvec(v):
+            acc = tu.accumulation_dtype(jax.tree_util.tree_leaves(v)[0].dtype)
+            gv = sum(
+                jnp.einsum("n...,...->n", g.astype(acc), x.astype(acc))
+                for g, x in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(v))
+            )
+            return jax.tree_util.tree_map(
+                lambda g, x: (jnp.einsum("n,n...->...", gv, g.astype(acc)) / n).astype(x.dtype),
+                grads,
+                v,
+            )
+
+        return matvec
+
+
+@dataclasses.dataclass(frozen=True)
+class _StreamingEFPrepare:
+    loss_fn: Callable
+    linearize: bool
+
+    def __call__(self, operands):
+        params, batch = operands
+        n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+        losses = lambda p: per_example_losses(self.loss_fn, p, batch)  # noqa: E731
+        mv = jtmj_matvec(losses, params, lambda _: (lambda u: u / n), self.linearize)
+        return mv
+
+
+def empirical_fisher(
+    loss_fn: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    batch: PyTree,
+    mode: str = "auto",
+    *,
+    linearize: bool | str = "auto",
+    check: bool = True,
+) -> LinearOperator:
+    """The empirical Fisher ``(1/N) sum_n g_n g_n^T`` of per-example gradients.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss (each example is fed as a
+            batch of one under ``vmap``, so per-example gradients need no other code).
+        params: parameter pytree.
+        batch: pytree with a shared leading batch axis ``N``.
+        mode: ``"cached"`` (store ``N x P`` gradients, products are two contractions),
+            ``"streaming"`` (never store them; a jvp and a vjp per product) or ``"auto"``
+            (cached when ``N * P`` entries fit ``CACHE_BUDGET_BYTES``).
+        linearize: for ``"streaming"``: reuse one linearisation across products.
+        check: raise on a non-finite loss / gradient at the point.
+
+    Returns:
+        A PSD :class:`LinearOperator`.
+    """
+    check_params(params)
+    n = check_batch(batch)
+    check_scalar_fn(loss_fn, (params, batch), "loss_fn")
+    if check:
+        check_loss_at_point(loss_fn, params, batch, "loss_fn")
+    if mode not in ("auto", "cached", "streaming"):
+        raise ValueError(f"mode must be 'auto', 'cached' or 'streaming', got {mode!r}")
+    if mode == "auto":
+        nbytes = n * sum(
+            x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)
+        )
+        mode = "cached" if nbytes <= CACHE_BUDGET_BYTES else "streaming"
+    if mode == "cached":
+        grads = _cache_grads(_FnHolder(loss_fn), params, batch)
+        return LinearOperator(_CachedEFPrepare(), (grads,), params, is_psd=True, name="empirical_fisher")
+    lin = resolve_linearize(linearize, lambda p: per_example_losses(loss_fn, p, batch), params)
+    return LinearOperator(
+        _StreamingEFPrepare(loss_fn, lin), (params, batch), params, is_psd=True,
+        name="empirical_fisher",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _MCFisherPrepare:
+    model_fn: Callable
+    head: _Head
+    num_samples: int
+    linearize: bool
+
+    def __call__(self, operands):
+        params, batch, key = operands
+        head, s = self.head, self.num_samples
+
+        def out_map(outputs):
+            lead = outputs.shape[:-1]
+            w = head.weights(batch, lead, outputs.dtype)
+            norm = head.normalizer(w, outputs.shape[-1])
+            keys = jax.random.split(key, s)
+            g = jax.vmap(lambda k: head.token_sample_grad(outputs, k))(keys)  # (S, *lead, C)
+            g = jax.lax.stop_gradient(g)
+
+            def m(u):
+                coef = (g * u).sum(-1, keepdims=True) * (w[..., None] / (norm * s))
+                return (g * coef).sum(0).astype(u.dtype)
+
+            return m
+
+        fn = lambda p: self.model_fn(p, batch)  # noqa: E731
+        return jtmj_matvec(fn, params, out_map, self.linearize)
+
+
+def mc_fisher(
+    model_fn: Callable[[PyTree, PyTree], jax.Array],
+    params: PyTree,
+    batch: PyTree,
+    key: jax.Array,
+    likelihood: str = "categorical",
+    num_samples: int = 1,
+    *,
+    head: _Head | None = None,
+    linearize: bool | str = "auto",
+    check: bool = True,
+) -> LinearOperator:
+    """Monte-Carlo Fisher with labels sampled from the model (type-2 Fisher).
+
+    Args:
+        model_fn: ``model_fn(params, batch) -> outputs`` ``(*lead, C)``: logits for
+            ``"categorical"``, predictions for ``"gaussian"``.
+        params, batch: the evaluation point.
+        key: ``jax.random`` key for the label samples (same key, same operator).
+        likelihood: ``"categorical"`` (softmax) or ``"gaussian"`` (MSE, unit-free
+            ``torch.nn.MSELoss`` scaling, see :mod:`gradience_jax.heads`).
+        num_samples: label samples per token.
+        head: optional built-in head overriding ``likelihood`` (e.g. to pass a mask key).
+
+    Returns:
+        A PSD :class:`LinearOperator` whose expectation over keys is the GGN.
+    """
+    check_params(params)
+    check_batch(batch)
+    if int(num_samples) < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if head is None:
+        head = likelihood_head(likelihood)
+    elif not isinstance(head, _Head):
+        raise ValueError("mc_fisher needs a built-in head (gj.heads.softmax_cross_entropy / mse)")
+    out = jax.eval_shape(model_fn, params, batch)
+    if len(out.shape) < 2:
+        raise ValueError(f"model_fn must return outputs of shape (*lead, C), got {out.shape}")
+    if check:
+        outputs = jax.jit(model_fn)(params, batch)
+        from gradience_jax._validate import check_all_finite
+
+        check_all_finite(outputs, "model_fn(params, batch)")
+    lin = resolve_linearize(linearize, lambda p: model_fn(p, batch), params)
+    prep = _MCFisherPrepare(model_fn, head, int(num_samples), lin)
+    return LinearOperator(prep, (params, batch, key), params, is_psd=True, name="mc_fisher")

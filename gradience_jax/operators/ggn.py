@@ -1,0 +1,188 @@
+"""The generalised Gauss-Newton matrix ``G = J^T H_head J`` (Schraudolph 2002).
+
+``J`` is the Jacobian of ``model_fn`` w.r.t. params and ``H_head`` the Hessian of the loss
+head w.r.t. the outputs. A matvec is ``jvp`` (``J v``) -> analytic head Hessian -> ``vjp``
+(``J^T u``); no Jacobian and no ``(B*T, V, V)`` tensor is ever formed, only tensors shaped
+like the logits the forward pass makes anyway.
+
+With ``vocab_chunk`` the model must be a :class:`SplitModel` (``features`` up to the last
+hidden state ``(*lead, D)`` and a per-token ``readout`` to ``(*lead, V)``, e.g. a language
+model's output projection). Then the readout and the head run over chunks of
+``vocab_chunk`` tokens in a ``lax.scan``, so the ``(tokens, V)`` temporaries are bounded by
+``(vocab_chunk, V)`` whatever ``B * T`` is. Supported shapes: any model whose outputs are a
+position-wise function of its last hidden state (Dense / DenseGeneral readout, tied or untied
+embeddings); the head must be a built-in head (per-token Hessian).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from gradience_jax import tree as tu
+from gradience_jax._validate import check_batch, check_loss_at_point, check_params, check_scalar_fn
+from gradience_jax.operators._common import jtmj_matvec, resolve_linearize
+from gradience_jax.operators.base import LinearOperator
+from gradience_jax.operators.heads import _Head, output_hvp
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitModel:
+    """``model_fn(params, batch) = readout(params, features(params, batch))``.
+
+    Attributes:
+        features: ``(params, batch) -> hidden`` of shape ``(*lead, D)``.
+        readout: ``(params, hidden) -> outputs`` of shape ``(*lead, V)``, position-wise.
+    """
+
+    features: Callable[[PyTree, PyTree], jax.Array]
+    readout: Callable[[PyTree, jax.Array], jax.Array]
+
+    def __call__(self, params: PyTree, batch: PyTree) -> jax.Array:
+        return self.readout(params, self.features(params, batch))
+
+
+@dataclasses.dataclass(frozen=True)
+class _GGNPrepare:
+    model_fn: Callable
+    head: Any
+    linearize: bool
+
+    def __call__(self, operands):
+        params, batch = operands
+        fn = lambda p: self.model_fn(p, batch)  # noqa: E731
+        out_map = lambda out: (lambda u: output_hvp(self.head, out, batch, u))  # noqa: E731
+        return jtmj_matvec(fn, params, out_map, self.linearize)
+
+
+def _pad_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """``(n, ...) -> (ceil(n / chunk), chunk, ...)`` with zero padding."""
+    n = x.shape[0]
+    pad = (-n) % chunk
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((-1, chunk) + x.shape[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkedGGNPrepare:
+    model: SplitModel
+    head: _Head
+    chunk: int
+    linearize: bool
+
+    def __call__(self, operands):
+        params, batch = operands
+        model, head, chunk = self.model, self.head, self.chunk
+        feat = lambda p: model.features(p, batch)  # noqa: E731
+        if self.linearize:
+            hidden, feat_jvp = jax.linearize(feat, params)
+            feat_vjp = jax.linear_transpose(feat_jvp, params)
+        else:
+            hidden = feat(params)
+            feat_jvp = lambda v: jax.jvp(feat, (params,), (v,))[1]  # noqa: E731
+            feat_vjp = lambda g: jax.vjp(feat, params)[1](g)  # noqa: E731
+        lead, d = hidden.shape[:-1], hidden.shape[-1]
+        n = math.prod(lead)
+        targets = head.targets(batch)
+        weights = head.weights(batch, lead, hidden.dtype).reshape(n)
+        num_classes = jax.eval_shape(model.readout, params, hidden[..., :1, :]).shape[-1]
+        norm = head.normalizer(weights, num_classes)
+        h_chunks = _pad_chunks(hidden.reshape(n, d), chunk)
+        w_chunks = _pad_chunks(weights, chunk)
+        t_chunks = None
+        if targets is not None:
+            t_chunks = _pad_chunks(targets.reshape((n,) + targets.shape[len(lead):]), chunk)
+
+        def matvec(v):
+            hdot = feat_jvp(v)
+            hdot_chunks = _pad_chunks(hdot.reshape(n, d), chunk)
+
+            def step(acc, xs):
+                h_c, hd_c, w_c, t_c = xs
+                logits, ldot = jax.jvp(model.readout, (params, h_c), (v, hd_c))
+                u = head.token_hvp(logits, t_c, ldot) * (w_c / norm)[:, None]
+                _, vjp = jax.vjp(model.readout, params, h_c)
+                g_params, g_hidden = vjp(u.astype(logits.dtype))
+                return tu.add(acc, g_params), g_hidden
+
+            acc, g_hidden = jax.lax.scan(
+                step, tu.zeros_like(v), (h_chunks, hdot_chunks, w_chunks, t_chunks)
+            )
+            g_hidden = g_hidden.reshape(-1, d)[:n].reshape(hidden.shape)
+            return tu.add(acc, feat_vjp(g_hidden.astype(hidden.dtype))[0])
+
+        return matvec
+
+
+def ggn(
+    model_fn: Callable[[PyTree, PyTree], jax.Array],
+    head: Callable[[jax.Array, PyTree], jax.Array],
+    params: PyTree,
+    batch: PyTree,
+    vocab_chunk: int | None = None,
+    *,
+    linearize: bool | str = "auto",
+    check: bool = True,
+) -> LinearOperator:
+    """The GGN ``G = J^T H_head J`` of ``loss = head(model_fn(params, batch), batch)``.
+
+    Matvec cost: one forward-mode and one reverse-mode pass through ``model_fn`` plus the
+    head's analytic Hessian (softmax CE: ``p*u - p*sum(p*u)`` per token). For softmax
+    cross-entropy ``G`` equals the true Fisher information.
+
+    Args:
+        model_fn: ``model_fn(params, batch) -> outputs`` of shape ``(*lead, C)``.
+        head: a head from :mod:`gradience_jax.heads`, or any ``head(outputs, batch) ->
+            scalar`` (its Hessian is then taken by jvp-of-grad in output space).
+        params: parameter pytree.
+        batch: pytree with a shared leading batch axis.
+        vocab_chunk: tokens per chunk for the readout + head (needs a :class:`SplitModel`
+            and a built-in head); ``None`` processes all tokens at once.
+        linearize: ``True``, ``False`` or ``"auto"`` (see :func:`gradience_jax.hessian`).
+        check: evaluate the loss and its gradient once and raise on non-finite values.
+
+    Returns:
+        A symmetric PSD :class:`LinearOperator` (PSD whenever the head is convex).
+    """
+    check_params(params)
+    check_batch(batch)
+    loss_fn = _composed_loss(model_fn, head)
+    check_scalar_fn(loss_fn, (params, batch), "head(model_fn(params, batch), batch)")
+    if check:
+        check_loss_at_point(loss_fn, params, batch, "the loss head(model_fn(params, batch))")
+    is_psd = isinstance(head, _Head) or bool(getattr(head, "is_convex", False))
+    if vocab_chunk is None:
+        lin = resolve_linearize(linearize, lambda p: model_fn(p, batch), params)
+        prep = _GGNPrepare(model_fn, head, lin)
+        return LinearOperator(prep, (params, batch), params, is_psd=is_psd, name="ggn")
+    if not isinstance(model_fn, SplitModel):
+        raise ValueError(
+            "vocab_chunk needs model_fn to be a gradience_jax.SplitModel(features, readout) "
+            f"so the readout can run chunk by chunk; got {type(model_fn).__name__}"
+        )
+    if not isinstance(head, _Head):
+        raise ValueError("vocab_chunk needs a built-in head (gj.heads.softmax_cross_entropy / mse)")
+    if int(vocab_chunk) < 1:
+        raise ValueError(f"vocab_chunk must be a positive number of tokens, got {vocab_chunk}")
+    lin = resolve_linearize(linearize, lambda p: model_fn.features(p, batch), params)
+    prep = _ChunkedGGNPrepare(model_fn, head, int(vocab_chunk), lin)
+    return LinearOperator(prep, (params, batch), params, is_psd=True, name="ggn")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ComposedLoss:
+    model_fn: Callable
+    head: Callable
+
+    def __call__(self, params, batch):
+        return self.head(self.model_fn(params, batch), batch)
+
+
+def _composed_loss(model_fn, head) -> Callable:
+    return _ComposedLoss(model_fn, head)

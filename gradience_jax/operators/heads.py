@@ -1,0 +1,201 @@
+"""Loss heads: ``head(outputs, batch) -> scalar`` with an analytic output-space Hessian.
+
+A head splits the loss as ``loss_fn(params, batch) = head(model_fn(params, batch), batch)``.
+Outputs have shape ``(*lead, C)``: ``lead`` indexes examples or tokens (``(B,)``,
+``(B, T)``), ``C`` is the number of classes / output features. Each position ("token")
+contributes an unnormalised loss ``l_t``; the head returns ``sum_t w_t l_t / Z`` with
+weights ``w_t`` (a padding mask, or ones) and normaliser ``Z`` (``sum_t w_t``, times ``C``
+for MSE so that it matches ``torch.nn.MSELoss(reduction="mean")``).
+
+Built-ins:
+    softmax_cross_entropy(labels_key, mask_key): integer labels ``(*lead,)`` or one-hot /
+        soft targets ``(*lead, C)``; per-token Hessian ``s (diag(p) - p p^T)`` with
+        ``s = sum_c y_c`` (1 for proper distributions).
+    mse(targets_key, mask_key): per-token loss ``sum_c (f_c - y_c)^2``; Hessian ``2 I``.
+
+``token_sample_grad`` draws labels from the model's predictive distribution and returns
+the per-token gradient of the unnormalised loss w.r.t. outputs, whose outer product has
+expectation equal to the per-token Hessian (the Fisher identity used by ``mc_fisher``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def _lead_shape(outputs: jax.Array) -> tuple[int, ...]:
+    if outputs.ndim < 2:
+        raise ValueError(
+            f"head outputs must have shape (*lead, C) with a trailing class / feature axis, "
+            f"got shape {outputs.shape}"
+        )
+    return outputs.shape[:-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Head:
+    """Common machinery: weights, normaliser and the reductions over tokens."""
+
+    targets_key: str | None
+    mask_key: str | None = None
+
+    # -- per-token pieces, overridden by concrete heads -----------------------------------
+    def token_loss(self, outputs: jax.Array, targets: Any) -> jax.Array:  # (*lead,)
+        raise NotImplementedError
+
+    def token_hvp(self, outputs: jax.Array, targets: Any, u: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def token_sample_grad(self, outputs: jax.Array, key: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def scale_per_token(self, num_classes: int) -> int:
+        return 1
+
+    # -- shared reductions ----------------------------------------------------------------
+    def targets(self, batch: PyTree) -> Any:
+        if self.targets_key is None:
+            return None
+        try:
+            return batch[self.targets_key]
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(
+                f"{type(self).__name__} head expects batch[{self.targets_key!r}]; "
+                f"the batch has {_keys(batch)}"
+            ) from exc
+
+    def weights(self, batch: PyTree, lead: tuple[int, ...], dtype: Any) -> jax.Array:
+        if self.mask_key is None:
+            return jnp.ones(lead, dtype)
+        mask = jnp.asarray(batch[self.mask_key])
+        if mask.shape != tuple(lead):
+            raise ValueError(
+                f"mask batch[{self.mask_key!r}] has shape {mask.shape}, outputs have leading "
+                f"shape {tuple(lead)}"
+            )
+        return mask.astype(dtype)
+
+    def normalizer(self, weights: jax.Array, num_classes: int) -> jax.Array:
+        return jnp.maximum(weights.sum(), 1.0) * self.scale_per_token(num_classes)
+
+    def __call__(self, outputs: jax.Array, batch: PyTree) -> jax.Array:
+        lead = _lead_shape(outputs)
+        w = self.weights(batch, lead, outputs.dtype)
+        losses = self.token_loss(outputs, self.targets(batch))
+        return (w * losses).sum() / self.normalizer(w, outputs.shape[-1])
+
+    def hvp(self, outputs: jax.Array, batch: PyTree, u: jax.Array) -> jax.Array:
+        """Hessian of ``head(., batch)`` at ``outputs`` applied to ``u`` (shape of outputs)."""
+        lead = _lead_shape(outputs)
+        w = self.weights(batch, lead, outputs.dtype)
+        hu = self.token_hvp(outputs, self.targets(batch), u)
+        return (w[..., None] * hu / self.normalizer(w, outputs.shape[-1])).astype(u.dtype)
+
+
+def _keys(batch: PyTree) -> str:
+    if isinstance(batch, dict):
+        return f"keys {sorted(map(str, batch))}"
+    return f"type {type(batch).__name__}"
+
+
+def _is_integer_labels(outputs: jax.Array, targets: jax.Array) -> bool:
+    return jnp.issubdtype(jnp.result_type(targets), jnp.integer)
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxCrossEntropy(_Head):
+    """Softmax cross-entropy on logits ``(*lead, C)``."""
+
+    def token_loss(self, outputs, targets):
+        logp = jax.nn.log_softmax(outputs, axis=-1)
+        if _is_integer_labels(outputs, targets):
+            if targets.shape != outputs.shape[:-1]:
+                raise ValueError(
+                    f"integer labels have shape {targets.shape}, expected {outputs.shape[:-1]}"
+                )
+            return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        if targets.shape != outputs.shape:
+            raise ValueError(
+                f"soft / one-hot targets have shape {targets.shape}, expected {outputs.shape}"
+            )
+        return -(targets * logp).sum(-1)
+
+    def token_hvp(self, outputs, targets, u):
+        p = jax.nn.softmax(outputs, axis=-1)
+        hu = p * u - p * (p * u).sum(-1, keepdims=True)
+        if targets is not None and not _is_integer_labels(outputs, targets):
+            hu = hu * targets.sum(-1, keepdims=True)
+        return hu
+
+    def token_sample_grad(self, outputs, key):
+        p = jax.nn.softmax(outputs, axis=-1)
+        labels = jax.random.categorical(key, outputs, axis=-1)
+        return p - jax.nn.one_hot(labels, outputs.shape[-1], dtype=outputs.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanSquaredError(_Head):
+    """Mean squared error over all output elements (``torch.nn.MSELoss`` convention)."""
+
+    def token_loss(self, outputs, targets):
+        if targets.shape != outputs.shape:
+            raise ValueError(f"targets have shape {targets.shape}, outputs {outputs.shape}")
+        return ((outputs - targets) ** 2).sum(-1)
+
+    def token_hvp(self, outputs, targets, u):
+        return 2.0 * u
+
+    def token_sample_grad(self, outputs, key):
+        # y ~ N(f, 1/2) is the likelihood whose NLL is (f - y)^2 + const; grad = -sqrt(2) eps.
+        eps = jax.random.normal(key, outputs.shape, outputs.dtype)
+        return -jnp.sqrt(2.0).astype(outputs.dtype) * eps
+
+    def scale_per_token(self, num_classes: int) -> int:
+        return num_classes
+
+
+def softmax_cross_entropy(
+    labels_key: str | None = "labels", mask_key: str | None = None
+) -> SoftmaxCrossEntropy:
+    """Softmax cross-entropy head reading ``batch[labels_key]`` (and an optional mask)."""
+    return SoftmaxCrossEntropy(labels_key, mask_key)
+
+
+def mse(targets_key: str | None = "targets", mask_key: str | None = None) -> MeanSquaredError:
+    """Mean-squared-error head reading ``batch[targets_key]`` (and an optional mask)."""
+    return MeanSquaredError(targets_key, mask_key)
+
+
+def output_hvp(head: Any, outputs: jax.Array, batch: PyTree, u: jax.Array) -> jax.Array:
+    """Head Hessian-vector product: analytic for built-ins, jvp-of-grad for user heads."""
+    if hasattr(head, "hvp"):
+        return head.hvp(outputs, batch, u)
+    grad = jax.grad(lambda o: head(o, batch))
+    return jax.jvp(grad, (outputs,), (u,))[1]
+
+
+def likelihood_head(likelihood: str, mask_key: str | None = None) -> _Head:
+    """The head whose Fisher ``mc_fisher`` samples: ``"categorical"`` or ``"gaussian"``."""
+    if likelihood == "categorical":
+        return SoftmaxCrossEntropy(None, mask_key)
+    if likelihood == "gaussian":
+        return MeanSquaredError(None, mask_key)
+    raise ValueError(
+        f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}"
+    )
+
+
+__all__ = [
+    "MeanSquaredError",
+    "SoftmaxCrossEntropy",
+    "likelihood_head",
+    "mse",
+    "output_hvp",
+    "softmax_cross_entropy",
+]

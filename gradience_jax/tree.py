@@ -1,0 +1,185 @@
+"""Pytree vector algebra.
+
+Vectors in gradience_jax are pytrees shaped like the model parameters (Linen param dicts,
+``flax.nnx.State`` or any other pytree of arrays). Every function here maps leaf-wise with
+``jax.tree_util`` and never concatenates leaves into one array, so sharded parameters stay
+sharded. Reductions (``vdot``, ``norm``) accumulate in float32 or wider.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+PyTree = Any
+
+__all__ = [
+    "accumulation_dtype",
+    "add",
+    "axpy",
+    "leaf_paths",
+    "norm",
+    "path_str",
+    "random_like",
+    "ravel",
+    "scale",
+    "size",
+    "stack",
+    "sub",
+    "unravel_like",
+    "unstack",
+    "vdot",
+    "zeros_like",
+]
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+    """Dtype used to accumulate dot products of ``dtype`` leaves: float32 or wider."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        return jnp.dtype(jnp.float32)
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _tree_dtype(tree: PyTree) -> jnp.dtype:
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        return jnp.dtype(jnp.float32)
+    return jnp.result_type(*[accumulation_dtype(jnp.result_type(leaf)) for leaf in leaves])
+
+
+def vdot(a: PyTree, b: PyTree) -> jax.Array:
+    """Inner product ``<a, b>`` summed over all leaves, accumulated in float32 or wider.
+
+    Returns:
+        A scalar array of dtype ``max(float32, leaf dtypes)``.
+    """
+    acc = _tree_dtype(a)
+    parts = jax.tree_util.tree_map(
+        lambda x, y: jnp.vdot(jnp.asarray(x, acc).ravel(), jnp.asarray(y, acc).ravel()).real,
+        a,
+        b,
+    )
+    return sum(jax.tree_util.tree_leaves(parts), jnp.zeros((), acc))
+
+
+def norm(a: PyTree) -> jax.Array:
+    """Euclidean norm of a pytree vector (float32 or wider)."""
+    return jnp.sqrt(vdot(a, a))
+
+
+def add(a: PyTree, b: PyTree) -> PyTree:
+    """``a + b`` leaf-wise."""
+    return jax.tree_util.tree_map(jnp.add, a, b)
+
+
+def sub(a: PyTree, b: PyTree) -> PyTree:
+    """``a - b`` leaf-wise."""
+    return jax.tree_util.tree_map(jnp.subtract, a, b)
+
+
+def scale(alpha: Any, a: PyTree) -> PyTree:
+    """``alpha * a``; the result keeps each leaf's dtype."""
+    return jax.tree_util.tree_map(lambda x: (alpha * x).astype(x.dtype), a)
+
+
+def axpy(alpha: Any, x: PyTree, y: PyTree) -> PyTree:
+    """``alpha * x + y`` leaf-wise, keeping ``y``'s dtypes."""
+    return jax.tree_util.tree_map(lambda xi, yi: (alpha * xi + yi).astype(yi.dtype), x, y)
+
+
+def zeros_like(a: PyTree) -> PyTree:
+    """A zero vector with the structure, shapes and dtypes of ``a``."""
+    return jax.tree_util.tree_map(jnp.zeros_like, a)
+
+
+def size(a: PyTree) -> int:
+    """Total number of scalar entries over all leaves (static)."""
+    return int(sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(a)))
+
+
+def random_like(
+    key: jax.Array,
+    a: PyTree,
+    distribution: Literal["normal", "rademacher"] = "normal",
+) -> PyTree:
+    """A random vector shaped like ``a`` (one key split per leaf).
+
+    Args:
+        key: a ``jax.random`` key.
+        a: template pytree (arrays or ``jax.ShapeDtypeStruct``).
+        distribution: ``"normal"`` (standard Gaussian) or ``"rademacher"`` (+-1).
+
+    Returns:
+        A pytree with ``a``'s structure, shapes and (floating) dtypes.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(a)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    if distribution == "normal":
+        draw = jax.random.normal
+    elif distribution == "rademacher":
+        draw = jax.random.rademacher
+    else:
+        raise ValueError(
+            f"distribution must be 'normal' or 'rademacher', got {distribution!r}"
+        )
+    out = [draw(k, jnp.shape(x), dtype=x.dtype) for k, x in zip(keys, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def stack(trees: Sequence[PyTree]) -> PyTree:
+    """Stack a sequence of same-structured pytrees along a new leading axis."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack(tree: PyTree) -> list[PyTree]:
+    """Inverse of :func:`stack`: split the leading axis into a list of pytrees."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if not leaves:
+        return []
+    n = leaves[0].shape[0]
+    return [jax.tree_util.tree_unflatten(treedef, [x[i] for x in leaves]) for i in range(n)]
+
+
+def ravel(a: PyTree) -> jax.Array:
+    """Concatenate all leaves into one 1-D array (tests and ``to_dense`` only)."""
+    return ravel_pytree(a)[0]
+
+
+def unravel_like(flat: jax.Array, like: PyTree) -> PyTree:
+    """Split a flat array (as made by :func:`ravel`) back into a pytree like ``like``."""
+    return ravel_pytree(like)[1](flat)
+
+
+def _key_str(k: Any) -> str:
+    if isinstance(k, jax.tree_util.DictKey):
+        return str(k.key)
+    if isinstance(k, jax.tree_util.GetAttrKey):
+        return str(k.name)
+    if isinstance(k, jax.tree_util.SequenceKey):
+        return str(k.idx)
+    if isinstance(k, jax.tree_util.FlattenedIndexKey):
+        return str(k.key)
+    return str(k)
+
+
+def path_str(path: Sequence[Any]) -> str:
+    """A key path as a ``"/"``-joined string; NNX's trailing ``.value`` is dropped."""
+    parts = list(path)
+    if parts and isinstance(parts[-1], jax.tree_util.GetAttrKey) and parts[-1].name == "value":
+        parts = parts[:-1]
+    return "/".join(_key_str(k) for k in parts)
+
+
+def leaf_paths(a: PyTree) -> list[str]:
+    """The ``"/"``-joined path of every leaf, in ``tree_leaves`` order."""
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(a)[0]]
+
+
+def map_with_path(fn: Callable[[str, Any], Any], a: PyTree) -> PyTree:
+    """``tree_map`` whose function also receives the leaf's ``"/"``-joined path."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), a)

@@ -1,0 +1,95 @@
+"""Shared test fixtures: small models in a registry and dense float64 references."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+
+import gradience_jax as gj
+from gradience_jax.models import CNN, MLP, SeedMLP, TinyTransformerLM, from_nnx
+
+
+def _mlp(dtype):
+    model = MLP([4, 5, 3], activation=jnp.tanh, param_dtype=dtype, rngs=nnx.Rngs(0))
+    batch = gj.data.classification(jax.random.key(1), n=6, dim=4, num_classes=3)
+    batch["inputs"] = batch["inputs"].astype(dtype)
+    return from_nnx(model, gj.heads.softmax_cross_entropy()), batch
+
+
+def _seed(dtype):
+    model = SeedMLP(param_dtype=dtype, rngs=nnx.Rngs(0))
+    batch = gj.data.seed_regression(jax.random.key(2), n=8)
+    batch = jax.tree_util.tree_map(lambda x: x.astype(dtype), batch)
+    return from_nnx(model, gj.heads.mse()), batch
+
+
+def _cnn(dtype):
+    model = CNN(channels=(2,), image_size=4, num_classes=3, param_dtype=dtype, rngs=nnx.Rngs(0))
+    batch = gj.data.images(jax.random.key(3), n=4, size=4, num_classes=3)
+    batch["inputs"] = batch["inputs"].astype(dtype)
+    return from_nnx(model, gj.heads.softmax_cross_entropy()), batch
+
+
+def _transformer(dtype):
+    model = TinyTransformerLM(
+        vocab_size=5, d_model=4, num_heads=2, num_layers=1, d_ff=8, max_len=4,
+        param_dtype=dtype, rngs=nnx.Rngs(0),
+    )
+    batch = gj.data.token_sequences(jax.random.key(4), n=2, seq_len=3, vocab_size=5)
+    batch["mask"] = jnp.array([[1, 1, 0], [1, 1, 1]], dtype)
+    head = gj.heads.softmax_cross_entropy("labels", mask_key="mask")
+    return from_nnx(model, head), batch
+
+
+MODELS = {"mlp": _mlp, "seed": _seed, "cnn": _cnn, "transformer": _transformer}
+
+
+@functools.lru_cache(maxsize=None)
+def model_case(name: str, dtype_name: str = "float64"):
+    return MODELS[name](jnp.dtype(dtype_name))
+
+
+def as_f64(tree):
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+def dense_hessian(loss_fn, params, batch):
+    flat, unravel = ravel_pytree(params)
+    return np.asarray(jax.jit(jax.hessian(lambda f: loss_fn(unravel(f), batch)))(flat))
+
+
+def dense_jacobian(model_fn, params, batch):
+    flat, unravel = ravel_pytree(params)
+    out = model_fn(params, batch)
+    jac = jax.jit(jax.jacfwd(lambda f: model_fn(unravel(f), batch).ravel()))(flat)
+    return np.asarray(jac), out
+
+
+def dense_ggn(model_fn, head, params, batch):
+    jac, out = dense_jacobian(model_fn, params, batch)
+    h_out = jax.jit(jax.hessian(lambda o: head(o.reshape(out.shape), batch)))(out.ravel())
+    return jac.T @ np.asarray(h_out) @ jac
+
+
+def dense_empirical_fisher(loss_fn, params, batch):
+    """Sum of per-example outer products, per-example gradients by a Python loop."""
+    n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    grads = []
+    grad_fn = jax.jit(jax.grad(loss_fn))
+    for i in range(n):
+        ex = jax.tree_util.tree_map(lambda x: x[i : i + 1], batch)
+        grads.append(np.asarray(ravel_pytree(grad_fn(params, ex))[0]))
+    g = np.stack(grads)
+    return g.T @ g / n
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))

@@ -1,0 +1,753 @@
+"""Tests for gradience_jax.telemetry: crash-safe logging and dynamics statistics.
+
+References: naive loops, closed forms (AR(1) autocorrelation time), scipy.stats and planted
+structure (lags, change points, exponents) in synthetic data with fixed seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import signal as sps
+from scipy import stats
+
+from gradience_jax import telemetry as tm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ar1(phi: float, n: int, rng: np.random.Generator, burn: int = 1000) -> np.ndarray:
+    """AR(1) ``x[t] = phi x[t-1] + e[t]`` via scipy's IIR filter (independent of the module)."""
+    e = rng.standard_normal(n + burn)
+    return sps.lfilter([1.0], [1.0, -phi], e)[burn:]
+
+
+def strict_json_lines(path: Path) -> list[dict]:
+    """Parse every complete line with NaN / Infinity tokens forbidden."""
+
+    def reject(token: str) -> None:
+        raise AssertionError(f"non-strict JSON token {token}")
+
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(ln, parse_constant=reject) for ln in text.splitlines() if ln.strip()]
+
+
+# The children load telemetry.py by file path: fast (no jax import through the package
+# __init__) and a check that the host-side module stands alone.
+CHILD_PRELUDE = f"""
+import importlib.util, sys
+_spec = importlib.util.spec_from_file_location("gj_telemetry", {str(Path(tm.__file__))!r})
+tm = importlib.util.module_from_spec(_spec)
+sys.modules["gj_telemetry"] = tm
+_spec.loader.exec_module(tm)
+assert "jax" not in sys.modules
+TelemetryWriter = tm.TelemetryWriter
+"""
+
+
+def run_child(code: str, *args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD_PRELUDE + textwrap.dedent(code), *args],
+        env=env,
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Writer / reader
+# --------------------------------------------------------------------------------------
+
+
+class TestWriterReader:
+    def test_metadata_round_trip(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        config = {"lr": 0.1, "layers": [784, 256, 10], "opt": {"name": "sgd", "momentum": 0.9}}
+        meta = {"experiment": "protocol-B", "tags": ["grokking"], "n": np.int64(3)}
+        with tm.TelemetryWriter(path, metadata=meta, config=config, seed=1234) as log:
+            log.write(0, {"loss": 1.0})
+        md, recs = tm.load_telemetry(path)
+        assert md["kind"] == "header" and md["format"] == tm.FORMAT_NAME
+        assert md["config"] == config
+        assert md["seed"] == 1234
+        assert md["metadata"] == {"experiment": "protocol-B", "tags": ["grokking"], "n": 3}
+        assert md["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
+        import jax
+        import flax
+
+        assert md["versions"]["jax"] == jax.__version__
+        assert md["versions"]["flax"] == flax.__version__
+        assert md["versions"]["numpy"] == np.__version__
+        assert md["versions"]["gradience_jax"] is not None
+        import socket
+
+        assert md["hostname"] == socket.gethostname()
+        assert md["start_time"].endswith("Z") and md["start_unix"] > 0
+        assert md["end"]["status"] == "ok" and md["end"]["num_records"] == 1
+        assert md["resumes"] == []
+        assert len(recs) == 1 and recs[0].step == 0 and recs[0].metrics == {"loss": 1.0}
+
+    def test_value_conversion_and_columns(self, tmp_path):
+        import jax.numpy as jnp
+
+        path = tmp_path / "run.jsonl"
+        with tm.TelemetryWriter(path) as log:
+            for step in range(0, 50, 10):
+                v = {
+                    "py": 0.5 * step,
+                    "np32": np.float32(step) / 3,
+                    "jax": jnp.asarray(step, dtype=jnp.float32) ** 2,
+                    "bf16": jnp.asarray(step, dtype=jnp.bfloat16),
+                    "i": np.int32(step),
+                    "flag": bool(step % 20 == 0),
+                    "eigs": jnp.arange(3.0) + step,
+                    "layer": {"rank": step + 1},
+                }
+                if step == 20:
+                    del v["py"]  # missing probe
+                log.write(jnp.asarray(step), v)
+        _, recs = tm.load_telemetry(path)
+        cols = tm.to_columns(recs)
+        np.testing.assert_array_equal(cols["step"], np.arange(0, 50, 10))
+        ref_py = np.array([0.0, 5.0, np.nan, 15.0, 20.0])
+        np.testing.assert_array_equal(cols["py"], ref_py)
+        ref_np32 = [float(np.float32(s) / 3) for s in range(0, 50, 10)]
+        np.testing.assert_array_equal(cols["np32"], ref_np32)
+        np.testing.assert_array_equal(cols["jax"], [float(s) ** 2 for s in range(0, 50, 10)])
+        np.testing.assert_array_equal(cols["bf16"], np.arange(0, 50, 10, dtype=float))
+        np.testing.assert_array_equal(cols["flag"], [1.0, 0.0, 1.0, 0.0, 1.0])
+        assert cols["eigs"].shape == (5, 3)
+        np.testing.assert_array_equal(cols["eigs"], np.arange(3.0)[None] + cols["step"][:, None])
+        np.testing.assert_array_equal(cols["layer/rank"], cols["step"] + 1)
+        assert isinstance(recs[0].metrics["i"], int)
+        sub = tm.to_columns(recs, keys=["py"])
+        assert set(sub) == {"step", "py"}
+        with pytest.raises(ValueError, match="nope"):
+            tm.to_columns(recs, keys=["nope"])
+
+    def test_nonfinite_flagged_and_run_continues(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        with tm.TelemetryWriter(path) as log:
+            log.write(0, {"loss": 1.0, "eigs": [1.0, 2.0]})
+            rec = log.write(1, {"loss": float("nan"), "g": np.float32("inf"),
+                                "eigs": np.array([1.0, -np.inf]), "ok": 2.0})
+            assert rec["nonfinite"] == ["loss", "g", "eigs"]
+            log.write(2, {"loss": 0.5, "eigs": [3.0, 4.0]})
+        lines = strict_json_lines(path)  # no NaN / Infinity tokens anywhere
+        assert lines[2]["metrics"]["loss"] is None and lines[2]["metrics"]["eigs"] == [1.0, None]
+        assert "nonfinite" not in lines[1] and "nonfinite" not in lines[3]
+        _, recs = tm.load_telemetry(path)
+        assert [r.step for r in recs] == [0, 1, 2]
+        assert recs[1].nonfinite == ("loss", "g", "eigs") and recs[0].nonfinite == ()
+        cols = tm.to_columns(recs)
+        np.testing.assert_array_equal(cols["loss"], [1.0, np.nan, 0.5])
+        np.testing.assert_array_equal(cols["eigs"], [[1.0, 2.0], [1.0, np.nan], [3.0, 4.0]])
+        np.testing.assert_array_equal(cols["ok"], [np.nan, 2.0, np.nan])
+
+    def test_ragged_arrays_padded(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        with tm.TelemetryWriter(path) as log:
+            log.write(0, {"ritz": [3.0, 2.0]})
+            log.write(1, {"ritz": [3.0, 2.0, 1.0]})
+        cols = tm.to_columns(tm.load_telemetry(path)[1])
+        np.testing.assert_array_equal(cols["ritz"], [[3.0, 2.0, np.nan], [3.0, 2.0, 1.0]])
+
+    def test_bad_metric_inputs(self, tmp_path):
+        with tm.TelemetryWriter(tmp_path / "run.jsonl", max_array_size=4) as log:
+            with pytest.raises(ValueError, match="step"):
+                log.write(1.5, {"a": 1.0})
+            with pytest.raises(ValueError, match="reserved"):
+                log.write(0, {"step": 1})
+            with pytest.raises(ValueError, match="'big'.*max_array_size"):
+                log.write(0, {"big": np.zeros(5)})
+            with pytest.raises(TypeError, match="'c'"):
+                log.write(0, {"c": 1 + 2j})
+            with pytest.raises(TypeError, match="'obj'"):
+                log.write(0, {"obj": object()})
+            log.write(0, {"a": 1.0})  # still usable
+        with pytest.raises(RuntimeError, match="closed"):
+            log.write(1, {"a": 1.0})
+        assert len(tm.load_telemetry(tmp_path / "run.jsonl")[1]) == 1
+
+    def test_tracer_metric_gives_clear_error(self, tmp_path):
+        import jax
+
+        with tm.TelemetryWriter(tmp_path / "run.jsonl") as log:
+
+            @jax.jit
+            def step(x):
+                log.write(0, {"x": x})
+                return x
+
+            with pytest.raises(TypeError, match="host"):
+                step(1.0)
+
+    @pytest.mark.parametrize("kind", ["parent_is_file", "is_directory"])
+    def test_unwritable_path_fails_at_construction(self, tmp_path, kind):
+        blocker = tmp_path / "blocker"
+        if kind == "parent_is_file":
+            blocker.write_text("x")
+            path = blocker / "sub" / "run.jsonl"
+        else:
+            blocker.mkdir()
+            path = blocker
+        with pytest.raises(OSError) as info:
+            tm.TelemetryWriter(path)
+        assert str(path) in str(info.value)
+
+    @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores modes")
+    def test_permission_denied_names_path(self, tmp_path):
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        try:
+            with pytest.raises(PermissionError, match=str(ro)):
+                tm.TelemetryWriter(ro / "run.jsonl")
+        finally:
+            ro.chmod(0o700)
+
+    def test_makedirs(self, tmp_path):
+        path = tmp_path / "a" / "b" / "run.jsonl"
+        with tm.TelemetryWriter(path) as log:
+            log.write(0, {"x": 1})
+        assert path.exists()
+        with pytest.raises(FileNotFoundError, match="nothere"):
+            tm.TelemetryWriter(tmp_path / "nothere" / "run.jsonl", makedirs=False)
+
+    def test_truncated_last_line_tolerated(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        log = tm.TelemetryWriter(path)
+        for s in range(5):
+            log.write(s, {"loss": 1.0 / (s + 1)})
+        full = json.dumps({"step": 5, "time": 0.0, "metrics": {"loss": 0.1}})
+        with open(path, "a", encoding="utf-8") as fh:  # torn write, no newline
+            fh.write(full[: len(full) // 2])
+        with pytest.warns(tm.TelemetryWarning, match="last line"):
+            md, recs = tm.load_telemetry(path)
+        assert [r.step for r in recs] == list(range(5))
+        assert md["end"] is None  # never closed
+
+    def test_corrupt_middle_line_raises_with_line_number(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        with tm.TelemetryWriter(path) as log:
+            for s in range(4):
+                log.write(s, {"loss": float(s)})
+        lines = path.read_text().splitlines(keepends=True)
+        lines[2] = lines[2][:10] + "\n"  # line 3 (record of step 1) corrupted
+        path.write_text("".join(lines))
+        with pytest.raises(ValueError, match="line 3"):
+            tm.load_telemetry(path)
+
+    def test_not_a_log(self, tmp_path):
+        path = tmp_path / "x.jsonl"
+        path.write_text('{"step": 0, "metrics": {}}\n{"step": 1, "metrics": {}}\n')
+        with pytest.raises(ValueError, match="header"):
+            tm.load_telemetry(path)
+        with pytest.raises(ValueError, match="not a telemetry log"):
+            tm.TelemetryWriter(path, mode="a")
+
+    def test_append_resume_cuts_torn_line(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        log = tm.TelemetryWriter(path, seed=7)
+        for s in range(3):
+            log.write(s, {"loss": float(s)})
+        with open(path, "a") as fh:
+            fh.write('{"step": 3, "met')
+        with pytest.warns(tm.TelemetryWarning, match="torn"):
+            log2 = tm.TelemetryWriter(path, mode="a")
+        with log2:
+            for s in range(2, 5):  # replay from a checkpoint at step 2
+                log2.write(s, {"loss": 10.0 + s})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            md, recs = tm.load_telemetry(path)
+        assert md["seed"] == 7 and len(md["resumes"]) == 1 and md["end"]["status"] == "ok"
+        assert [r.step for r in recs] == [0, 1, 2, 2, 3, 4]
+        cols = tm.to_columns(recs, deduplicate=True)
+        np.testing.assert_array_equal(cols["step"], [0, 1, 2, 3, 4])
+        np.testing.assert_array_equal(cols["loss"], [0.0, 1.0, 12.0, 13.0, 14.0])
+
+    def test_exception_in_context_records_error(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        with pytest.raises(KeyError):
+            with tm.TelemetryWriter(path) as log:
+                log.write(0, {"a": 1.0})
+                raise KeyError("boom")
+        md, recs = tm.load_telemetry(path)
+        assert md["end"]["status"] == "error" and "KeyError" in md["end"]["error"]
+        assert len(recs) == 1
+
+    def test_fsync_flag(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        with tm.TelemetryWriter(path, fsync=True) as log:
+            log.write(0, {"a": 1.0})
+        assert tm.load_telemetry(path)[1][0].metrics == {"a": 1.0}
+
+    def test_sigkill_mid_run_keeps_records(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        code = """
+            import sys, numpy as np
+            log = TelemetryWriter(sys.argv[1], config={"child": True})
+            step = 0
+            while True:   # never exits on its own
+                log.write(step, {"loss": 1.0 / (step + 1), "eigs": np.arange(50.0) + step})
+                print(step, flush=True)
+                step += 1
+        """
+        child = run_child(code, str(path))
+        try:
+            acknowledged = -1
+            for line in child.stdout:
+                acknowledged = int(line)
+                if acknowledged >= 200:
+                    break
+            assert acknowledged >= 200, child.stderr.read()
+            child.send_signal(signal.SIGKILL)
+        finally:
+            child.kill()
+            child.wait(timeout=30)
+        assert child.returncode == -signal.SIGKILL
+        with warnings.catch_warnings():  # the kill may or may not tear the last line
+            warnings.simplefilter("ignore", tm.TelemetryWarning)
+            md, recs = tm.load_telemetry(path)
+        assert md["config"] == {"child": True} and md["end"] is None
+        steps = [r.step for r in recs]
+        assert len(steps) >= acknowledged + 1  # everything acknowledged is on disk
+        assert steps == list(range(len(steps)))
+        cols = tm.to_columns(recs)
+        np.testing.assert_allclose(cols["loss"], 1.0 / (cols["step"] + 1.0))
+
+    def test_hard_exit_with_half_line(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        code = """
+            import os, sys
+            log = TelemetryWriter(sys.argv[1])
+            for step in range(10):
+                log.write(step, {"loss": float(step)})
+            log._fh.write('{"step": 10, "time": 1.0, "metrics": {"lo')  # torn record
+            log._fh.flush()
+            os._exit(3)   # no close, no finalizers
+        """
+        child = run_child(code, str(path))
+        _, err = child.communicate(timeout=60)
+        assert child.returncode == 3, err
+        with pytest.warns(tm.TelemetryWarning):
+            md, recs = tm.load_telemetry(path)
+        assert [r.step for r in recs] == list(range(10)) and md["end"] is None
+
+    def test_tensorboard_mirror_if_installed(self, tmp_path):
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            pytest.importorskip("torch.utils.tensorboard")
+        tb = tmp_path / "tb"
+        with tm.TelemetryWriter(tmp_path / "run.jsonl", tensorboard_dir=tb) as log:
+            log.write(0, {"loss": 1.0, "eigs": [1.0, 2.0]})
+        md, _ = tm.load_telemetry(tmp_path / "run.jsonl")
+        assert md["tensorboard"] is not None
+        assert any(p.name.startswith("events.out.tfevents") for p in tb.rglob("*"))
+
+    def test_tensorboard_absent_is_silent(self, tmp_path, monkeypatch):
+        monkeypatch.setitem(sys.modules, "tensorboardX", None)
+        monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with tm.TelemetryWriter(tmp_path / "run.jsonl", tensorboard_dir=tmp_path / "tb") as log:
+                log.write(0, {"loss": 1.0})
+        assert tm.load_telemetry(tmp_path / "run.jsonl")[0]["tensorboard"] is None
+
+
+# --------------------------------------------------------------------------------------
+# Autocorrelation
+# --------------------------------------------------------------------------------------
+
+
+class TestAutocorrelation:
+    @pytest.mark.parametrize("phi", [0.5, 0.8])
+    def test_ar1_integrated_time(self, phi):
+        x = ar1(phi, 200_000, np.random.default_rng(0))
+        res = tm.autocorrelation_time(x)
+        exact = (1 + phi) / (1 - phi)
+        assert abs(res.tau - exact) / exact < 0.10
+        assert res.reliable and res.window >= 5 * res.tau - 1
+        assert res.effective_sample_size == pytest.approx(res.n / res.tau)
+
+    def test_white_noise_tau_one(self):
+        res = tm.autocorrelation_time(np.random.default_rng(1).standard_normal(50_000))
+        assert abs(res.tau - 1.0) < 0.1
+
+    def test_acf_matches_naive_and_ar1(self):
+        x = ar1(0.7, 3000, np.random.default_rng(2))
+        rho = tm.autocorrelation_function(x, max_lag=10)
+        xc = x - x.mean()
+        naive = np.array([xc[: len(x) - k] @ xc[k:] for k in range(11)]) / (xc @ xc)
+        np.testing.assert_allclose(rho, naive, rtol=1e-10, atol=1e-12)
+
+    def test_short_series_not_reliable(self):
+        res = tm.autocorrelation_time(ar1(0.95, 200, np.random.default_rng(3)))
+        assert not res.reliable
+
+    def test_gaps_interpolated(self):
+        x = ar1(0.5, 20_000, np.random.default_rng(4))
+        y = x.copy()
+        y[:3] = np.nan  # leading gap trimmed
+        y[1000] = np.inf  # interior gap interpolated
+        ref = x[3:].copy()
+        ref[997] = 0.5 * (ref[996] + ref[998])
+        assert tm.autocorrelation_time(y).tau == pytest.approx(tm.autocorrelation_time(ref).tau)
+
+    def test_bad_inputs(self):
+        with pytest.raises(ValueError, match="x is constant"):
+            tm.autocorrelation_time(np.ones(100))
+        with pytest.raises(ValueError, match="x is too short"):
+            tm.autocorrelation_time([1.0, 2.0])
+        with pytest.raises(ValueError, match="x must be 1-D"):
+            tm.autocorrelation_time(np.ones((10, 2)))
+        with pytest.raises(ValueError, match="c must"):
+            tm.autocorrelation_time(np.arange(10.0), c=0)
+        with pytest.raises(ValueError, match="max_lag"):
+            tm.autocorrelation_function(np.arange(10.0), max_lag=10)
+
+
+# --------------------------------------------------------------------------------------
+# Rolling statistics and precursors
+# --------------------------------------------------------------------------------------
+
+
+def naive_rolling(x, window, fn, min_periods):
+    out = np.full(len(x), np.nan)
+    for t in range(len(x)):
+        seg = x[max(0, t - window + 1) : t + 1]
+        val = fn(seg)
+        if val is not None and val[1] >= min_periods:
+            out[t] = val[0]
+    return out
+
+
+class TestRolling:
+    @pytest.mark.parametrize("ddof", [0, 1])
+    def test_rolling_variance_equals_loop(self, ddof):
+        rng = np.random.default_rng(5)
+        x = rng.standard_normal(300) * np.linspace(1, 3, 300) + 100.0
+        x[[17, 50, 51, 200]] = np.nan
+        for window, minp in [(20, None), (20, 10), (7, 2)]:
+            mp = window if minp is None else minp
+
+            def fn(seg):
+                f = seg[np.isfinite(seg)]
+                return (np.var(f, ddof=ddof) if f.size > ddof else np.nan), f.size
+
+            ref = naive_rolling(x, window, fn, mp)
+            got = tm.rolling_variance(x, window, min_periods=minp, ddof=ddof)
+            assert got.shape == x.shape
+            np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+    def test_rolling_variance_chunking(self):
+        x = np.random.default_rng(6).standard_normal(500)
+        a = tm.rolling_variance(x, 30)
+        b = tm._rolling_apply(
+            x, 30, lambda w: np.where(np.isfinite(w).all(1), np.var(w, axis=1, ddof=1), np.nan),
+            chunk_elems=64,
+        )
+        np.testing.assert_allclose(a, b, rtol=1e-12, equal_nan=True)
+
+    def test_rolling_autocorrelation_equals_loop(self):
+        rng = np.random.default_rng(7)
+        x = ar1(0.6, 400, rng)
+        x[[30, 31, 250]] = np.nan
+        window, lag = 25, 2
+
+        def fn(seg):
+            a, b = seg[:-lag], seg[lag:]
+            ok = np.isfinite(a) & np.isfinite(b)
+            if ok.sum() < 3:
+                return None
+            return stats.pearsonr(a[ok], b[ok])[0], ok.sum()
+
+        ref = naive_rolling(x, window, fn, 15)
+        got = tm.rolling_autocorrelation(x, window, lag=lag, min_periods=15)
+        np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12, equal_nan=True)
+
+    def test_rolling_bad_inputs(self):
+        with pytest.raises(ValueError, match="window"):
+            tm.rolling_variance(np.arange(10.0), 11)
+        with pytest.raises(ValueError, match="window"):
+            tm.rolling_variance(np.arange(10.0), 1)
+        with pytest.raises(ValueError, match="min_periods"):
+            tm.rolling_variance(np.arange(10.0), 5, min_periods=1)
+        with pytest.raises(ValueError, match="x is too short"):
+            tm.rolling_variance([1.0], 1)
+
+    def test_kendall_matches_scipy(self):
+        rng = np.random.default_rng(8)
+        a = rng.integers(0, 10, 300).astype(float)  # ties
+        b = a + rng.integers(0, 5, 300)
+        assert tm._kendall_tau(a, b, chunk_elems=1000) == pytest.approx(
+            stats.kendalltau(a, b).statistic, rel=1e-12
+        )
+
+    def test_precursor_rising_variance(self):
+        rng = np.random.default_rng(9)
+        n_pre, n_post = 600, 200
+        amp = np.concatenate([np.linspace(0.5, 2.0, n_pre), np.full(n_post, 0.2)])
+        x = 3.0 - 0.001 * np.arange(n_pre + n_post) + amp * ar1(0.3, n_pre + n_post, rng)
+        steps = 10 * np.arange(x.size)
+        res = tm.precursor_trend(x, transition=10 * n_pre, steps=steps, window=50,
+                                 num_surrogates=99, seed=0)
+        assert res.stop == n_pre and res.indicator.shape == (n_pre,)
+        # Reference: scipy's Kendall tau of the module's rolling variance vs time.
+        ref_ind = tm.rolling_variance(x[:n_pre], 50)
+        np.testing.assert_allclose(res.indicator, ref_ind, equal_nan=True)
+        ok = np.isfinite(ref_ind)
+        ref_tau = stats.kendalltau(np.flatnonzero(ok), ref_ind[ok]).statistic
+        assert res.kendall_tau == pytest.approx(ref_tau, rel=1e-12)
+        assert res.kendall_tau > 0.5
+        assert res.p_value <= 0.02 and res.null_taus.shape == (99,)
+
+    def test_precursor_stationary_not_significant(self):
+        rng = np.random.default_rng(10)
+        x = ar1(0.3, 800, rng)
+        res = tm.precursor_trend(x, transition=600, window=50, num_surrogates=99, seed=1,
+                                 detrend_bandwidth=30.0)
+        assert res.p_value > 0.05
+
+    def test_precursor_with_missing_probes_and_detrending(self):
+        rng = np.random.default_rng(12)
+        n = 600
+        x = 5.0 * np.exp(-np.arange(n) / 300.0) + np.linspace(0.2, 1.0, n) * ar1(0.3, n, rng)
+        x[[0, 100, 101, 350]] = np.nan
+        res = tm.precursor_trend(x, transition=n, window=60, detrend_bandwidth=20.0,
+                                 num_surrogates=49, seed=2)
+        assert res.kendall_tau > 0.5 and res.p_value <= 0.04
+        # default min_periods = window: a window is defined iff it holds no missing probe
+        full = np.array([t >= 59 and np.isfinite(x[t - 59 : t + 1]).all() for t in range(n)])
+        np.testing.assert_array_equal(np.isfinite(res.indicator), full)
+
+    def test_precursor_autocorrelation_indicator(self):
+        rng = np.random.default_rng(11)
+        n = 1500
+        phi = np.linspace(0.1, 0.9, n)  # slowing down: AR coefficient rises
+        e = rng.standard_normal(n)
+        x = np.zeros(n)
+        for t in range(1, n):
+            x[t] = phi[t] * x[t - 1] + e[t]
+        res = tm.precursor_trend(x, transition=n, window=150, indicator="autocorrelation")
+        assert res.kendall_tau > 0.5 and math.isnan(res.p_value)
+
+    def test_precursor_bad_inputs(self):
+        x = np.random.default_rng(12).standard_normal(100)
+        with pytest.raises(ValueError, match="transition"):
+            tm.precursor_trend(x, transition=200, window=10)
+        with pytest.raises(ValueError, match="window"):
+            tm.precursor_trend(x, transition=20, window=30)
+        with pytest.raises(ValueError, match="steps"):
+            tm.precursor_trend(x, transition=20, window=5, steps=np.arange(50))
+        with pytest.raises(ValueError, match="indicator"):
+            tm.precursor_trend(x, transition=50, window=5, indicator="skew")
+        with pytest.raises(ValueError, match="constant"):
+            tm.precursor_trend(np.ones(100), transition=50, window=5)
+
+
+# --------------------------------------------------------------------------------------
+# Change points and power laws
+# --------------------------------------------------------------------------------------
+
+
+class TestChangePoints:
+    def test_step_signal(self):
+        rng = np.random.default_rng(13)
+        x = np.concatenate([np.zeros(300), np.full(200, 1.5), np.full(250, -0.5)])
+        x = x + 0.5 * rng.standard_normal(x.size)
+        res = tm.change_points(x)
+        assert len(res.indices) == 2
+        assert abs(res.indices[0] - 300) <= 2 and abs(res.indices[1] - 500) <= 2
+        np.testing.assert_allclose(res.means, [x[: res.indices[0]].mean(),
+                                               x[res.indices[0]: res.indices[1]].mean(),
+                                               x[res.indices[1]:].mean()])
+        assert res.noise_scale == pytest.approx(0.5, rel=0.15)
+
+    def test_matches_brute_force_single_change(self):
+        # With a huge penalty for a 2nd change, PELT's one change must be the SSE argmin.
+        rng = np.random.default_rng(14)
+        x = np.concatenate([np.zeros(60), np.ones(40)]) + 0.3 * rng.standard_normal(100)
+        sse = [np.var(x[:k]) * k + np.var(x[k:]) * (100 - k) for k in range(2, 99)]
+        ref = 2 + int(np.argmin(sse))
+        res = tm.change_points(x, penalty=15.0)
+        assert list(res.indices) == [ref]
+
+    def test_noise_only_no_changes(self):
+        x = np.random.default_rng(15).standard_normal(1000)
+        assert len(tm.change_points(x).indices) == 0
+
+    def test_nan_dropped_indices_in_original_frame(self):
+        rng = np.random.default_rng(16)
+        x = np.concatenate([np.zeros(100), np.full(100, 2.0)]) + 0.3 * rng.standard_normal(200)
+        x[[10, 20, 30, 150]] = np.nan
+        res = tm.change_points(x)
+        assert len(res.indices) == 1 and abs(res.indices[0] - 100) <= 2
+
+    def test_constant_and_bad(self):
+        res = tm.change_points(np.full(50, 3.0))
+        assert len(res.indices) == 0 and res.means.tolist() == [3.0]
+        with pytest.raises(ValueError, match="min_size"):
+            tm.change_points(np.arange(10.0), min_size=0)
+        with pytest.raises(ValueError, match="penalty"):
+            tm.change_points(np.arange(10.0), penalty=-1.0)
+        with pytest.raises(ValueError, match="x"):
+            tm.change_points(np.arange(3.0), min_size=2)
+
+
+class TestPowerLaw:
+    def test_recovers_exponent(self):
+        rng = np.random.default_rng(17)
+        steps = np.arange(1, 5001)
+        y = 2.5 * steps ** -0.6 * np.exp(0.1 * rng.standard_normal(steps.size))
+        fit = tm.fit_power_law(steps, y)
+        ref = stats.linregress(np.log(steps), np.log(y))
+        assert fit.exponent == pytest.approx(ref.slope, rel=1e-10)
+        assert fit.exponent_stderr == pytest.approx(ref.stderr, rel=1e-8)
+        assert fit.r_squared == pytest.approx(ref.rvalue**2, rel=1e-10)
+        assert fit.prefactor == pytest.approx(math.exp(ref.intercept), rel=1e-10)
+        assert abs(fit.exponent - (-0.6)) < 4 * fit.exponent_stderr
+        assert fit.residual_std == pytest.approx(0.1, rel=0.1)
+
+    def test_range_and_nan(self):
+        steps = np.arange(0, 100, dtype=float)
+        y = 3.0 * np.maximum(steps, 1) ** 1.5
+        y[50] = np.nan
+        with pytest.raises(ValueError, match="x must be > 0"):
+            tm.fit_power_law(steps, y)
+        fit = tm.fit_power_law(steps, y, x_min=1)
+        assert fit.exponent == pytest.approx(1.5, rel=1e-12) and fit.n == 98
+
+    def test_bad_inputs(self):
+        with pytest.raises(ValueError, match="y has length"):
+            tm.fit_power_law(np.arange(1, 10), np.arange(1, 9))
+        with pytest.raises(ValueError, match="y must be > 0"):
+            tm.fit_power_law(np.arange(1, 10), -np.arange(1, 10))
+        with pytest.raises(ValueError, match="y is constant"):
+            tm.fit_power_law(np.arange(1, 10), np.ones(9))
+        with pytest.raises(ValueError, match="x is constant"):
+            tm.fit_power_law(np.ones(9), np.arange(1, 10))
+
+
+# --------------------------------------------------------------------------------------
+# Cross-correlation and lead/lag
+# --------------------------------------------------------------------------------------
+
+
+class TestLeadLag:
+    def test_lagged_pearson_matches_naive(self):
+        rng = np.random.default_rng(18)
+        x, y = rng.standard_normal(97), rng.standard_normal(97) + 5.0
+        res = tm.cross_correlation(x, y, max_lag=12, detrend="none")
+        for lag, r in zip(res.lags, res.correlation):
+            a, b = (x[: len(x) - lag], y[lag:]) if lag >= 0 else (x[-lag:], y[: len(y) + lag])
+            assert r == pytest.approx(stats.pearsonr(a, b)[0], abs=1e-10)
+
+    @pytest.mark.parametrize("lag", [7, -4])
+    def test_recovers_planted_lag(self, lag):
+        rng = np.random.default_rng(19)
+        n = 2000
+        base = ar1(0.5, n + 50, rng)
+        x = base[25 : 25 + n]
+        y = base[25 - lag : 25 - lag + n] + 0.5 * rng.standard_normal(n)  # y[t] = x[t - lag]
+        res = tm.lead_lag(x, y, max_lag=20, num_surrogates=99, seed=0)
+        assert res.best_lag == lag  # positive: x leads y
+        assert res.best_correlation > 0.8
+        assert res.p_value == pytest.approx(1 / 100)
+        swapped = tm.cross_correlation(y, x, max_lag=20)
+        assert swapped.best_lag == -lag
+
+    def test_detrend_modes(self):
+        rng = np.random.default_rng(20)
+        n = 1500
+        walk = np.cumsum(rng.standard_normal(n + 10))
+        x = walk[10:] + 0.01 * np.arange(n)
+        y = walk[7 : 7 + n]  # y[t] = walk[t+7] = x[t-3] (up to the trend): x leads by 3
+        assert tm.cross_correlation(x, y, max_lag=10, detrend="difference").best_lag == 3
+        with pytest.raises(ValueError, match="detrend"):
+            tm.cross_correlation(x, y, max_lag=10, detrend="quadratic")
+
+    def test_anticorrelation_sign_kept(self):
+        rng = np.random.default_rng(21)
+        x = rng.standard_normal(500)
+        res = tm.cross_correlation(x, -np.roll(x, 2), max_lag=5)
+        assert res.best_lag == 2 and res.best_correlation < -0.9
+
+    def test_independent_noise_calibrated(self):
+        # Smooth independent series: surrogate p-values must be ~uniform (the false
+        # positive rate at 0.05 is a Binomial(trials, 0.05) count).
+        rng = np.random.default_rng(22)
+        trials, alpha = 40, 0.05
+        ps = np.array([
+            tm.lead_lag(ar1(0.9, 256, rng), ar1(0.9, 256, rng), max_lag=10,
+                        num_surrogates=99, seed=rng).p_value
+            for _ in range(trials)
+        ])
+        bound = stats.binom.ppf(0.999, trials, alpha)
+        assert np.sum(ps <= alpha) <= bound
+        assert np.median(ps) > 0.2
+
+    def test_independent_noise_single_pair_not_small(self):
+        rng = np.random.default_rng(23)
+        res = tm.lead_lag(rng.standard_normal(1000), rng.standard_normal(1000), max_lag=20,
+                          num_surrogates=199, seed=1)
+        assert res.p_value > 0.05
+
+    def test_seed_reproducible_and_chunking(self):
+        rng = np.random.default_rng(24)
+        x, y = rng.standard_normal(300), rng.standard_normal(300)
+        a = tm.lead_lag(x, y, max_lag=5, num_surrogates=50, seed=3)
+        b = tm.lead_lag(x, y, max_lag=5, num_surrogates=50, seed=3)
+        np.testing.assert_array_equal(a.null_max, b.null_max)
+        assert a.p_value == b.p_value
+
+    def test_surrogates_preserve_spectrum(self):
+        x = ar1(0.8, 512, np.random.default_rng(25)) + 4.0
+        s = tm.phase_randomized_surrogates(x, 5, seed=0)
+        assert s.shape == (5, 512)
+        np.testing.assert_allclose(np.abs(np.fft.rfft(s, axis=1)),
+                                   np.broadcast_to(np.abs(np.fft.rfft(x)), (5, 257)),
+                                   rtol=1e-8, atol=1e-8)
+        assert not np.allclose(s[0], x)
+
+    def test_nan_pairs_trimmed_and_interpolated(self):
+        rng = np.random.default_rng(26)
+        base = ar1(0.5, 600, rng)
+        x, y = base[5:], base[:-5]  # y[t] = x[t-5]
+        x, y = x.copy(), y.copy()
+        x[:4] = np.nan
+        y[-2:] = np.nan
+        y[300] = np.nan
+        res = tm.cross_correlation(x, y, max_lag=10)
+        assert res.best_lag == 5 and res.n == x.size - 6
+
+    def test_bad_inputs(self):
+        x = np.random.default_rng(27).standard_normal(50)
+        with pytest.raises(ValueError, match="y has length"):
+            tm.lead_lag(x, x[:-1], max_lag=3)
+        with pytest.raises(ValueError, match="y is constant"):
+            tm.lead_lag(x, np.ones(50), max_lag=3)
+        with pytest.raises(ValueError, match="max_lag"):
+            tm.cross_correlation(x, x, max_lag=48)
+        with pytest.raises(ValueError, match="x is too short"):
+            tm.cross_correlation(x[:3], x[:3], max_lag=0)
+        with pytest.raises(ValueError, match="seed"):
+            tm.lead_lag(x, x, max_lag=3, seed=1.5)
+        with pytest.raises(ValueError, match="num_surrogates"):
+            tm.phase_randomized_surrogates(x, 0)
