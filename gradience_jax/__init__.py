@@ -5,7 +5,9 @@ The public API is re-exported here; everything else is internal.
 
 from gradience_jax import data
 from gradience_jax import models
+from gradience_jax import telemetry
 from gradience_jax import tree
+from gradience_jax import weights
 from gradience_jax.operators import heads
 from gradience_jax.operators.base import LinearOperator
 from gradience_jax.operators.base import damped
@@ -19,11 +21,17 @@ from gradience_jax.operators.ggn import SplitModel
 from gradience_jax.operators.ggn import ggn
 from gradience_jax.operators.hessian import hessian
 from gradience_jax.operators.select import params_filter
+from gradience_jax.weights import LayerSpectrum
+from gradience_jax.weights import WeightSpectraReport
+from gradience_jax.weights import layer_spectrum
+from gradience_jax.weights import weight_spectra
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayerSpectrum",
     "LinearOperator",
+    "WeightSpectraReport",
     "SplitModel",
     "damped",
     "data",
@@ -38,5 +46,9 @@ __all__ = [
     "models",
     "params_filter",
     "per_example_grads",
+    "telemetry",
     "tree",
+    "layer_spectrum",
+    "weight_spectra",
+    "weights",
 ]

@@ -127,7 +127,7 @@ def random_like(
         raise ValueError(
             f"distribution must be 'normal' or 'rademacher', got {distribution!r}"
         )
-    out = [draw(k, jnp.shape(x), dtype=x.dtype) for k, x in zip(keys, leaves)]
+    out = [draw(k, tuple(x.shape), dtype=x.dtype) for k, x in zip(keys, leaves)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -36,7 +36,8 @@ Metrics (``layer_spectrum``; the host-free subset also in the jittable ``matrix_
 Verdict (heuristics, not theorems; the ranges are those used with WeightWatcher):
 ``alpha < 2`` "very heavy-tailed" (possible over-fit / over-regularisation),
 ``2 <= alpha <= 6`` "typical trained", ``alpha > 6`` "random-like". A layer whose ESD is
-consistent with MP (no spike above the TW edge and MP KS distance ``<= 0.1``) is also
+consistent with MP (no spike above the TW edge and MP KS distance at most
+``mp_ks_threshold(M) = max(0.1, 1.36 / sqrt(M))``) is also
 called random-like, whatever the fitted alpha: without a tail a power-law exponent means
 nothing. When alpha cannot be fitted the verdict is "undetermined (<reason>)".
 
@@ -86,8 +87,8 @@ import functools
 import json
 import math
 import re
-from collections.abc import Mapping
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,7 @@ __all__ = [
     "marchenko_pastur_pdf",
     "matricize",
     "matrix_metrics",
+    "mp_ks_threshold",
     "mp_median",
     "randomization_baseline",
     "spectral_merge",
@@ -130,8 +132,9 @@ MP_KS_RANDOM = 0.1
 
 RULES = ("auto", "matrix", "leading", "trailing")
 _SKIP_NAMES = frozenset({"bias", "scale"})
-_ATTN_IN = frozenset({"query", "key", "value", "q", "k", "v", "q_proj", "k_proj", "v_proj",
-                      "qkv", "kv"})
+_ATTN_IN = frozenset(
+    {"query", "key", "value", "q", "k", "v", "q_proj", "k_proj", "v_proj", "qkv", "kv"}
+)
 _ATTN_OUT = frozenset({"out", "o", "o_proj", "out_proj"})
 
 
@@ -178,13 +181,13 @@ class PowerLawFit(NamedTuple):
     are None when no fit is possible; ``missing_reason`` then says why.
     """
 
-    alpha: Optional[float]
-    alpha_stderr: Optional[float]
-    xmin: Optional[float]
-    ks_distance: Optional[float]
+    alpha: float | None
+    alpha_stderr: float | None
+    xmin: float | None
+    ks_distance: float | None
     num_tail: int
     num_total: int
-    missing_reason: Optional[str]
+    missing_reason: str | None
 
 
 class RandomizationBaseline(NamedTuple):
@@ -263,7 +266,7 @@ class LayerSpectrum:
     ``*_shuffled`` / ``correlation_trap`` fields are filled only when a key is given.
     """
 
-    path: Optional[str]
+    path: str | None
     original_shape: tuple[int, ...]
     shape: tuple[int, int]
     reshape_rule: str
@@ -281,15 +284,15 @@ class LayerSpectrum:
     numerical_rank: int
     rank_tolerance: float
     lambda_max: float
-    log10_lambda_max: Optional[float]
-    alpha: Optional[float]
-    alpha_stderr: Optional[float]
-    xmin: Optional[float]
-    ks_distance: Optional[float]
+    log10_lambda_max: float | None
+    alpha: float | None
+    alpha_stderr: float | None
+    xmin: float | None
+    ks_distance: float | None
     num_tail: int
-    weighted_alpha: Optional[float]
-    alpha_missing_reason: Optional[str]
-    decay_exponent: Optional[float]
+    weighted_alpha: float | None
+    alpha_missing_reason: str | None
+    decay_exponent: float | None
     mp_sigma2: float
     mp_edge: float
     mp_lower: float
@@ -298,11 +301,11 @@ class LayerSpectrum:
     tw_level: float
     num_spikes: int
     tail_mass_fraction: float
-    mp_ks_distance: Optional[float]
+    mp_ks_distance: float | None
     verdict: str
-    lambda_max_shuffled: Optional[float] = None
-    lambda_max_delta: Optional[float] = None
-    correlation_trap: Optional[bool] = None
+    lambda_max_shuffled: float | None = None
+    lambda_max_delta: float | None = None
+    correlation_trap: bool | None = None
 
     def to_dict(self, include_arrays: bool = True) -> dict[str, Any]:
         """JSON-safe dict: Python scalars, lists, NaN / Inf -> None.
@@ -317,7 +320,7 @@ class LayerSpectrum:
             out[f.name] = _jsonable(getattr(self, f.name))
         return out
 
-    def to_json(self, include_arrays: bool = True, indent: Optional[int] = None) -> str:
+    def to_json(self, include_arrays: bool = True, indent: int | None = None) -> str:
         """``json.dumps(self.to_dict(include_arrays))``."""
         return json.dumps(self.to_dict(include_arrays), indent=indent)
 
@@ -328,20 +331,21 @@ class ModelSummary(NamedTuple):
     ``weighted_alpha`` is the mean over layers of ``alpha * log10(lambda_max)``
     (WeightWatcher's ``alpha_weighted``); ``trends`` maps a metric name to the
     least-squares slope of that metric against layer position (natural sort of paths).
+    Per-head views (``weight_spectra(per_head=True)``) are not counted.
     """
 
     num_layers: int
     num_skipped: int
     num_alpha_missing: int
-    mean_alpha: Optional[float]
-    median_alpha: Optional[float]
-    weighted_alpha: Optional[float]
-    mean_log10_lambda_max: Optional[float]
-    mean_stable_rank: Optional[float]
-    mean_effective_rank: Optional[float]
+    mean_alpha: float | None
+    median_alpha: float | None
+    weighted_alpha: float | None
+    mean_log10_lambda_max: float | None
+    mean_stable_rank: float | None
+    mean_effective_rank: float | None
     total_spikes: int
     verdict_counts: dict[str, int]
-    trends: dict[str, Optional[float]]
+    trends: dict[str, float | None]
 
 
 # ----------------------------------------------------------------------------------------
@@ -370,14 +374,6 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_jsonable(x) for x in v]
     return str(v)
-
-
-def _opt_float(x: Any) -> Optional[float]:
-    """float(x), or None for None / NaN."""
-    if x is None:
-        return None
-    f = float(x)
-    return None if math.isnan(f) else f
 
 
 def _tw_quantile(tw_level: float) -> float:
@@ -546,7 +542,9 @@ def _core(s: Any, n: int, m: int, rtol: float, tw_level: float, xp: Any) -> dict
         mp_edge_tw=edge_tw,
         tw_scale=tw_scale,
         num_spikes=xp.sum(above),
-        tail_mass_fraction=xp.where(fro2 > 0, xp.sum(xp.where(above, esd, 0.0)) / safe(esd.sum()), 0.0),
+        tail_mass_fraction=xp.where(
+            fro2 > 0, xp.sum(xp.where(above, esd, 0.0)) / safe(esd.sum()), 0.0
+        ),
     )
 
 
@@ -556,12 +554,13 @@ def _default_rtol(shape: tuple[int, ...], dtype: Any) -> float:
 
 
 def matrix_metrics(
-    matrix: jax.Array, *, k_top: int = 5, rtol: Optional[float] = None, tw_level: float = 0.99
+    matrix: jax.Array, *, k_top: int = 5, rtol: float | None = None, tw_level: float = 0.99
 ) -> MatrixMetrics:
     """Norms, ranks, top singular values and MP edge of one 2-D matrix, with ``jnp`` only.
 
     Runs under ``jax.jit`` / ``vmap`` (shapes are static), so a train step can log it every N
-    steps. Cost: one singular-value decomposition, ``O(N M^2)``.
+    steps; called eagerly it runs one compiled program (cached per shape, dtype and options).
+    Cost: one singular-value decomposition, ``O(N M^2)``.
 
     Args:
       matrix: ``(a, b)`` array (reshape kernels first with ``matricize``).
@@ -580,11 +579,16 @@ def matrix_metrics(
         raise ValueError(f"matrix must be 2-D, got shape {w.shape}; use matricize() first")
     if k_top < 1:
         raise ValueError(f"k_top must be >= 1, got {k_top}")
+    _tw_quantile(tw_level)
     if not jnp.issubdtype(w.dtype, jnp.floating):
         w = w.astype(jnp.result_type(float))
-    n, m = max(w.shape), min(w.shape)
     if rtol is None:
         rtol = _default_rtol(w.shape, w.dtype)
+    return _matrix_metrics_jit(w, int(k_top), float(rtol), float(tw_level))
+
+
+def _matrix_metrics_impl(w: jax.Array, k_top: int, rtol: float, tw_level: float) -> MatrixMetrics:
+    n, m = max(w.shape), min(w.shape)
     s = jnp.linalg.svd(w, compute_uv=False)
     c = _core(s, n, m, rtol, tw_level, jnp)
     top = jnp.zeros((k_top,), s.dtype).at[: min(k_top, m)].set(s[:k_top])
@@ -605,6 +609,11 @@ def matrix_metrics(
     )
 
 
+# One compiled program per (shape, dtype, options) instead of op-by-op dispatch; inside an
+# outer jit it is simply inlined.
+_matrix_metrics_jit = jax.jit(_matrix_metrics_impl, static_argnums=(1, 2, 3))
+
+
 # ----------------------------------------------------------------------------------------
 # Power-law fit (host side, vectorised over xmin candidates)
 # ----------------------------------------------------------------------------------------
@@ -617,7 +626,7 @@ def _missing_fit(reason: str, num_total: int) -> PowerLawFit:
 def fit_power_law(
     samples: Any,
     *,
-    xmin: Optional[float] = None,
+    xmin: float | None = None,
     min_tail: int = 10,
     block_elements: int = 1 << 22,
 ) -> PowerLawFit:
@@ -713,7 +722,7 @@ def _ks_scan(
     return out
 
 
-def _decay_exponent(s: np.ndarray) -> Optional[float]:
+def _decay_exponent(s: np.ndarray) -> float | None:
     """Slope ``a`` of the least-squares fit ``log s_i = c - a log i`` (needs >= 2 points)."""
     if s.size < 2:
         return None
@@ -723,7 +732,7 @@ def _decay_exponent(s: np.ndarray) -> Optional[float]:
     return float(-np.dot(li_c, ls - ls.mean()) / np.dot(li_c, li_c))
 
 
-def _mp_ks(esd_desc: np.ndarray, ratio: float, sigma2: float) -> Optional[float]:
+def _mp_ks(esd_desc: np.ndarray, ratio: float, sigma2: float) -> float | None:
     if not sigma2 > 0:
         return None
     x = esd_desc[::-1]
@@ -733,11 +742,21 @@ def _mp_ks(esd_desc: np.ndarray, ratio: float, sigma2: float) -> Optional[float]
     return float(np.max(np.maximum(np.abs(i / m - f), np.abs((i - 1) / m - f))))
 
 
-def _verdict(alpha: Optional[float], reason: Optional[str], num_spikes: int,
-             mp_ks: Optional[float]) -> str:
+def mp_ks_threshold(num_eigs: int) -> float:
+    """KS distance below which an ESD of ``num_eigs`` eigenvalues counts as MP-like.
+
+    ``max(0.1, 1.36 / sqrt(num_eigs))``: 1.36 / sqrt(n) is the 95% critical value of the
+    one-sample KS test for i.i.d. samples, which is conservative for (rigid) eigenvalues.
+    """
+    return max(MP_KS_RANDOM, 1.36 / math.sqrt(max(num_eigs, 1)))
+
+
+def _verdict(
+    alpha: float | None, reason: str | None, num_spikes: int, mp_ks: float | None, num_eigs: int
+) -> str:
     if alpha is None:
         return f"undetermined ({reason})"
-    if num_spikes == 0 and mp_ks is not None and mp_ks <= MP_KS_RANDOM:
+    if num_spikes == 0 and mp_ks is not None and mp_ks <= mp_ks_threshold(num_eigs):
         return "random-like (ESD fits Marchenko-Pastur, no spikes)"
     if alpha < ALPHA_HEAVY:
         return "very heavy-tailed (alpha < 2: possible over-fit)"
@@ -751,7 +770,7 @@ def _verdict(alpha: Optional[float], reason: Optional[str], num_spikes: int,
 # ----------------------------------------------------------------------------------------
 
 
-def _rule_for(path: str, shape: tuple[int, ...]) -> tuple[Optional[str], str]:
+def _rule_for(path: str, shape: tuple[int, ...]) -> tuple[str | None, str]:
     """(rule, reason) chosen by the ``"auto"`` convention for a leaf at ``path``."""
     parts = [p for p in path.split("/") if p] if path else []
     name = parts[-1] if parts else ""
@@ -865,12 +884,12 @@ def _host_svd(w: np.ndarray) -> np.ndarray:
 def layer_spectrum(
     matrix: Any,
     *,
-    path: Optional[str] = None,
+    path: str | None = None,
     reshape: str = "auto",
-    rtol: Optional[float] = None,
+    rtol: float | None = None,
     min_tail: int = 10,
     tw_level: float = 0.99,
-    key: Optional[jax.Array] = None,
+    key: jax.Array | None = None,
 ) -> LayerSpectrum:
     """Full spectral report of one weight matrix (host side, float64).
 
@@ -893,8 +912,12 @@ def layer_spectrum(
     arr = np.asarray(matrix)
     original_shape = tuple(int(d) for d in arr.shape)
     rule = _resolve_rule(reshape, path or "", original_shape)
-    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
-            or arr.dtype == np.bool_ or arr.dtype.name == "bfloat16"):
+    if not (
+        np.issubdtype(arr.dtype, np.floating)
+        or np.issubdtype(arr.dtype, np.integer)
+        or arr.dtype == np.bool_
+        or arr.dtype.name == "bfloat16"
+    ):
         raise ValueError(f"matrix must be real, got dtype {arr.dtype}")
     w2 = _apply_rule(arr, rule)
     if min(w2.shape) < 1:
@@ -902,7 +925,8 @@ def layer_spectrum(
     w = np.asarray(w2, dtype=np.float64)
     _check_finite(w, f"matrix '{path}'" if path else "matrix")
     if rtol is None:
-        dtype = arr.dtype if np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16" else np.float64
+        is_float = np.issubdtype(arr.dtype, np.floating) or arr.dtype.name == "bfloat16"
+        dtype = arr.dtype if is_float else np.float64
         rtol = _default_rtol(w.shape, jnp.dtype(dtype))
     n, m = max(w.shape), min(w.shape)
     ratio = m / n
@@ -923,7 +947,7 @@ def layer_spectrum(
     num_spikes = int(c["num_spikes"])
     shuffled = delta = trap = None
     if key is not None:
-        rb = _randomization(w, key, tw_level)
+        rb = _randomization(w, key, tw_level, s)
         shuffled, delta, trap = rb.lambda_max_shuffled, rb.delta, rb.correlation_trap
     return LayerSpectrum(
         path=path,
@@ -962,7 +986,7 @@ def layer_spectrum(
         num_spikes=num_spikes,
         tail_mass_fraction=float(c["tail_mass_fraction"]),
         mp_ks_distance=mp_ks,
-        verdict=_verdict(fit.alpha, fit.missing_reason, num_spikes, mp_ks),
+        verdict=_verdict(fit.alpha, fit.missing_reason, num_spikes, mp_ks, m),
         lambda_max_shuffled=shuffled,
         lambda_max_delta=delta,
         correlation_trap=trap,
@@ -974,11 +998,24 @@ def layer_spectrum(
 # ----------------------------------------------------------------------------------------
 
 
-def _randomization(w: np.ndarray, key: jax.Array, tw_level: float) -> RandomizationBaseline:
+def _shuffle(w: np.ndarray, key: jax.Array) -> np.ndarray:
+    """Element-wise shuffle of ``w`` determined by ``key``.
+
+    128 bits drawn from ``key`` (one small compiled program for every matrix size) seed
+    numpy's PCG64, which draws the permutation: same key, same permutation.
+    """
+    seed = np.asarray(jax.random.bits(key, (4,), jnp.uint32))
+    perm = np.random.default_rng(seed).permutation(w.size)
+    return w.ravel()[perm].reshape(w.shape)
+
+
+def _randomization(
+    w: np.ndarray, key: jax.Array, tw_level: float, s: np.ndarray | None = None
+) -> RandomizationBaseline:
     n, m = max(w.shape), min(w.shape)
-    perm = np.asarray(jax.random.permutation(key, w.size))
-    shuffled = w.ravel()[perm].reshape(w.shape)
-    s = _host_svd(w)
+    shuffled = _shuffle(w, key)
+    if s is None:
+        s = _host_svd(w)
     s_sh = _host_svd(shuffled)
     esd_sh = s_sh * s_sh / n
     sigma2 = float(np.median(esd_sh)) / mp_median(m / n)
@@ -994,7 +1031,11 @@ def _randomization(w: np.ndarray, key: jax.Array, tw_level: float) -> Randomizat
 
 
 def randomization_baseline(
-    matrix: Any, key: jax.Array, *, reshape: str = "auto", path: Optional[str] = None,
+    matrix: Any,
+    key: jax.Array,
+    *,
+    reshape: str = "auto",
+    path: str | None = None,
     tw_level: float = 0.99,
 ) -> RandomizationBaseline:
     """Compare a layer with its element-wise shuffled copy (the "correlation trap" check).
@@ -1006,7 +1047,8 @@ def randomization_baseline(
 
     Args:
       matrix: 2-D array (or kernel with a reshape rule).
-      key: ``jax.random`` key of the permutation (same key, same numbers).
+      key: ``jax.random`` key of the permutation (same key, same numbers): 128 bits drawn
+        from it seed numpy's PCG64, which draws the permutation on the host.
       reshape, path: as in ``layer_spectrum``.
       tw_level: Tracy-Widom quantile level (0.90, 0.95, 0.99).
 
@@ -1026,12 +1068,12 @@ def randomization_baseline(
 def spectral_truncate(
     matrix: Any,
     *,
-    rank: Optional[int] = None,
-    energy: Optional[float] = None,
+    rank: int | None = None,
+    energy: float | None = None,
     rescale: bool = False,
     tw_level: float = 0.99,
 ) -> TruncationResult:
-    """STAR-style spectral truncation of a 2-D matrix (jittable for fixed arguments).
+    """STAR-style spectral truncation of a 2-D matrix (compiled once per shape and options).
 
     Keeps the singular components selected by one rule:
     ``rank`` -> the top ``rank``; ``energy`` -> the fewest leading components whose share of
@@ -1063,6 +1105,21 @@ def spectral_truncate(
         raise ValueError(f"rank must be >= 0, got {rank}")
     if energy is not None and not 0.0 < float(energy) <= 1.0:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
+    _tw_quantile(tw_level)
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        w = w.astype(jnp.result_type(float))
+    return _truncate_jit(
+        w,
+        None if rank is None else int(rank),
+        None if energy is None else float(energy),
+        bool(rescale),
+        float(tw_level),
+    )
+
+
+def _truncate_impl(
+    w: jax.Array, rank: int | None, energy: float | None, rescale: bool, tw_level: float
+) -> TruncationResult:
     n, m = max(w.shape), min(w.shape)
     u, s, vt = jnp.linalg.svd(w, full_matrices=False)
     sq = s * s
@@ -1070,30 +1127,35 @@ def spectral_truncate(
     safe_total = jnp.where(total > 0, total, 1.0)
     idx = jnp.arange(m)
     if rank is not None:
-        keep = idx < int(rank)
+        keep = idx < rank
+        threshold = jnp.min(jnp.where(keep, s, jnp.inf))
     elif energy is not None:
         cum = jnp.cumsum(sq) / safe_total
         prev = jnp.concatenate([jnp.zeros((1,), cum.dtype), cum[:-1]])
         keep = (prev < energy - 1e-12) & (s > 0)
+        threshold = jnp.min(jnp.where(keep, s, jnp.inf))
     else:
         c = _core(s, n, m, _default_rtol(w.shape, w.dtype), tw_level, jnp)
-        keep = (sq / n > jnp.maximum(c["mp_edge_tw"], c["rank_tolerance"] ** 2 / n)) & (s > 0)
+        edge = jnp.maximum(c["mp_edge_tw"], c["rank_tolerance"] ** 2 / n)
+        keep = (sq / n > edge) & (s > 0)
+        threshold = jnp.sqrt(n * edge)
     kept = jnp.where(keep, s, 0.0)
     nuc_all, nuc_kept = jnp.sum(s), jnp.sum(kept)
     if rescale:
         kept = kept * jnp.where(nuc_kept > 0, nuc_all / jnp.where(nuc_kept > 0, nuc_kept, 1.0), 0.0)
-    if rank is None and energy is None:
-        threshold = jnp.sqrt(n * jnp.maximum(c["mp_edge_tw"], 0.0))
-    else:
-        threshold = jnp.min(jnp.where(keep, s, jnp.inf))
     out = (u * kept[None, :]) @ vt
     return TruncationResult(
         matrix=out.astype(w.dtype),
         rank=jnp.sum(keep),
         retained_energy=jnp.where(total > 0, jnp.sum(jnp.where(keep, sq, 0.0)) / safe_total, 1.0),
-        retained_nuclear=jnp.where(nuc_all > 0, nuc_kept / jnp.where(nuc_all > 0, nuc_all, 1.0), 1.0),
+        retained_nuclear=jnp.where(
+            nuc_all > 0, nuc_kept / jnp.where(nuc_all > 0, nuc_all, 1.0), 1.0
+        ),
         threshold=threshold,
     )
+
+
+_truncate_jit = jax.jit(_truncate_impl, static_argnums=(1, 2, 3, 4))
 
 
 def _erank_np(s: np.ndarray) -> float:
@@ -1113,9 +1175,9 @@ def spectral_merge(
     b: Any,
     *,
     t: float = 0.5,
-    base: Optional[Any] = None,
-    rank: Optional[int] = None,
-    energy: Optional[float] = None,
+    base: Any | None = None,
+    rank: int | None = None,
+    energy: float | None = None,
     tw_level: float = 0.99,
 ) -> MergeResult:
     """Spectrum-aware merge of two layers (same shape), by one of two documented rules.
@@ -1143,40 +1205,41 @@ def spectral_merge(
     Raises:
       ValueError: shape mismatch, non 2-D inputs, ``t`` outside [0, 1], non-finite entries.
     """
-    wa, wb = jnp.asarray(a), jnp.asarray(b)
+    dtype = jnp.asarray(a).dtype
+    wa, wb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if wa.ndim != 2 or wb.ndim != 2:
         raise ValueError(f"a and b must be 2-D, got shapes {wa.shape} and {wb.shape}")
     if wa.shape != wb.shape:
         raise ValueError(f"a and b must have the same shape, got {wa.shape} and {wb.shape}")
     if not 0.0 <= float(t) <= 1.0:
         raise ValueError(f"t must be in [0, 1], got {t}")
-    _check_finite(np.asarray(wa, dtype=np.float64), "a")
-    _check_finite(np.asarray(wb, dtype=np.float64), "b")
+    _check_finite(wa, "a")
+    _check_finite(wb, "b")
     if base is None:
         rule = "spectrum_interpolation"
         xa, xb = wa, wb
-        u, _, vt = jnp.linalg.svd((1.0 - t) * wa + t * wb, full_matrices=False)
-        sa = jnp.linalg.svd(wa, compute_uv=False)
-        sb = jnp.linalg.svd(wb, compute_uv=False)
+        u, _, vt = np.linalg.svd((1.0 - t) * wa + t * wb, full_matrices=False)
+        sa = np.linalg.svd(wa, compute_uv=False)
+        sb = np.linalg.svd(wb, compute_uv=False)
         merged = (u * ((1.0 - t) * sa + t * sb)[None, :]) @ vt
         ea = eb = 1.0
     else:
-        wbase = jnp.asarray(base)
+        wbase = np.asarray(base, dtype=np.float64)
         if wbase.shape != wa.shape:
             raise ValueError(f"base must have shape {wa.shape}, got {wbase.shape}")
-        _check_finite(np.asarray(wbase, dtype=np.float64), "base")
+        _check_finite(wbase, "base")
         rule = "task_vectors"
         xa, xb = wa - wbase, wb - wbase
         ta = spectral_truncate(xa, rank=rank, energy=energy, rescale=True, tw_level=tw_level)
         tb = spectral_truncate(xb, rank=rank, energy=energy, rescale=True, tw_level=tw_level)
-        merged = wbase + (1.0 - t) * ta.matrix + t * tb.matrix
+        merged = wbase + (1.0 - t) * np.asarray(ta.matrix) + t * np.asarray(tb.matrix)
         ea, eb = float(ta.retained_energy), float(tb.retained_energy)
-    ua, sa_np, _ = np.linalg.svd(np.asarray(xa, dtype=np.float64), full_matrices=False)
-    ub, sb_np, _ = np.linalg.svd(np.asarray(xb, dtype=np.float64), full_matrices=False)
+    ua, sa_np, _ = np.linalg.svd(xa, full_matrices=False)
+    ub, sb_np, _ = np.linalg.svd(xb, full_matrices=False)
     era, erb = _erank_np(sa_np), _erank_np(sb_np)
     k = max(1, int(round(min(era, erb))))
     return MergeResult(
-        matrix=merged.astype(wa.dtype),
+        matrix=jnp.asarray(merged, dtype=dtype),
         rule=rule,
         effective_rank_a=era,
         effective_rank_b=erb,
@@ -1191,11 +1254,11 @@ def spectral_merge(
 # ----------------------------------------------------------------------------------------
 
 
-def _mean(xs: list[float]) -> Optional[float]:
+def _mean(xs: list[float]) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
-def _slope(ys: list[Optional[float]]) -> Optional[float]:
+def _slope(ys: list[float | None]) -> float | None:
     pts = [(i, y) for i, y in enumerate(ys) if y is not None and math.isfinite(y)]
     if len(pts) < 2:
         return None
@@ -1229,8 +1292,8 @@ class WeightSpectraReport(Mapping):
 
     @property
     def summary(self) -> ModelSummary:
-        """Model-level means, verdict counts and layer-wise trends."""
-        ls = list(self.layers.values())
+        """Model-level means, verdict counts and layer-wise trends (per-head views excluded)."""
+        ls = [x for x in self.layers.values() if not x.reshape_rule.startswith("head_")]
         alphas = [x.alpha for x in ls if x.alpha is not None]
         weighted = [x.weighted_alpha for x in ls if x.weighted_alpha is not None]
         loglam = [x.log10_lambda_max for x in ls if x.log10_lambda_max is not None]
@@ -1271,40 +1334,69 @@ class WeightSpectraReport(Mapping):
             "summary": _jsonable(self.summary._asdict()),
         }
 
-    def to_json(self, include_arrays: bool = False, indent: Optional[int] = 2) -> str:
+    def to_json(self, include_arrays: bool = False, indent: int | None = 2) -> str:
         """The report as a JSON string (NaN / Inf written as null)."""
         return json.dumps(self.to_dict(include_arrays), indent=indent)
 
-    _COLUMNS = ("layer", "shape", "alpha", "w.alpha", "KS", "tail", "spec.norm", "stable r",
-                "eff. r", "num r", "spikes", "verdict")
+    _COLUMNS = (
+        "layer",
+        "shape",
+        "alpha",
+        "w.alpha",
+        "KS",
+        "tail",
+        "spec.norm",
+        "stable r",
+        "eff. r",
+        "num r",
+        "spikes",
+        "verdict",
+    )
 
     def _rows(self) -> list[tuple[str, ...]]:
         f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
         rows = []
         for p, x in self.layers.items():
-            rows.append((
-                p, f"{x.shape[0]}x{x.shape[1]}", f(x.alpha), f(x.weighted_alpha),
-                f(x.ks_distance, 3), str(x.num_tail), f"{x.spectral_norm:.3g}",
-                f(x.stable_rank), f(x.effective_rank), str(x.numerical_rank),
-                str(x.num_spikes), x.verdict.split(" (")[0],
-            ))
+            rows.append(
+                (
+                    p,
+                    f"{x.shape[0]}x{x.shape[1]}",
+                    f(x.alpha),
+                    f(x.weighted_alpha),
+                    f(x.ks_distance, 3),
+                    str(x.num_tail),
+                    f"{x.spectral_norm:.3g}",
+                    f(x.stable_rank),
+                    f(x.effective_rank),
+                    str(x.numerical_rank),
+                    str(x.num_spikes),
+                    x.verdict.split(" (")[0],
+                )
+            )
         return rows
 
     def _summary_line(self) -> str:
         s = self.summary
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        return (f"{s.num_layers} layers, {s.num_skipped} skipped; mean alpha {f(s.mean_alpha)}, "
-                f"weighted alpha {f(s.weighted_alpha)}, mean eff. rank "
-                f"{f(s.mean_effective_rank)}, alpha trend/layer {f(s.trends['alpha'])}")
+        return (
+            f"{s.num_layers} layers, {s.num_skipped} skipped; mean alpha {f(s.mean_alpha)}, "
+            f"weighted alpha {f(s.weighted_alpha)}, mean eff. rank "
+            f"{f(s.mean_effective_rank)}, alpha trend/layer {f(s.trends['alpha'])}"
+        )
 
     def to_text(self) -> str:
         """Plain-text table of the layers, skipped leaves and the summary."""
         rows = [self._COLUMNS] + self._rows()
         widths = [max(len(r[i]) for r in rows) for i in range(len(self._COLUMNS))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        ]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        notable = {p: r for p, r in self.skipped.items() if "bias / normalisation" not in r
-                   and "1-D array" not in r and "0-D array" not in r}
+        notable = {
+            p: r
+            for p, r in self.skipped.items()
+            if "bias / normalisation" not in r and "1-D array" not in r and "0-D array" not in r
+        }
         vectors = len(self.skipped) - len(notable)
         if vectors:
             lines.append(f"skipped {vectors} bias / scale / vector leaves")
@@ -1345,12 +1437,12 @@ def _as_state(params: PyTree) -> PyTree:
 
 def weight_spectra(
     params: PyTree,
-    filter: Optional[Callable[[str, Any], bool]] = None,  # noqa: A002 - fixed public name
+    filter: Callable[[str, Any], bool] | None = None,  # noqa: A002 - fixed public name
     *,
-    reshape: Optional[Callable[[str, Any], Any]] = None,
+    reshape: Callable[[str, Any], Any] | None = None,
     per_head: bool = False,
-    key: Optional[jax.Array] = None,
-    rtol: Optional[float] = None,
+    key: jax.Array | None = None,
+    rtol: float | None = None,
     min_tail: int = 10,
     tw_level: float = 0.99,
 ) -> WeightSpectraReport:
@@ -1366,12 +1458,20 @@ def weight_spectra(
       filter: predicate ``(path, leaf) -> bool``; leaves where it is False are ignored.
       reshape: optional ``(path, leaf) -> 2-D array | None`` overriding the auto rule; None
         falls back to the auto rule.
-      per_head: also report every head of 3-D attention kernels as ``path/head_<h>``.
+      per_head: also report every head of 3-D attention kernels as ``path/head_<h>``
+        (``reshape_rule`` ``"head_in"`` / ``"head_out"``; left out of ``report.summary``).
       key: if given, run the randomisation baseline per layer (key folded with the index).
       rtol, min_tail, tw_level: as in ``layer_spectrum``.
 
     Returns:
       ``WeightSpectraReport``. Never raises for a bad leaf: it lands in ``report.skipped``.
+
+    Example::
+
+        rep = gj.weight_spectra(nnx.state(model, nnx.Param))
+        rep["blocks/0/mlp/kernel"].alpha        # one layer
+        rep.summary.mean_alpha, rep.summary.trends["effective_rank"]
+        rich.print(rep.to_table()); open("spectra.json", "w").write(rep.to_json())
 
     Raises:
       ValueError: if ``params`` has no leaves or an argument is invalid.
@@ -1407,16 +1507,20 @@ def weight_spectra(
             mats.append((p, _apply_rule(np.asarray(leaf), rule), rule))
             parts = p.split("/")
             if per_head and len(shape) == 3 and parts[-1] == "kernel" and len(parts) >= 2:
-                kind = ("in" if parts[-2] in _ATTN_IN else "out" if parts[-2] in _ATTN_OUT
-                        else None)
+                kind = "in" if parts[-2] in _ATTN_IN else "out" if parts[-2] in _ATTN_OUT else None
                 if kind is not None:
                     heads = np.asarray(head_matrices(leaf, kind=kind))
-                    mats.extend((f"{p}/head_{h}", heads[h], f"head_{kind}")
-                                for h in range(heads.shape[0]))
+                    mats.extend(
+                        (f"{p}/head_{h}", heads[h], f"head_{kind}") for h in range(heads.shape[0])
+                    )
         for name, mat, rule in mats:
             try:
                 rep = layer_spectrum(
-                    mat, path=name, reshape="matrix", rtol=rtol, min_tail=min_tail,
+                    mat,
+                    path=name,
+                    reshape="matrix",
+                    rtol=rtol,
+                    min_tail=min_tail,
                     tw_level=tw_level,
                     key=None if key is None else jax.random.fold_in(key, index),
                 )

@@ -51,7 +51,13 @@ MODELS = {"mlp": _mlp, "seed": _seed, "cnn": _cnn, "transformer": _transformer}
 
 @functools.lru_cache(maxsize=None)
 def model_case(name: str, dtype_name: str = "float64"):
-    return MODELS[name](jnp.dtype(dtype_name))
+    """``(Adapted, batch)``. The float64 case holds the float32 case's weights and batch,
+    upcast, so one float64 reference serves both precisions."""
+    if dtype_name == "float32":
+        return MODELS[name](jnp.dtype(jnp.float32))
+    adapted, batch = MODELS[name](jnp.dtype(dtype_name))
+    adapted32, batch32 = model_case(name, "float32")
+    return adapted._replace(params=as_f64(adapted32.params)), as_f64(batch32)
 
 
 def as_f64(tree):

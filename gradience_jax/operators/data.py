@@ -69,13 +69,14 @@ def dataset_operator(
         treedef = jax.tree_util.tree_structure(op)
         shapes = tuple(jnp.shape(x) for x in jax.tree_util.tree_leaves(op))
         groups.setdefault((treedef, shapes), []).append((op, n))
+    acc = tu.accumulation_dtype(ops[0].dtype)
     prepares, operands = [], []
     for members in groups.values():
         prepares.append(members[0][0].prepare)
         stacked = tu.stack([m.operands for m, _ in members])
-        weights = jnp.asarray([n for _, n in members], dtype=jnp.float32)
+        weights = jnp.asarray([n for _, n in members], dtype=acc)
         operands.append((stacked, weights))
-    total = jnp.asarray(float(sum(sizes)), dtype=jnp.float32)
+    total = jnp.asarray(float(sum(sizes)), dtype=acc)
     first = ops[0]
     return LinearOperator(
         _DatasetPrepare(tuple(prepares)),

@@ -1,0 +1,779 @@
+"""Fisher geometry of a PSD curvature operator (GGN, empirical / MC Fisher, K-FAC).
+
+Protocol C of the research agenda: how the Fisher metric ``F`` stretches parameter space
+and how the gradient sits in it. Every function takes any PSD :class:`LinearOperator`:
+
+* :func:`fisher_trace`: ``tr F`` and ``tr F^2`` (exact from the dense matrix on small
+  models; Hutchinson with Rademacher probes otherwise, ``E[z^T F z] = tr F`` and
+  ``E[||F z||^2] = tr F^2``, one product per probe for both) and the participation ratio
+  ``(tr F)^2 / tr F^2``.
+* :func:`top_eigenvalues`: the ``k`` largest eigenvalues (dense ``eigh`` or
+  :func:`gradience_jax.spectrum.eigsh`).
+* :func:`condition_number`: ``kappa(F + lam I) = (l_max + lam) / (l_min + lam)``.
+* :func:`effective_dimension`: ``d_eff(lam) = sum_i l_i / (l_i + lam) = tr F (F + lam I)^-1``
+  (MacKay 1992; exact, or Hutchinson with a conjugate-gradient solve per probe).
+* :func:`natural_gradient`: ``(F + lam I)^-1 g`` by (preconditioned) conjugate gradients on
+  pytrees, with the true relative residual, the iterations and the alignment
+  ``cos(g, F^-1 g)`` (Amari 1998).
+* :func:`fisher_geometry`: all of the above in one JSON-safe report.
+* :func:`compare_curvature`: how well an approximation (e.g. K-FAC) matches a reference
+  (e.g. the GGN): top-eigenvalue ratio, top-``k`` subspace overlap, relative Frobenius
+  error (also against the reference's block-diagonal part on K-FAC's blocks).
+
+``method="auto"`` uses dense linear algebra when ``n_params <= max_exact`` (default 2000)
+and matrix-free estimators otherwise (``method="exact"`` / ``"matrix-free"`` force one). Matrix-free paths need an explicit ``key``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradience_jax import tree as tu
+from gradience_jax._validate import check_like
+from gradience_jax.operators.base import LinearOperator, damped
+
+PyTree = Any
+
+DEFAULT_MAX_EXACT = 2000
+#: "hutchinson" is accepted as an alias of "matrix-free"
+METHODS = ("auto", "exact", "matrix-free", "hutchinson")
+
+__all__ = [
+    "CGNotConvergedWarning",
+    "CGResult",
+    "ConditionNumber",
+    "CurvatureComparison",
+    "EffectiveDimension",
+    "Eigenpairs",
+    "FisherGeometry",
+    "NaturalGradient",
+    "TraceMoments",
+    "compare_curvature",
+    "condition_number",
+    "conjugate_gradient",
+    "effective_dimension",
+    "fisher_geometry",
+    "fisher_trace",
+    "natural_gradient",
+    "top_eigenvalues",
+]
+
+
+class CGNotConvergedWarning(UserWarning):
+    """Conjugate gradients stopped at ``maxiter`` above the requested tolerance."""
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _check_op(op: Any, name: str = "op") -> LinearOperator:
+    if not isinstance(op, LinearOperator):
+        raise ValueError(f"{name} must be a gradience_jax.LinearOperator, got {type(op).__name__}")
+    return op
+
+
+def _resolve_method(method: str, op: LinearOperator, max_exact: int) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return "exact" if op.n_params <= max_exact else "matrix-free"
+    return "matrix-free" if method == "hutchinson" else method
+
+
+def _need_key(key: Any, what: str) -> jax.Array:
+    if key is None:
+        raise ValueError(
+            f"key is required for the matrix-free {what} (pass key=jax.random.key(...), or "
+            "method='exact' on a small model)"
+        )
+    return key
+
+
+def _check_damping(damping: Any, name: str = "damping", strict: bool = True) -> float:
+    try:
+        d = float(damping)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a real scalar, got {damping!r}") from exc
+    if not np.isfinite(d) or d < 0 or (strict and d == 0):
+        need = "> 0 (an inverse of F + damping I is needed)" if strict else ">= 0"
+        raise ValueError(f"{name} must be finite and {need}, got {d}")
+    return d
+
+
+def _dense(op: LinearOperator) -> np.ndarray:
+    m = np.asarray(op.to_dense(max_params=op.n_params), dtype=np.float64)
+    return 0.5 * (m + m.T)
+
+
+def _zeros(like: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), like)
+
+
+def _stats(samples: np.ndarray) -> tuple[float, float]:
+    samples = np.asarray(samples, np.float64)
+    se = float(samples.std(ddof=1) / math.sqrt(samples.size)) if samples.size > 1 else float("nan")
+    return float(samples.mean()), se
+
+
+def _cosine(a: PyTree, b: PyTree) -> float:
+    """``<a, b> / (||a|| ||b||)`` of two pytree vectors."""
+    return float(tu.vdot(a, b) / (tu.norm(a) * tu.norm(b)))
+
+
+# ---------------------------------------------------------------------------------------
+# traces
+# ---------------------------------------------------------------------------------------
+
+
+class TraceMoments(NamedTuple):
+    """``tr F`` and ``tr F^2`` with standard errors (0 when exact).
+
+    Attributes:
+        trace, trace_sq: the estimates.
+        trace_stderr, trace_sq_stderr: standard errors of the means (0 for ``"exact"``).
+        method: ``"exact"`` or ``"hutchinson"``.
+        num_matvecs: operator products used (0 for exact: the dense matrix is used).
+    """
+
+    trace: float
+    trace_sq: float
+    trace_stderr: float
+    trace_sq_stderr: float
+    method: str
+    num_matvecs: int
+
+    @property
+    def participation_ratio(self) -> float:
+        """``(tr F)^2 / tr F^2``: the effective number of directions carrying curvature."""
+        return self.trace**2 / self.trace_sq if self.trace_sq > 0 else 0.0
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _hutchinson_moments(op: LinearOperator, key: jax.Array, num_samples: int):
+    mv = op.bind()
+    like = op.params_like
+
+    def one(k):
+        z = tu.random_like(k, like, "rademacher")
+        fz = mv(z)
+        return tu.vdot(z, fz), tu.vdot(fz, fz)
+
+    return jax.lax.map(one, jax.random.split(key, num_samples))
+
+
+def fisher_trace(
+    op: LinearOperator,
+    key: jax.Array | None = None,
+    *,
+    num_samples: int = 100,
+    method: str = "auto",
+    max_exact: int = DEFAULT_MAX_EXACT,
+) -> TraceMoments:
+    """``tr F`` and ``tr F^2`` of a PSD operator.
+
+    Args:
+        op: the operator ``F``.
+        key: ``jax.random`` key (Hutchinson only).
+        num_samples: Rademacher probes; each costs one product and serves both moments.
+        method: ``"exact"`` (dense matrix), ``"matrix-free"`` (Hutchinson) or ``"auto"``.
+        max_exact: largest ``n_params`` for which ``"auto"`` goes dense.
+
+    Returns:
+        :class:`TraceMoments`; Hutchinson estimates are unbiased with the given stderr.
+    """
+    _check_op(op)
+    method = _resolve_method(method, op, max_exact)
+    if method == "exact":
+        m = _dense(op)
+        return TraceMoments(float(np.trace(m)), float(np.sum(m * m)), 0.0, 0.0, "exact", 0)
+    if int(num_samples) < 2:
+        raise ValueError(f"num_samples must be >= 2 for a standard error, got {num_samples}")
+    key = _need_key(key, "trace estimate")
+    t, q = jax.device_get(_hutchinson_moments(op, key, int(num_samples)))
+    (tr, tr_se), (sq, sq_se) = _stats(t), _stats(q)
+    return TraceMoments(tr, sq, tr_se, sq_se, "hutchinson", int(num_samples))
+
+
+# ---------------------------------------------------------------------------------------
+# eigenvalues, condition number, effective dimension
+# ---------------------------------------------------------------------------------------
+
+
+class Eigenpairs(NamedTuple):
+    """Top eigenvalues (descending) and optionally eigenvectors (a pytree whose leaves
+    have a leading axis of size ``k``)."""
+
+    values: np.ndarray
+    vectors: PyTree | None
+    method: str
+
+
+def _eigsh():
+    try:
+        from gradience_jax.spectrum import eigsh  # noqa: PLC0415  (optional, lazy)
+    except ImportError:
+        return None
+    return eigsh
+
+
+def top_eigenvalues(
+    op: LinearOperator,
+    k: int = 5,
+    *,
+    key: jax.Array | None = None,
+    method: str = "auto",
+    return_eigenvectors: bool = False,
+    max_exact: int = DEFAULT_MAX_EXACT,
+) -> Eigenpairs:
+    """The ``k`` largest eigenvalues of a symmetric operator.
+
+    ``"exact"``: dense ``numpy.linalg.eigh`` (float64). Otherwise Lanczos via
+    :func:`gradience_jax.spectrum.eigsh` (``which="LA"``, full re-orthogonalisation).
+
+    Raises:
+        ValueError: if ``k`` is not in ``[1, n_params]``, or the matrix-free path is needed
+            but ``key`` is missing or ``eigsh`` is unavailable.
+    """
+    _check_op(op)
+    if not 1 <= int(k) <= op.n_params:
+        raise ValueError(f"k must be in [1, n_params={op.n_params}], got {k}")
+    k = int(k)
+    method = "exact" if _resolve_method(method, op, max_exact) == "exact" else "lanczos"
+    if method == "exact":
+        evals, evecs = np.linalg.eigh(_dense(op))
+        values = evals[::-1][:k]
+        vectors = None
+        if return_eigenvectors:
+            flat = evecs[:, ::-1][:, :k].T
+            zeros = _zeros(op.params_like)
+            vectors = tu.stack([tu.unravel_like(jnp.asarray(row, op.dtype), zeros) for row in flat])
+        return Eigenpairs(values, vectors, "exact")
+    eigsh = _eigsh()
+    if eigsh is None:
+        raise ValueError(
+            f"op has n_params={op.n_params} > max_exact={max_exact} and "
+            "gradience_jax.spectrum.eigsh is not available; use method='exact'"
+        )
+    key = _need_key(key, "eigenvalue computation")
+    res = eigsh(op, k=k, which="LA", key=key, return_eigenvectors=return_eigenvectors)
+    values = np.asarray(res.eigenvalues, np.float64)
+    order = np.argsort(values)[::-1]
+    vectors = None
+    if return_eigenvectors:
+        vectors = jax.tree_util.tree_map(lambda x: x[jnp.asarray(order)], res.eigenvectors)
+    return Eigenpairs(values[order], vectors, "lanczos")
+
+
+class ConditionNumber(NamedTuple):
+    """``kappa = (lam_max + damping) / (lam_min + damping)``.
+
+    ``method`` is ``"exact"`` (dense spectrum), ``"lanczos, lam_min given"`` or
+    ``"lanczos, lam_min=0 assumed"`` (then ``kappa`` is an upper bound for a PSD ``F``;
+    exact whenever ``F`` is rank-deficient, e.g. ``N * C < n_params``).
+    """
+
+    kappa: float
+    lam_max: float
+    lam_min: float
+    damping: float
+    method: str
+
+
+def condition_number(
+    op: LinearOperator,
+    damping: float,
+    *,
+    lam_min: float | None = None,
+    key: jax.Array | None = None,
+    method: str = "auto",
+    max_exact: int = DEFAULT_MAX_EXACT,
+) -> ConditionNumber:
+    """Condition number of ``F + damping I`` for a PSD operator ``F``.
+
+    Args:
+        op: PSD operator.
+        damping: ``>= 0`` (``kappa`` is infinite for a singular ``F`` without damping).
+        lam_min: smallest eigenvalue if known (matrix-free path only).
+        key: for the Lanczos path.
+        method: ``"auto"``, ``"exact"`` or ``"matrix-free"`` (Lanczos).
+
+    Raises:
+        ValueError: on negative or non-finite ``damping``.
+    """
+    _check_op(op)
+    lam = _check_damping(damping, strict=False)
+    if _resolve_method(method, op, max_exact) == "exact":
+        evals = np.linalg.eigvalsh(_dense(op))
+        hi, lo, how = float(evals[-1]), max(float(evals[0]), 0.0), "exact"
+    else:
+        hi = float(top_eigenvalues(op, 1, key=key, method="matrix-free").values[0])
+        lo = 0.0 if lam_min is None else float(lam_min)
+        how = "lanczos, lam_min=0 assumed" if lam_min is None else "lanczos, lam_min given"
+    den = lo + lam
+    kappa = (hi + lam) / den if den > 0 else float("inf")
+    return ConditionNumber(float(kappa), hi, lo, lam, how)
+
+
+class EffectiveDimension(NamedTuple):
+    """``d_eff = sum_i l_i / (l_i + damping)`` with a standard error (0 when exact) and,
+    for the stochastic path, the largest relative CG residual over the probes."""
+
+    value: float
+    stderr: float
+    damping: float
+    method: str
+    cg_max_residual: float
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _hutchinson_deff(op, lam, key, num_samples, tol, maxiter):
+    mv = op.bind()
+    shifted = lambda v: tu.axpy(lam, v, mv(v))  # noqa: E731
+    like = op.params_like
+
+    def one(k):
+        z = tu.random_like(k, like, "rademacher")
+        x, _, _ = _cg_core(shifted, z, tu.zeros_like(z), tol, maxiter, None)
+        res = tu.norm(tu.sub(z, shifted(x))) / tu.norm(z)
+        return tu.vdot(mv(z), x), res
+
+    return jax.lax.map(one, jax.random.split(key, num_samples))
+
+
+def effective_dimension(
+    op: LinearOperator,
+    damping: float,
+    *,
+    key: jax.Array | None = None,
+    num_samples: int = 30,
+    method: str = "auto",
+    tol: float = 1e-8,
+    maxiter: int | None = None,
+    max_exact: int = DEFAULT_MAX_EXACT,
+) -> EffectiveDimension:
+    """Effective dimension ``tr F (F + damping I)^-1`` of a PSD operator.
+
+    Stochastic path: ``z^T F (F + lam)^-1 z`` per Rademacher probe, with one CG solve per
+    probe (``maxiter`` defaults to ``min(2 n, 1000)``).
+
+    Raises:
+        ValueError: if ``damping <= 0`` (the resolvent needs it).
+    """
+    _check_op(op)
+    lam = _check_damping(damping)
+    if _resolve_method(method, op, max_exact) == "exact":
+        evals = np.clip(np.linalg.eigvalsh(_dense(op)), 0.0, None)
+        return EffectiveDimension(float(np.sum(evals / (evals + lam))), 0.0, lam, "exact", 0.0)
+    if int(num_samples) < 2:
+        raise ValueError(f"num_samples must be >= 2 for a standard error, got {num_samples}")
+    key = _need_key(key, "effective dimension")
+    maxiter = _default_maxiter(op, maxiter)
+    samples, res = jax.device_get(
+        _hutchinson_deff(op, jnp.asarray(lam, op.dtype), key, int(num_samples),
+                         jnp.asarray(tol, op.dtype), jnp.asarray(maxiter))
+    )
+    value, se = _stats(samples)
+    max_res = float(np.max(res))
+    if max_res > 10 * tol:
+        warnings.warn(
+            f"effective_dimension: CG reached a relative residual of {max_res:.2e} > tol={tol:.0e} "
+            f"within maxiter={maxiter}; the estimate is biased accordingly",
+            CGNotConvergedWarning,
+            stacklevel=2,
+        )
+    return EffectiveDimension(value, se, lam, "hutchinson+cg", max_res)
+
+
+# ---------------------------------------------------------------------------------------
+# conjugate gradients and the natural gradient
+# ---------------------------------------------------------------------------------------
+
+
+class CGResult(NamedTuple):
+    """Solution of ``A x = b`` by conjugate gradients.
+
+    Attributes:
+        x: the solution (pytree like ``b``).
+        residual: true relative residual ``||b - A x|| / ||b||`` (recomputed at the end).
+        iterations: CG iterations (= products with ``A``, plus one for the residual).
+        converged: ``residual <= tol`` (up to a factor 10 of rounding slack).
+    """
+
+    x: PyTree
+    residual: float
+    iterations: int
+    converged: bool
+
+
+def _cg_core(mv, b, x0, tol, maxiter, precond):
+    """Preconditioned CG on pytrees in a ``lax.while_loop``; stops at ``||r|| <= tol ||b||``."""
+    m = precond if precond is not None else (lambda r: r)
+    r = tu.sub(b, mv(x0))
+    z = m(r)
+    p = z
+    rz = tu.vdot(r, z)
+    stop = tol * tu.norm(b)
+
+    def cond(state):
+        _, r, _, _, k = state
+        return jnp.logical_and(tu.norm(r) > stop, k < maxiter)
+
+    def body(state):
+        x, r, p, rz, k = state
+        ap = mv(p)
+        pap = tu.vdot(p, ap)
+        alpha = jnp.where(pap > 0, rz / jnp.where(pap > 0, pap, 1.0), 0.0)
+        x = tu.axpy(alpha, p, x)
+        r = tu.axpy(-alpha, ap, r)
+        z = m(r)
+        rz_new = tu.vdot(r, z)
+        beta = jnp.where(rz > 0, rz_new / jnp.where(rz > 0, rz, 1.0), 0.0)
+        p = tu.axpy(beta, p, z)
+        return x, r, p, rz_new, k + 1
+
+    x, r, _, _, k = jax.lax.while_loop(cond, body, (x0, r, p, rz, jnp.asarray(0, jnp.int32)))
+    return x, k, tu.norm(r)
+
+
+@jax.jit
+def _cg_jit(op, precond, b, x0, tol, maxiter):
+    mv = op.bind()
+    pm = None if precond is None else precond.bind()
+    x, k, _ = _cg_core(mv, b, x0, tol, maxiter, pm)
+    res = tu.norm(tu.sub(b, mv(x))) / tu.norm(b)
+    return x, k, res
+
+
+def _default_maxiter(op: LinearOperator, maxiter: int | None) -> int:
+    if maxiter is None:
+        return int(min(2 * op.n_params, 1000))
+    if int(maxiter) < 1:
+        raise ValueError(f"maxiter must be >= 1, got {maxiter}")
+    return int(maxiter)
+
+
+def conjugate_gradient(
+    op: LinearOperator,
+    b: PyTree,
+    *,
+    tol: float = 1e-8,
+    maxiter: int | None = None,
+    x0: PyTree | None = None,
+    preconditioner: LinearOperator | None = None,
+) -> CGResult:
+    """Solve ``op x = b`` for a symmetric positive-definite operator by (P)CG on pytrees.
+
+    Args:
+        op: SPD operator (e.g. ``gj.damped(F, lam)``).
+        b: right-hand side, a pytree like ``op.params_like``.
+        tol: relative residual target ``||b - A x|| <= tol ||b||``.
+        maxiter: iteration cap (default ``min(2 n, 1000)``).
+        x0: initial guess (default zeros).
+        preconditioner: an operator approximating ``op^-1`` (e.g.
+            ``K.inverse(lam)`` of a K-FAC operator).
+
+    Returns:
+        :class:`CGResult`; a :class:`CGNotConvergedWarning` is emitted when the residual is
+        above ``tol`` at the end (the result is still returned).
+
+    Raises:
+        ValueError: if ``b`` has zero norm or does not match ``op``'s parameters.
+    """
+    _check_op(op)
+    check_like(b, op.params_like, "b", f"the {op.name} operator's params")
+    if preconditioner is not None:
+        _check_op(preconditioner, "preconditioner")
+    if float(tu.norm(b)) == 0.0:
+        raise ValueError("b has zero norm: the solution is zero and residuals are undefined")
+    maxiter = _default_maxiter(op, maxiter)
+    x0 = tu.zeros_like(b) if x0 is None else x0
+    x, k, res = _cg_jit(op, preconditioner, b, x0, jnp.asarray(tol, op.dtype),
+                        jnp.asarray(maxiter, jnp.int32))
+    res, k = float(res), int(k)
+    converged = res <= 10 * tol
+    if not converged:
+        warnings.warn(
+            f"conjugate gradients stopped after {k} iterations with relative residual "
+            f"{res:.3e} > tol={tol:.1e}",
+            CGNotConvergedWarning,
+            stacklevel=2,
+        )
+    return CGResult(x, res, k, converged)
+
+
+class NaturalGradient(NamedTuple):
+    """``(F + damping I)^-1 g`` and its diagnostics.
+
+    Attributes:
+        direction: the natural-gradient direction (pytree like ``g``).
+        alignment: ``cos(g, direction)`` (1 when ``F`` is a multiple of the identity).
+        residual: CG's true relative residual.
+        iterations: CG iterations.
+        converged: whether CG reached ``tol``.
+        damping: the damping used.
+    """
+
+    direction: PyTree
+    alignment: float
+    residual: float
+    iterations: int
+    converged: bool
+    damping: float
+
+
+def natural_gradient(
+    op: LinearOperator,
+    grad: PyTree,
+    damping: float,
+    *,
+    tol: float = 1e-8,
+    maxiter: int | None = None,
+    x0: PyTree | None = None,
+    preconditioner: LinearOperator | None = None,
+) -> NaturalGradient:
+    """Natural-gradient direction ``(F + damping I)^-1 g`` by conjugate gradients.
+
+    Args:
+        op: PSD Fisher / GGN / K-FAC operator ``F``.
+        grad: the gradient ``g`` (pytree like the parameters).
+        damping: Tikhonov damping ``> 0``.
+        tol, maxiter, x0, preconditioner: see :func:`conjugate_gradient`.
+
+    Returns:
+        :class:`NaturalGradient` with the direction, ``cos(g, F^-1 g)``, the CG residual
+        and iteration count.
+
+    Raises:
+        ValueError: if ``damping <= 0`` or ``grad`` is zero / mismatched.
+    """
+    _check_op(op)
+    lam = _check_damping(damping)
+    cg = conjugate_gradient(damped(op, jnp.asarray(lam, op.dtype)), grad, tol=tol,
+                            maxiter=maxiter, x0=x0, preconditioner=preconditioner)
+    return NaturalGradient(cg.x, _cosine(grad, cg.x), cg.residual, cg.iterations,
+                           cg.converged, lam)
+
+
+# ---------------------------------------------------------------------------------------
+# one-call report
+# ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FisherGeometry:
+    """Protocol C metrics of one operator at one point (:func:`fisher_geometry`)."""
+
+    operator: str
+    n_params: int
+    trace: TraceMoments
+    top_eigenvalues: np.ndarray
+    condition: ConditionNumber
+    effective_dimension: EffectiveDimension
+    natural_gradient: NaturalGradient | None
+
+    def to_dict(self) -> dict:
+        """JSON-safe summary (the natural-gradient direction itself is left out)."""
+        ng = self.natural_gradient
+        return {
+            "operator": self.operator,
+            "n_params": self.n_params,
+            "trace": self.trace.trace,
+            "trace_stderr": self.trace.trace_stderr,
+            "trace_sq": self.trace.trace_sq,
+            "trace_sq_stderr": self.trace.trace_sq_stderr,
+            "participation_ratio": self.trace.participation_ratio,
+            "trace_method": self.trace.method,
+            "top_eigenvalues": [float(x) for x in self.top_eigenvalues],
+            "damping": self.condition.damping,
+            "condition_number": self.condition.kappa,
+            "lam_max": self.condition.lam_max,
+            "lam_min": self.condition.lam_min,
+            "condition_method": self.condition.method,
+            "effective_dimension": self.effective_dimension.value,
+            "effective_dimension_stderr": self.effective_dimension.stderr,
+            "natural_gradient_alignment": None if ng is None else ng.alignment,
+            "cg_residual": None if ng is None else ng.residual,
+            "cg_iterations": None if ng is None else ng.iterations,
+            "cg_converged": None if ng is None else ng.converged,
+        }
+
+
+def fisher_geometry(
+    op: LinearOperator,
+    grad: PyTree | None = None,
+    *,
+    damping: float = 1e-3,
+    key: jax.Array | None = None,
+    k: int = 5,
+    num_samples: int = 100,
+    method: str = "auto",
+    tol: float = 1e-8,
+    max_exact: int = DEFAULT_MAX_EXACT,
+) -> FisherGeometry:
+    """All Fisher-geometry metrics of ``op`` (and of ``grad`` in its metric) at once.
+
+    Args:
+        op: PSD operator (``gj.ggn``, ``gj.empirical_fisher``, ``gj.mc_fisher``, ``gj.kfac``).
+        grad: optional gradient for the natural-gradient direction and alignment.
+        damping: ``lam > 0`` used for ``kappa(F + lam I)``, ``d_eff(lam)`` and ``F + lam I``.
+        key: needed by matrix-free paths (split internally).
+        k: number of top eigenvalues.
+        num_samples: Hutchinson probes for the traces (a third of them for ``d_eff``).
+    """
+    _check_op(op)
+    _check_damping(damping)
+    keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
+    trace = fisher_trace(op, keys[0], num_samples=num_samples, method=method, max_exact=max_exact)
+    top = top_eigenvalues(op, min(k, op.n_params), key=keys[1], method=method,
+                          max_exact=max_exact)
+    cond = condition_number(op, damping, key=keys[1], method=method, max_exact=max_exact)
+    deff = effective_dimension(op, damping, key=keys[2], num_samples=max(num_samples // 3, 2),
+                               method=method, tol=max(tol, 1e-6), max_exact=max_exact)
+    ng = None if grad is None else natural_gradient(op, grad, damping, tol=tol)
+    return FisherGeometry(op.name, op.n_params, trace, top.values, cond, deff, ng)
+
+
+# ---------------------------------------------------------------------------------------
+# comparing an approximation with a reference
+# ---------------------------------------------------------------------------------------
+
+
+class CurvatureComparison(NamedTuple):
+    """How well ``approx`` matches ``reference``.
+
+    Attributes:
+        top_approx, top_reference: top-``k`` eigenvalues (descending).
+        top_eigenvalue_ratio: ``lambda_1(approx) / lambda_1(reference)``.
+        subspace_overlap: ``||U_a^T U_r||_F^2 / k`` for the top-``k`` eigenvectors (1: same
+            subspace, ``k / n``: chance).
+        rel_frobenius_error: ``||approx - reference||_F / ||reference||_F`` (Hutchinson
+            estimate on large models).
+        rel_frobenius_error_blocks: the same against the reference's block-diagonal part on
+            ``blocks`` (both restricted to those blocks); ``None`` without blocks / on large
+            models.
+        k: number of eigenpairs compared.
+        method: ``"exact"`` or ``"matrix-free"``.
+    """
+
+    top_approx: np.ndarray
+    top_reference: np.ndarray
+    top_eigenvalue_ratio: float
+    subspace_overlap: float
+    rel_frobenius_error: float
+    rel_frobenius_error_blocks: float | None
+    k: int
+    method: str
+
+    def to_dict(self) -> dict:
+        d = self._asdict()
+        d["top_approx"] = [float(x) for x in self.top_approx]
+        d["top_reference"] = [float(x) for x in self.top_reference]
+        return d
+
+
+def _block_mask(like: PyTree, blocks: Sequence[Sequence[str]]) -> np.ndarray:
+    paths = tu.leaf_paths(like)
+    sizes = [int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(like)]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    where = {p: np.arange(offsets[i], offsets[i + 1]) for i, p in enumerate(paths)}
+    n = int(offsets[-1])
+    mask = np.zeros((n, n), bool)
+    for block in blocks:
+        missing = [p for p in block if p not in where]
+        if missing:
+            raise ValueError(f"blocks name unknown parameter paths {missing}; known: {paths}")
+        idx = np.concatenate([where[p] for p in block])
+        mask[np.ix_(idx, idx)] = True
+    return mask
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _diff_norms(a, r, key, num_samples):
+    ma, mr = a.bind(), r.bind()
+    like = a.params_like
+
+    def one(k):
+        z = tu.random_like(k, like, "rademacher")
+        rz = mr(z)
+        d = tu.sub(ma(z), rz)
+        return tu.vdot(d, d), tu.vdot(rz, rz)
+
+    return jax.lax.map(one, jax.random.split(key, num_samples))
+
+
+def _overlap(ua: PyTree, ur: PyTree) -> float:
+    gram = jax.vmap(lambda x: jax.vmap(lambda y: tu.vdot(x, y))(ur))(ua)
+    k = gram.shape[0]
+    return float(jnp.sum(gram**2) / k)
+
+
+def compare_curvature(
+    approx: LinearOperator,
+    reference: LinearOperator,
+    *,
+    k: int = 5,
+    key: jax.Array | None = None,
+    blocks: Sequence[Sequence[str]] | str | None = "auto",
+    method: str = "auto",
+    num_samples: int = 50,
+    max_exact: int = DEFAULT_MAX_EXACT,
+) -> CurvatureComparison:
+    """Compare an approximate curvature operator (e.g. K-FAC) with a reference (e.g. GGN).
+
+    Args:
+        approx, reference: operators over the same parameters.
+        k: top eigenpairs compared (ratio of the largest, overlap of the subspaces).
+        key: for matrix-free paths.
+        blocks: parameter-path groups for the block-diagonal comparison; ``"auto"`` takes
+            ``approx.coverage.blocks`` when ``approx`` is a K-FAC operator.
+        method: ``"auto"``, ``"exact"`` (dense) or ``"matrix-free"``.
+        num_samples: probes for the matrix-free Frobenius error.
+
+    Raises:
+        ValueError: if the operators act on different parameter trees.
+    """
+    _check_op(approx, "approx")
+    _check_op(reference, "reference")
+    if approx._spec != reference._spec:
+        raise ValueError("approx and reference act on different parameter trees")
+    if blocks == "auto":
+        cov = getattr(approx, "coverage", None)
+        blocks = None if cov is None else cov.blocks
+    k = min(int(k), approx.n_params)
+    exact = _resolve_method(method, approx, max_exact) == "exact"
+    if exact:
+        a, r = _dense(approx), _dense(reference)
+        ea, va = np.linalg.eigh(a)
+        er, vr = np.linalg.eigh(r)
+        top_a, top_r = ea[::-1][:k], er[::-1][:k]
+        overlap = float(np.sum((va[:, ::-1][:, :k].T @ vr[:, ::-1][:, :k]) ** 2) / k)
+        err = float(np.linalg.norm(a - r) / np.linalg.norm(r))
+        err_b = None
+        if blocks:
+            mask = _block_mask(approx.params_like, blocks)
+            rb = np.where(mask, r, 0.0)
+            err_b = float(np.linalg.norm(np.where(mask, a, 0.0) - rb) / np.linalg.norm(rb))
+        how = "exact"
+    else:
+        key = _need_key(key, "comparison")
+        k1, k2, k3 = jax.random.split(key, 3)
+        pa = top_eigenvalues(approx, k, key=k1, method="matrix-free", return_eigenvectors=True)
+        pr = top_eigenvalues(reference, k, key=k2, method="matrix-free", return_eigenvectors=True)
+        top_a, top_r = pa.values, pr.values
+        overlap = _overlap(pa.vectors, pr.vectors)
+        d, rr = jax.device_get(_diff_norms(approx, reference, k3, int(num_samples)))
+        err = float(math.sqrt(np.mean(d) / np.mean(rr)))
+        err_b, how = None, "matrix-free"
+    ratio = float(top_a[0] / top_r[0]) if top_r[0] != 0 else float("inf")
+    return CurvatureComparison(np.asarray(top_a), np.asarray(top_r), ratio, overlap, err, err_b,
+                               k, how)

@@ -1,0 +1,482 @@
+"""Lanczos tridiagonalisation of a symmetric :class:`LinearOperator`, as one ``lax.scan``.
+
+Vectors stay pytrees shaped like the parameters; the stored Lanczos basis is a pytree whose
+leaves carry a leading axis (``m`` rows for ``reorth="full"``, a ring buffer of ``window``
+rows for ``"window"``). Re-orthogonalisation is block classical Gram-Schmidt,
+``w <- w - B (B^T w)``, where ``B^T w`` sums one ``tensordot`` per leaf: no loop over basis
+vectors.
+
+Storage precision: the basis, the recurrence and the dot products run in the *work dtype*
+``promote(leaf dtype, float32)`` leaf by leaf (bf16 / fp16 models keep float32 Lanczos
+vectors); the operator itself is applied to vectors cast back to its own dtype. The
+tridiagonal ``alphas`` / ``betas`` come back in the work dtype; :mod:`gradience_jax.spectrum`
+solves the tridiagonal eigenproblem in float64 on the host.
+
+Breakdown (``beta_j ~ 0``: ``span(q_0..q_j)`` is an invariant subspace) is handled by a
+restart with a fresh random vector orthogonalised against what is stored; ``betas[j]`` is
+then set to exactly ``0`` (``T`` decouples into blocks) and ``breakdowns[j]`` is ``True``.
+
+References:
+    C. Lanczos (1950); C. C. Paige (1976) on loss of orthogonality; L. Giraud, J. Langou,
+    M. Rozloznik (2005) "twice is enough" for classical Gram-Schmidt; K. Wu & H. Simon
+    (2000) thick-restart Lanczos.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradience_jax import tree as tu
+from gradience_jax._validate import is_traced
+from gradience_jax.operators.base import LinearOperator
+
+PyTree = Any
+
+REORTH_MODES = ("full", "window", "none")
+DEFAULT_WINDOW = 8
+#: breakdown threshold, in units of the work dtype's machine epsilon times ``||T||``
+BREAKDOWN_EPS_FACTOR = 100.0
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "LanczosState",
+    "REORTH_MODES",
+    "lanczos",
+    "lanczos_init",
+    "lanczos_run",
+]
+
+
+class LanczosState(NamedTuple):
+    """Lanczos state after ``step`` iterations (all arrays: passes through ``jit``/``scan``).
+
+    With ``Q = [q_0, ..., q_{m-1}]`` and ``T = tridiag(betas[:m-1], alphas, betas[:m-1])``
+    the Lanczos relation is ``A Q = Q T + betas[m-1] q_m e_m^T`` where ``q_m`` is ``q``.
+
+    Attributes:
+        alphas: ``(capacity,)`` diagonal of ``T`` (work dtype); entries ``>= step`` are 0.
+        betas: ``(capacity,)`` ``betas[j] = ||r_j||`` couples ``q_j`` and ``q_{j+1}``;
+            exactly 0 where a breakdown restarted the recurrence.
+        basis: pytree, leaves ``(rows, *leaf.shape)`` in the work dtype: all Lanczos vectors
+            (``"full"``, row ``j`` is ``q_j``), a ring buffer of the last ``window`` vectors
+            (``"window"``, ``q_j`` in row ``j % window``) or no rows (``"none"``).
+        q: the next Lanczos vector ``q_step`` (unit norm).
+        q_prev: ``q_{step-1}`` (zeros at the start and after a thick restart).
+        q_first: ``q_0``, kept to measure the loss of orthogonality.
+        beta: scalar ``betas[step-1]``, the coupling between ``q_prev`` and ``q``.
+        step: int32 scalar, iterations done (= operator calls).
+        breakdowns: ``(capacity,)`` bool, ``True`` at ``j`` if ``q_{j+1}`` is a restart vector.
+        dropped: ``(capacity,)`` the (tiny) ``beta_j`` dropped at a breakdown, 0 elsewhere:
+            the residual bound of the block it closed.
+        orthogonality: ``(capacity,)`` measured ``|<q_0, q_{j+1}>|``.
+        asymmetry: ``(capacity,)`` measured ``|<q_{j-1}, A q_j> - <q_j, A q_{j-1}>|``: the
+            two computed copies of ``T[j-1, j]``, equal for a symmetric operator up to rounding.
+        aq_prev: ``A q_{step-1}`` (kept for the symmetry check).
+        anorm: scalar running estimate of ``||A||`` (max Gershgorin row sum of ``T``).
+        key: PRNG key for restart vectors.
+    """
+
+    alphas: jax.Array
+    betas: jax.Array
+    basis: PyTree
+    q: PyTree
+    q_prev: PyTree
+    q_first: PyTree
+    beta: jax.Array
+    step: jax.Array
+    breakdowns: jax.Array
+    dropped: jax.Array
+    orthogonality: jax.Array
+    asymmetry: jax.Array
+    aq_prev: PyTree
+    anorm: jax.Array
+    key: jax.Array
+
+
+# -- small pytree helpers ------------------------------------------------------------------
+
+
+def work_dtype(dtype: Any) -> jnp.dtype:
+    """Dtype of stored Lanczos vectors for leaves of ``dtype``: float32 or wider."""
+    return tu.accumulation_dtype(dtype)
+
+
+def _to_work(v: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, work_dtype(jnp.result_type(x))), v)
+
+
+def _to_like(v: PyTree, like: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(lambda x, s: x.astype(s.dtype), v, like)
+
+
+def _zeros_work(like: PyTree, rows: int | None = None) -> PyTree:
+    lead = () if rows is None else (rows,)
+    return jax.tree_util.tree_map(
+        lambda s: jnp.zeros(lead + tuple(s.shape), work_dtype(s.dtype)), like
+    )
+
+
+def _scalar_dtype(like: PyTree) -> jnp.dtype:
+    dts = [work_dtype(s.dtype) for s in jax.tree_util.tree_leaves(like)]
+    return jnp.result_type(*dts) if dts else jnp.dtype(jnp.float32)
+
+
+def basis_dot(basis: PyTree, w: PyTree) -> jax.Array:
+    """``B^T w``: one inner product per stored row, ``(rows,)`` (one tensordot per leaf)."""
+    parts = jax.tree_util.tree_map(
+        lambda b, x: jnp.tensordot(b, x.astype(b.dtype), axes=x.ndim), basis, w
+    )
+    leaves = jax.tree_util.tree_leaves(parts)
+    acc = jnp.result_type(*[x.dtype for x in leaves])
+    return sum((x.astype(acc) for x in leaves[1:]), leaves[0].astype(acc))
+
+
+def basis_combine(basis: PyTree, coeffs: jax.Array) -> PyTree:
+    """``B c``: the linear combination ``sum_i c_i b_i`` of the stored rows."""
+    return jax.tree_util.tree_map(
+        lambda b: jnp.tensordot(coeffs.astype(b.dtype), b, axes=1), basis
+    )
+
+
+def _basis_rows(basis: PyTree) -> int:
+    leaves = jax.tree_util.tree_leaves(basis)
+    return int(leaves[0].shape[0]) if leaves else 0
+
+
+def orthogonalize(w: PyTree, basis: PyTree, passes: int) -> PyTree:
+    """Block classical Gram-Schmidt: ``passes`` times ``w <- w - B (B^T w)``."""
+    if _basis_rows(basis) == 0:
+        return w
+    for _ in range(passes):
+        w = tu.sub(w, basis_combine(basis, basis_dot(basis, w)))
+    return w
+
+
+def _set_row(basis: PyTree, row: jax.Array, v: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(
+        lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x.astype(b.dtype), row, 0), basis, v
+    )
+
+
+def _safe_normalize(v: PyTree) -> tuple[PyTree, jax.Array]:
+    nrm = tu.norm(v)
+    tiny = jnp.finfo(nrm.dtype).tiny
+    return tu.scale(1.0 / jnp.maximum(nrm, tiny), v), nrm
+
+
+# -- validation ------------------------------------------------------------------------------
+
+
+def check_reorth(reorth: str, window: int | None) -> int:
+    """Validate ``reorth`` / ``window``; returns the number of stored rows per mode."""
+    if reorth not in REORTH_MODES:
+        raise ValueError(f"reorth must be one of {REORTH_MODES}, got {reorth!r}")
+    if reorth == "window":
+        if window is None:
+            window = DEFAULT_WINDOW
+        if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 2:
+            raise ValueError(f"window must be an integer >= 2 for reorth='window', got {window!r}")
+        return int(window)
+    return 0
+
+
+def check_vector(v: PyTree, like: PyTree, name: str, like_name: str) -> None:
+    """``v`` must have the pytree structure and leaf shapes of ``like`` (dtypes may differ)."""
+    v_def, l_def = jax.tree_util.tree_structure(v), jax.tree_util.tree_structure(like)
+    if v_def != l_def:
+        raise ValueError(f"{name} does not match the pytree structure of {like_name}: {v_def} vs {l_def}")
+    for (path, a), b in zip(
+        jax.tree_util.tree_flatten_with_path(v)[0], jax.tree_util.tree_leaves(like)
+    ):
+        if tuple(np.shape(a)) != tuple(np.shape(b)):
+            raise ValueError(
+                f"{name} leaf '{tu.path_str(path)}' has shape {tuple(np.shape(a))}, "
+                f"{like_name} has {tuple(np.shape(b))}"
+            )
+
+
+def check_operator_output(op: LinearOperator, v: PyTree) -> None:
+    """The matvec must return a pytree with the structure and shapes of ``op.params_like``.
+
+    Raises:
+        ValueError: naming the mismatch (checked by shape inference, no FLOPs).
+    """
+    like = op.params_like
+    try:
+        out = jax.eval_shape(lambda o, x: o.bind()(x), op, v)
+    except Exception as exc:  # keep the cause
+        raise ValueError(f"the {op.name} operator's matvec failed on a params-shaped vector: {exc}") from exc
+    out_def, like_def = jax.tree_util.tree_structure(out), jax.tree_util.tree_structure(like)
+    if out_def != like_def:
+        raise ValueError(
+            f"the {op.name} operator's matvec returned a pytree of structure {out_def}, "
+            f"expected the structure of its params {like_def}"
+        )
+    for (path, o), s in zip(
+        jax.tree_util.tree_flatten_with_path(out)[0], jax.tree_util.tree_leaves(like)
+    ):
+        if tuple(o.shape) != tuple(s.shape):
+            raise ValueError(
+                f"the {op.name} operator's matvec returned leaf '{tu.path_str(path)}' of shape "
+                f"{tuple(o.shape)}, expected {tuple(s.shape)}"
+            )
+        if not jnp.issubdtype(o.dtype, jnp.floating):
+            raise ValueError(
+                f"the {op.name} operator's matvec returned leaf '{tu.path_str(path)}' of "
+                f"non-floating dtype {o.dtype}"
+            )
+
+
+# -- the recurrence ------------------------------------------------------------------------
+
+
+def lanczos_init(
+    op: LinearOperator,
+    v0: PyTree,
+    capacity: int,
+    reorth: str = "window",
+    window: int | None = DEFAULT_WINDOW,
+    *,
+    key: jax.Array | None = None,
+    rows: int | None = None,
+) -> LanczosState:
+    """The state before the first iteration: ``q_0 = v0 / ||v0||`` (jittable).
+
+    Args:
+        op: the operator (only its ``params_like`` is used).
+        v0: start vector, a pytree like ``op.params_like``; a zero ``v0`` is replaced by a
+            pseudo-random vector derived from ``key``.
+        capacity: length of the ``alphas`` / ``betas`` buffers (max iterations).
+        reorth: ``"full"``, ``"window"`` or ``"none"``.
+        window: ring-buffer rows for ``"window"``.
+        key: PRNG key for breakdown restarts (default ``jax.random.key(0)``).
+        rows: stored basis rows for ``"full"`` (default ``capacity``).
+    """
+    like = op.params_like
+    nwin = check_reorth(reorth, window)
+    nrows = {"full": capacity if rows is None else rows, "window": nwin, "none": 0}[reorth]
+    key = jax.random.key(0) if key is None else key
+    sdt = _scalar_dtype(like)
+    v = _to_work(v0)
+    q, nrm = _safe_normalize(v)
+    fallback, _ = _safe_normalize(_restart_vector(_zeros_work(like), key, jnp.asarray(-1)))
+    q = jax.tree_util.tree_map(lambda a, b: jnp.where(nrm > 0, a, b), q, fallback)
+    zeros_m = jnp.zeros((capacity,), sdt)
+    return LanczosState(
+        alphas=zeros_m,
+        betas=zeros_m,
+        basis=_zeros_work(like, nrows),
+        q=q,
+        q_prev=_zeros_work(like),
+        q_first=q,
+        beta=jnp.zeros((), sdt),
+        step=jnp.zeros((), jnp.int32),
+        breakdowns=jnp.zeros((capacity,), bool),
+        dropped=zeros_m,
+        orthogonality=zeros_m,
+        asymmetry=zeros_m,
+        aq_prev=_zeros_work(like),
+        anorm=jnp.zeros((), sdt),
+        key=key,
+    )
+
+
+def _restart_vector(like: PyTree, key: jax.Array, j: jax.Array) -> PyTree:
+    """A pseudo-random vector for a breakdown restart (cheap elementwise hash of the leaf
+    index, the iteration and the key; no PRNG kernel in the scan body, which keeps compile
+    times low). Entries are roughly uniform on ``[-0.5, 0.5)``."""
+    seed = jnp.sum(jax.random.key_data(key).astype(jnp.float32) % 9973.0)
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    out = []
+    for i, x in enumerate(leaves):
+        idx = jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)
+        h = jnp.sin(idx * 12.9898 + (j + 1).astype(x.dtype) * 78.233 + seed.astype(x.dtype)
+                    + 37.719 * i) * 43758.5453
+        out.append(h - jnp.floor(h) - 0.5)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_tol: float):
+    """One Lanczos iteration ``state -> state`` (a closure over the bound matvec)."""
+
+    def restart(args):
+        state, _w, j = args
+        r = _restart_vector(state.q_first, state.key, j)
+        for _ in range(2):
+            r = tu.sub(r, tu.scale(tu.vdot(state.q, r), state.q))
+            r = tu.sub(r, tu.scale(tu.vdot(state.q_prev, r), state.q_prev))
+            r = orthogonalize(r, state.basis, 1)
+        return _safe_normalize(r)[0]
+
+    def proceed(args):
+        _state, w, _j = args
+        return _safe_normalize(w)[0]
+
+    def step(state: LanczosState, j_store: jax.Array | None = None) -> LanczosState:
+        j = state.step
+        q, q_prev = state.q, state.q_prev
+        aq = _to_work(mv(_to_like(q, like)))
+        alpha = tu.vdot(q, aq)
+        asym = jnp.abs(tu.vdot(q_prev, aq) - tu.vdot(q, state.aq_prev))
+        w = aq
+        w = jax.tree_util.tree_map(
+            lambda x, a, b: x - alpha.astype(x.dtype) * a - state.beta.astype(x.dtype) * b,
+            w,
+            q,
+            q_prev,
+        )
+        basis = state.basis
+        if reorth != "none":
+            nrows = _basis_rows(basis)
+            row = j if reorth == "full" else j % nrows
+            basis = _set_row(basis, row, q)
+            w = orthogonalize(w, basis, passes)
+        beta = tu.norm(w)
+        anorm = jnp.maximum(state.anorm, jnp.abs(alpha) + state.beta + beta)
+        broke = beta <= breakdown_tol * anorm
+        state_b = state._replace(basis=basis)
+        q_next = jax.lax.cond(broke, restart, proceed, (state_b, w, j))
+        dropped = jnp.where(broke, beta, jnp.zeros_like(beta))
+        beta = jnp.where(broke, jnp.zeros_like(beta), beta)
+        idx = j if j_store is None else j_store
+        return state._replace(
+            alphas=state.alphas.at[idx].set(alpha.astype(state.alphas.dtype)),
+            betas=state.betas.at[idx].set(beta.astype(state.betas.dtype)),
+            basis=basis,
+            q=q_next,
+            q_prev=q,
+            beta=beta.astype(state.beta.dtype),
+            step=j + 1,
+            breakdowns=state.breakdowns.at[idx].set(broke),
+            dropped=state.dropped.at[idx].set(dropped.astype(state.dropped.dtype)),
+            orthogonality=state.orthogonality.at[idx].set(
+                jnp.abs(tu.vdot(state.q_first, q_next)).astype(state.orthogonality.dtype)
+            ),
+            asymmetry=state.asymmetry.at[idx].set(asym.astype(state.asymmetry.dtype)),
+            aq_prev=aq,
+            anorm=anorm.astype(state.anorm.dtype),
+        )
+
+    return step
+
+
+def _passes(reorth: str) -> int:
+    return {"full": 2, "window": 1, "none": 0}[reorth]
+
+
+def default_breakdown_tol(like: PyTree) -> float:
+    """Relative threshold on ``beta_j / ||T||`` below which the recurrence restarts."""
+    return float(BREAKDOWN_EPS_FACTOR * jnp.finfo(_scalar_dtype(like)).eps)
+
+
+def lanczos_run(
+    op: LinearOperator,
+    state: LanczosState,
+    num_steps: int,
+    reorth: str,
+    *,
+    ritz_coeffs: jax.Array | None = None,
+    ritz_acc: PyTree | None = None,
+    breakdown_tol: float | None = None,
+) -> LanczosState | tuple[LanczosState, PyTree]:
+    """Run ``num_steps`` more iterations from ``state`` in one ``lax.scan`` (jittable).
+
+    ``op.bind()`` is called once, so a linearising operator pays its one-off work once.
+
+    With ``ritz_coeffs`` (shape ``(capacity, k)``) the pass also accumulates
+    ``ritz_acc += sum_j ritz_coeffs[j] q_j`` (a pytree stack of ``k`` vectors): the second
+    pass that regenerates the Lanczos vectors to form Ritz vectors without storing them.
+
+    Returns:
+        The new state, or ``(state, ritz_acc)`` when ``ritz_coeffs`` is given.
+    """
+    like = op.params_like
+    tol = default_breakdown_tol(like) if breakdown_tol is None else breakdown_tol
+    step = _make_step(op.bind(), like, reorth, _passes(reorth), tol)
+    if ritz_coeffs is None:
+        def body(s, _):
+            return step(s), None
+
+        return jax.lax.scan(body, state, None, length=num_steps)[0]
+
+    def body_acc(carry, _):
+        s, acc = carry
+        c = ritz_coeffs[s.step]
+        acc = jax.tree_util.tree_map(
+            lambda a, x: a + c.astype(a.dtype).reshape((-1,) + (1,) * x.ndim) * x[None], acc, s.q
+        )
+        return (step(s), acc), None
+
+    return jax.lax.scan(body_acc, (state, ritz_acc), None, length=num_steps)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("num_iters", "reorth", "window", "breakdown_tol"))
+def _lanczos_jit(op, v0, key, num_iters, reorth, window, breakdown_tol):
+    state = lanczos_init(op, v0, num_iters, reorth, window, key=key)
+    return lanczos_run(op, state, num_iters, reorth, breakdown_tol=breakdown_tol)
+
+
+def lanczos(
+    op: LinearOperator,
+    v0: PyTree,
+    num_iters: int,
+    reorth: str = "window",
+    window: int | None = DEFAULT_WINDOW,
+    *,
+    key: jax.Array | None = None,
+    breakdown_tol: float | None = None,
+) -> LanczosState:
+    """``num_iters`` Lanczos iterations on ``op`` from ``v0``: the jittable core.
+
+    Cost: ``num_iters`` matvecs plus, per iteration, ``2 x 2 x rows x P`` (``"full"``:
+    ``rows = num_iters``, twice), ``2 x window x P`` (``"window"``, once) or ``O(P)``
+    (``"none"``) for re-orthogonalisation. Memory: ``rows x P`` in the work dtype.
+
+    Args:
+        op: a symmetric :class:`LinearOperator`.
+        v0: start vector (pytree like ``op.params_like``); normalised internally.
+        num_iters: number of iterations ``m`` (static).
+        reorth: ``"full"`` (against all stored vectors, twice), ``"window"`` (against a
+            ring buffer of the last ``window`` vectors) or ``"none"`` (three-term recurrence).
+        window: ring-buffer size for ``"window"`` (>= 2).
+        key: PRNG key for breakdown restart vectors.
+        breakdown_tol: restart when ``beta_j <= breakdown_tol * ||T||`` (default
+            ``100 eps`` of the work dtype).
+
+    Returns:
+        A :class:`LanczosState`; ``T = tridiag(betas[:-1], alphas, betas[:-1])``.
+
+    Raises:
+        ValueError: bad ``num_iters`` / ``reorth`` / ``window``, a matvec whose output pytree
+            does not match the params, ``reorth="full"`` with ``num_iters > n_params``.
+
+    >>> import jax.numpy as jnp, gradience_jax as gj
+    >>> op = gj.from_dense(jnp.diag(jnp.arange(1.0, 6.0)))
+    >>> st = lanczos(op, jnp.ones(5), 5, reorth="full")
+    >>> float(jnp.max(jnp.linalg.eigvalsh(jnp.diag(st.alphas) + jnp.diag(st.betas[:-1], 1)
+    ...     + jnp.diag(st.betas[:-1], -1))))  # doctest: +ELLIPSIS
+    5.0...
+    """
+    if not isinstance(op, LinearOperator):
+        raise TypeError(f"op must be a gradience_jax.LinearOperator, got {type(op).__name__}")
+    if not isinstance(num_iters, (int, np.integer)) or isinstance(num_iters, bool) or num_iters < 1:
+        raise ValueError(f"num_iters must be a positive integer, got {num_iters!r}")
+    check_reorth(reorth, window)
+    if reorth == "full" and num_iters > op.n_params:
+        raise ValueError(
+            f"num_iters={num_iters} exceeds n_params={op.n_params}: a full-reorthogonalised "
+            "basis cannot hold more vectors than the dimension"
+        )
+    if not is_traced(v0):
+        check_vector(v0, op.params_like, "v0", f"the {op.name} operator's params")
+        check_operator_output(op, op.params_like)
+    key = jax.random.key(0) if key is None else key
+    win = window if reorth == "window" else None
+    if win is None and reorth == "window":
+        win = DEFAULT_WINDOW
+    return _lanczos_jit(op, v0, key, int(num_iters), reorth, win, breakdown_tol)

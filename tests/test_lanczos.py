@@ -1,0 +1,169 @@
+"""Lanczos core: recurrence, re-orthogonalisation modes, breakdown, jit, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import gradience_jax as gj
+from gradience_jax.lanczos import LanczosState, lanczos
+from gradience_jax.operators.base import LinearOperator
+
+N = 60
+M = 12  # one iteration count and window everywhere: each static combination compiles once
+W = 4
+LIKE = {"a": jnp.zeros((4, 5)), "b": {"c": jnp.zeros((40,))}}  # 60 entries, a pytree vector
+
+
+@dataclasses.dataclass(frozen=True)
+class _TreeDense:
+    """A dict-of-arrays vector with a dense matrix behind it (tests pytree, not flat, vectors)."""
+
+    def __call__(self, matrix):
+        def mv(v):
+            flat, unravel = ravel_pytree(v)
+            return unravel((matrix @ flat).astype(flat.dtype))
+
+        return mv
+
+
+def tree_op(matrix, like=LIKE, is_psd=False):
+    return LinearOperator(_TreeDense(), jnp.asarray(matrix), like, is_psd=is_psd, name="tree")
+
+
+def sym(seed, n=N):
+    g = np.random.default_rng(seed).standard_normal((n, n))
+    return (g + g.T) / np.sqrt(2 * n)
+
+
+def tridiag(state: LanczosState):
+    a = np.asarray(state.alphas, np.float64)
+    b = np.asarray(state.betas, np.float64)[:-1]
+    return np.diag(a) + np.diag(b, 1) + np.diag(b, -1)
+
+
+def basis_matrix(state: LanczosState):
+    leaves = jax.tree_util.tree_leaves(state.basis)
+    return np.concatenate([np.asarray(x).reshape(x.shape[0], -1) for x in leaves], axis=1)
+
+
+def test_full_basis_is_orthonormal_and_tridiagonalises():
+    a = sym(0)
+    op = tree_op(a)
+    v0 = jax.tree_util.tree_map(jnp.ones_like, LIKE)
+    st = lanczos(op, v0, M, reorth="full")
+    q = basis_matrix(st)  # rows are q_j, in ravel order (a, b/c)
+    assert q.shape == (M, N)
+    np.testing.assert_allclose(q @ q.T, np.eye(M), atol=1e-13)
+    np.testing.assert_allclose(q @ a @ q.T, tridiag(st), atol=1e-12)
+    # the next vector completes the Lanczos relation A Q^T = Q^T T + beta_m q_m e_m^T
+    qm = ravel_pytree(st.q)[0]
+    resid = a @ q.T - q.T @ tridiag(st)
+    np.testing.assert_allclose(resid[:, -1], st.betas[-1] * qm, atol=1e-12)
+    assert int(st.step) == M
+    assert not bool(np.any(st.breakdowns))
+    assert float(np.max(st.asymmetry)) < 1e-13
+
+
+@pytest.mark.parametrize("reorth,window", [("window", W), ("none", None)])
+def test_window_and_none_match_full_tridiagonal_early(reorth, window):
+    """Before orthogonality is lost, all modes produce the same T."""
+    op = tree_op(sym(1))
+    v0 = jax.tree_util.tree_map(jnp.ones_like, LIKE)
+    full = lanczos(op, v0, M, reorth="full")
+    other = lanczos(op, v0, M, reorth=reorth, window=window)
+    np.testing.assert_allclose(other.alphas[:8], full.alphas[:8], atol=1e-10)
+    np.testing.assert_allclose(other.betas[:8], full.betas[:8], atol=1e-10)
+    rows = jax.tree_util.tree_leaves(other.basis)[0].shape[0]
+    assert rows == (window if reorth == "window" else 0)
+
+
+def test_window_ring_buffer_holds_last_vectors():
+    op = tree_op(sym(2))
+    v0 = jax.tree_util.tree_map(jnp.ones_like, LIKE)
+    full = lanczos(op, v0, M, reorth="full")
+    win = lanczos(op, v0, M, reorth="window", window=W)
+    qf, qw = basis_matrix(full), basis_matrix(win)
+    for j in range(M - W, M):  # q_j sits in slot j % W
+        np.testing.assert_allclose(qw[j % W], qf[j], atol=1e-8)
+
+
+def test_breakdown_restarts_and_is_reported():
+    rng = np.random.default_rng(3)
+    u = rng.standard_normal((N, 3))
+    a = u @ np.diag([3.0, 2.0, 1.0]) @ u.T  # rank 3: invariant subspace after 4 steps
+    op = tree_op(a)
+    v0 = jax.tree_util.tree_map(jnp.ones_like, LIKE)
+    st = lanczos(op, v0, M, reorth="full")
+    assert bool(np.any(st.breakdowns))
+    q = basis_matrix(st)
+    np.testing.assert_allclose(q @ q.T, np.eye(M), atol=1e-12)  # restarts stay orthogonal
+    theta = np.linalg.eigvalsh(tridiag(st))
+    ref = np.linalg.eigvalsh(a)
+    np.testing.assert_allclose(theta[-3:], ref[-3:], rtol=1e-10)
+    assert np.all(np.isfinite(np.asarray(st.alphas)))
+
+
+def test_jit_with_operator_argument_compiles_once():
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def run(op, v0):
+        return lanczos(op, v0, M, reorth="window", window=W).alphas
+
+    v0 = jax.tree_util.tree_map(jnp.ones_like, LIKE)
+    a1 = run(tree_op(sym(4)), v0)
+    a2 = run(tree_op(sym(5)), v0)  # new operands, same shapes: no retrace
+    assert not np.allclose(a1, a2)
+    ref = lanczos(tree_op(sym(5)), v0, M, reorth="window", window=W).alphas
+    np.testing.assert_allclose(a2, ref, atol=1e-12)
+
+
+def test_deterministic():
+    op = tree_op(sym(6))
+    v0 = jax.tree_util.tree_map(jnp.ones_like, LIKE)
+    s1 = lanczos(op, v0, M, reorth="none")
+    s2 = lanczos(op, v0, M, reorth="none")
+    np.testing.assert_array_equal(s1.alphas, s2.alphas)
+    np.testing.assert_array_equal(s1.betas, s2.betas)
+
+
+def test_float32_operator_keeps_float32_work_dtype():
+    op = gj.from_dense(jnp.asarray(sym(7), jnp.float32))
+    st = lanczos(op, jnp.ones(N, jnp.float32), M, reorth="full")
+    assert st.alphas.dtype == jnp.float32
+    q = basis_matrix(st).astype(np.float64)
+    np.testing.assert_allclose(q @ q.T, np.eye(M), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_iters=0), "num_iters"),
+        (dict(num_iters=5, reorth="selective"), "reorth"),
+        (dict(num_iters=5, reorth="window", window=1), "window"),
+        (dict(num_iters=N + 1, reorth="full"), "n_params"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    op = tree_op(sym(8))
+    v0 = jax.tree_util.tree_map(jnp.ones_like, LIKE)
+    with pytest.raises(ValueError, match=match):
+        lanczos(op, v0, **kwargs)
+
+
+def test_bad_vectors_and_matvec_structure():
+    op = tree_op(sym(9))
+    with pytest.raises(ValueError, match="v0"):
+        lanczos(op, {"a": jnp.ones((4, 5))}, 5)
+    bad = gj.from_matvec(lambda v: {"x": v["a"]}, LIKE, name="broken")
+    with pytest.raises(ValueError, match="broken.*structure"):
+        lanczos(bad, jax.tree_util.tree_map(jnp.ones_like, LIKE), 5)
+    bad_shape = gj.from_matvec(lambda v: {"a": v["a"].T, "b": v["b"]}, LIKE, name="transposed")
+    with pytest.raises(ValueError, match="transposed.*shape"):
+        lanczos(bad_shape, jax.tree_util.tree_map(jnp.ones_like, LIKE), 5)

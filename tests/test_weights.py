@@ -1,0 +1,708 @@
+"""Tests of gradience_jax.weights against closed forms and independent references.
+
+References: numpy.linalg (norms, ranks, SVD), scipy (quadrature of the MP density,
+entropy, KS test), a brute-force loop implementation of the Clauset et al. fit, the BBP
+spike-location formula, Monte-Carlo Wishart samples, and ground-truth exponents of
+Pareto samples.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.integrate
+import scipy.stats
+
+from gradience_jax import weights as gw
+
+# ----------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------
+
+
+def _orthonormal(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
+    return np.linalg.qr(rng.standard_normal((n, k)))[0]
+
+
+def _dct_basis(n: int, k: int) -> np.ndarray:
+    """First k columns of the orthonormal DCT-II basis of size n (cheap exact orthonormal)."""
+    i = np.arange(n)[:, None] + 0.5
+    j = np.arange(k)[None, :]
+    b = np.sqrt(2.0 / n) * np.cos(np.pi * i * j / n)
+    b[:, 0] = 1.0 / np.sqrt(n)
+    return b
+
+
+def _with_singular_values(rng, s, n_rows, n_cols):
+    k = len(s)
+    return _orthonormal(rng, n_rows, k) @ np.diag(s) @ _orthonormal(rng, n_cols, k).T
+
+
+def _pareto(rng, alpha, n, xmin=1.0):
+    """Samples of the density p(x) = (alpha - 1) / xmin (x / xmin)^-alpha, x >= xmin."""
+    return xmin * (1.0 - rng.random(n)) ** (-1.0 / (alpha - 1.0))
+
+
+def _mp_density(x, gamma, sigma2=1.0):
+    lo, hi = sigma2 * (1 - math.sqrt(gamma)) ** 2, sigma2 * (1 + math.sqrt(gamma)) ** 2
+    if x <= lo or x >= hi:
+        return 0.0
+    return math.sqrt((hi - x) * (x - lo)) / (2 * math.pi * sigma2 * gamma * x)
+
+
+def _mp_cdf_quad(x, gamma, sigma2=1.0):
+    lo, hi = sigma2 * (1 - math.sqrt(gamma)) ** 2, sigma2 * (1 + math.sqrt(gamma)) ** 2
+    if x <= lo:
+        return 0.0
+    return scipy.integrate.quad(
+        _mp_density, lo, min(x, hi), args=(gamma, sigma2), epsabs=1e-12, epsrel=1e-10, limit=200
+    )[0]
+
+
+def _brute_force_fit(x, min_tail):
+    """Clauset et al. by a plain loop over xmin candidates (reference implementation)."""
+    x = np.sort(np.asarray(x, dtype=np.float64))
+    best = None
+    for k in range(0, x.size - min_tail + 1):
+        if k > 0 and x[k] == x[k - 1]:
+            continue
+        tail = x[k:]
+        n = tail.size
+        alpha = 1.0 + n / np.sum(np.log(tail / x[k]))
+        model = 1.0 - (tail / x[k]) ** (1.0 - alpha)
+        emp_hi = np.arange(1, n + 1) / n
+        emp_lo = np.arange(0, n) / n
+        d = max(np.max(np.abs(emp_hi - model)), np.max(np.abs(emp_lo - model)))
+        if best is None or d < best[2]:
+            best = (alpha, x[k], d, n)
+    return best
+
+
+@pytest.fixture(scope="module")
+def gaussian():
+    rng = np.random.default_rng(1234)
+    w = rng.standard_normal((1000, 500))
+    return w, gw.layer_spectrum(w)
+
+
+@pytest.fixture(scope="module")
+def spiked():
+    """1000 x 500 Gaussian plus three rank-one signals above the BBP threshold."""
+    rng = np.random.default_rng(7)
+    n, m = 1000, 500
+    theta = np.array([1.5, 2.5, 4.0])  # BBP threshold: sqrt(m / n) = 0.707
+    u, v = _orthonormal(rng, n, 3), _orthonormal(rng, m, 3)
+    w = rng.standard_normal((n, m)) + math.sqrt(n) * (u * np.sqrt(theta)) @ v.T
+    return w, theta, gw.layer_spectrum(w)
+
+
+# ----------------------------------------------------------------------------------------
+# closed forms
+# ----------------------------------------------------------------------------------------
+
+
+def test_identity_closed_forms():
+    n = 8
+    ls = gw.layer_spectrum(np.eye(n))
+    np.testing.assert_allclose(ls.singular_values, np.ones(n), atol=1e-14)
+    assert ls.spectral_norm == pytest.approx(1.0)
+    assert ls.frobenius_norm == pytest.approx(math.sqrt(n))
+    assert ls.nuclear_norm == pytest.approx(n)
+    assert ls.condition_number == pytest.approx(1.0)
+    assert ls.stable_rank == pytest.approx(n)
+    assert ls.effective_rank == pytest.approx(n)
+    assert ls.numerical_rank == n
+    assert ls.decay_exponent == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_allclose(ls.esd, np.full(n, 1.0 / n))
+
+
+def test_chosen_singular_values_closed_forms():
+    rng = np.random.default_rng(0)
+    s = np.array([5.0, 3.0, 2.0, 1.0, 0.5, 0.1])
+    w = _with_singular_values(rng, s, 10, 6)
+    ls = gw.layer_spectrum(w)
+    np.testing.assert_allclose(ls.singular_values, s, rtol=1e-12)
+    assert ls.spectral_norm == pytest.approx(5.0, rel=1e-12)
+    assert ls.frobenius_norm == pytest.approx(math.sqrt(np.sum(s**2)), rel=1e-12)
+    assert ls.nuclear_norm == pytest.approx(np.sum(s), rel=1e-12)
+    assert ls.condition_number == pytest.approx(50.0, rel=1e-10)
+    assert ls.stable_rank == pytest.approx(np.sum(s**2) / 25.0, rel=1e-12)
+    assert ls.effective_rank == pytest.approx(math.exp(scipy.stats.entropy(s)), rel=1e-12)
+    assert ls.numerical_rank == 6
+    assert ls.lambda_max == pytest.approx(25.0 / 10, rel=1e-12)
+    np.testing.assert_allclose(ls.esd, s**2 / 10, rtol=1e-12)
+    # independent numpy references on the same matrix
+    assert ls.spectral_norm == pytest.approx(np.linalg.norm(w, 2), rel=1e-12)
+    assert ls.frobenius_norm == pytest.approx(np.linalg.norm(w, "fro"), rel=1e-12)
+    assert ls.nuclear_norm == pytest.approx(np.linalg.norm(w, "nuc"), rel=1e-12)
+    assert ls.condition_number == pytest.approx(np.linalg.cond(w), rel=1e-10)
+    # a tolerance between 0.5 and 0.1 relative to sigma_1 = 5 drops the last value
+    assert gw.layer_spectrum(w, rtol=0.05).numerical_rank == 5
+
+
+def test_low_rank_closed_forms():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((30, 3)) @ rng.standard_normal((3, 20))
+    ls = gw.layer_spectrum(w)
+    assert ls.numerical_rank == 3 == np.linalg.matrix_rank(w)
+    s_ref = np.linalg.svd(w, compute_uv=False)
+    assert ls.stable_rank == pytest.approx(np.sum(s_ref**2) / s_ref[0] ** 2, rel=1e-10)
+    assert ls.effective_rank == pytest.approx(math.exp(scipy.stats.entropy(s_ref[:3])), rel=1e-6)
+    assert ls.condition_number > 1e12  # singular (sigma_min is round-off)
+    assert ls.num_spikes == 3  # median-based MP scale is ~0: the three directions stand out
+
+
+def test_orientation_invariance():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((40, 25))
+    a, b = gw.layer_spectrum(w), gw.layer_spectrum(w.T)
+    for f in (
+        "spectral_norm",
+        "nuclear_norm",
+        "effective_rank",
+        "stable_rank",
+        "mp_sigma2",
+        "mp_edge",
+        "lambda_max",
+    ):
+        assert getattr(a, f) == pytest.approx(getattr(b, f), rel=1e-12)
+    assert (a.n_rows, a.n_cols) == (b.n_rows, b.n_cols) == (40, 25)
+
+
+def test_decay_exponent_of_power_law_singular_values():
+    rng = np.random.default_rng(3)
+    s = 5.0 * np.arange(1, 21, dtype=np.float64) ** -0.7
+    ls = gw.layer_spectrum(_with_singular_values(rng, s, 30, 20))
+    assert ls.decay_exponent == pytest.approx(0.7, abs=1e-8)
+
+
+# ----------------------------------------------------------------------------------------
+# jittable core
+# ----------------------------------------------------------------------------------------
+
+
+def test_matrix_metrics_jit_equals_eager_and_host():
+    rng = np.random.default_rng(4)
+    w = jnp.asarray(rng.standard_normal((60, 35)))
+    with jax.disable_jit():  # op-by-op
+        eager = gw.matrix_metrics(w, k_top=4)
+    jitted = jax.jit(functools.partial(gw.matrix_metrics, k_top=4))(w)
+    for name, e, j in zip(eager._fields, eager, jitted, strict=True):
+        np.testing.assert_allclose(np.asarray(j), np.asarray(e), rtol=1e-12, err_msg=name)
+    host = gw.layer_spectrum(np.asarray(w))
+    for name in (
+        "spectral_norm",
+        "frobenius_norm",
+        "nuclear_norm",
+        "condition_number",
+        "stable_rank",
+        "effective_rank",
+        "numerical_rank",
+        "lambda_max",
+        "mp_sigma2",
+        "mp_edge",
+        "mp_edge_tw",
+        "num_spikes",
+    ):
+        assert float(getattr(eager, name)) == pytest.approx(getattr(host, name), rel=1e-10), name
+    np.testing.assert_allclose(eager.top_singular_values, host.singular_values[:4], rtol=1e-12)
+
+
+def test_matrix_metrics_pads_top_values_and_keeps_float32():
+    w = jnp.asarray(np.diag([3.0, 2.0]), dtype=jnp.float32)
+    mm = jax.jit(functools.partial(gw.matrix_metrics, k_top=4))(w)
+    assert mm.spectral_norm.dtype == jnp.float32
+    np.testing.assert_allclose(mm.top_singular_values, [3.0, 2.0, 0.0, 0.0])
+
+
+def test_matrix_metrics_zero_matrix_under_jit():
+    mm = jax.jit(gw.matrix_metrics)(jnp.zeros((5, 4)))
+    assert float(mm.spectral_norm) == 0.0
+    assert int(mm.numerical_rank) == 0
+    assert float(mm.effective_rank) == 0.0 and float(mm.stable_rank) == 0.0
+    assert np.isnan(float(mm.condition_number))
+
+
+def test_matrix_metrics_rejects_bad_input():
+    with pytest.raises(ValueError, match="2-D"):
+        gw.matrix_metrics(jnp.ones((2, 3, 4)))
+    with pytest.raises(ValueError, match="k_top"):
+        gw.matrix_metrics(jnp.ones((2, 3)), k_top=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Marchenko-Pastur and Tracy-Widom
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 1.0])
+def test_mp_cdf_and_median_match_quadrature(gamma):
+    hi = (1 + math.sqrt(gamma)) ** 2
+    xs = np.linspace(0.01, hi * 1.05, 25)
+    ref = np.array([_mp_cdf_quad(x, gamma) for x in xs])
+    np.testing.assert_allclose(gw.marchenko_pastur_cdf(xs, gamma), ref, atol=2e-6)
+    med = gw.mp_median(gamma)
+    assert _mp_cdf_quad(med, gamma) == pytest.approx(0.5, abs=2e-6)
+    # the pdf integrates to one and scales with sigma2
+    assert scipy.integrate.quad(
+        lambda x: gw.marchenko_pastur_pdf(x, gamma, 2.0), 0, 2.0 * hi, limit=200
+    )[0] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_tracy_widom_edge_monte_carlo():
+    """The TW-corrected edge at level q is exceeded by white Wishart samples ~(1 - q)."""
+    rng = np.random.default_rng(5)
+    n, m, reps = 60, 30, 2000
+    lmax = np.linalg.svd(rng.standard_normal((reps, n, m)), compute_uv=False)[:, 0] ** 2 / n
+    edge95, _ = gw.tracy_widom_edge(n, m, 1.0, 0.95)
+    edge99, _ = gw.tracy_widom_edge(n, m, 1.0, 0.99)
+    assert 0.03 < np.mean(lmax > edge95) < 0.07
+    assert np.mean(lmax > edge99) < 0.02
+    with pytest.raises(ValueError, match="tw_level"):
+        gw.tracy_widom_edge(n, m, 1.0, 0.975)
+
+
+def test_gaussian_matches_marchenko_pastur(gaussian):
+    w, ls = gaussian
+    gamma = 500 / 1000
+    # the bulk scale and edges (entries have variance 1)
+    assert ls.mp_sigma2 == pytest.approx(1.0, rel=0.02)
+    assert ls.mp_edge == pytest.approx((1 + math.sqrt(gamma)) ** 2, rel=0.02)
+    # KS distance against the true MP law (scipy's KS statistic, our CDF checked above)
+    ks_true = scipy.stats.kstest(ls.esd, lambda x: gw.marchenko_pastur_cdf(x, gamma)).statistic
+    assert ks_true < 0.03
+    ks_fit = scipy.stats.kstest(
+        ls.esd, lambda x: gw.marchenko_pastur_cdf(x, gamma, ls.mp_sigma2)
+    ).statistic
+    assert ls.mp_ks_distance == pytest.approx(ks_fit, abs=1e-12)
+    # top eigenvalue within the TW-corrected edge, no spikes, random-like
+    assert ls.lambda_max <= ls.mp_edge_tw
+    assert ls.num_spikes == 0 and ls.tail_mass_fraction == 0.0
+    assert ls.verdict.startswith("random-like")
+    assert ls.alpha is not None  # a fit exists, but the MP check overrides its verdict
+
+
+def test_planted_spikes_are_counted_and_located(spiked):
+    w, theta, ls = spiked
+    gamma = 0.5
+    assert ls.num_spikes == 3
+    # BBP: a signal of strength theta above sqrt(gamma) sits at (1 + theta)(gamma + theta) / theta
+    expected = np.sort((1 + theta) * (gamma + theta) / theta)[::-1]
+    np.testing.assert_allclose(ls.esd[:3], expected, rtol=0.05)
+    assert ls.esd[3] <= ls.mp_edge_tw
+    assert ls.tail_mass_fraction == pytest.approx(np.sum(ls.esd[:3]) / np.sum(ls.esd), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------
+# power-law fits
+# ----------------------------------------------------------------------------------------
+
+
+def test_vectorised_fit_equals_brute_force_loop():
+    rng = np.random.default_rng(6)
+    x = np.concatenate([rng.lognormal(0.0, 0.4, 200), _pareto(rng, 3.0, 120, xmin=2.0)])
+    ref_alpha, ref_xmin, ref_ks, ref_n = _brute_force_fit(x, min_tail=10)
+    fit = gw.fit_power_law(x, min_tail=10, block_elements=1000)  # several blocks
+    assert fit.alpha == pytest.approx(ref_alpha, rel=1e-10)
+    assert fit.xmin == pytest.approx(ref_xmin, rel=1e-12)
+    assert fit.ks_distance == pytest.approx(ref_ks, abs=1e-10)
+    assert fit.num_tail == ref_n
+    assert fit.alpha_stderr == pytest.approx((ref_alpha - 1) / math.sqrt(ref_n))
+
+
+def test_fixed_xmin_is_the_closed_form_mle():
+    rng = np.random.default_rng(8)
+    x = _pareto(rng, 2.8, 400)
+    fit = gw.fit_power_law(x, xmin=1.5)
+    tail = x[x >= 1.5]
+    assert fit.num_tail == tail.size
+    assert fit.alpha == pytest.approx(1 + tail.size / np.sum(np.log(tail / 1.5)), rel=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [2.5, 3.5])
+def test_pareto_samples_recover_alpha(alpha):
+    rng = np.random.default_rng(int(alpha * 10))
+    fit = gw.fit_power_law(_pareto(rng, alpha, 5000))
+    assert abs(fit.alpha - alpha) < 0.1
+
+
+@pytest.mark.parametrize("alpha", [pytest.param(2.5, marks=pytest.mark.slow), 3.5])
+def test_heavy_tailed_matrix_recovers_alpha(alpha):
+    """W = U diag(sqrt(N lambda)) V^T: the ESD of W^T W / N is exactly lambda ~ Pareto.
+
+    U and V are permuted orthonormal DCT bases (cheap, exactly orthonormal); the ESD does
+    not depend on them. N = M keeps the SVD as cheap as M = 1500 allows.
+    """
+    rng = np.random.default_rng(100 + int(alpha * 10))
+    n, m = 1500, 1500
+    lam = _pareto(rng, alpha, m)
+    u = _dct_basis(n, m)[:, rng.permutation(m)]
+    v = _dct_basis(m, m)[rng.permutation(m)]
+    w = (u * np.sqrt(n * lam)) @ v.T
+    ls = gw.layer_spectrum(w)
+    np.testing.assert_allclose(np.sort(ls.esd), np.sort(lam), rtol=1e-8)
+    assert abs(ls.alpha - alpha) < 0.25
+    assert ls.weighted_alpha == pytest.approx(ls.alpha * math.log10(lam.max()), rel=1e-8)
+    assert ls.verdict.startswith("typical trained")
+    assert ls.num_spikes > 0
+
+
+def test_verdict_ranges_are_heuristics_on_alpha():
+    assert gw._verdict(1.5, None, 5, 0.5, 100).startswith("very heavy-tailed")
+    assert gw._verdict(4.0, None, 5, 0.5, 100).startswith("typical trained")
+    assert gw._verdict(7.0, None, 5, 0.5, 100).startswith("random-like")
+    assert gw._verdict(None, "why", 0, None, 100) == "undetermined (why)"
+
+
+# ----------------------------------------------------------------------------------------
+# bad and degenerate input
+# ----------------------------------------------------------------------------------------
+
+
+def test_all_zero_matrix_is_defined():
+    ls = gw.layer_spectrum(np.zeros((20, 12)))
+    assert ls.spectral_norm == ls.frobenius_norm == ls.nuclear_norm == 0.0
+    assert ls.numerical_rank == 0 and ls.effective_rank == 0.0 and ls.stable_rank == 0.0
+    assert ls.alpha is None and "zero" in ls.alpha_missing_reason
+    assert ls.verdict.startswith("undetermined")
+    d = json.loads(ls.to_json())
+    assert d["condition_number"] is None and d["alpha"] is None
+
+
+def test_too_small_for_a_tail_fit():
+    ls = gw.layer_spectrum(np.random.default_rng(9).standard_normal((3, 2)))
+    assert ls.alpha is None and ls.weighted_alpha is None
+    assert "min_tail" in ls.alpha_missing_reason
+    assert ls.numerical_rank == 2
+
+
+def test_bad_inputs_raise_clearly():
+    with pytest.raises(ValueError, match="at least 2 axes"):
+        gw.layer_spectrum(np.ones(5))
+    with pytest.raises(ValueError, match="reshape"):
+        gw.layer_spectrum(np.ones((2, 3, 4)))
+    bad = np.ones((4, 4))
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="1 NaN"):
+        gw.layer_spectrum(bad)
+    bad[1, 2] = np.inf
+    with pytest.raises(ValueError, match="1 Inf"):
+        gw.layer_spectrum(bad)
+    with pytest.raises(ValueError, match="real"):
+        gw.layer_spectrum(np.ones((3, 3), dtype=np.complex64))
+    with pytest.raises(ValueError, match="tw_level"):
+        gw.layer_spectrum(np.eye(3), tw_level=0.5)
+    with pytest.raises(ValueError, match="min_tail"):
+        gw.fit_power_law(np.ones(10), min_tail=1)
+    with pytest.raises(ValueError, match="reshape rule"):
+        gw.matricize(np.ones((2, 3)), rule="flatten")
+
+
+def test_degenerate_tail_reports_reason():
+    fit = gw.fit_power_law(np.ones(50))
+    assert fit.alpha is None and "equal" in fit.missing_reason
+
+
+# ----------------------------------------------------------------------------------------
+# reshape conventions
+# ----------------------------------------------------------------------------------------
+
+
+def test_matricize_conventions():
+    rng = np.random.default_rng(10)
+    conv = rng.standard_normal((3, 3, 4, 8))
+    np.testing.assert_array_equal(gw.matricize(conv, path="net/conv/kernel"), conv.reshape(36, 8))
+    q = rng.standard_normal((16, 2, 8))
+    np.testing.assert_array_equal(gw.matricize(q, path="att/query/kernel"), q.reshape(16, 16))
+    out = rng.standard_normal((2, 8, 16))
+    np.testing.assert_array_equal(gw.matricize(out, path="att/out/kernel"), out.reshape(16, 16))
+    np.testing.assert_array_equal(gw.matricize(q, rule="leading"), q.reshape(32, 8))
+    with pytest.raises(ValueError, match="reshape='leading'"):
+        gw.matricize(q)
+    with pytest.raises(ValueError, match="no reshape rule"):
+        gw.matricize(q, path="net/weird")
+    heads = gw.head_matrices(q, kind="in")
+    assert heads.shape == (2, 16, 8)
+    np.testing.assert_array_equal(heads[1], q[:, 1, :])
+    assert gw.head_matrices(out, kind="out").shape == (2, 8, 16)
+    with pytest.raises(ValueError, match="kind"):
+        gw.head_matrices(q, kind="both")
+
+
+# ----------------------------------------------------------------------------------------
+# whole models
+# ----------------------------------------------------------------------------------------
+
+
+def _filled(shapes, seed=0):
+    """Replace abstract leaves by random values (no XLA compiles: keeps the tests fast)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda s: jnp.asarray((0.3 * rng.standard_normal(s.shape)).astype(s.dtype)), shapes
+    )
+
+
+@pytest.fixture(scope="module")
+def nnx_model():
+    """A real nnx model (Embed, Conv, MultiHeadAttention, LayerNorm, Linear), random values.
+
+    Built abstractly with nnx.eval_shape and filled with numpy draws: the real initialisers
+    cost seconds of XLA compilation on a 2-core machine.
+    """
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(50, 16, rngs=rngs)
+            self.conv = nnx.Conv(3, 8, kernel_size=(3, 3), rngs=rngs)
+            self.attn = nnx.MultiHeadAttention(
+                num_heads=2, in_features=16, qkv_features=16, decode=False, rngs=rngs
+            )
+            self.norm = nnx.LayerNorm(16, rngs=rngs)
+            self.head = nnx.Linear(16, 40, rngs=rngs)
+
+    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Net(nnx.Rngs(0))), nnx.Param, ...)
+    assert not jax.tree_util.tree_leaves(rest)
+    return nnx.merge(graphdef, _filled(params))
+
+
+def test_weight_spectra_nnx_model(nnx_model):
+    from flax import nnx
+
+    model = nnx_model
+    state = nnx.state(model, nnx.Param)
+    rep = gw.weight_spectra(state)
+    expected = {
+        "attn/key/kernel": (16, 16),
+        "attn/out/kernel": (16, 16),
+        "attn/query/kernel": (16, 16),
+        "attn/value/kernel": (16, 16),
+        "conv/kernel": (27, 8),
+        "embed/embedding": (50, 16),
+        "head/kernel": (16, 40),
+    }
+    assert {p: rep[p].shape for p in rep} == expected
+    assert rep["conv/kernel"].original_shape == (3, 3, 3, 8)
+    assert rep["attn/query/kernel"].reshape_rule == "trailing"
+    assert rep["attn/out/kernel"].reshape_rule == "leading"
+    assert set(rep.skipped) == {
+        "attn/key/bias",
+        "attn/out/bias",
+        "attn/query/bias",
+        "attn/value/bias",
+        "conv/bias",
+        "head/bias",
+        "norm/bias",
+        "norm/scale",
+    }
+    # values agree with layer_spectrum on the independently reshaped kernel
+    k = np.asarray(model.conv.kernel[...], dtype=np.float64).reshape(27, 8)
+    assert rep["conv/kernel"].nuclear_norm == pytest.approx(np.linalg.norm(k, "nuc"), rel=1e-12)
+    q = np.asarray(model.attn.query.kernel[...], dtype=np.float64).reshape(16, 16)
+    assert rep["attn/query/kernel"].spectral_norm == pytest.approx(np.linalg.norm(q, 2), rel=1e-12)
+    # nnx.split state and the module itself give the same report
+    _, split_state = nnx.split(model, nnx.Param)
+    assert list(gw.weight_spectra(split_state)) == list(rep)
+    assert list(gw.weight_spectra(model)) == list(rep)
+
+
+def test_weight_spectra_per_head_filter_and_reshape_override(nnx_model):
+    model = nnx_model
+    rep = gw.weight_spectra(model, filter=lambda p, leaf: p.startswith("attn"), per_head=True)
+    assert all(p.startswith("attn") for p in rep)
+    q = np.asarray(model.attn.query.kernel[...], dtype=np.float64)
+    h1 = rep["attn/query/kernel/head_1"]
+    assert h1.shape == (16, 8)
+    assert h1.frobenius_norm == pytest.approx(np.linalg.norm(q[:, 1, :]), rel=1e-12)
+    assert rep["attn/out/kernel/head_0"].shape == (8, 16)
+    assert rep.summary.num_layers == 4  # the per-head views are not counted as layers
+    rep2 = gw.weight_spectra(
+        model,
+        filter=lambda p, leaf: p == "conv/kernel",
+        reshape=lambda p, leaf: np.asarray(leaf).reshape(-1, leaf.shape[-1] * leaf.shape[-2]),
+    )
+    assert rep2["conv/kernel"].shape == (9, 24) and rep2["conv/kernel"].reshape_rule == "custom"
+
+
+def test_weight_spectra_linen_model():
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(4, (3, 3))(x).reshape(x.shape[0], -1)
+            x = nn.Dense(32)(x)
+            x = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(x[:, None, :])
+            return nn.Dense(10)(x)
+
+    shapes = jax.eval_shape(Net().init, jax.random.key(0), jnp.ones((1, 6, 6, 2)))
+    params = _filled(shapes)
+    rep = gw.weight_spectra(params)
+    assert {p: rep[p].shape for p in rep} == {
+        "params/Conv_0/kernel": (18, 4),
+        "params/Dense_0/kernel": (144, 32),
+        "params/Dense_1/kernel": (32, 10),
+        "params/MultiHeadDotProductAttention_0/key/kernel": (32, 8),
+        "params/MultiHeadDotProductAttention_0/out/kernel": (8, 32),
+        "params/MultiHeadDotProductAttention_0/query/kernel": (32, 8),
+        "params/MultiHeadDotProductAttention_0/value/kernel": (32, 8),
+    }
+    w = np.asarray(params["params"]["Dense_0"]["kernel"], dtype=np.float64)
+    assert rep["params/Dense_0/kernel"].stable_rank == pytest.approx(
+        np.linalg.norm(w, "fro") ** 2 / np.linalg.norm(w, 2) ** 2, rel=1e-12
+    )
+
+
+def test_weight_spectra_reports_bad_leaves_and_summaries():
+    rng = np.random.default_rng(11)
+    g = rng.standard_normal((48, 24))
+    nan = g.copy()
+    nan[0, 0] = np.nan
+    params = {f"layer_{i}": {"kernel": g * 10 ** (i / 2)} for i in (1, 2, 10)}
+    params.update(
+        {
+            "nan": {"kernel": nan},
+            "zero": {"kernel": np.zeros((6, 5))},
+            "odd": {"w": np.ones((2, 2, 2, 2, 2))},
+            "ints": {"kernel": np.ones((3, 3), int)},
+            "vec": np.ones(4),
+        }
+    )
+    rep = gw.weight_spectra(params)
+    assert list(rep) == ["layer_1/kernel", "layer_2/kernel", "layer_10/kernel", "zero/kernel"]
+    assert "non-finite" in rep.skipped["nan/kernel"] and "1 NaN" in rep.skipped["nan/kernel"]
+    assert "no reshape rule" in rep.skipped["odd/w"]
+    assert "floating" in rep.skipped["ints/kernel"]
+    assert "1-D" in rep.skipped["vec"]
+    s = rep.summary
+    alphas = [rep[p].alpha for p in rep if rep[p].alpha is not None]
+    assert s.num_layers == 4 and s.num_skipped == 4 and s.num_alpha_missing == 1
+    assert s.mean_alpha == pytest.approx(np.mean(alphas))
+    # lambda_max scales by 10^i / 10^... : log10 lambda_max of layers 1, 2, 10 at positions 0,1,2
+    ys = [rep[p].log10_lambda_max for p in list(rep)[:3]]
+    np.testing.assert_allclose(np.diff(ys), [1.0, 8.0], rtol=1e-10)
+    assert s.trends["log10_lambda_max"] == pytest.approx(np.polyfit([0, 1, 2], ys, 1)[0])
+    # JSON round trip, non-finite values as null
+    d = json.loads(rep.to_json())
+    assert set(d) == {"layers", "skipped", "summary"}
+    assert d["layers"]["zero/kernel"]["condition_number"] is None
+    assert d["summary"]["num_layers"] == 4
+    assert "singular_values" not in d["layers"]["layer_1/kernel"]
+    full = json.loads(rep.to_json(include_arrays=True))
+    np.testing.assert_allclose(
+        full["layers"]["layer_1/kernel"]["singular_values"], rep["layer_1/kernel"].singular_values
+    )
+    text = rep.to_table(plain=True)
+    assert "layer_10/kernel" in text and "odd/w" in text
+    from rich.table import Table
+
+    assert isinstance(rep.to_table(), Table)
+    with pytest.raises(ValueError, match="empty"):
+        gw.weight_spectra({})
+
+
+# ----------------------------------------------------------------------------------------
+# randomisation baseline, truncation, merging
+# ----------------------------------------------------------------------------------------
+
+
+def test_randomization_baseline():
+    key = jax.random.key(0)
+    rng = np.random.default_rng(16)
+    n, m = 300, 150
+    g = rng.standard_normal((n, m))
+    ls_g = gw.layer_spectrum(g)
+    rb = gw.randomization_baseline(g, key)
+    assert rb.lambda_max == pytest.approx(ls_g.lambda_max, rel=1e-12)
+    assert abs(rb.delta) < 10 * ls_g.tw_scale and not rb.correlation_trap
+    assert gw.randomization_baseline(g, key) == rb  # same key, same numbers
+    u, v = _orthonormal(rng, n, 2), _orthonormal(rng, m, 2)
+    w = g + math.sqrt(n) * (u * np.sqrt([3.0, 4.0])) @ v.T
+    rs = gw.randomization_baseline(w, key)
+    assert rs.delta > 1.0 and not rs.correlation_trap
+    # one huge entry survives shuffling: a correlation trap
+    trap = np.random.default_rng(12).standard_normal((200, 100))
+    trap[3, 4] = 10 * math.sqrt(200)
+    rt = gw.randomization_baseline(trap, key)
+    assert rt.correlation_trap and abs(rt.delta) < 1.0
+    ls = gw.layer_spectrum(trap, key=key)
+    assert ls.correlation_trap and ls.lambda_max_shuffled == pytest.approx(rt.lambda_max_shuffled)
+
+
+def test_spectral_truncate_at_mp_edge():
+    rng = np.random.default_rng(13)
+    n, m = 400, 200
+    u, v = _orthonormal(rng, n, 3), _orthonormal(rng, m, 3)
+    w = rng.standard_normal((n, m)) + math.sqrt(n) * (u * np.sqrt([2.0, 3.0, 5.0])) @ v.T
+    res = gw.spectral_truncate(w)
+    U, s, Vt = np.linalg.svd(w, full_matrices=False)
+    assert int(res.rank) == 3
+    np.testing.assert_allclose(res.matrix, (U[:, :3] * s[:3]) @ Vt[:3], atol=1e-9)
+    assert float(res.retained_energy) == pytest.approx(np.sum(s[:3] ** 2) / np.sum(s**2))
+    assert float(res.retained_nuclear) == pytest.approx(np.sum(s[:3]) / np.sum(s))
+    assert s[3] < float(res.threshold) < s[2]
+    assert int(gw.matrix_metrics(jnp.asarray(w)).num_spikes) == 3
+    assert gw.layer_spectrum(w).num_spikes == 3
+
+
+def test_spectral_truncate_rank_energy_rescale_and_jit():
+    rng = np.random.default_rng(14)
+    w = rng.standard_normal((30, 20))
+    s = np.linalg.svd(w, compute_uv=False)
+    res = gw.spectral_truncate(w, rank=5)
+    # Eckart-Young: the error is the discarded energy
+    assert np.linalg.norm(w - np.asarray(res.matrix)) ** 2 == pytest.approx(np.sum(s[5:] ** 2))
+    np.testing.assert_allclose(np.linalg.svd(np.asarray(res.matrix), compute_uv=False)[:5], s[:5])
+    cum = np.cumsum(s**2) / np.sum(s**2)
+    res_e = gw.spectral_truncate(w, energy=0.5)
+    assert int(res_e.rank) == int(np.searchsorted(cum, 0.5) + 1)
+    assert float(res_e.retained_energy) >= 0.5
+    res_r = gw.spectral_truncate(w, rank=5, rescale=True)
+    assert np.linalg.norm(np.asarray(res_r.matrix), "nuc") == pytest.approx(np.sum(s), rel=1e-10)
+    jitted = jax.jit(functools.partial(gw.spectral_truncate, rank=5))(jnp.asarray(w))
+    np.testing.assert_allclose(jitted.matrix, res.matrix, atol=1e-12)
+    jitted_mp = jax.jit(gw.spectral_truncate)(jnp.asarray(w))
+    assert int(jitted_mp.rank) == int(gw.spectral_truncate(w).rank)
+    with pytest.raises(ValueError, match="at most one"):
+        gw.spectral_truncate(w, rank=2, energy=0.5)
+    with pytest.raises(ValueError, match="energy"):
+        gw.spectral_truncate(w, energy=1.5)
+    with pytest.raises(ValueError, match="2-D"):
+        gw.spectral_truncate(np.ones(4))
+
+
+def test_spectral_merge_rules():
+    rng = np.random.default_rng(15)
+    u, v = _orthonormal(rng, 12, 8), _orthonormal(rng, 8, 8)
+    sa, sb = np.linspace(5, 1, 8), np.linspace(3, 0.5, 8)
+    a, b = (u * sa) @ v.T, (u * sb) @ v.T
+    # shared singular vectors: equals the linear interpolation
+    np.testing.assert_allclose(gw.spectral_merge(a, b, t=0.3).matrix, 0.7 * a + 0.3 * b, atol=1e-10)
+    # misaligned layers: the merged spectrum is the interpolated spectrum
+    c, d = rng.standard_normal((12, 8)), rng.standard_normal((12, 8))
+    sc, sd = np.linalg.svd(c, compute_uv=False), np.linalg.svd(d, compute_uv=False)
+    res = gw.spectral_merge(c, d, t=0.5)
+    np.testing.assert_allclose(
+        np.linalg.svd(np.asarray(res.matrix), compute_uv=False), 0.5 * sc + 0.5 * sd, rtol=1e-10
+    )
+    assert np.linalg.norm(0.5 * c + 0.5 * d) < np.linalg.norm(np.asarray(res.matrix))
+    assert res.rule == "spectrum_interpolation" and 0 <= res.subspace_overlap <= 1
+    np.testing.assert_allclose(gw.spectral_merge(c, d, t=0.0).matrix, c, atol=1e-10)
+    assert gw.spectral_merge(c, c).subspace_overlap == pytest.approx(1.0)
+    # task vectors: with all energy kept it is the interpolation of the task vectors
+    base = rng.standard_normal((12, 8))
+    tv = gw.spectral_merge(c, d, t=0.25, base=base, energy=1.0)
+    np.testing.assert_allclose(tv.matrix, base + 0.75 * (c - base) + 0.25 * (d - base), atol=1e-10)
+    assert tv.rule == "task_vectors" and tv.retained_energy_a == pytest.approx(1.0)
+    low = gw.spectral_merge(c, d, base=base, rank=2)
+    assert np.linalg.matrix_rank(np.asarray(low.matrix) - base) <= 4
+    with pytest.raises(ValueError, match="same shape"):
+        gw.spectral_merge(c, d[:, :4])
+    with pytest.raises(ValueError, match="t must"):
+        gw.spectral_merge(c, d, t=1.5)
