@@ -137,3 +137,19 @@ def check_loss_at_point(loss_fn: Callable, params: PyTree, batch: PyTree, name: 
             f"{name} is not finite at the evaluation point (value {float(value)})"
         )
     check_all_finite(grad, f"the gradient of {name}")
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(fn: Callable) -> Callable:
+    return jax.jit(fn)
+
+
+def check_outputs_finite(model_fn: Callable, params: PyTree, batch: PyTree, name: str) -> None:
+    """``model_fn(params, batch)`` must be finite (one jitted forward pass)."""
+    if is_traced((params, batch)):
+        return
+    try:
+        fn = _jitted(model_fn)
+    except TypeError:  # unhashable callable
+        fn = jax.jit(model_fn)
+    check_all_finite(fn(params, batch), name)

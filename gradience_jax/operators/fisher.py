@@ -22,7 +22,13 @@ import jax
 import jax.numpy as jnp
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import check_batch, check_loss_at_point, check_params, check_scalar_fn
+from gradience_jax._validate import (
+    check_batch,
+    check_loss_at_point,
+    check_outputs_finite,
+    check_params,
+    check_scalar_fn,
+)
 from gradience_jax.operators._common import jtmj_matvec, resolve_linearize
 from gradience_jax.operators.base import LinearOperator
 from gradience_jax.operators.heads import _Head, likelihood_head
@@ -210,10 +216,7 @@ def mc_fisher(
     if len(out.shape) < 2:
         raise ValueError(f"model_fn must return outputs of shape (*lead, C), got {out.shape}")
     if check:
-        outputs = jax.jit(model_fn)(params, batch)
-        from gradience_jax._validate import check_all_finite
-
-        check_all_finite(outputs, "model_fn(params, batch)")
+        check_outputs_finite(model_fn, params, batch, "model_fn(params, batch)")
     lin = resolve_linearize(linearize, lambda p: model_fn(p, batch), params)
     prep = _MCFisherPrepare(model_fn, head, int(num_samples), lin)
     return LinearOperator(prep, (params, batch, key), params, is_psd=True, name="mc_fisher")
