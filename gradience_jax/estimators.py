@@ -30,6 +30,7 @@ from gradience_jax.lanczos import (
     check_reorth,
     lanczos_init,
     lanczos_run,
+    random_vector,
 )
 from gradience_jax.operators.base import LinearOperator
 
@@ -84,8 +85,8 @@ def _check_dist(distribution: str) -> str:
 
 
 def _probe(key: jax.Array, like: PyTree, distribution: str) -> PyTree:
-    """A probe in the work dtype (float32 or wider) with ``E[v v^T] = I``."""
-    return tu.random_like(key, _zeros_work(like), distribution)
+    """A probe in the work dtype (float32 or wider) with ``E[v v^T] = I`` (one flat draw)."""
+    return random_vector(key, like, distribution)
 
 
 def _apply(mv, like, v):

@@ -21,7 +21,8 @@ and how the gradient sits in it. Every function takes any PSD :class:`LinearOper
   error (also against the reference's block-diagonal part on K-FAC's blocks).
 
 ``method="auto"`` uses dense linear algebra when ``n_params <= max_exact`` (default 2000)
-and matrix-free estimators otherwise (``method="exact"`` / ``"matrix-free"`` force one). Matrix-free paths need an explicit ``key``.
+and matrix-free estimators otherwise (``method="exact"`` / ``"matrix-free"`` force one).
+Matrix-free paths need an explicit ``key``.
 """
 
 from __future__ import annotations

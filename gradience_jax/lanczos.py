@@ -49,6 +49,7 @@ __all__ = [
     "lanczos",
     "lanczos_init",
     "lanczos_run",
+    "random_vector",
 ]
 
 
@@ -301,21 +302,56 @@ def _restart_vector(like: PyTree, key: jax.Array, j: jax.Array) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def random_vector(key: jax.Array, like: PyTree, distribution: str = "normal") -> PyTree:
+    """A random vector in the work dtype: ONE flat draw of all ``n`` entries split into
+    leaves (a per-leaf draw compiles one PRNG kernel per leaf, which is slow to compile for
+    models with many leaves). ``"normal"`` or ``"rademacher"``."""
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    sizes = [int(np.prod(x.shape)) for x in leaves]
+    dtype = _scalar_dtype(like)
+    n = sum(sizes)
+    if distribution == "normal":
+        flat = jax.random.normal(key, (n,), dtype)
+    elif distribution == "rademacher":
+        flat = jax.random.rademacher(key, (n,), dtype)
+    else:
+        raise ValueError(f"distribution must be 'normal' or 'rademacher', got {distribution!r}")
+    out, start = [], 0
+    for x, size in zip(leaves, sizes):
+        out.append(flat[start : start + size].reshape(x.shape).astype(work_dtype(x.dtype)))
+        start += size
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def host_random_vector(key: jax.Array, like: PyTree) -> PyTree:
+    """A standard normal vector drawn on the host (numpy, seeded by ``key``'s data): no PRNG
+    kernel to compile. Same key, same vector."""
+    seed = [int(x) for x in np.asarray(jax.random.key_data(key)).ravel()]
+    rng = np.random.default_rng(seed)
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    out = [
+        jnp.asarray(rng.standard_normal(tuple(x.shape)), work_dtype(x.dtype)) for x in leaves
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
 def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_tol: float):
     """One Lanczos iteration ``state -> state`` (a closure over the bound matvec)."""
 
     def restart(args):
-        state, _w, j = args
+        state, _w, j, _beta = args
         r = _restart_vector(state.q_first, state.key, j)
-        for _ in range(2):
-            r = tu.sub(r, tu.scale(tu.vdot(state.q, r), state.q))
-            r = tu.sub(r, tu.scale(tu.vdot(state.q_prev, r), state.q_prev))
-            r = orthogonalize(r, state.basis, 1)
+        if reorth == "none":  # nothing stored: orthogonalise against q_j, q_{j-1} (twice)
+            for _ in range(2):
+                r = tu.sub(r, tu.scale(tu.vdot(state.q, r), state.q))
+                r = tu.sub(r, tu.scale(tu.vdot(state.q_prev, r), state.q_prev))
+        else:  # the stored rows already hold q_j and q_{j-1}
+            r = orthogonalize(r, state.basis, 2)
         return _safe_normalize(r)[0]
 
     def proceed(args):
-        _state, w, _j = args
-        return _safe_normalize(w)[0]
+        _state, w, _j, beta = args
+        return tu.scale(1.0 / beta, w)
 
     def step(state: LanczosState, j_store: jax.Array | None = None) -> LanczosState:
         j = state.step
@@ -340,7 +376,7 @@ def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_t
         anorm = jnp.maximum(state.anorm, jnp.abs(alpha) + state.beta + beta)
         broke = beta <= breakdown_tol * anorm
         state_b = state._replace(basis=basis)
-        q_next = jax.lax.cond(broke, restart, proceed, (state_b, w, j))
+        q_next = jax.lax.cond(broke, restart, proceed, (state_b, w, j, beta))
         dropped = jnp.where(broke, beta, jnp.zeros_like(beta))
         beta = jnp.where(broke, jnp.zeros_like(beta), beta)
         idx = j if j_store is None else j_store

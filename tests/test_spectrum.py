@@ -129,31 +129,46 @@ def mlp_loss(params, batch):
     return HEAD(mlp_model(params, batch), batch)
 
 
-@pytest.mark.parametrize("reorth", MODES)
-def test_eigsh_on_mlp_hessian_and_ggn(reorth):
+MLP_RUN = dict(k=4, max_iters=40)  # the settings compute_spectrum uses below: shared programs
+
+
+@pytest.fixture(scope="module")
+def mlp_ops():
     params, batch = _mlp_case()
-    for op, whiches in (
-        (gj.hessian(mlp_loss, params, batch), ("LA", "SA")),
-        (gj.ggn(mlp_model, HEAD, params, batch), ("LA",)),
-    ):
-        ref = np.linalg.eigvalsh(np.asarray(op.to_dense(), np.float64))
+    ops = {"hessian": gj.hessian(mlp_loss, params, batch),
+           "ggn": gj.ggn(mlp_model, HEAD, params, batch)}
+    refs = {name: np.linalg.eigvalsh(np.asarray(op.to_dense(), np.float64))
+            for name, op in ops.items()}
+    return ops, refs
+
+
+@pytest.mark.parametrize("reorth", MODES)
+def test_eigsh_on_mlp_hessian_and_ggn(mlp_ops, reorth):
+    ops, refs = mlp_ops
+    cases = (("hessian", ("LA", "SA")), ("ggn", ("LA",)))
+    if reorth == "none":  # keep the compile budget: GGN runs with "full" and "window"
+        cases = cases[:1]
+    for name, whiches in cases:
+        ref = refs[name]
         for which in whiches:
-            res = eigsh(op, k=K, which=which, reorth=reorth, max_iters=160, chunk=20, window=10)
+            res = eigsh(ops[name], which=which, reorth=reorth, **MLP_RUN)
             scale = max(1.0, abs(ref).max())
-            np.testing.assert_allclose(res.eigenvalues, expected(ref, which), atol=1e-8 * scale)
+            np.testing.assert_allclose(res.eigenvalues, expected(ref, which, 4), atol=1e-8 * scale)
 
 
 def test_none_without_filter_produces_ghosts_and_warns(dense):
     op = tree_op(dense["clustered"])
-    raw = eigsh(op, k=K, num_iters=120, reorth="none", filter_ghosts=False)
+    raw = eigsh(op, k=K, reorth="none", filter_ghosts=False, **RUN)
     assert any("ghost" in w for w in raw.warnings), raw.warnings
     # the raw top-5 repeats converged copies instead of the 5 distinct cluster members
     assert len(np.unique(np.round(raw.eigenvalues, 12))) < K
     for reorth in ("window", "full"):
-        res = eigsh(op, k=K, num_iters=120, reorth=reorth, window=10)
+        res = eigsh(op, k=K, reorth=reorth, **RUN)
         assert not any("ghost" in w for w in res.warnings), res.warnings
-    filtered = eigsh(op, k=K, num_iters=120, reorth="none")
+    filtered = eigsh(op, k=K, reorth="none", **RUN)
     assert filtered.ghosts_removed > 0
+    np.testing.assert_allclose(filtered.eigenvalues, np.sort(np.linalg.eigvalsh(
+        dense["clustered"]))[::-1][:K], atol=1e-8)
 
 
 @pytest.mark.parametrize("reorth", MODES)
@@ -186,9 +201,9 @@ def test_thick_restart_under_memory_budget(dense):
 
 def test_deterministic_and_key_dependent(dense):
     op = tree_op(dense["random"])
-    r1 = eigsh(op, k=K, num_iters=40, reorth="full", key=jax.random.key(3))
-    r2 = eigsh(op, k=K, num_iters=40, reorth="full", key=jax.random.key(3))
-    r3 = eigsh(op, k=K, num_iters=40, reorth="full", key=jax.random.key(4))
+    r1 = eigsh(op, k=K, num_iters=8, reorth="full", key=jax.random.key(3))
+    r2 = eigsh(op, k=K, num_iters=8, reorth="full", key=jax.random.key(3))
+    r3 = eigsh(op, k=K, num_iters=8, reorth="full", key=jax.random.key(4))
     np.testing.assert_array_equal(r1.eigenvalues, r2.eigenvalues)
     np.testing.assert_array_equal(r1.ritz_residuals, r2.ritz_residuals)
     assert not np.array_equal(r1.ritz_residuals, r3.ritz_residuals)
@@ -201,7 +216,7 @@ def test_quality_warnings_few_iterations_and_asymmetry(dense):
     assert any(w.startswith("not converged") for w in res.warnings)
     assert any("< 3k" in w for w in res.warnings)
     nonsym = np.asarray(dense["random"]) + 0.05 * np.triu(np.ones((N, N)), 1)
-    res = eigsh(tree_op(nonsym), k=K, num_iters=40, reorth="full")
+    res = eigsh(tree_op(nonsym), k=K, num_iters=8, reorth="full")
     assert any("asymmetry" in w for w in res.warnings), res.warnings
     assert res.asymmetry > 1e-3
 
@@ -257,7 +272,7 @@ def test_eigsh_fast_compiles_once_and_warm_starts():
     assert out2.residuals.shape == (2,)
 
 
-@pytest.mark.parametrize("reorth", ("window", "none"))
+@pytest.mark.parametrize("reorth", ("none",))
 def test_eigsh_fast_window_modes_filter_ghosts(dense, reorth):
     op = tree_op(dense["clustered"])
     out = eigsh_fast(op, k=K, num_iters=120, reorth=reorth, window=10)
@@ -318,21 +333,23 @@ def test_compute_spectrum_ggn_psd_metrics_and_regularization():
     assert any("regularization" in w for w in hess.warnings)
 
 
-def test_compute_spectrum_bf16_model_matches_float32_twin():
+def test_compute_spectrum_bf16_model_matches_float32_twin(mlp_ops):
     params, batch = _mlp_case()
-    p32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
     p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
-    b32 = {"inputs": batch["inputs"].astype(jnp.float32), "labels": batch["labels"]}
+    p32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), p16)  # the same values
     b16 = {"inputs": batch["inputs"].astype(jnp.bfloat16), "labels": batch["labels"]}
+    b32 = {"inputs": b16["inputs"].astype(jnp.float32), "labels": batch["labels"]}
     cfg = LanczosConfig(k=3, max_iters=40)
-    for name, kw in (("hessian", {}), ("ggn", dict(model_fn=mlp_model, head=HEAD))):
-        loss = mlp_loss if name == "hessian" else None
-        r32 = compute_spectrum(loss, p32, b32, name, cfg, **kw)
-        r16 = compute_spectrum(loss, p16, b16, name, cfg, **kw)
-        # Hessian matvecs are upcast to float32; GGN runs in bf16 with float32 Lanczos vectors
-        assert r16.dtype == ("float32" if name == "hessian" else "bfloat16")
-        tol = 1e-4 if name == "hessian" else 5e-2
-        np.testing.assert_allclose(r16.eigenvalues, r32.eigenvalues, rtol=tol)
+    # Hessian: bf16 params are upcast, so the bf16 model equals its float32 twin
+    h16 = compute_spectrum(mlp_loss, p16, b16, "hessian", cfg)
+    h32 = compute_spectrum(mlp_loss, p32, b32, "hessian", cfg)
+    assert h16.dtype == "float32" and h32.dtype == "float32"
+    np.testing.assert_allclose(h16.eigenvalues, h32.eigenvalues, rtol=1e-5)
+    # GGN runs in bf16 (float32 Lanczos vectors and dot products): bf16-level agreement with
+    # the float64 reference (a stricter twin than float32)
+    g16 = compute_spectrum(None, p16, b16, "ggn", cfg, model_fn=mlp_model, head=HEAD)
+    assert g16.dtype == "bfloat16"
+    np.testing.assert_allclose(g16.eigenvalues, mlp_ops[1]["ggn"][::-1][:3], rtol=3e-2)
 
 
 def test_compute_spectrum_bad_input():

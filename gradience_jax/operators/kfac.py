@@ -53,7 +53,8 @@ Fisher types (``fisher_type``), following curvlinops' naming:
 
 * ``"type-2"`` (default): ``g`` from each column of the exact per-token square root of the
   head's Hessian (softmax CE: ``sqrt(p_c) (e_c - p)``; MSE: ``sqrt(2) e_c``): ``C`` backward
-  passes, deterministic, the K-FAC of the GGN.
+  passes (vmapped), deterministic, the K-FAC of the GGN. For large vocabularies prefer
+  ``"mc"``.
 * ``"mc"``: labels sampled from the model (the Monte-Carlo / sampled-label Fisher,
   ``num_samples`` backward passes, needs ``key``); its expectation is ``"type-2"``.
 * ``"empirical"``: the observed labels' per-example gradients (K-FAC of the empirical
@@ -81,7 +82,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 from collections import Counter
 from typing import Any, Callable, NamedTuple, Sequence
@@ -208,8 +208,9 @@ class KFACCoverage:
         for layer in self.layers:
             bias = f" + {layer.bias}" if layer.bias else ""
             lines.append(
-                f"  [{layer.kind}] {layer.kernel}{bias}: A {layer.in_dim + (layer.bias is not None)}"
-                f"^2, B {layer.out_dim}^2, R={layer.positions}"
+                f"  [{layer.kind}] {layer.kernel}{bias}: "
+                f"A {layer.in_dim + (layer.bias is not None)}^2, B {layer.out_dim}^2, "
+                f"R={layer.positions}"
             )
         for path, reason in self.uncovered:
             lines.append(f"  not covered: {path}: {reason}")
@@ -237,12 +238,12 @@ def _warn_coverage(coverage: KFACCoverage) -> None:
 # layer discovery on the jaxpr
 # ---------------------------------------------------------------------------------------
 
-#: unary, order-preserving (up to a permutation / reshape) ops a kernel may pass through
+#: unary, size-preserving (a permutation / reshape / cast) ops a kernel may pass through
 _KERNEL_TRANSPARENT = frozenset(
     ["convert_element_type", "reshape", "transpose", "copy", "copy_p", "squeeze",
-     "sharding_constraint", "reduce_precision"]
+     "sharding_constraint", "broadcast_in_dim"]
 )
-#: extra ops allowed between a bias and the add that applies it
+#: extra (size-changing) ops allowed between a bias and the add that applies it
 _BIAS_TRANSPARENT = frozenset(["broadcast_in_dim"])
 #: call-like primitives whose body is scanned / interpreted inline when given a parameter
 _CALLS = frozenset(
@@ -301,7 +302,6 @@ class _Tag:
     gather_mode: Any = None
     out_site: tuple = ()
     bias: int | None = None
-    bias_size: int = 0
 
 
 @dataclasses.dataclass(eq=False)
@@ -506,7 +506,7 @@ def _try_fold_bias(eqn, site, ins, producer, counts, acc: _Scan) -> bool:
             acc.use(other.leaf, f"bias not foldable into {tag.kind} layer: {reason}")
             return True
         tid = producer.pop(v)
-        tag.bias, tag.bias_size, tag.out_site = other.leaf, tag.d_out, site
+        tag.bias, tag.out_site = other.leaf, site
         tag.out_shape = tuple(eqn.outvars[0].aval.shape)
         tag.out_dtype = eqn.outvars[0].aval.dtype
         acc.use(other.leaf, tid)
@@ -573,7 +573,8 @@ def _build_plan(model_fn: Callable, params: PyTree, batch: PyTree) -> _Plan:
     jaxpr = closed.jaxpr
     if len(jaxpr.outvars) != 1:
         raise ValueError(
-            f"model_fn must return one array of outputs (*lead, C); got {len(jaxpr.outvars)} outputs"
+            "model_fn must return one array of outputs (*lead, C); "
+            f"got {len(jaxpr.outvars)} outputs"
         )
     out_aval = jaxpr.outvars[0].aval
     if len(out_aval.shape) < 2 or out_aval.shape[0] != 1:

@@ -1,0 +1,758 @@
+"""Attention geometry of a Flax multi-head attention block.
+
+Weights (per head ``h``, Flax layout: ``query/key/value`` kernels ``(d_in, H, Dh)``, ``out``
+kernel ``(H, Dh, d_out)``):
+
+* ``attention_svd``: singular values of ``W_Q^h``, ``W_K^h``, ``W_V^h`` (``d_in x Dh``),
+  ``W_O^h`` (``Dh x d_out``), the bilinear logit form ``W_Q^h W_K^h^T`` (``d_in x d_in``,
+  rank ``<= Dh``; the logits are ``x_t^T W_Q W_K^T x_s / sqrt(Dh)`` without biases) and the
+  OV circuit ``W_V^h W_O^h``; their effective rank (Roy & Vetterli 2007), stable rank and
+  condition number.
+
+Activations (from ``capture_attention``, which records queries, keys, values and the
+attention weights of every ``nnx.MultiHeadAttention`` during one forward pass):
+
+* ``attention_entropy``: ``-sum_s p_ts log p_ts`` averaged over batch and query positions,
+  per head (``log S`` for a uniform map); the normalised version divides every row by
+  ``log`` of its number of attendable keys (causal rows see ``t + 1``).
+* ``attention_effective_rank``: effective rank of every ``T x S`` attention map, averaged.
+* ``value_norms``: ``||v_s^h||`` per head and key position.
+* ``query_correlation``: Pearson correlation of the ``H * Dh`` query features over tokens
+  (feature redundancy within and across heads); ``query_key_correlation``: per head, the
+  correlation of query feature ``i`` with key feature ``j`` over tokens.
+* ``attention_hessian_eigenvalues``: the Hessian restricted to the block's parameters
+  (``params_filter``), dense for small blocks, Lanczos otherwise.
+
+``attention_geometry`` bundles all of it; ``attention_geometry_experiment`` and
+``attention_dynamics_experiment`` produce the data of the two attention figures.
+
+Linen: ``attention_svd`` and the Hessian work on Linen params (same names and layouts); for
+maps call the module with ``sow_weights=True`` and pass the weights to the map functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradience_jax import tree as tu
+
+PyTree = Any
+
+__all__ = [
+    "AttentionCapture",
+    "AttentionDynamicsResult",
+    "AttentionGeometry",
+    "AttentionGeometryResult",
+    "AttentionParams",
+    "AttentionSVD",
+    "attention_capture_fn",
+    "attention_dynamics_experiment",
+    "attention_effective_rank",
+    "attention_entropy",
+    "attention_geometry",
+    "attention_geometry_experiment",
+    "attention_hessian_eigenvalues",
+    "attention_params",
+    "attention_svd",
+    "capture_attention",
+    "effective_rank",
+    "query_correlation",
+    "query_key_correlation",
+    "row_entropy",
+    "value_norms",
+]
+
+
+# =========================================================================================
+# parameters and their SVD
+# =========================================================================================
+
+
+class AttentionParams(NamedTuple):
+    """The projection weights of one multi-head attention block (Flax layout).
+
+    ``wq``, ``wk``, ``wv``: ``(d_in, H, Dh)``; ``wo``: ``(H, Dh, d_out)``; biases ``(H, Dh)``
+    / ``(d_out,)`` or None.
+    """
+
+    wq: jax.Array
+    wk: jax.Array
+    wv: jax.Array
+    wo: jax.Array
+    bq: Optional[jax.Array] = None
+    bk: Optional[jax.Array] = None
+    bv: Optional[jax.Array] = None
+    bo: Optional[jax.Array] = None
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.wq.shape[1])
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.wq.shape[2])
+
+
+def _flat_params(tree: PyTree) -> dict[str, Any]:
+    return {tu.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def attention_params(source: Any, layer: Optional[str] = None) -> AttentionParams:
+    """Extract the Q / K / V / O weights of one attention block.
+
+    Args:
+        source: an ``nnx.MultiHeadAttention`` module, its parameter state / dict (with
+            ``query``, ``key``, ``value``, ``out`` sub-trees), a whole model's params, or a
+            whole NNX model.
+        layer: path prefix of the block inside ``source`` (e.g. ``"blocks/0/attention"``);
+            needed when ``source`` holds more than the block.
+
+    Raises:
+        ValueError: if the kernels are not found or have inconsistent shapes.
+    """
+    try:
+        from flax import nnx  # noqa: PLC0415
+
+        if isinstance(source, nnx.Module):
+            source = nnx.state(source, nnx.Param)
+    except ImportError:  # pragma: no cover
+        pass
+    flat = _flat_params(source)
+    prefix = "" if not layer else layer.rstrip("/") + "/"
+    flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    names = {"wq": "query/kernel", "wk": "key/kernel", "wv": "value/kernel", "wo": "out/kernel",
+             "bq": "query/bias", "bk": "key/bias", "bv": "value/bias", "bo": "out/bias"}
+    missing = [names[n] for n in ("wq", "wk", "wv", "wo") if names[n] not in flat]
+    if missing:
+        blocks = sorted({k.rsplit("/", 2)[0] for k in _flat_params(source) if k.endswith("query/kernel")})
+        raise ValueError(
+            f"no attention block at layer={layer!r}: missing {missing}. Attention blocks found: "
+            f"{[b.rsplit('/query', 1)[0] for b in blocks] or 'none'}"
+        )
+    out = AttentionParams(**{n: flat.get(p) for n, p in names.items()})
+    d_in, h, dh = out.wq.shape if out.wq.ndim == 3 else (None, None, None)
+    if out.wq.ndim != 3 or out.wk.shape != out.wq.shape or out.wv.shape[1:] != (h, dh) \
+            or out.wo.ndim != 3 or out.wo.shape[:2] != (h, dh):
+        raise ValueError(
+            "attention kernels must be query/key/value (d_in, H, Dh) and out (H, Dh, d_out); got "
+            f"{out.wq.shape}, {out.wk.shape}, {out.wv.shape}, {out.wo.shape}"
+        )
+    return out
+
+
+def effective_rank(singular_values: Any, axis: int = -1) -> jax.Array:
+    """Roy & Vetterli (2007) effective rank ``exp(-sum p_i log p_i)``, ``p = s / sum(s)``
+    (1 for a rank-one matrix, ``n`` for ``n`` equal singular values; 0 for all-zero)."""
+    s = jnp.abs(jnp.asarray(singular_values))
+    total = jnp.sum(s, axis=axis, keepdims=True)
+    p = s / jnp.where(total > 0, total, 1.0)
+    h = -jnp.sum(jax.scipy.special.xlogy(p, p), axis=axis)
+    return jnp.where(jnp.squeeze(total, axis) > 0, jnp.exp(h), 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSVD:
+    """Per-head singular values and rank metrics of an attention block's matrices.
+
+    Attributes:
+        singular_values: ``{name: (H, r)}`` descending, for ``name`` in ``query``, ``key``,
+            ``value``, ``out``, ``qk`` (``W_Q^h W_K^h^T``, top ``Dh``) and ``ov``
+            (``W_V^h W_O^h``, top ``Dh``).
+        effective_rank, stable_rank, condition_number: ``{name: (H,)}``; stable rank
+            ``sum s^2 / s_max^2``; condition number ``s_max / s_min`` over the ``r`` values.
+    """
+
+    singular_values: dict
+    effective_rank: dict
+    stable_rank: dict
+    condition_number: dict
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.singular_values)
+
+
+@jax.jit
+def _svd_core(p: AttentionParams) -> dict:
+    dh = p.wq.shape[2]
+    mats = {
+        "query": jnp.moveaxis(p.wq, 1, 0),  # (H, d_in, Dh)
+        "key": jnp.moveaxis(p.wk, 1, 0),
+        "value": jnp.moveaxis(p.wv, 1, 0),
+        "out": p.wo,  # (H, Dh, d_out)
+        "qk": jnp.einsum("ihd,jhd->hij", p.wq, p.wk),  # (H, d_in, d_in)
+        "ov": jnp.einsum("ihd,hdo->hio", p.wv, p.wo),  # (H, d_in, d_out)
+    }
+    out = {}
+    for name, m in mats.items():
+        s = jnp.linalg.svd(m, compute_uv=False)
+        out[name] = s[:, :dh] if name in ("qk", "ov") else s
+    return out
+
+
+def attention_svd(source: Any, layer: Optional[str] = None) -> AttentionSVD:
+    """Per-head SVD metrics of ``W_Q``, ``W_K``, ``W_V``, ``W_O``, ``W_Q W_K^T`` and
+    ``W_V W_O`` (see :class:`AttentionSVD`); ``source`` / ``layer`` as in
+    :func:`attention_params`."""
+    p = attention_params(source, layer)
+    svs = {k: np.asarray(v, np.float64) for k, v in _svd_core(p._replace(
+        bq=None, bk=None, bv=None, bo=None)).items()}
+    erank = {k: np.asarray(effective_rank(v), np.float64) for k, v in svs.items()}
+    smax = {k: v[:, 0] for k, v in svs.items()}
+    stable = {k: np.where(smax[k] > 0, np.sum(v**2, axis=1) / np.maximum(smax[k], 1e-300) ** 2, 0.0)
+              for k, v in svs.items()}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cond = {k: np.where(v[:, -1] > 0, v[:, 0] / v[:, -1], np.inf) for k, v in svs.items()}
+    return AttentionSVD(svs, erank, stable, cond)
+
+
+# =========================================================================================
+# attention maps and activations
+# =========================================================================================
+
+
+def row_entropy(weights: Any) -> jax.Array:
+    """Entropy (nats) of every row (last axis) of an attention map; ``0 log 0 = 0``."""
+    w = jnp.asarray(weights)
+    return -jnp.sum(jax.scipy.special.xlogy(w, w), axis=-1)
+
+
+def _check_weights(weights: Any) -> jax.Array:
+    w = jnp.asarray(weights)
+    if w.ndim == 3:
+        w = w[None]
+    if w.ndim != 4:
+        raise ValueError(f"weights must have shape (B, H, T, S) or (H, T, S), got {w.shape}")
+    return w
+
+
+def attention_entropy(weights: Any, *, normalized: bool = False) -> jax.Array:
+    """Mean attention entropy per head, ``(H,)``.
+
+    Args:
+        weights: ``(B, H, T, S)`` or ``(H, T, S)`` attention probabilities.
+        normalized: divide every row's entropy by ``log`` of its number of non-zero
+            (attendable) keys, so 1 means uniform over what the row can see; rows with a
+            single key are skipped.
+
+    A uniform map over ``S`` keys has entropy ``log S`` (normalised: 1).
+    """
+    w = _check_weights(weights)
+    h = row_entropy(w)  # (B, H, T)
+    if not normalized:
+        return jnp.mean(h, axis=(0, 2))
+    n = jnp.sum(w > 0, axis=-1)
+    valid = n > 1
+    ratio = jnp.where(valid, h / jnp.log(jnp.maximum(n, 2)), 0.0)
+    return jnp.sum(ratio, axis=(0, 2)) / jnp.maximum(jnp.sum(valid, axis=(0, 2)), 1)
+
+
+def attention_effective_rank(weights: Any) -> jax.Array:
+    """Mean effective rank (Roy & Vetterli) of the ``T x S`` attention maps, per head ``(H,)``."""
+    w = _check_weights(weights)
+    s = jnp.linalg.svd(w, compute_uv=False)  # (B, H, min(T, S))
+    return jnp.mean(effective_rank(s), axis=0)
+
+
+def value_norms(value: Any) -> jax.Array:
+    """``||v_s^h||`` averaged over the batch: ``(H, S)`` from values ``(B, S, H, Dh)``."""
+    v = jnp.asarray(value)
+    if v.ndim == 3:
+        v = v[None]
+    if v.ndim != 4:
+        raise ValueError(f"value must have shape (B, S, H, Dh), got {v.shape}")
+    return jnp.mean(jnp.linalg.norm(v, axis=-1), axis=0).T
+
+
+def _pearson(x: jax.Array, y: jax.Array) -> jax.Array:
+    """Correlation matrix between the columns of ``x (N, a)`` and ``y (N, b)``."""
+    xc = x - x.mean(axis=0)
+    yc = y - y.mean(axis=0)
+    sx = jnp.sqrt(jnp.sum(xc**2, axis=0))
+    sy = jnp.sqrt(jnp.sum(yc**2, axis=0))
+    denom = jnp.outer(sx, sy)
+    return jnp.where(denom > 0, (xc.T @ yc) / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def query_correlation(query: Any) -> jax.Array:
+    """Pearson correlation of the ``H * Dh`` query features over all tokens,
+    ``(H*Dh, H*Dh)`` (head-major order); constant features get 0."""
+    q = jnp.asarray(query)
+    if q.ndim < 3:
+        raise ValueError(f"query must have shape (..., T, H, Dh), got {q.shape}")
+    flat = q.reshape(-1, q.shape[-2] * q.shape[-1])
+    return _pearson(flat, flat)
+
+
+def query_key_correlation(query: Any, key: Any) -> jax.Array:
+    """Per head, the correlation of query feature ``i`` with key feature ``j`` over tokens
+    (self-attention: the same positions), ``(H, Dh, Dh)``."""
+    q, k = jnp.asarray(query), jnp.asarray(key)
+    if q.shape != k.shape or q.ndim < 3:
+        raise ValueError(f"query and key must share a shape (..., T, H, Dh), got {q.shape}, {k.shape}")
+    h, dh = q.shape[-2:]
+    qf, kf = q.reshape(-1, h, dh), k.reshape(-1, h, dh)
+    return jax.vmap(_pearson, in_axes=(1, 1))(qf, kf)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCapture:
+    """What one attention block saw and computed in a forward pass.
+
+    ``query (B, T, H, Dh)``, ``key`` / ``value`` ``(B, S, H, Dh)``, ``weights (B, H, T, S)``.
+    """
+
+    query: Any
+    key: Any
+    value: Any
+    weights: Any
+
+
+jax.tree_util.register_dataclass(
+    AttentionCapture, data_fields=["query", "key", "value", "weights"], meta_fields=[])
+
+
+def _attention_modules(model: Any) -> list[tuple[str, Any]]:
+    from flax import nnx  # noqa: PLC0415
+
+    return [("/".join(str(p) for p in path), m) for path, m in nnx.iter_modules(model)
+            if isinstance(m, nnx.MultiHeadAttention)]
+
+
+_TAGS = ("gj_query", "gj_key", "gj_value")
+
+
+def _patched(mha: Any) -> Callable:
+    original = mha.attention_fn
+
+    def attention_fn(query, key, value, *args, module=None, **kwargs):
+        del module
+        for tag, x in zip(_TAGS, (query, key, value)):
+            mha.sow(_intermediate(), tag, x)
+        return original(query, key, value, *args, module=mha, **kwargs)
+
+    return attention_fn
+
+
+def _intermediate():
+    from flax import nnx  # noqa: PLC0415
+
+    return nnx.Intermediate
+
+
+def _run_captured(model: Any, call: Callable[[Any], Any]) -> tuple[Any, dict]:
+    from flax import nnx  # noqa: PLC0415
+
+    mods = _attention_modules(model)
+    if not mods:
+        raise ValueError(f"{type(model).__name__} contains no nnx.MultiHeadAttention")
+    originals = [m.attention_fn for _, m in mods]
+    try:
+        for _, m in mods:
+            m.attention_fn = _patched(m)
+        out, inter = nnx.capture(lambda mdl: call(mdl), nnx.Intermediate)(model)
+    finally:
+        for (_, m), fn in zip(mods, originals):
+            m.attention_fn = fn
+    tree = nnx.to_pure_dict(inter)
+    result = {}
+    for path, _ in mods:
+        node = tree
+        for part in path.split("/") if path else []:
+            node = node[int(part)] if isinstance(node, (list, tuple)) or (
+                isinstance(node, dict) and part.isdigit() and int(part) in node) else node[part]
+        if "attention_weights" not in node:
+            raise ValueError(
+                f"the attention_fn of '{path}' does not sow 'attention_weights' when given "
+                "module=...; use flax's or gradience_jax's dot_product_attention")
+        result[path] = AttentionCapture(node["gj_query"][0], node["gj_key"][0],
+                                        node["gj_value"][0], node["attention_weights"][0])
+    return out, result
+
+
+def capture_attention(model: Any, *args: Any, method: Optional[str] = None, **kwargs: Any
+                      ) -> dict[str, AttentionCapture]:
+    """Run ``model(*args, **kwargs)`` (or ``getattr(model, method)(...)``) once and return
+    every ``nnx.MultiHeadAttention``'s queries, keys, values and attention weights, keyed
+    by module path (``"blocks/0/attention"``). The model is left unchanged.
+
+    Works with any ``attention_fn`` that sows ``"attention_weights"`` when passed
+    ``module=`` (Flax's and gradience_jax's ``dot_product_attention`` do). If a block runs
+    several times in one pass, the first call is reported.
+
+    Raises:
+        ValueError: no attention module, or an ``attention_fn`` that does not sow weights.
+    """
+
+    from flax import nnx  # noqa: PLC0415
+
+    fn = jax.jit(attention_capture_fn(model, method=method, **kwargs))
+    return fn(nnx.split(model, nnx.Param, ...)[1], *args)
+
+
+def attention_capture_fn(model: Any, *, method: Optional[str] = None, **kwargs: Any) -> Callable:
+    """A pure ``fn(params, *args) -> {path: AttentionCapture}`` for ``model``'s graph, where
+    ``params = nnx.split(model, nnx.Param, ...)[1]`` (the ``from_nnx`` params); ``kwargs``
+    are passed to every call. It can be jitted and vmapped, e.g. over a stacked training
+    trajectory."""
+    from flax import nnx  # noqa: PLC0415
+
+    graphdef, _, *rest = nnx.split(model, nnx.Param, ...)
+
+    def fn(params, *args):
+        mdl = nnx.merge(graphdef, params, *rest)
+
+        def call(m):
+            f = m if method is None else getattr(m, method)
+            return f(*args, **kwargs)
+
+        return _run_captured(mdl, call)[1]
+
+    return fn
+
+
+# =========================================================================================
+# Hessian restricted to the attention block
+# =========================================================================================
+
+
+def attention_hessian_eigenvalues(
+    loss_fn: Callable,
+    params: PyTree,
+    batch: PyTree,
+    *,
+    layer: Optional[str] = None,
+    predicate: Optional[Callable[[str, Any], bool]] = None,
+    k: Optional[int] = None,
+    key: Optional[jax.Array] = None,
+    dense_limit: int = 2000,
+) -> np.ndarray:
+    """Eigenvalues (descending) of the Hessian restricted to an attention block's parameters,
+    ``P^T H P`` through :func:`gradience_jax.params_filter`.
+
+    Args:
+        layer: path prefix of the block (``"blocks/0/attention"``); default: every leaf
+            whose path contains ``"attention"``. ``predicate(path, leaf)`` overrides it.
+        k: number of top eigenvalues; default all of them when the block has at most
+            ``dense_limit`` parameters (dense, exact), else 10 by Lanczos.
+
+    Raises:
+        ValueError: no parameter selected.
+    """
+    from gradience_jax.landscape import top_eigenpairs  # noqa: PLC0415
+    from gradience_jax.operators.hessian import hessian  # noqa: PLC0415
+    from gradience_jax.operators.select import params_filter  # noqa: PLC0415
+
+    if predicate is None:
+        if layer is None:
+            predicate = lambda path, leaf: "attention" in path  # noqa: E731
+        else:
+            pre = layer.rstrip("/") + "/"
+            predicate = lambda path, leaf: path.startswith(pre)  # noqa: E731
+    # check=False: the dense / Lanczos result is checked for finiteness instead (one compile
+    # fewer); linearize=False: the operator is applied in one vmapped program.
+    op = params_filter(hessian(loss_fn, params, batch, linearize=False, check=False), predicate)
+    n = op.n_params
+    if k is None:
+        k = n if n <= dense_limit else min(10, n)
+    return np.asarray(top_eigenpairs(op, int(k), key=key, dense_limit=dense_limit,
+                                     return_eigenvectors=False).eigenvalues, np.float64)
+
+
+# =========================================================================================
+# everything at once
+# =========================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionGeometry:
+    """Geometry of one attention block (see :func:`attention_geometry`).
+
+    Attributes:
+        layer: the block's path; num_heads, head_dim.
+        svd: :class:`AttentionSVD` of its weights.
+        weights: ``(B, H, T, S)`` attention maps on the given inputs.
+        entropy / normalized_entropy / effective_rank: ``(H,)`` map statistics.
+        value_norms: ``(H, S)``; query_correlation ``(H*Dh, H*Dh)``;
+        query_key_correlation ``(H, Dh, Dh)``.
+        hessian_eigenvalues: descending, of the Hessian restricted to the block (or None).
+    """
+
+    layer: str
+    num_heads: int
+    head_dim: int
+    svd: AttentionSVD
+    weights: np.ndarray
+    entropy: np.ndarray
+    normalized_entropy: np.ndarray
+    effective_rank: np.ndarray
+    value_norms: np.ndarray
+    query_correlation: np.ndarray
+    query_key_correlation: np.ndarray
+    hessian_eigenvalues: Optional[np.ndarray]
+
+    def summary(self) -> dict:
+        """Per-head scalars as plain lists (JSON-safe)."""
+        return {
+            "layer": self.layer,
+            "entropy": self.entropy.tolist(),
+            "normalized_entropy": self.normalized_entropy.tolist(),
+            "map_effective_rank": self.effective_rank.tolist(),
+            "mean_value_norm": self.value_norms.mean(axis=1).tolist(),
+            "qk_effective_rank": self.svd.effective_rank["qk"].tolist(),
+            "ov_effective_rank": self.svd.effective_rank["ov"].tolist(),
+            "hessian_lambda_max": (None if self.hessian_eigenvalues is None
+                                   else float(self.hessian_eigenvalues[0])),
+        }
+
+
+def _pick_layer(model: Any, layer: Optional[str]) -> str:
+    paths = [p for p, _ in _attention_modules(model)]
+    if not paths:
+        raise ValueError(f"{type(model).__name__} contains no nnx.MultiHeadAttention")
+    if layer is None:
+        if len(paths) > 1:
+            raise ValueError(f"the model has several attention blocks {paths}: pass layer=")
+        return paths[0]
+    layer = layer.rstrip("/")
+    if layer not in paths:
+        raise ValueError(f"layer={layer!r} is not an attention block; choose one of {paths}")
+    return layer
+
+
+def attention_geometry(
+    model: Any,
+    inputs: Any,
+    *,
+    layer: Optional[str] = None,
+    loss_fn: Optional[Callable] = None,
+    batch: Optional[PyTree] = None,
+    hessian_k: Optional[int] = None,
+    key: Optional[jax.Array] = None,
+) -> AttentionGeometry:
+    """All attention-geometry measures of one ``nnx.MultiHeadAttention`` block of ``model``.
+
+    Args:
+        model: an NNX model (or the attention module itself).
+        inputs: what ``model`` is called with (one positional argument).
+        layer: the block's path (``"blocks/0/attention"``); may be omitted if there is one.
+        loss_fn, batch: when given, the Hessian restricted to the block's parameters is
+            computed at ``params = nnx.split(model, nnx.Param, ...)[1]`` (the params of
+            ``models.from_nnx``, whose ``loss_fn`` fits here).
+        hessian_k: number of Hessian eigenvalues (default all for a small block).
+        key: Lanczos key for large blocks.
+    """
+    from flax import nnx  # noqa: PLC0415
+
+    layer = _pick_layer(model, layer)
+    cap = capture_attention(model, inputs)[layer]
+    svd = attention_svd(model, layer or None)
+    w = cap.weights
+    stats = {k: np.asarray(v, np.float64) for k, v in _map_stats(cap).items()}
+    h_eigs = None
+    if loss_fn is not None:
+        if batch is None:
+            raise ValueError("batch is required with loss_fn (the Hessian's data)")
+        params = nnx.split(model, nnx.Param, ...)[1]
+        pred = None if layer else (lambda path, leaf: True)  # the model is the block
+        h_eigs = attention_hessian_eigenvalues(loss_fn, params, batch, layer=layer or None,
+                                               predicate=pred, k=hessian_k, key=key)
+    return AttentionGeometry(
+        layer=layer,
+        num_heads=int(w.shape[1]),
+        head_dim=int(cap.query.shape[-1]),
+        svd=svd,
+        weights=np.asarray(w, np.float64),
+        hessian_eigenvalues=h_eigs,
+        **stats,
+    )
+
+
+@jax.jit
+def _map_stats(cap: AttentionCapture) -> dict:
+    w = cap.weights
+    return dict(
+        entropy=attention_entropy(w),
+        normalized_entropy=attention_entropy(w, normalized=True),
+        effective_rank=attention_effective_rank(w),
+        value_norms=value_norms(cap.value),
+        query_correlation=query_correlation(cap.query),
+        query_key_correlation=query_key_correlation(cap.query, cap.key),
+    )
+
+
+# =========================================================================================
+# experiments behind the attention figures
+# =========================================================================================
+
+
+def _tiny_lm(key, vocab_size, d_model, num_heads, seq_len, d_ff=None):
+    from flax import nnx  # noqa: PLC0415
+
+    from gradience_jax.models import TinyTransformerLM  # noqa: PLC0415
+
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    seed = int(jax.random.randint(key, (), 0, 2**30))
+    return TinyTransformerLM(vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
+                             num_layers=1, d_ff=d_ff or 2 * d_model, max_len=seq_len,
+                             param_dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionGeometryResult:
+    """Data of the ``attention_geometry`` figure.
+
+    Attributes:
+        geometry: :class:`AttentionGeometry` of the trained block on the training inputs.
+        landscape: ``Slice2D`` of the loss along filter-normalised random directions in the
+            attention parameters only (everything else fixed).
+        steps, train_loss: the short training run; config: the settings.
+    """
+
+    geometry: AttentionGeometry
+    landscape: Any
+    steps: np.ndarray
+    train_loss: np.ndarray
+    config: dict
+
+
+def attention_geometry_experiment(
+    key: Optional[jax.Array] = None,
+    *,
+    vocab_size: int = 16,
+    d_model: int = 8,
+    num_heads: int = 2,
+    seq_len: int = 4,
+    num_train: int = 64,
+    num_steps: int = 300,
+    learning_rate: float = 1e-2,
+    resolution: int = 25,
+    span: float = 1.0,
+) -> AttentionGeometryResult:
+    """The seed's attention layer (``d_model`` 8, 2 heads, sequences of 4) inside a
+    one-block causal transformer LM, trained with Adam on next-token prediction of noisy
+    arithmetic progressions (``data.token_sequences``); then its geometry, the Hessian
+    restricted to the attention parameters and a 2-D loss slice in those parameters."""
+    import optax  # noqa: PLC0415
+
+    from gradience_jax import data as gdata  # noqa: PLC0415
+    from gradience_jax import landscape as gl  # noqa: PLC0415
+    from gradience_jax.models import from_nnx  # noqa: PLC0415
+    from gradience_jax.operators import heads  # noqa: PLC0415
+
+    key = key if key is not None else jax.random.key(7)
+    k_model, k_data, k_train, k_dir = jax.random.split(key, 4)
+    model = _tiny_lm(k_model, vocab_size, d_model, num_heads, seq_len)
+    batch = gdata.token_sequences(k_data, n=num_train, seq_len=seq_len, vocab_size=vocab_size)
+    adapted = from_nnx(model, heads.softmax_cross_entropy())
+    res = gl.train(adapted.loss_fn, adapted.params, batch, optimizer=optax.adam(learning_rate),
+                   num_steps=num_steps, key=k_train, record_every=max(1, num_steps // 20))
+    from flax import nnx  # noqa: PLC0415
+
+    nnx.update(model, res.params)
+    layer = "blocks/0/attention"
+    geo = attention_geometry(model, batch["inputs"], layer=layer, loss_fn=adapted.loss_fn,
+                             batch=batch)
+    in_block = lambda path, leaf: path.startswith(layer + "/")  # noqa: E731
+    k1, k2 = jax.random.split(k_dir)
+    d1 = gl.restrict_direction(gl.random_direction(k1, res.params), in_block)
+    d2 = gl.restrict_direction(gl.random_direction(k2, res.params), in_block)
+    grid = np.linspace(-span, span, resolution)
+    land = gl.slice_2d(adapted.loss_fn, res.params, batch, d1, d2, grid, grid)
+    config = dict(vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, seq_len=seq_len,
+                  num_train=num_train, num_steps=num_steps, learning_rate=learning_rate)
+    return AttentionGeometryResult(geo, land, res.steps, res.train_loss, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionDynamicsResult:
+    """Data of the ``attention_training_dynamics`` figure.
+
+    Attributes:
+        steps: ``(R,)`` recorded steps; train_loss / eval_loss ``(R,)``.
+        entropy, normalized_entropy, effective_rank: ``(R, H)`` per head on the eval inputs.
+        qk_effective_rank: ``(R, H)`` effective rank of ``W_Q^h W_K^h^T``.
+        weights_first / weights_last: ``(H, T, S)`` maps of the first eval sequence at the
+            first and last recorded step.
+    """
+
+    steps: np.ndarray
+    train_loss: np.ndarray
+    eval_loss: np.ndarray
+    entropy: np.ndarray
+    normalized_entropy: np.ndarray
+    effective_rank: np.ndarray
+    qk_effective_rank: np.ndarray
+    weights_first: np.ndarray
+    weights_last: np.ndarray
+    config: dict
+
+
+def attention_dynamics_experiment(
+    key: Optional[jax.Array] = None,
+    *,
+    vocab_size: int = 16,
+    d_model: int = 16,
+    num_heads: int = 2,
+    seq_len: int = 8,
+    num_train: int = 128,
+    num_eval: int = 64,
+    num_steps: int = 600,
+    record_every: int = 20,
+    learning_rate: float = 3e-3,
+    batch_size: Optional[int] = 32,
+) -> AttentionDynamicsResult:
+    """Train a one-block causal transformer LM (Adam, minibatches) on next-token prediction
+    and record, every ``record_every`` steps, the loss and each head's attention entropy and
+    effective rank (of the maps on held-out sequences) and of ``W_Q W_K^T``."""
+    import optax  # noqa: PLC0415
+
+    from gradience_jax import data as gdata  # noqa: PLC0415
+    from gradience_jax import landscape as gl  # noqa: PLC0415
+    from gradience_jax.models import from_nnx  # noqa: PLC0415
+    from gradience_jax.operators import heads  # noqa: PLC0415
+
+    key = key if key is not None else jax.random.key(11)
+    k_model, k_data, k_eval, k_train = jax.random.split(key, 4)
+    model = _tiny_lm(k_model, vocab_size, d_model, num_heads, seq_len)
+    train_data = gdata.token_sequences(k_data, n=num_train, seq_len=seq_len, vocab_size=vocab_size)
+    eval_data = gdata.token_sequences(k_eval, n=num_eval, seq_len=seq_len, vocab_size=vocab_size)
+    adapted = from_nnx(model, heads.softmax_cross_entropy())
+    bs = None if batch_size is None else min(int(batch_size), num_train)
+    res = gl.train(adapted.loss_fn, adapted.params, train_data, optimizer=optax.adam(learning_rate),
+                   num_steps=num_steps, key=k_train, batch_size=bs, eval_data=eval_data,
+                   record_every=record_every)
+    layer = "blocks/0/attention"
+    stats = _trajectory_stats(attention_capture_fn(model), layer, res.trajectory,
+                              eval_data["inputs"])
+    ent, nent, erank, w0, w1 = (np.asarray(x, np.float64) for x in stats)
+    flat = _flat_params(res.trajectory)
+    stacked = AttentionParams(*(flat[f"{layer}/{n}/kernel"] for n in ("query", "key", "value", "out")))
+    qk = np.asarray(_qk_erank_stacked(stacked), np.float64)
+    config = dict(vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, seq_len=seq_len,
+                  num_train=num_train, num_eval=num_eval, num_steps=num_steps,
+                  record_every=record_every, learning_rate=learning_rate, batch_size=bs)
+    return AttentionDynamicsResult(res.steps, res.train_loss, res.eval_loss, ent, nent, erank,
+                                   qk, w0, w1, config)
+
+
+@jax.jit
+def _qk_erank_stacked(stacked: AttentionParams) -> jax.Array:
+    return jax.vmap(lambda p: effective_rank(_svd_core(p)["qk"]))(stacked)
+
+
+@functools.partial(jax.jit, static_argnames=("capture", "layer"))
+def _trajectory_stats(capture, layer, trajectory, inputs):
+    def one(p):
+        w = capture(p, inputs)[layer].weights
+        return attention_entropy(w), attention_entropy(w, normalized=True), \
+            attention_effective_rank(w), w[0]
+
+    ent, nent, erank, maps = jax.lax.map(one, trajectory)
+    return ent, nent, erank, maps[0], maps[-1]

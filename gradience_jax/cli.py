@@ -1,0 +1,521 @@
+"""The ``gradience-jax`` command.
+
+Subcommands::
+
+    gradience-jax analyze                      # train the default MLP, write gradience_report/
+    gradience-jax analyze --model transformer --checkpoint ckpt.msgpack --operator ggn --k 5
+    gradience-jax weights PATH                 # weight-spectra table of a checkpoint
+    gradience-jax protocol A --fast            # a research protocol (telemetry)
+    gradience-jax figures                      # the seed figures into docs/figures/
+    gradience-jax bench                        # the benchmark suite, quick mode
+
+Every subcommand takes ``--json`` (machine-readable output on stdout) and ``--debug`` (full
+traceback on failure). Exit codes: 0 ok, 1 failure (one-line reason on stderr), 2 bad usage.
+
+The CLI compiles with XLA's cheap-compile settings (the built-in models are small, so
+compile time dominates) unless ``XLA_FLAGS`` is set, and keeps a persistent compilation
+cache in ``~/.cache/gradience_jax/xla`` so that repeated runs start fast
+(``GRADIENCE_JAX_CACHE=off`` disables it, any other value is a cache directory).
+``GRADIENCE_FAST=1`` selects the quick settings everywhere (as ``--fast``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+PROG = "gradience-jax"
+CACHE_ENV = "GRADIENCE_JAX_CACHE"
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+PROTOCOLS = ("A", "B", "C", "D")
+#: the seed figures: file stem -> (function of gradience_jax.plots, quick experiment settings)
+FIGURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "pseudo_spectral_analysis": ("pseudo_spectral_analysis",
+                                 {"num_steps": 600, "record_every": 60, "resolution": 15}),
+    "sharp_vs_flat_minima": ("sharp_vs_flat_minima",
+                             {"num_steps": 200, "record_every": 50, "resolution": 9,
+                              "bezier_steps": 20}),
+    "attention_geometry": ("attention_geometry", {"num_steps": 60, "resolution": 9}),
+    "attention_training_dynamics": ("attention_training_dynamics",
+                                    {"num_steps": 100, "record_every": 20}),
+}
+
+__all__ = ["CLIError", "UsageError", "build_parser", "main"]
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit code 2)."""
+
+
+class CLIError(Exception):
+    """An expected failure with a one-line reason (exit code 1)."""
+
+
+# =========================================================================================
+# parser
+# =========================================================================================
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` with one line instead of printing usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on failure")
+
+
+def _add_analyze(sub: Any) -> None:
+    from gradience_jax.report import MODELS, OPERATORS, REORTH
+
+    p = sub.add_parser(
+        "analyze", help="measure curvature, spectra and landscape; write a report folder",
+        description="Train the default model on generated data (or load --checkpoint), measure "
+        "Hessian / GGN top-k, traces, spectral density, weight spectra and a 2-D landscape "
+        "slice, and write report.json, report.md and PNG figures to --out.")
+    p.add_argument("--model", choices=MODELS, default=None,
+                   help="model family (default: mlp; with --checkpoint, inferred from the tree)")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="saved Flax params: a flax msgpack file or an orbax checkpoint directory")
+    p.add_argument("--operator", choices=OPERATORS, action="append", default=None,
+                   help="curvature operator; repeat for several (default: hessian and ggn)")
+    p.add_argument("--k", type=_positive_int, default=None, help="eigenvalues per operator (10)")
+    p.add_argument("--iters", type=_positive_int, default=None, help="Lanczos iteration cap (60)")
+    p.add_argument("--reorth", choices=REORTH, default=None, help="reorthogonalisation (full)")
+    p.add_argument("--seed", type=int, default=None, help="seed of data, init and probes (0)")
+    p.add_argument("--train-steps", type=int, default=None, help="full-batch Adam steps (200)")
+    p.add_argument("--out", default="gradience_report", help="report folder (gradience_report)")
+    p.add_argument("--fast", action="store_true", help="quick settings (also GRADIENCE_FAST=1)")
+    p.add_argument("--weights-only", action="store_true",
+                   help="weight spectra only (no data, no curvature)")
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    p.add_argument("--save-checkpoint", metavar="PATH",
+                   help="also save the analysed params (PATH.msgpack: msgpack, else orbax dir)")
+    _common(p)
+
+
+def _add_weights(sub: Any) -> None:
+    p = sub.add_parser("weights", help="weight-spectra table of a checkpoint",
+                       description="Per-layer SVD metrics (alpha, stable / effective rank, MP "
+                       "spikes) of every weight matrix in a checkpoint (any Flax params tree).")
+    p.add_argument("path", metavar="PATH", help="flax msgpack file or orbax checkpoint directory")
+    p.add_argument("--out", default=None, help="also write weights.json / weights.md there")
+    _common(p)
+
+
+def _add_protocol(sub: Any) -> None:
+    p = sub.add_parser("protocol", help="run a research protocol (A-D) of the telemetry issue")
+    p.add_argument("name", choices=PROTOCOLS, type=str.upper, help="protocol A, B, C or D")
+    p.add_argument("--fast", action="store_true", help="quick settings (also GRADIENCE_FAST=1)")
+    p.add_argument("--out", default=None, help="output folder (default protocol_<name>)")
+    p.add_argument("--seed", type=int, default=0, help="seed (0)")
+    _common(p)
+
+
+def _add_figures(sub: Any) -> None:
+    p = sub.add_parser("figures", help="regenerate the seed figures into docs/figures/")
+    p.add_argument("--out", default=None, help="folder (default docs/figures of the source tree)")
+    p.add_argument("--fast", action="store_true", help="quick settings (also GRADIENCE_FAST=1)")
+    p.add_argument("--only", choices=list(FIGURES), action="append", default=None,
+                   help="draw only this figure (repeatable)")
+    _common(p)
+
+
+def _add_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="run the benchmark suite (quick mode)")
+    p.add_argument("--only", metavar="NAME", action="append", default=None,
+                   help="run only benchmarks/NAME.py (repeatable)")
+    p.add_argument("--full", action="store_true", help="full settings instead of --quick")
+    _common(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``gradience-jax``."""
+    from gradience_jax import __version__
+
+    parser = _Parser(prog=PROG, description="Curvature and spectral geometry of neural networks "
+                     "(JAX). Exit codes: 0 ok, 1 failure, 2 bad usage.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in (_add_analyze, _add_weights, _add_protocol, _add_figures, _add_bench):
+        add(sub)
+    return parser
+
+
+# =========================================================================================
+# environment, output
+# =========================================================================================
+
+
+def _configure_jax() -> None:
+    """Cheap-compile XLA flags and a persistent compilation cache, if JAX has not started."""
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        return
+    if "XLA_FLAGS" not in os.environ:
+        os.environ["XLA_FLAGS"] = FAST_XLA_FLAGS
+    cache = os.environ.get(CACHE_ENV, "")
+    if cache.lower() in ("off", "0", "false", "no"):
+        return
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    if not cache:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        cache = os.path.join(base, "gradience_jax", "xla")
+    try:
+        os.makedirs(cache, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def _console(stderr: bool = False) -> Any:
+    """A rich console; wide (160 columns) when not writing to a terminal, so tables in logs
+    and pipes are not squeezed."""
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if getattr(stream, "isatty", lambda: False)() else 160
+    return Console(file=stream, width=width, soft_wrap=False)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+class _Stages:
+    """A rich progress bar over named stages (on stderr, so ``--json`` stdout stays clean)."""
+
+    def __init__(self, stages: Sequence[tuple[str, str]], enabled: bool):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.keys = [k for k, _ in stages]
+        self.seen: set[str] = set()
+        self.progress = Progress(TextColumn("{task.description:<46}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                                 console=_console(stderr=True), transient=True,
+                                 disable=not enabled)
+        self.task = self.progress.add_task("starting", total=len(self.keys))
+
+    def __enter__(self) -> "_Stages":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.progress.update(self.task, completed=len(self.keys), description="done")
+        self.progress.stop()
+
+    def __call__(self, key: str, description: str) -> None:
+        if key not in self.seen:
+            self.seen.add(key)
+            done = len(self.seen) - 1
+            self.progress.update(self.task, completed=done, description=description)
+
+
+def _summary_table(rows: Sequence[tuple[str, str]], title: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("quantity")
+    table.add_column("value", overflow="fold")
+    for a, b in rows:
+        table.add_row(a, b)
+    return table
+
+
+# =========================================================================================
+# commands
+# =========================================================================================
+
+
+def _analysis_config(args: argparse.Namespace) -> Any:
+    from gradience_jax.report import AnalysisConfig, fast_mode
+
+    kw: dict[str, Any] = {"model": args.model, "checkpoint": args.checkpoint,
+                          "weights_only": args.weights_only, "figures": not args.no_figures}
+    if args.operator:
+        kw["operators"] = tuple(dict.fromkeys(args.operator))
+    for name in ("k", "iters", "reorth", "seed", "train_steps"):
+        value = getattr(args, name)
+        if value is not None:
+            kw[name] = value
+    cfg = AnalysisConfig(**kw)
+    if args.fast or fast_mode():  # explicit flags win over the quick defaults
+        explicit = {k: v for k, v in kw.items() if k in ("k", "iters", "train_steps")}
+        cfg = dataclasses.replace(cfg.quick(), **explicit)
+    return cfg
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """``analyze``: the main job."""
+    from gradience_jax import report as rp
+
+    cfg = _analysis_config(args)
+    if cfg.checkpoint is not None:  # fail before any slow work
+        rp.restore_model(rp.load_checkpoint(cfg.checkpoint), cfg.model)
+    rp.check_writable(args.out)
+    with _Stages(rp.plan(cfg), enabled=not args.json) as stages:
+        result = rp.analyze(cfg, out=args.out, progress=stages, save_params_to=args.save_checkpoint)
+    if args.json:
+        _print_json(result)
+        return 0
+    con = _console()
+    con.print(_summary_table(rp.summary_rows(result), "gradience-jax analyze"))
+    failed = [c["name"] for c in result.get("checks") or [] if not c["passed"]]
+    if failed:
+        con.print(f"[yellow]checks not passed:[/] {', '.join(failed)}")
+    con.print(f"report written to {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    """``weights PATH``: weight spectra of a checkpoint."""
+    from gradience_jax import report as rp
+
+    pure = rp.load_checkpoint(args.path)
+    data, rep = rp.write_weights_report(pure, args.out)
+    if not len(rep):
+        raise CLIError(f"no weight matrices in {args.path} ({len(rep.skipped)} leaves skipped)")
+    if args.json:
+        _print_json({"path": str(args.path), **data})
+    else:
+        _console().print(rep.to_table())
+    return 0
+
+
+def _to_jsonable(result: Any) -> Any:
+    from gradience_jax.report import _jsonable
+
+    for attr in ("to_dict", "_asdict"):
+        if hasattr(result, attr):
+            return _jsonable(getattr(result, attr)())
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return _jsonable({f.name: getattr(result, f.name) for f in dataclasses.fields(result)
+                          if not f.name.startswith("_")})
+    return _jsonable(result)
+
+
+def _protocol_runner(name: str) -> Callable[..., Any]:
+    try:
+        from gradience_jax import protocols
+    except ImportError as exc:
+        raise CLIError(f"protocols are not available in this build ({exc})") from None
+    for attr in ("run_protocol", "run"):
+        fn = getattr(protocols, attr, None)
+        if callable(fn):
+            return lambda **kw: fn(name, **kw)
+    fn = getattr(protocols, f"protocol_{name.lower()}", None)
+    if not callable(fn):
+        raise CLIError(f"gradience_jax.protocols has no runner for protocol {name}")
+    return fn
+
+
+def _call_flexibly(fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call ``fn`` with the keyword arguments it accepts."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(**kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def cmd_protocol(args: argparse.Namespace) -> int:
+    """``protocol {A,B,C,D}``: one research protocol; writes its JSON summary."""
+    from gradience_jax.report import check_writable, fast_mode
+
+    fast = args.fast or fast_mode()
+    out = check_writable(args.out or f"protocol_{args.name}")
+    runner = _protocol_runner(args.name)
+    t0 = time.perf_counter()
+    with _Stages([("run", f"protocol {args.name}{' (fast)' if fast else ''}")],
+                 enabled=not args.json) as stages:
+        stages("run", f"protocol {args.name}{' (fast)' if fast else ''}")
+        result = _call_flexibly(runner, fast=fast, out=str(out), seed=args.seed)
+    data = {"protocol": args.name, "fast": fast, "wall_time_s": time.perf_counter() - t0,
+            "out": str(out), "result": _to_jsonable(result)}
+    (out / f"protocol_{args.name}.json").write_text(json.dumps(data, indent=1, allow_nan=False))
+    if args.json:
+        _print_json(data)
+    else:
+        _console().print(f"protocol {args.name} done in {data['wall_time_s']:.1f} s; "
+                         f"summary in {out / f'protocol_{args.name}.json'}")
+    return 0
+
+
+def _source_root() -> Path:
+    import gradience_jax
+
+    return Path(gradience_jax.__file__).resolve().parents[1]
+
+
+def _figure_functions() -> dict[str, Callable[..., Any]]:
+    try:
+        from gradience_jax import plots
+    except ImportError as exc:
+        raise CLIError(f"figures are not available in this build ({exc})") from None
+    missing = [fn for fn, _ in FIGURES.values() if not callable(getattr(plots, fn, None))]
+    if missing:
+        raise CLIError(f"gradience_jax.plots lacks {', '.join(missing)}")
+    return {name: getattr(plots, fn) for name, (fn, _) in FIGURES.items()}
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    """``figures``: regenerate the four seed figures (default into docs/figures/)."""
+    from gradience_jax.report import check_writable, fast_mode
+
+    fast = args.fast or fast_mode()
+    out = check_writable(args.out or _source_root() / "docs" / "figures")
+    functions = _figure_functions()
+    names = list(args.only or FIGURES)
+    times: dict[str, float] = {}
+    with _Stages([(n, n) for n in names], enabled=not args.json) as stages:
+        for name in names:
+            stages(name, name.replace("_", " "))
+            t0 = time.perf_counter()
+            kwargs = FIGURES[name][1] if fast else {}
+            functions[name](path=str(out / f"{name}.png"), **kwargs)
+            times[name] = time.perf_counter() - t0
+    files = [f"{n}.png" for n in names]
+    data = {"out": str(out), "fast": fast, "files": files, "wall_times": times}
+    if args.json:
+        _print_json(data)
+    else:
+        _console().print(f"{len(files)} figures in {out} ({sum(times.values()):.1f} s): "
+                         + ", ".join(files))
+    return 0
+
+
+def _bench_scripts(only: Sequence[str] | None) -> list[Path]:
+    """The benchmark scripts (``benchmarks/*.py`` of the source tree), all or ``only``."""
+    root = _source_root() / "benchmarks"
+    if not root.is_dir():
+        raise CLIError(f"benchmarks/ not found next to the package ({root}); run from a source checkout")
+    available = {p.stem: p for p in sorted(root.glob("*.py")) if not p.stem.startswith("_")}
+    if not available:
+        raise CLIError(f"no benchmark scripts in {root}")
+    unknown = [n for n in only or () if n not in available]
+    if unknown:
+        raise UsageError(f"{PROG} bench: unknown benchmark(s) {', '.join(unknown)}; "
+                         f"available: {', '.join(available)}")
+    return [available[n] for n in dict.fromkeys(only or available)]
+
+
+def _run_script(script: Path, quick: bool, capture: bool) -> dict[str, Any]:
+    cmd = [sys.executable, str(script)] + (["--quick"] if quick else [])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=script.parent.parent, text=True,
+                          stdout=subprocess.PIPE if capture else None,
+                          stderr=subprocess.PIPE if capture else None)
+    out = {"name": script.stem, "command": " ".join(cmd[1:]), "returncode": proc.returncode,
+           "wall_time_s": time.perf_counter() - t0}
+    if capture:
+        out["stdout"] = proc.stdout[-20000:]
+        if proc.returncode:
+            out["stderr"] = proc.stderr[-4000:]
+    return out
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``bench``: the benchmark scripts in quick mode (their tables and JSON files)."""
+    scripts = _bench_scripts(args.only)
+    runs = []
+    for script in scripts:
+        if not args.json:
+            _console(stderr=True).rule(f"benchmarks/{script.name}")
+        runs.append(_run_script(script, quick=not args.full, capture=args.json))
+    failed = [r["name"] for r in runs if r["returncode"] != 0]
+    if args.json:
+        _print_json({"quick": not args.full, "runs": runs, "failed": failed})
+    if failed:
+        raise CLIError(f"benchmark(s) failed: {', '.join(failed)}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "analyze": cmd_analyze,
+    "weights": cmd_weights,
+    "protocol": cmd_protocol,
+    "figures": cmd_figures,
+    "bench": cmd_bench,
+}
+
+
+# =========================================================================================
+# entry point
+# =========================================================================================
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (CLIError, OSError, ValueError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _fail(message: str, code: int, as_json: bool) -> int:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    if as_json:
+        _print_json({"ok": False, "exit_code": code, "error": message})
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``gradience-jax`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        return _fail(str(exc), 2, as_json)
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    try:
+        _configure_jax()
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        return _fail(str(exc), 2, as_json)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130, as_json)
+    except Exception as exc:  # noqa: BLE001 - the CLI turns every failure into one line
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug or isinstance(exc, (CLIError, OSError, ValueError)) else \
+            " (run with --debug for the traceback)"
+        return _fail(_one_line(exc) + hint, 1, as_json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""The ``gradience-jax`` command: every subcommand and every bad-input case, in-process.
+
+Heavy work is kept small: one quick ``analyze`` run (module fixture) whose checkpoint feeds
+the checkpoint tests, which reuse its compiled programs; ``protocol``, ``figures`` and
+``bench`` run on monkeypatched tiny workloads (their real workloads are tested elsewhere).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gradience_jax import cli
+from gradience_jax import report as rp
+
+
+def run(argv, capsys=None):
+    """``(exit code, stdout, stderr)`` of ``main(argv)``."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(code, err, expected_code, fragment, *, after_output=False):
+    """Exit code as expected; the error is one line (the only stderr line, or the last one
+    after a command's own output when ``after_output``) and there is no traceback."""
+    assert code == expected_code, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert after_output or len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[-1].startswith("gradience-jax: error: ") and fragment in lines[-1], lines[-1]
+
+
+def finite_numbers(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from finite_numbers(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from finite_numbers(v)
+    elif isinstance(tree, float):
+        yield tree
+
+
+@pytest.fixture(scope="module")
+def analyzed(tmp_path_factory):
+    """One quick ``analyze`` (Hessian only) with ``--save-checkpoint`` and ``--json``."""
+    root = tmp_path_factory.mktemp("analyze")
+    out, ckpt = root / "report", root / "ckpt.msgpack"
+    code, stdout, err = run(["analyze", "--fast", "--operator", "hessian", "--out", out,
+                             "--save-checkpoint", ckpt, "--json"])
+    assert code == 0, err
+    return {"out": out, "ckpt": ckpt, "stdout": json.loads(stdout), "root": root,
+            "report": json.loads((out / "report.json").read_text())}
+
+
+# -- analyze ---------------------------------------------------------------------------------
+
+
+def test_analyze_writes_report_folder(analyzed):
+    out, rep = analyzed["out"], analyzed["report"]
+    for name in ("report.json", "report.md", "params.msgpack", "training.png",
+                 "curvature_top_k.png", "spectral_density.png", "landscape_2d.png",
+                 "weight_spectra.png"):
+        assert (out / name).is_file(), name
+    md = (out / "report.md").read_text()
+    assert "![landscape](landscape_2d.png)" in md and "| hessian |" in md
+    assert rep["schema"] == rp.SCHEMA and rep["seed"] == 0 and rep["config"]["fast"]
+    assert set(rep["versions"]) >= {"python", "jax", "flax", "gradience-jax"}
+    assert rep["wall_times"]["total"] > 0 and "top_k:hessian" in rep["wall_times"]
+    top = rep["curvature"]["hessian"]["top_k"]
+    assert len(top["eigenvalues"]) == 5 and top["operator"] == "hessian"
+    assert all(math.isfinite(v) for v in top["eigenvalues"] + top["ritz_residuals"])
+    assert np.all(np.diff(top["eigenvalues"]) <= 0)
+    assert rep["training"]["loss_final"] < rep["training"]["loss_initial"]
+    assert all(c["passed"] for c in rep["checks"]), rep["checks"]
+    assert all(math.isfinite(v) for v in finite_numbers(rep))
+    # --json prints the same report (wall times and file lists are added on writing)
+    assert analyzed["stdout"]["curvature"] == rep["curvature"]
+
+
+def test_analyze_checkpoint_msgpack_matches_the_trained_run(analyzed, tmp_path):
+    code, stdout, err = run(["analyze", "--checkpoint", analyzed["ckpt"], "--model", "mlp",
+                             "--operator", "hessian", "--fast", "--no-figures", "--out",
+                             tmp_path / "r", "--json"])
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["model"]["source"].startswith("checkpoint") and rep["training"] is None
+    ref = analyzed["report"]["curvature"]["hessian"]["top_k"]["eigenvalues"]
+    got = rep["curvature"]["hessian"]["top_k"]["eigenvalues"]
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert rep["loss"]["train"] == pytest.approx(analyzed["report"]["loss"]["train"], rel=1e-6)
+    assert not list(Path(tmp_path / "r").glob("*.png"))
+
+
+def test_analyze_orbax_checkpoint_weights_only_infers_model(analyzed, tmp_path):
+    pure = rp.load_checkpoint(analyzed["ckpt"])
+    orbax_dir = rp.save_checkpoint(pure, tmp_path / "orbax_ckpt")
+    assert orbax_dir.is_dir()
+    code, stdout, err = run(["analyze", "--checkpoint", orbax_dir, "--weights-only", "--out",
+                             tmp_path / "w", "--json"])
+    assert code == 0, err
+    rep = json.loads(stdout)
+    assert rep["model"]["name"] == "mlp" and rep["curvature"] is None and rep["data"] is None
+    ref = analyzed["report"]["weights"]["layers"]["layers/1/kernel"]
+    assert rep["weights"]["layers"]["layers/1/kernel"]["alpha"] == pytest.approx(ref["alpha"])
+    assert (tmp_path / "w" / "weight_spectra.png").is_file()
+
+
+def test_analyze_rich_table_output(analyzed, tmp_path):
+    code, stdout, err = run(["analyze", "--checkpoint", analyzed["ckpt"], "--weights-only",
+                             "--no-figures", "--out", tmp_path / "t"])
+    assert code == 0, err
+    assert "gradience-jax analyze" in stdout and "report written to" in stdout
+
+
+def test_transformer_and_cnn_checkpoints_round_trip(tmp_path):
+    for model in ("transformer", "cnn"):
+        restored = rp.init_model(model, seed=1)
+        path = rp.save_checkpoint(restored.module, tmp_path / f"{model}.msgpack")
+        pure = rp.load_checkpoint(path)
+        assert rp.infer_model(pure) == (model, rp.default_spec(model))
+        again = rp.restore_model(pure, model)
+        a = rp.to_pure_dict(again.adapted.params)
+        b = rp.to_pure_dict(restored.adapted.params)
+        assert all(np.array_equal(x, y) for x, y in zip(
+            __import__("jax").tree_util.tree_leaves(a), __import__("jax").tree_util.tree_leaves(b)))
+
+
+# -- weights ---------------------------------------------------------------------------------
+
+
+def test_weights_table_and_json(analyzed, tmp_path):
+    code, stdout, err = run(["weights", analyzed["ckpt"]])
+    assert code == 0, err
+    assert "layers/0/kernel" in stdout and "weight spectra" in stdout
+    code, stdout, err = run(["weights", analyzed["ckpt"], "--json", "--out", tmp_path])
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert set(data["layers"]) == {"layers/0/kernel", "layers/1/kernel", "layers/2/kernel"}
+    assert (tmp_path / "weights.json").is_file() and (tmp_path / "weights.md").is_file()
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+def test_missing_checkpoint(tmp_path):
+    for argv in (["analyze", "--checkpoint", tmp_path / "nope.msgpack", "--out", tmp_path / "o"],
+                 ["weights", tmp_path / "nope"]):
+        code, _, err = run(argv)
+        assert_one_line_error(code, err, 1, "checkpoint not found")
+
+
+def test_corrupt_checkpoints(tmp_path):
+    bad = tmp_path / "bad.msgpack"
+    bad.write_bytes(b"\xc1\x00garbage" * 10)
+    empty = tmp_path / "empty.msgpack"
+    empty.write_bytes(b"")
+    not_dict = tmp_path / "list.msgpack"
+    from flax import serialization
+
+    not_dict.write_bytes(serialization.msgpack_serialize([1, 2, 3]))
+    empty_dir = tmp_path / "empty_orbax"
+    empty_dir.mkdir()
+    for path, fragment in ((bad, "cannot read checkpoint"), (empty, "is empty"),
+                           (not_dict, "does not hold a dict"), (empty_dir, "cannot read orbax")):
+        code, _, err = run(["weights", path])
+        assert_one_line_error(code, err, 1, fragment)
+    code, _, err = run(["analyze", "--checkpoint", bad, "--out", tmp_path / "o"])
+    assert_one_line_error(code, err, 1, "cannot read checkpoint")
+
+
+def test_checkpoint_tree_does_not_match_model(analyzed, tmp_path):
+    for model in ("transformer", "cnn"):
+        code, _, err = run(["analyze", "--checkpoint", analyzed["ckpt"], "--model", model,
+                            "--out", tmp_path / "o"])
+        assert_one_line_error(code, err, 1, f"does not match --model {model}")
+    # an MLP-like tree with a wrong bias shape
+    pure = rp.load_checkpoint(analyzed["ckpt"])
+    pure["layers"][1]["bias"] = np.zeros(3, np.float32)
+    path = rp.save_checkpoint(pure, tmp_path / "odd.msgpack")
+    code, _, err = run(["analyze", "--checkpoint", path, "--model", "mlp", "--out", tmp_path / "o"])
+    assert_one_line_error(code, err, 1, "layers/1/bias has shape (3,)")
+    code, _, err = run(["analyze", "--checkpoint", path, "--out", tmp_path / "o"])
+    assert_one_line_error(code, err, 1, "matches none of the built-in models")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["analyze", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["analyze", "--model", "resnet"], "invalid choice: 'resnet'"),
+    (["analyze", "--operator", "lobpcg"], "invalid choice: 'lobpcg'"),
+    (["analyze", "--k", "0"], "expected a positive integer"),
+    (["analyze", "--reorth", "partial"], "invalid choice"),
+    (["protocol", "E"], "invalid choice: 'E'"),
+    (["teleport"], "invalid choice: 'teleport'"),
+    ([], "required"),
+])
+def test_bad_usage_exits_2_with_one_line(argv, fragment):
+    code, _, err = run(argv)
+    assert_one_line_error(code, err, 2, fragment)
+
+
+def test_unwritable_out(analyzed, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    code, _, err = run(["analyze", "--fast", "--out", blocker / "sub"])
+    assert_one_line_error(code, err, 1, "cannot write to output folder")
+    code, _, err = run(["weights", analyzed["ckpt"], "--out", blocker / "sub"])
+    assert_one_line_error(code, err, 1, "cannot write to output folder")
+
+
+def test_debug_shows_traceback_and_json_reports_errors(tmp_path):
+    code, _, err = run(["weights", tmp_path / "nope", "--debug"])
+    assert code == 1 and "Traceback" in err
+    code, stdout, err = run(["weights", tmp_path / "nope", "--json"])
+    assert code == 1 and json.loads(stdout) == {
+        "ok": False, "exit_code": 1, "error": f"checkpoint not found: {tmp_path / 'nope'}"}
+    code, stdout, _ = run(["analyze", "--bogus", "--json"])
+    assert code == 2 and json.loads(stdout)["exit_code"] == 2
+
+
+def test_unexpected_errors_are_one_line(monkeypatch, tmp_path):
+    def boom(*a, **k):
+        raise RuntimeError("kaboom\nsecond line")
+
+    monkeypatch.setattr(rp, "load_checkpoint", boom)
+    code, _, err = run(["weights", tmp_path])
+    assert_one_line_error(code, err, 1, "RuntimeError: kaboom second line")
+    assert "--debug" in err
+
+
+def test_help_and_version():
+    code, out, _ = run(["--help"])
+    assert code == 0 and "analyze" in out and "bench" in out
+    code, out, _ = run(["analyze", "--help"])
+    assert code == 0 and "--checkpoint" in out and "--reorth" in out
+    code, out, _ = run(["--version"])
+    assert code == 0 and "gradience-jax" in out
+
+
+# -- protocol, figures, bench (tiny workloads) -----------------------------------------------
+
+
+def test_protocol_runs_and_writes_summary(monkeypatch, tmp_path):
+    calls = []
+
+    def fake(fast, out, seed):
+        calls.append((fast, out, seed))
+        return {"lead_lag": np.float64(3.0), "series": np.arange(3)}
+
+    monkeypatch.setattr(cli, "_protocol_runner", lambda name: fake)
+    code, stdout, err = run(["protocol", "b", "--fast", "--out", tmp_path, "--json"])
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["protocol"] == "B" and data["result"] == {"lead_lag": 3.0, "series": [0, 1, 2]}
+    assert calls == [(True, str(tmp_path), 0)]
+    assert json.loads((tmp_path / "protocol_B.json").read_text())["protocol"] == "B"
+
+
+def test_protocol_failure_is_one_line(monkeypatch, tmp_path):
+    def fail(**kw):
+        raise ValueError("protocol A needs at least 2 checkpoints")
+
+    monkeypatch.setattr(cli, "_protocol_runner", lambda name: fail)
+    code, _, err = run(["protocol", "A", "--out", tmp_path])
+    assert_one_line_error(code, err, 1, "needs at least 2 checkpoints")
+
+
+def test_figures_tiny(monkeypatch, tmp_path):
+    drawn = {}
+
+    def fake(name):
+        def draw(path, **kw):
+            drawn[name] = kw
+            Path(path).write_bytes(b"\x89PNG\r\n")
+
+        return draw
+
+    monkeypatch.setattr(cli, "_figure_functions", lambda: {n: fake(n) for n in cli.FIGURES})
+    code, stdout, err = run(["figures", "--fast", "--out", tmp_path, "--json"])
+    assert code == 0, err
+    files = json.loads(stdout)["files"]
+    assert files == [f"{n}.png" for n in cli.FIGURES]
+    assert all((tmp_path / f).is_file() for f in files)
+    assert drawn["sharp_vs_flat_minima"] == cli.FIGURES["sharp_vs_flat_minima"][1]
+    code, _, err = run(["figures", "--only", "attention_geometry", "--out", tmp_path])
+    assert code == 0 and drawn["attention_geometry"] == {}
+
+
+def test_figures_default_folder_is_docs_figures():
+    assert cli._source_root().joinpath("docs").is_dir()
+    assert set(cli.FIGURES) == {"pseudo_spectral_analysis", "sharp_vs_flat_minima",
+                                "attention_geometry", "attention_training_dynamics"}
+
+
+def test_bench_runs_scripts_quick(monkeypatch, tmp_path):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "tiny.py").write_text("import sys\nprint('quick' if '--quick' in sys.argv else 'full')\n")
+    (bench / "broken.py").write_text("raise SystemExit(3)\n")
+    (bench / "_helpers.py").write_text("")
+    monkeypatch.setattr(cli, "_source_root", lambda: tmp_path)
+    code, stdout, err = run(["bench", "--only", "tiny", "--json"])
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["runs"][0]["stdout"].strip() == "quick" and data["failed"] == []
+    code, _, err = run(["bench"])
+    assert_one_line_error(code, err, 1, "benchmark(s) failed: broken", after_output=True)
+    code, _, err = run(["bench", "--only", "nope"])
+    assert_one_line_error(code, err, 2, "unknown benchmark(s) nope; available: broken, tiny")
+
+
+def test_real_benchmark_scripts_accept_quick():
+    scripts = cli._bench_scripts(None)
+    assert scripts, "benchmarks/ should hold the benchmark scripts"
+    for s in scripts:
+        assert "--quick" in s.read_text(), s.name
