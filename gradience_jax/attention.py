@@ -694,23 +694,44 @@ class AttentionDynamicsResult:
     config: dict
 
 
+def _copy_first_data(key: jax.Array, n: int, seq_len: int, vocab_size: int) -> dict:
+    """Uniform random tokens; every position's label is the sequence's first token."""
+    x = jax.random.randint(key, (n, seq_len), 0, vocab_size).astype(jnp.int32)
+    return {"inputs": x, "labels": jnp.broadcast_to(x[:, :1], x.shape).astype(jnp.int32)}
+
+
+TASKS = ("copy_first", "progression")
+
+
 def attention_dynamics_experiment(
     key: Optional[jax.Array] = None,
     *,
+    task: str = "copy_first",
     vocab_size: int = 16,
     d_model: int = 16,
     num_heads: int = 2,
     seq_len: int = 8,
     num_train: int = 128,
     num_eval: int = 64,
-    num_steps: int = 600,
-    record_every: int = 20,
+    num_steps: int = 300,
+    record_every: int = 10,
     learning_rate: float = 3e-3,
     batch_size: Optional[int] = 32,
 ) -> AttentionDynamicsResult:
-    """Train a one-block causal transformer LM (Adam, minibatches) on next-token prediction
-    and record, every ``record_every`` steps, the loss and each head's attention entropy and
-    effective rank (of the maps on held-out sequences) and of ``W_Q W_K^T``."""
+    """Train a one-block causal transformer LM (Adam, minibatches) and record, every
+    ``record_every`` steps, the loss and each head's attention entropy and effective rank
+    (of the maps on held-out sequences) and the effective rank of ``W_Q W_K^T``.
+
+    Tasks: ``"copy_first"`` (random tokens, every label is the first token: solving it needs
+    attention to position 0, so the maps collapse to rank about one) or ``"progression"``
+    (next token of noisy arithmetic progressions, ``data.token_sequences``: solvable mostly
+    from the previous tokens' embeddings, attention changes little).
+
+    Raises:
+        ValueError: unknown ``task``.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     import optax  # noqa: PLC0415
 
     from gradience_jax import data as gdata  # noqa: PLC0415
@@ -721,8 +742,10 @@ def attention_dynamics_experiment(
     key = key if key is not None else jax.random.key(11)
     k_model, k_data, k_eval, k_train = jax.random.split(key, 4)
     model = _tiny_lm(k_model, vocab_size, d_model, num_heads, seq_len)
-    train_data = gdata.token_sequences(k_data, n=num_train, seq_len=seq_len, vocab_size=vocab_size)
-    eval_data = gdata.token_sequences(k_eval, n=num_eval, seq_len=seq_len, vocab_size=vocab_size)
+    make = _copy_first_data if task == "copy_first" else (
+        lambda k, n, t, v: gdata.token_sequences(k, n=n, seq_len=t, vocab_size=v))
+    train_data = make(k_data, num_train, seq_len, vocab_size)
+    eval_data = make(k_eval, num_eval, seq_len, vocab_size)
     adapted = from_nnx(model, heads.softmax_cross_entropy())
     bs = None if batch_size is None else min(int(batch_size), num_train)
     res = gl.train(adapted.loss_fn, adapted.params, train_data, optimizer=optax.adam(learning_rate),
@@ -735,8 +758,8 @@ def attention_dynamics_experiment(
     flat = _flat_params(res.trajectory)
     stacked = AttentionParams(*(flat[f"{layer}/{n}/kernel"] for n in ("query", "key", "value", "out")))
     qk = np.asarray(_qk_erank_stacked(stacked), np.float64)
-    config = dict(vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, seq_len=seq_len,
-                  num_train=num_train, num_eval=num_eval, num_steps=num_steps,
+    config = dict(task=task, vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
+                  seq_len=seq_len, num_train=num_train, num_eval=num_eval, num_steps=num_steps,
                   record_every=record_every, learning_rate=learning_rate, batch_size=bs)
     return AttentionDynamicsResult(res.steps, res.train_loss, res.eval_loss, ent, nent, erank,
                                    qk, w0, w1, config)

@@ -129,7 +129,7 @@ def _add_protocol(sub: Any) -> None:
     p.add_argument("name", choices=PROTOCOLS, type=str.upper, help="protocol A, B, C or D")
     p.add_argument("--fast", action="store_true", help="quick settings (also GRADIENCE_FAST=1)")
     p.add_argument("--out", default=None, help="output folder (default protocol_<name>)")
-    p.add_argument("--seed", type=int, default=0, help="seed (0)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: the protocol's)")
     _common(p)
 
 
@@ -311,31 +311,63 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
-def _to_jsonable(result: Any) -> Any:
+def summarise(obj: Any, max_items: int = 256, depth: int = 0) -> Any:
+    """A JSON-safe summary of a result: NamedTuples / dataclasses / mappings become dicts,
+    arrays with more than ``max_items`` entries become ``{shape, min, max, mean, last}``,
+    parameter trees a one-line description; non-finite floats become ``None``."""
+    import numpy as np
+
     from gradience_jax.report import _jsonable
 
-    for attr in ("to_dict", "_asdict"):
-        if hasattr(result, attr):
-            return _jsonable(getattr(result, attr)())
-    if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        return _jsonable({f.name: getattr(result, f.name) for f in dataclasses.fields(result)
-                          if not f.name.startswith("_")})
-    return _jsonable(result)
+    if depth > 12:
+        return str(type(obj).__name__)
+    if hasattr(obj, "_asdict"):
+        return {k: summarise(v, max_items, depth + 1) for k, v in obj._asdict().items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: summarise(getattr(obj, f.name), max_items, depth + 1)
+                for f in dataclasses.fields(obj) if not f.name.startswith("_")}
+    if isinstance(obj, dict):
+        return {str(k): summarise(v, max_items, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [summarise(v, max_items, depth + 1) for v in obj]
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        arr = np.asarray(obj)
+        if arr.size <= max_items or not np.issubdtype(arr.dtype, np.number):
+            return _jsonable(arr) if arr.size <= max_items else f"array{arr.shape}"
+        finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
+        stats = {"shape": list(arr.shape)}
+        if finite.size:
+            stats.update(min=finite.min(), max=finite.max(), mean=finite.mean(),
+                         last=arr.reshape(-1)[-1])
+        return _jsonable(stats)
+    if type(obj).__module__.startswith("flax"):
+        return f"<{type(obj).__name__}>"
+    return _jsonable(obj)
 
 
 def _protocol_runner(name: str) -> Callable[..., Any]:
+    """``run(fast, out, seed)`` for protocol ``name`` of :mod:`gradience_jax.protocols`."""
     try:
         from gradience_jax import protocols
     except ImportError as exc:
         raise CLIError(f"protocols are not available in this build ({exc})") from None
-    for attr in ("run_protocol", "run"):
-        fn = getattr(protocols, attr, None)
-        if callable(fn):
-            return lambda **kw: fn(name, **kw)
-    fn = getattr(protocols, f"protocol_{name.lower()}", None)
+    fn = getattr(protocols, f"run_protocol_{name.lower()}", None)
     if not callable(fn):
-        raise CLIError(f"gradience_jax.protocols has no runner for protocol {name}")
-    return fn
+        raise CLIError(f"protocol {name} is not available in gradience_jax.protocols")
+
+    def run(fast: bool, out: str, seed: int | None) -> Any:
+        config = None
+        if seed is not None:
+            fast_cfg = getattr(protocols, f"FAST_{name}", None)
+            config_cls = getattr(protocols, f"Protocol{name}Config", None)
+            base = fast_cfg if fast and fast_cfg is not None else config_cls() if config_cls else None
+            if base is None or "seed" not in getattr(base, "_fields", ()):
+                raise CLIError(f"protocol {name} does not take a seed")
+            config = base._replace(seed=seed)
+        return _call_flexibly(fn, config=config, fast=fast, log_dir=str(Path(out) / "logs"),
+                              figure_dir=str(Path(out) / "figures"))
+
+    return run
 
 
 def _call_flexibly(fn: Callable[..., Any], **kwargs: Any) -> Any:
@@ -352,25 +384,25 @@ def _call_flexibly(fn: Callable[..., Any], **kwargs: Any) -> Any:
 
 
 def cmd_protocol(args: argparse.Namespace) -> int:
-    """``protocol {A,B,C,D}``: one research protocol; writes its JSON summary."""
+    """``protocol {A,B,C,D}``: one research protocol; logs, figures and a JSON summary."""
     from gradience_jax.report import check_writable, fast_mode
 
     fast = args.fast or fast_mode()
     out = check_writable(args.out or f"protocol_{args.name}")
     runner = _protocol_runner(args.name)
+    label = f"protocol {args.name}{' (fast)' if fast else ''}"
     t0 = time.perf_counter()
-    with _Stages([("run", f"protocol {args.name}{' (fast)' if fast else ''}")],
-                 enabled=not args.json) as stages:
-        stages("run", f"protocol {args.name}{' (fast)' if fast else ''}")
-        result = _call_flexibly(runner, fast=fast, out=str(out), seed=args.seed)
-    data = {"protocol": args.name, "fast": fast, "wall_time_s": time.perf_counter() - t0,
-            "out": str(out), "result": _to_jsonable(result)}
+    with _Stages([("run", label)], enabled=not args.json) as stages:
+        stages("run", label)
+        result = runner(fast=fast, out=str(out), seed=args.seed)
+    data = {"protocol": args.name, "fast": fast, "seed": args.seed,
+            "wall_time_s": time.perf_counter() - t0, "out": str(out), "result": summarise(result)}
     (out / f"protocol_{args.name}.json").write_text(json.dumps(data, indent=1, allow_nan=False))
     if args.json:
         _print_json(data)
     else:
-        _console().print(f"protocol {args.name} done in {data['wall_time_s']:.1f} s; "
-                         f"summary in {out / f'protocol_{args.name}.json'}")
+        _console().print(f"{label} done in {data['wall_time_s']:.1f} s: logs and figures in "
+                         f"{out}, summary in {out / f'protocol_{args.name}.json'}")
     return 0
 
 

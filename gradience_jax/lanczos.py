@@ -201,12 +201,34 @@ def check_vector(v: PyTree, like: PyTree, name: str, like_name: str) -> None:
             )
 
 
+_CHECKED_OPERATORS: set = set()
+
+
 def check_operator_output(op: LinearOperator, v: PyTree) -> None:
     """The matvec must return a pytree with the structure and shapes of ``op.params_like``.
 
+    Checked by shape inference (no FLOPs) once per operator kind and operand shapes: the
+    abstract trace of a model can take a good fraction of a second.
+
     Raises:
-        ValueError: naming the mismatch (checked by shape inference, no FLOPs).
+        ValueError: naming the mismatch.
     """
+    leaves, treedef = jax.tree_util.tree_flatten(op)
+    try:
+        sig = (treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves))
+        hash(sig)
+    except TypeError:  # unhashable aux data: check every time
+        sig = None
+    if sig is not None and sig in _CHECKED_OPERATORS:
+        return
+    _check_operator_output(op, v)
+    if sig is not None:
+        if len(_CHECKED_OPERATORS) > 256:
+            _CHECKED_OPERATORS.clear()
+        _CHECKED_OPERATORS.add(sig)
+
+
+def _check_operator_output(op: LinearOperator, v: PyTree) -> None:
     like = op.params_like
     try:
         out = jax.eval_shape(lambda o, x: o.bind()(x), op, v)
@@ -353,7 +375,7 @@ def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_t
         _state, w, _j, beta = args
         return tu.scale(1.0 / beta, w)
 
-    def step(state: LanczosState, j_store: jax.Array | None = None) -> LanczosState:
+    def step(state: LanczosState) -> LanczosState:
         j = state.step
         q, q_prev = state.q, state.q_prev
         aq = _to_work(mv(_to_like(q, like)))
@@ -379,7 +401,7 @@ def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_t
         q_next = jax.lax.cond(broke, restart, proceed, (state_b, w, j, beta))
         dropped = jnp.where(broke, beta, jnp.zeros_like(beta))
         beta = jnp.where(broke, jnp.zeros_like(beta), beta)
-        idx = j if j_store is None else j_store
+        idx = j
         return state._replace(
             alphas=state.alphas.at[idx].set(alpha.astype(state.alphas.dtype)),
             betas=state.betas.at[idx].set(beta.astype(state.betas.dtype)),

@@ -581,7 +581,10 @@ def attention_training_dynamics(result: Any = None, *, path: Optional[str] = Non
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     cfg = r.config
+    task = {"copy_first": "task: predict the first token", "progression":
+            "task: next token of arithmetic progressions"}.get(cfg.get("task"), "")
     fig.suptitle(f"Attention training dynamics: d_model {cfg.get('d_model')}, {nh} heads, "
-                 f"sequence length {seq}", fontsize=13, fontweight="bold")
+                 f"sequence length {seq}" + (f" ({task})" if task else ""), fontsize=13,
+                 fontweight="bold")
     _save(fig, path)
     return fig

@@ -63,6 +63,7 @@ __all__ = [
     "Restored",
     "analyze",
     "build_model",
+    "dataset",
     "default_spec",
     "fast_mode",
     "evaluate",
@@ -72,6 +73,7 @@ __all__ = [
     "plan",
     "restore_model",
     "save_checkpoint",
+    "split",
     "to_pure_dict",
     "train",
     "write_weights_report",
@@ -194,25 +196,41 @@ def build_model(model: str, spec: Mapping[str, Any], rngs: Any, param_dtype: Any
     raise ValueError(f"model must be one of {MODELS}, got {model!r}")
 
 
-def _dataset(model: str, spec: Mapping[str, Any], key: jax.Array) -> tuple[dict, str]:
-    """``(batch of train + test examples, description)`` matching the model's inputs."""
+def _x32() -> Any:
+    """Context with ``jax_enable_x64`` off (the generated data do not depend on the flag)."""
+    ctx = getattr(jax, "enable_x64", None)
+    if ctx is not None:
+        return ctx(False)
+    from jax.experimental import disable_x64  # jax < 0.5
+
+    return disable_x64()
+
+
+def dataset(model: str, spec: Mapping[str, Any], key: jax.Array) -> tuple[dict, str]:
+    """``(batch of train + test examples, description)`` matching a built-in model's inputs.
+
+    Generated with ``jax_enable_x64`` off, so the same key gives the same data either way.
+    """
     from gradience_jax import data
 
-    if model == "mlp":
-        n = 1024
-        batch = data.classification(key, n=n, dim=spec["sizes"][0], num_classes=spec["sizes"][-1],
-                                    separation=0.75)
-        return batch, f"Gaussian blobs, dim {spec['sizes'][0]}, {spec['sizes'][-1]} classes"
-    if model == "cnn":
-        batch = data.images(key, n=256, size=spec["image_size"], channels=spec["in_channels"],
-                            num_classes=spec["num_classes"])
-        return batch, f"{spec['image_size']}x{spec['image_size']} template images, {spec['num_classes']} classes"
-    seq_len = min(12, spec["max_len"])
-    batch = data.token_sequences(key, n=64, seq_len=seq_len, vocab_size=spec["vocab_size"])
-    return batch, f"arithmetic progressions mod {spec['vocab_size']}, length {seq_len}"
+    with _x32():
+        if model == "mlp":
+            batch = data.classification(key, n=1024, dim=spec["sizes"][0],
+                                        num_classes=spec["sizes"][-1], separation=0.75)
+            desc = f"Gaussian blobs, dim {spec['sizes'][0]}, {spec['sizes'][-1]} classes"
+        elif model == "cnn":
+            batch = data.images(key, n=256, size=spec["image_size"], channels=spec["in_channels"],
+                                num_classes=spec["num_classes"])
+            desc = f"{spec['image_size']}x{spec['image_size']} template images, {spec['num_classes']} classes"
+        else:
+            seq_len = min(12, spec["max_len"])
+            batch = data.token_sequences(key, n=64, seq_len=seq_len, vocab_size=spec["vocab_size"])
+            desc = f"arithmetic progressions mod {spec['vocab_size']}, length {seq_len}"
+        return jax.device_get(batch), desc
 
 
-def _split(batch: dict) -> tuple[dict, dict]:
+def split(batch: dict) -> tuple[dict, dict]:
+    """First half (train) and second half (test) of a batch."""
     n = len(jax.tree_util.tree_leaves(batch)[0])
     half = n // 2
     return (jax.tree_util.tree_map(lambda x: x[:half], batch),
@@ -1049,8 +1067,8 @@ def analyze(cfg: AnalysisConfig | None = None, out: str | os.PathLike | None = "
     restored, source = run.stage("setup", "building model and data", lambda: _setup(cfg))
     adapted = restored.adapted
     key = jax.random.key(cfg.seed)
-    data_all, data_desc = _dataset(restored.model, restored.spec, jax.random.fold_in(key, 0))
-    train_batch, test_batch = _split(data_all)
+    data_all, data_desc = dataset(restored.model, restored.spec, jax.random.fold_in(key, 0))
+    train_batch, test_batch = split(data_all)
     params, curve = adapted.params, None
     if cfg.checkpoint is None:
         params, curve = run.stage("train", f"training {cfg.train_steps} steps",

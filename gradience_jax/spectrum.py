@@ -895,7 +895,11 @@ def eigsh(
                     "use reorth='window'"
                 )
             cap = max_iters if max_iters is not None else max(10 * k, 100)
-    chunk = max(20, k) if chunk is None else _check_int("chunk", chunk, 1)
+    if chunk is None:  # ~max(20, k) iterations per chunk, splitting the cap evenly
+        c0 = max(20, k)
+        chunk = -(-cap // -(-cap // c0))
+    else:
+        chunk = _check_int("chunk", chunk, 1)
     min_iters = min(cap, 3 * k)
     capacity = nb if thick else cap
     rows = nb if thick else (cap if reorth == "full" else None)
@@ -1117,6 +1121,9 @@ def _fast_select_scores(theta: jax.Array, which: str, k: int) -> tuple[jax.Array
 def _eigsh_fast_impl(op, v0, key, k, num_iters, which, reorth, window, filter_ghosts):
     like = op.params_like
     sdt = _scalar_dtype(like)
+    if v0 is None:
+        v0 = random_vector(jax.random.fold_in(key, 0), like, "normal")
+    key = jax.random.fold_in(key, 1)
     state = lanczos_init(op, v0, num_iters, reorth, window, key=key)
     state = lanczos_run(op, state, num_iters, reorth)
     a, b = state.alphas, state.betas
@@ -1203,7 +1210,8 @@ def eigsh_fast(
 
     Args:
         op: symmetric operator.
-        v0: warm-start vector (pytree like params); ``None`` or all-zeros: random from ``key``.
+        v0: warm-start vector (pytree like params); ``None``: a normal vector from ``key``;
+            all zeros: a pseudo-random vector derived from ``key``.
         k: number of eigenpairs (static).
         num_iters: Lanczos iterations (static, ``>= k``).
         which: ``"LA"``, ``"SA"``, ``"LM"`` or ``"BE"``.
@@ -1227,8 +1235,6 @@ def eigsh_fast(
     if reorth == "full" and num_iters > op.n_params:
         raise ValueError(f"num_iters={num_iters} exceeds n_params={op.n_params} for reorth='full'")
     key = jax.random.key(0) if key is None else key
-    if v0 is None:
-        v0 = _zeros_work(op.params_like)
     filter_ghosts = (reorth != "full") if filter_ghosts is None else bool(filter_ghosts)
     return _eigsh_fast_jit(op, v0, key, k, num_iters, which, reorth,
                            win if reorth == "window" else None, filter_ghosts)

