@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -158,6 +159,7 @@ def main(argv=None) -> dict:
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "devices": [str(d) for d in jax.devices()], "jax": jax.__version__},
         "quick": args.quick,
+        "load_average": os.getloadavg(),
         "timing": timing,
         "memory": memory,
         "targets_met": checks,

@@ -129,7 +129,7 @@ def run(quick: bool, target: float) -> dict:
     if pyh is None:
         results["PyHessian (power iteration + deflation)"] = NOT_INSTALLED
     else:
-        import pyhessian.hessian as ph_mod
+        ph_mod = sys.modules["pyhessian.hessian"]  # the attribute is shadowed by the class
 
         orig = ph_mod.hessian_vector_product
         count = [0]

@@ -179,7 +179,10 @@ def run(quick: bool) -> dict:
     checks = {}
     for name in ("mlp", "cnn", "transformer"):
         model, adapted, batch = peers.build(name, quick)
+        print(f"{name} ({peers.describe(adapted, batch)}): timing ours ...", flush=True)
         ours = ours_timings(adapted, batch, repeats)
+        print(f"  ours: { {k: round(1e3 * v, 3) for k, v in ours.items()} } ms; timing torch ...",
+              flush=True)
         theirs = torch_timings(model, adapted, batch, repeats)
         theirs["per-example grads"]["Python loop (ours)"] = ours["per-example loop (ours)"]
         for product in PRODUCTS:

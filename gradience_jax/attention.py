@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +130,8 @@ def attention_params(source: Any, layer: Optional[str] = None) -> AttentionParam
              "bq": "query/bias", "bk": "key/bias", "bv": "value/bias", "bo": "out/bias"}
     missing = [names[n] for n in ("wq", "wk", "wv", "wo") if names[n] not in flat]
     if missing:
-        blocks = sorted({k.rsplit("/", 2)[0] for k in _flat_params(source) if k.endswith("query/kernel")})
+        blocks = sorted({k.rsplit("/", 2)[0] for k in _flat_params(source)
+                         if k.endswith("query/kernel")})
         raise ValueError(
             f"no attention block at layer={layer!r}: missing {missing}. Attention blocks found: "
             f"{[b.rsplit('/query', 1)[0] for b in blocks] or 'none'}"
@@ -295,7 +296,8 @@ def query_key_correlation(query: Any, key: Any) -> jax.Array:
     (self-attention: the same positions), ``(H, Dh, Dh)``."""
     q, k = jnp.asarray(query), jnp.asarray(key)
     if q.shape != k.shape or q.ndim < 3:
-        raise ValueError(f"query and key must share a shape (..., T, H, Dh), got {q.shape}, {k.shape}")
+        raise ValueError(
+            f"query and key must share a shape (..., T, H, Dh), got {q.shape}, {k.shape}")
     h, dh = q.shape[-2:]
     qf, kf = q.reshape(-1, h, dh), k.reshape(-1, h, dh)
     return jax.vmap(_pearson, in_axes=(1, 1))(qf, kf)
@@ -756,7 +758,8 @@ def attention_dynamics_experiment(
                               eval_data["inputs"])
     ent, nent, erank, w0, w1 = (np.asarray(x, np.float64) for x in stats)
     flat = _flat_params(res.trajectory)
-    stacked = AttentionParams(*(flat[f"{layer}/{n}/kernel"] for n in ("query", "key", "value", "out")))
+    stacked = AttentionParams(*(flat[f"{layer}/{n}/kernel"]
+                                for n in ("query", "key", "value", "out")))
     qk = np.asarray(_qk_erank_stacked(stacked), np.float64)
     config = dict(task=task, vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
                   seq_len=seq_len, num_train=num_train, num_eval=num_eval, num_steps=num_steps,

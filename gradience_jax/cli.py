@@ -81,6 +81,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     p.add_argument("--debug", action="store_true", help="show the full traceback on failure")
@@ -104,7 +114,8 @@ def _add_analyze(sub: Any) -> None:
     p.add_argument("--iters", type=_positive_int, default=None, help="Lanczos iteration cap (60)")
     p.add_argument("--reorth", choices=REORTH, default=None, help="reorthogonalisation (full)")
     p.add_argument("--seed", type=int, default=None, help="seed of data, init and probes (0)")
-    p.add_argument("--train-steps", type=int, default=None, help="full-batch Adam steps (200)")
+    p.add_argument("--train-steps", type=_nonnegative_int, default=None,
+                   help="full-batch Adam steps (200)")
     p.add_argument("--out", default="gradience_report", help="report folder (gradience_report)")
     p.add_argument("--fast", action="store_true", help="quick settings (also GRADIENCE_FAST=1)")
     p.add_argument("--weights-only", action="store_true",
@@ -282,6 +293,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if cfg.checkpoint is not None:  # fail before any slow work
         rp.restore_model(rp.load_checkpoint(cfg.checkpoint), cfg.model)
     rp.check_writable(args.out)
+    if args.save_checkpoint:
+        rp.check_writable(Path(args.save_checkpoint).expanduser().resolve().parent)
     with _Stages(rp.plan(cfg), enabled=not args.json) as stages:
         result = rp.analyze(cfg, out=args.out, progress=stages, save_params_to=args.save_checkpoint)
     if args.json:
@@ -449,29 +462,35 @@ def cmd_figures(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_scripts(only: Sequence[str] | None) -> list[Path]:
-    """The benchmark scripts (``benchmarks/*.py`` of the source tree), all or ``only``."""
+def _bench_commands(only: Sequence[str] | None, full: bool) -> list[tuple[str, list[str], Path]]:
+    """``(name, command, cwd)`` of the benchmark run: ``benchmarks/run_all.py [--quick]
+    [--only a,b]`` when the suite runner exists, else every ``benchmarks/*.py`` script."""
     root = _source_root() / "benchmarks"
     if not root.is_dir():
         raise CLIError(f"benchmarks/ not found next to the package ({root}); run from a source checkout")
-    available = {p.stem: p for p in sorted(root.glob("*.py")) if not p.stem.startswith("_")}
-    if not available:
+    scripts = {p.stem: p for p in sorted(root.glob("*.py"))
+               if not p.stem.startswith("_") and p.stem != "run_all"}
+    if not scripts:
         raise CLIError(f"no benchmark scripts in {root}")
-    unknown = [n for n in only or () if n not in available]
+    unknown = [n for n in only or () if n not in scripts]
     if unknown:
         raise UsageError(f"{PROG} bench: unknown benchmark(s) {', '.join(unknown)}; "
-                         f"available: {', '.join(available)}")
-    return [available[n] for n in dict.fromkeys(only or available)]
+                         f"available: {', '.join(scripts)}")
+    quick = [] if full else ["--quick"]
+    runner = root / "run_all.py"
+    if runner.exists():
+        extra = ["--only", ",".join(dict.fromkeys(only))] if only else []
+        return [("run_all", [sys.executable, str(runner), *quick, *extra], root.parent)]
+    names = list(dict.fromkeys(only)) if only else list(scripts)
+    return [(n, [sys.executable, str(scripts[n]), *quick], root.parent) for n in names]
 
 
-def _run_script(script: Path, quick: bool, capture: bool) -> dict[str, Any]:
-    cmd = [sys.executable, str(script)] + (["--quick"] if quick else [])
+def _run(name: str, cmd: list[str], cwd: Path, capture: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=script.parent.parent, text=True,
-                          stdout=subprocess.PIPE if capture else None,
+    proc = subprocess.run(cmd, cwd=cwd, text=True, stdout=subprocess.PIPE if capture else None,
                           stderr=subprocess.PIPE if capture else None)
-    out = {"name": script.stem, "command": " ".join(cmd[1:]), "returncode": proc.returncode,
-           "wall_time_s": time.perf_counter() - t0}
+    out = {"name": name, "command": " ".join(Path(c).name if i < 2 else c for i, c in enumerate(cmd)),
+           "returncode": proc.returncode, "wall_time_s": time.perf_counter() - t0}
     if capture:
         out["stdout"] = proc.stdout[-20000:]
         if proc.returncode:
@@ -480,13 +499,13 @@ def _run_script(script: Path, quick: bool, capture: bool) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """``bench``: the benchmark scripts in quick mode (their tables and JSON files)."""
-    scripts = _bench_scripts(args.only)
+    """``bench``: the benchmark suite in quick mode (``benchmarks/run_all.py --quick``);
+    each suite prints its tables and writes JSON to ``benchmarks/results/``."""
     runs = []
-    for script in scripts:
+    for name, cmd, cwd in _bench_commands(args.only, args.full):
         if not args.json:
-            _console(stderr=True).rule(f"benchmarks/{script.name}")
-        runs.append(_run_script(script, quick=not args.full, capture=args.json))
+            _console(stderr=True).rule(f"benchmarks: {' '.join(Path(c).name for c in cmd[1:])}")
+        runs.append(_run(name, cmd, cwd, capture=args.json))
     failed = [r["name"] for r in runs if r["returncode"] != 0]
     if args.json:
         _print_json({"quick": not args.full, "runs": runs, "failed": failed})

@@ -357,22 +357,39 @@ def host_random_vector(key: jax.Array, like: PyTree) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _orth_step(w: PyTree, basis: PyTree, q: PyTree, passes: int) -> PyTree:
+    """``passes`` times block CGS of ``w`` against the stored rows and ``q``.
+
+    The rows are those stored *before* this iteration; ``q`` is added explicitly, so the
+    dots never read the row written in the same iteration (XLA then keeps the ring buffer
+    update in place instead of copying / re-fusing the whole basis).
+    """
+    for _ in range(passes):
+        h = basis_dot(basis, w)
+        c = tu.vdot(q, w)
+        corr = basis_combine(basis, h)
+        w = jax.tree_util.tree_map(
+            lambda x, y, z: x - y - c.astype(x.dtype) * z, w, corr, q
+        )
+    return w
+
+
 def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_tol: float):
     """One Lanczos iteration ``state -> state`` (a closure over the bound matvec)."""
 
     def restart(args):
-        state, _w, j, _beta = args
-        r = _restart_vector(state.q_first, state.key, j)
+        basis, q, q_prev, q_first, key, _w, j, _beta = args
+        r = _restart_vector(q_first, key, j)
         if reorth == "none":  # nothing stored: orthogonalise against q_j, q_{j-1} (twice)
             for _ in range(2):
-                r = tu.sub(r, tu.scale(tu.vdot(state.q, r), state.q))
-                r = tu.sub(r, tu.scale(tu.vdot(state.q_prev, r), state.q_prev))
-        else:  # the stored rows already hold q_j and q_{j-1}
-            r = orthogonalize(r, state.basis, 2)
+                r = tu.sub(r, tu.scale(tu.vdot(q, r), q))
+                r = tu.sub(r, tu.scale(tu.vdot(q_prev, r), q_prev))
+        else:  # the stored rows hold q_{j-1} (and older); q_j is added explicitly
+            r = _orth_step(r, basis, q, 2)
         return _safe_normalize(r)[0]
 
     def proceed(args):
-        _state, w, _j, beta = args
+        w, beta = args[5], args[7]
         return tu.scale(1.0 / beta, w)
 
     def step(state: LanczosState) -> LanczosState:
@@ -381,41 +398,40 @@ def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_t
         aq = _to_work(mv(_to_like(q, like)))
         alpha = tu.vdot(q, aq)
         asym = jnp.abs(tu.vdot(q_prev, aq) - tu.vdot(q, state.aq_prev))
-        w = aq
         w = jax.tree_util.tree_map(
             lambda x, a, b: x - alpha.astype(x.dtype) * a - state.beta.astype(x.dtype) * b,
-            w,
+            aq,
             q,
             q_prev,
         )
         basis = state.basis
         if reorth != "none":
-            nrows = _basis_rows(basis)
-            row = j if reorth == "full" else j % nrows
-            basis = _set_row(basis, row, q)
-            w = orthogonalize(w, basis, passes)
+            w = _orth_step(w, basis, q, passes)
         beta = tu.norm(w)
         anorm = jnp.maximum(state.anorm, jnp.abs(alpha) + state.beta + beta)
         broke = beta <= breakdown_tol * anorm
-        state_b = state._replace(basis=basis)
-        q_next = jax.lax.cond(broke, restart, proceed, (state_b, w, j, beta))
+        q_next = jax.lax.cond(
+            broke, restart, proceed, (basis, q, q_prev, state.q_first, state.key, w, j, beta)
+        )
+        if reorth != "none":
+            nrows = _basis_rows(basis)
+            basis = _set_row(basis, j if reorth == "full" else j % nrows, q)
         dropped = jnp.where(broke, beta, jnp.zeros_like(beta))
         beta = jnp.where(broke, jnp.zeros_like(beta), beta)
-        idx = j
         return state._replace(
-            alphas=state.alphas.at[idx].set(alpha.astype(state.alphas.dtype)),
-            betas=state.betas.at[idx].set(beta.astype(state.betas.dtype)),
+            alphas=state.alphas.at[j].set(alpha.astype(state.alphas.dtype)),
+            betas=state.betas.at[j].set(beta.astype(state.betas.dtype)),
             basis=basis,
             q=q_next,
             q_prev=q,
             beta=beta.astype(state.beta.dtype),
             step=j + 1,
-            breakdowns=state.breakdowns.at[idx].set(broke),
-            dropped=state.dropped.at[idx].set(dropped.astype(state.dropped.dtype)),
-            orthogonality=state.orthogonality.at[idx].set(
+            breakdowns=state.breakdowns.at[j].set(broke),
+            dropped=state.dropped.at[j].set(dropped.astype(state.dropped.dtype)),
+            orthogonality=state.orthogonality.at[j].set(
                 jnp.abs(tu.vdot(state.q_first, q_next)).astype(state.orthogonality.dtype)
             ),
-            asymmetry=state.asymmetry.at[idx].set(asym.astype(state.asymmetry.dtype)),
+            asymmetry=state.asymmetry.at[j].set(asym.astype(state.asymmetry.dtype)),
             aq_prev=aq,
             anorm=anorm.astype(state.anorm.dtype),
         )

@@ -34,9 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
-from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -291,7 +290,8 @@ def default_filter_axes(path: str, shape: Sequence[int]) -> Optional[tuple[int, 
     if leaf == "embedding":
         return (0,)
     parts = path.split("/")
-    if nd == 3 and len(parts) >= 2 and parts[-1] == "kernel" and parts[-2] in ("query", "key", "value"):
+    qkv = len(parts) >= 2 and parts[-1] == "kernel" and parts[-2] in ("query", "key", "value")
+    if nd == 3 and qkv:
         return (1, 2)
     return (nd - 1,)
 
@@ -772,6 +772,7 @@ def slice_1d(
         ValueError: empty / non-monotone / non-finite grid, direction not like params.
     """
     g1 = _check_grid(grid1, "grid1")
+    d1 = _check_direction(d1, params, "d1")
     loss, metric = evaluate_points(loss_fn, params, batch, [d1], g1[:, None], metric_fn=metric_fn,
                                    chunk_size=chunk_size, memory_budget_bytes=memory_budget_bytes)
     loss, frac = _mask_nonfinite(loss)
@@ -804,6 +805,8 @@ def slice_2d(
     """
     g1 = _check_grid(grid1, "grid1")
     g2 = _check_grid(grid2, "grid2")
+    d1 = _check_direction(d1, params, "d1")
+    d2 = _check_direction(d2, params, "d2")
     aa, bb = np.meshgrid(g1, g2, indexing="ij")
     coords = np.stack([aa.ravel(), bb.ravel()], axis=1)
     loss, metric = evaluate_points(loss_fn, params, batch, [d1, d2], coords, metric_fn=metric_fn,
@@ -1299,7 +1302,8 @@ def sharpness_report(
         lmax, lmin, tr = float(evals[-1]), float(evals[0]), float(evals.sum())
     else:
         k1, k2 = jax.random.split(key if key is not None else jax.random.key(0))
-        lmax = float(top_eigenpairs(hessian(loss_fn, params, batch), 1, key=k1, dense_limit=dense_limit,
+        op = hessian(loss_fn, params, batch)
+        lmax = float(top_eigenpairs(op, 1, key=k1, dense_limit=dense_limit,
                                     return_eigenvectors=False).eigenvalues[0])
         lmin = None
         tr = hessian_trace(loss_fn, params, batch, key=k2, num_samples=trace_samples,
@@ -1567,7 +1571,8 @@ def pseudo_spectral_experiment(
     model = SeedMLP(hidden=hidden, param_dtype=dtype,
                     rngs=nnx.Rngs(int(jax.random.randint(k_init, (), 0, 2**30))))
     adapted = from_nnx(model, heads.mse())
-    batch = jax.tree_util.tree_map(lambda x: x.astype(dtype), gdata.seed_regression(k_data, n=num_train))
+    batch = jax.tree_util.tree_map(lambda x: x.astype(dtype),
+                                   gdata.seed_regression(k_data, n=num_train))
     res = train(adapted.loss_fn, adapted.params, batch, optimizer=optax.sgd(learning_rate),
                 num_steps=num_steps, key=k_train, record_every=record_every)
     params = res.params
@@ -1599,7 +1604,8 @@ def pseudo_spectral_experiment(
                      np.linspace(lo[0] - pad[0], hi[0] + pad[0], resolution),
                      np.linspace(lo[1] - pad[1], hi[1] + pad[1], resolution))
     if n_params <= DENSE_LIMIT:
-        ev = np.asarray(_dense_hessian_eigvals_stacked(_static(adapted.loss_fn), res.trajectory, batch))
+        ev = np.asarray(_dense_hessian_eigvals_stacked(_static(adapted.loss_fn), res.trajectory,
+                                                       batch))
     else:  # pragma: no cover - the seed model is tiny
         ev = np.full((len(res.steps), 1), np.nan)
     history = {"steps": res.steps, "loss": res.train_loss, "lambda_max": ev[:, -1],
@@ -1690,7 +1696,8 @@ def sharp_vs_flat_experiment(
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ValueError(f"methods must be a non-empty subset of {sorted(METHODS)}, got {list(methods)}")
+        raise ValueError(f"methods must be a non-empty subset of {sorted(METHODS)}, "
+                         f"got {list(methods)}")
     key = key if key is not None else jax.random.key(0)
     k_data, k_init, k_train, k_dir, k_bez, k_noise = jax.random.split(key, 6)
     k_tr, k_te = jax.random.split(k_data)
@@ -1734,5 +1741,6 @@ def sharp_vs_flat_experiment(
     config = dict(methods=list(methods), hidden=list(hidden), num_train=num_train,
                   num_test=num_test, label_noise=label_noise, num_steps=num_steps,
                   learning_rate=learning_rate, small_batch=small_batch, large_batch=large,
-                  noise_eta=noise_eta, noise_gamma=noise_gamma, sam_rho=sam_rho, span=span, epsilon=epsilon)
+                  noise_eta=noise_eta, noise_gamma=noise_gamma, sam_rho=sam_rho, span=span,
+                  epsilon=epsilon)
     return SharpFlatResult(runs, barriers, bez, config)

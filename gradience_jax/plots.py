@@ -24,7 +24,7 @@ their backend. Non-finite landscape values are masked (drawn as gaps), never fat
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -113,7 +113,7 @@ def landscape_contour(
         ax.contour(slice2d.alphas, slice2d.betas, zm, levels=lv[::3], colors="k",
                    linewidths=0.4, alpha=0.5)
         if colorbar:
-            ax.figure.colorbar(cs, ax=ax, shrink=0.85, label="loss")
+            ax.figure.colorbar(cs, ax=ax, shrink=0.85, label="loss", ticks=lv[::4], format="%.3g")
     ax.plot([0], [0], marker="*", color="red", markersize=12, linestyle="none", label="solution")
     if trajectory is not None:
         tr = np.asarray(trajectory)
@@ -196,7 +196,8 @@ def pseudo_spectral_analysis(result: Any = None, *, path: Optional[str] = None,
     colors = np.where(ev > tol, "steelblue", np.where(ev < -tol, "crimson", "0.6"))
     ax.bar(np.arange(ev.size), ev, color=colors)
     ax.axhline(0, color="k", linewidth=0.6)
-    ax.set_yscale("symlog", linthresh=max(1e-3, float(np.min(np.abs(ev[ev != 0]))) if np.any(ev) else 1e-3))
+    nonzero = np.abs(ev[ev != 0])
+    ax.set_yscale("symlog", linthresh=max(1e-3, float(nonzero.min())) if nonzero.size else 1e-3)
     n_pos, n_neg = int(np.sum(ev > tol)), int(np.sum(ev < -tol))
     lam_pos = ev[ev > tol]
     cond = (lam_pos[0] / lam_pos[-1]) if lam_pos.size else float("nan")
@@ -344,13 +345,13 @@ def sharp_vs_flat_minima(result: Any = None, *, path: Optional[str] = None,
     ax.legend(fontsize=5.5)
     ax.grid(True, alpha=0.3)
 
-    finite = np.concatenate([r.landscape.loss[np.isfinite(r.landscape.loss)] for r in runs] or [[0.0]])
+    finite = np.concatenate([r.landscape.loss[np.isfinite(r.landscape.loss)] for r in runs])
     zlim = (float(finite.min()), float(np.percentile(finite, 99))) if finite.size else None
     for i, r in enumerate(runs):
         ax = fig.add_subplot(gs[1, i], projection="3d")
         landscape_surface(r.landscape, ax, zlim=zlim, cmap="viridis",
-                          title=f"{r.label}\n" + r"$\lambda_{max}$" + f"={r.sharpness.lambda_max:.3g}, "
-                                f"train loss {r.sharpness.loss:.3g}")
+                          title=f"{r.label}\n" + r"$\lambda_{max}$"
+                          + f"={r.sharpness.lambda_max:.3g}, train loss {r.sharpness.loss:.3g}")
         ax.set_zlabel("loss", fontsize=7)
     fig.suptitle("Sharp vs flat minima (same model and initialisation, different training recipes)",
                  fontsize=13, fontweight="bold")
@@ -432,7 +433,8 @@ def attention_geometry(result: Any = None, *, path: Optional[str] = None,
             er = g.svd.effective_rank[name][h]
             ax.semilogy(np.arange(1, s.size + 1), np.maximum(s, 1e-12), styles[h % 4], marker="s",
                         markersize=3, color=col,
-                        label=f"{'W_Q W_K^T' if name == 'qk' else 'W_V W_O'} head {h} (erank {er:.2f})")
+                        label=f"{'W_Q W_K^T' if name == 'qk' else 'W_V W_O'} head {h} "
+                              f"(erank {er:.2f})")
     ax.set_xlabel("singular value index")
     ax.set_ylabel("singular value (log)")
     ax.set_title("QK and OV circuits (low-rank structure)", **_TITLE)
@@ -444,7 +446,8 @@ def attention_geometry(result: Any = None, *, path: Optional[str] = None,
     ax.bar(heads - 0.2, g.entropy, 0.4, color=hcolors, label="entropy (nats)")
     ax.bar(heads + 0.2, g.effective_rank, 0.4, color=hcolors, alpha=0.45, hatch="//",
            label="effective rank of maps")
-    ax.axhline(np.log(seq), color="k", linestyle="--", linewidth=1, label=f"log T = {np.log(seq):.2f}")
+    ax.axhline(np.log(seq), color="k", linestyle="--", linewidth=1,
+               label=f"log T = {np.log(seq):.2f}")
     for h in heads:
         ax.text(h - 0.2, g.entropy[h], f"{g.normalized_entropy[h]:.2f}", ha="center",
                 va="bottom", fontsize=7)
@@ -459,7 +462,8 @@ def attention_geometry(result: Any = None, *, path: Optional[str] = None,
         ax.plot(np.arange(hev.size), hev, "o-", markersize=2.5, color="purple")
         ax.axhline(0, color="k", linewidth=0.6)
         pos = np.abs(hev[hev != 0])
-        ax.set_yscale("symlog", linthresh=max(float(np.percentile(pos, 50)) if pos.size else 1e-3, 1e-6))
+        thresh = float(np.percentile(pos, 50)) if pos.size else 1e-3
+        ax.set_yscale("symlog", linthresh=max(thresh, 1e-6))
         ax.text(0.97, 0.97, f"{hev.size} attention parameters\n" + r"$\lambda_{max}$" +
                 f" = {hev[0]:.3g}\nnegative: {int(np.sum(hev < 0))}", transform=ax.transAxes,
                 ha="right", va="top", fontsize=8,

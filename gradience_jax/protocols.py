@@ -944,3 +944,448 @@ def plot_protocol_b(result: ProtocolBResult, figure_dir: str | os.PathLike | Non
         _legend(ax, fontsize=7)
     p = _save(fig, figure_dir, "protocol_B_grokking.png")
     return [p] if p else []
+
+
+# =============================================================================================
+# Protocol C: Fisher geometry during training
+# =============================================================================================
+
+
+class ProtocolCConfig(NamedTuple):
+    """Settings of :func:`run_protocol_c`.
+
+    Attributes:
+        learning_rates, labels: one full-batch GD run per rate.
+        steps: GD steps per run.
+        num_points, input_dim, num_classes, separation: the Gaussian-blob classification.
+        hidden: tanh hidden widths (keep ``n_params <= 2000`` for exact dense geometry).
+        geometry_every: steps between Fisher-geometry reports (host side, the chunk size).
+        probe_every: steps between the jitted GGN-top and weight probes.
+        damping: ``lam`` in ``kappa(F + lam I)``, ``d_eff(lam)`` and ``(F + lam I)^-1 g``.
+        k: top eigenvalues reported.
+        seed: data, initialisation and keys.
+    """
+
+    learning_rates: tuple[float, ...] = (0.1, 2.0)
+    labels: tuple[str, ...] = ("small lr", "large lr")
+    steps: int = 400
+    num_points: int = 256
+    input_dim: int = 8
+    num_classes: int = 4
+    separation: float = 1.0
+    hidden: tuple[int, ...] = (32, 32)
+    geometry_every: int = 20
+    probe_every: int = 5
+    damping: float = 1e-3
+    k: int = 5
+    seed: int = 0
+
+
+FAST_C = ProtocolCConfig(steps=120, hidden=(16,), geometry_every=20, probe_every=5)
+
+
+class _CRun(NamedTuple):
+    label: str
+    lr: float
+    columns: dict[str, np.ndarray]
+    log_path: str
+
+
+class ProtocolCResult(NamedTuple):
+    """Result of :func:`run_protocol_c`.
+
+    Attributes:
+        config: settings used.
+        runs: per learning rate ``label``, ``lr``, ``columns`` (telemetry columns:
+            ``loss``, ``accuracy``, ``ggn_top/eigenvalue`` and ``weights/...`` from the jitted
+            probes; ``fisher/trace``, ``fisher/trace_sq``, ``fisher/participation_ratio``,
+            ``fisher/top_eigenvalues`` ``(T, k)``, ``fisher/condition_number``,
+            ``fisher/effective_dimension``, ``fisher/ng_alignment``, ``fisher/cg_converged``
+            from the host-side reports) and ``log_path``.
+        correlations: per run, Pearson correlations over the reports between
+            ``log kappa(F)`` and each layer's ``log kappa(W)`` (None if undefined).
+        figures: written figure paths.
+    """
+
+    config: ProtocolCConfig
+    runs: list[_CRun]
+    correlations: dict[str, dict[str, float | None]]
+    figures: list[str]
+
+
+def _fisher_report(adapted: Any, params: PyTree, batch: PyTree, config: ProtocolCConfig,
+                   key: jax.Array) -> dict[str, Any]:
+    """Host-side Fisher geometry (``gradience_jax.geometry.fisher_geometry``) of the GGN,
+    which is the Fisher information for softmax cross-entropy."""
+    import warnings  # noqa: PLC0415
+
+    op = ggn(adapted.model_fn, adapted.head, params, batch, check=False)
+    grad = jax.grad(adapted.loss_fn)(params, batch)
+    if not (np.isfinite(float(tu.norm(grad))) and float(tu.norm(grad)) > 0):
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = fisher_geometry(op, grad, damping=config.damping, key=key,
+                              k=min(config.k, op.n_params), num_samples=30)
+    d = rep.to_dict()
+    return {
+        "fisher/trace": d["trace"],
+        "fisher/trace_sq": d["trace_sq"],
+        "fisher/participation_ratio": d["participation_ratio"],
+        "fisher/top_eigenvalues": np.asarray(d["top_eigenvalues"]),
+        "fisher/condition_number": d["condition_number"],
+        "fisher/effective_dimension": d["effective_dimension"],
+        "fisher/ng_alignment": d["natural_gradient_alignment"],
+        "fisher/cg_converged": bool(d["cg_converged"]),
+    }
+
+
+def run_protocol_c(
+    config: ProtocolCConfig | None = None,
+    *,
+    fast: bool | None = None,
+    log_dir: str | os.PathLike | None = DEFAULT_LOG_DIR,
+    figure_dir: str | os.PathLike | None = DEFAULT_FIGURE_DIR,
+) -> ProtocolCResult:
+    """Protocol C: the Fisher metric during training at a small and a large learning rate.
+
+    A tanh MLP classifies Gaussian blobs (softmax cross-entropy, full-batch GD). Every
+    ``geometry_every`` steps the host computes :func:`gradience_jax.geometry.fisher_geometry`
+    of the GGN (= Fisher for softmax CE; exact dense linear algebra for small models,
+    matrix-free otherwise): ``tr F``, ``tr F^2``, participation ratio, top-``k``
+    eigenvalues, ``kappa(F + lam I)``, ``d_eff(lam)`` and the natural-gradient alignment
+    ``cos(g, (F + lam I)^-1 g)`` (conjugate gradients). Inside the jitted step the
+    warm-started GGN top eigenvalue and the weight matrices' condition numbers are probed
+    every ``probe_every`` steps.
+
+    Args:
+        config: settings (default: full, or :data:`FAST_C` in fast mode).
+        fast: small settings (default: the ``GRADIENCE_FAST`` environment variable).
+        log_dir: directory of the JSONL logs ``protocol_C_<label>.jsonl``.
+        figure_dir: where ``protocol_C_fisher_geometry.png`` goes (None: no figure).
+
+    Returns:
+        :class:`ProtocolCResult`.
+
+    Raises:
+        ValueError: bad settings; OSError: unwritable ``log_dir`` (before any training).
+    """
+    fast = fast_mode(fast)
+    if config is None:
+        config = FAST_C if fast else ProtocolCConfig()
+    if len(config.labels) != len(config.learning_rates):
+        raise ValueError(
+            f"labels {config.labels} and learning_rates {config.learning_rates} differ in length"
+        )
+    steps, chunk = _check_steps(config.steps, config.geometry_every)
+    writers = [_open_log(log_dir, f"protocol_C_{lab.replace(' ', '_')}", config, {"lr": lr})
+               for lab, lr in zip(config.labels, config.learning_rates)]
+    batch = gdata.classification(jax.random.key(config.seed + 1), n=config.num_points,
+                                 dim=config.input_dim, num_classes=config.num_classes,
+                                 separation=config.separation)
+    model = MLP([config.input_dim, *config.hidden, config.num_classes], activation=jnp.tanh,
+                rngs=nnx.Rngs(config.seed))
+    adapted = from_nnx(model, heads.softmax_cross_entropy())
+    probe = probes.combine(
+        probes.every(config.probe_every, probes.ggn_eigenvalues(adapted.model_fn, adapted.head)),
+        probes.every(config.probe_every, probes.weight_metrics(
+            fields=("condition_number", "stable_rank", "spectral_norm"))),
+    )
+    chunk_fn = _gd_chunk(adapted.loss_fn, probe, config.seed, fast)
+    key = jax.random.key(config.seed + 2)
+
+    def with_accuracy(carry, s):
+        params = carry[0]
+        out = dict(_fisher_report(adapted, params, batch, config, jax.random.fold_in(key, s)))
+        logits = adapted.model_fn(params, batch)
+        out["accuracy"] = float(jnp.mean(jnp.argmax(logits, -1) == batch["labels"]))
+        return out
+
+    runs = []
+    for lab, lr, writer in zip(config.labels, config.learning_rates, writers):
+        carry = (adapted.params, probe.init(adapted.params))
+        _run_chunks(chunk_fn, carry, (jnp.asarray(lr, jnp.float32), batch), steps=steps,
+                    chunk=chunk, writer=writer, at_chunk_start=with_accuracy)
+        runs.append(_CRun(lab, float(lr), _columns(writer), str(writer.path)))
+    corr = {run.label: _kappa_correlations(run.columns) for run in runs}
+    result = ProtocolCResult(config, runs, corr, [])
+    figures = plot_protocol_c(result, figure_dir) if figure_dir is not None else []
+    return result._replace(figures=figures)
+
+
+def _kappa_correlations(cols: Mapping[str, np.ndarray]) -> dict[str, float | None]:
+    """Pearson correlation of ``log kappa(F)`` with each layer's ``log kappa(W)`` at the
+    report steps."""
+    fs, fk = _series(cols, "fisher/condition_number")
+    out: dict[str, float | None] = {}
+    for key in _layer_keys(cols, "weights/", "condition_number"):
+        v = np.asarray(cols[key], np.float64)
+        idx = np.searchsorted(cols["step"], fs)
+        x, y = np.log(fk), np.log(v[idx])
+        ok = np.isfinite(x) & np.isfinite(y)
+        if ok.sum() < 3 or np.std(x[ok]) == 0 or np.std(y[ok]) == 0:
+            out[_short(key)] = None
+        else:
+            out[_short(key)] = float(np.corrcoef(x[ok], y[ok])[0, 1])
+    return out
+
+
+def plot_protocol_c(result: ProtocolCResult, figure_dir: str | os.PathLike | None) -> list[str]:
+    """Figure of Protocol C: loss, ``tr F`` and participation ratio, top eigenvalues,
+    ``kappa(F)`` against the weight matrices' ``kappa(W)``, natural-gradient alignment and
+    effective dimension, one line style per learning rate."""
+    fig = _new_figure((13.0, 7.0))
+    axes = fig.subplots(2, 3, sharex=True)
+    styles = ["-", "--", ":", "-."]
+    ax2 = axes[0, 1].twinx()
+    for i, run in enumerate(result.runs):
+        c, ls = run.columns, styles[i % len(styles)]
+        tag = f"{run.label} (lr {run.lr:g})"
+        axes[0, 0].semilogy(c["step"], c["loss"], ls, color="k", lw=1, label=tag)
+        s, tr = _series(c, "fisher/trace")
+        axes[0, 1].plot(s, tr, ls, color="tab:blue", marker="o", ms=3, label=f"tr F, {run.label}")
+        s2, pr = _series(c, "fisher/participation_ratio")
+        ax2.plot(s2, pr, ls, color="tab:red", lw=1)
+        s, top = _series(c, "fisher/top_eigenvalues")
+        for j in range(top.shape[1] if top.ndim == 2 else 0):
+            axes[0, 2].semilogy(s, top[:, j], ls, color=f"C{j}", lw=1,
+                                label=f"$\\lambda_{j + 1}$" if i == 0 else None)
+        gs, gt = _series(c, "ggn_top/eigenvalue")
+        axes[0, 2].semilogy(gs, gt, ls, color="gray", lw=0.6,
+                            label="Lanczos probe" if i == 0 else None)
+        s, kf = _series(c, "fisher/condition_number")
+        axes[1, 0].semilogy(s, kf, ls, color="k", marker="o", ms=3, label=f"$\\kappa(F)$ {run.label}")
+        for j, key in enumerate(_layer_keys(c, "weights/", "condition_number")):
+            ks, kv = _series(c, key)
+            axes[1, 0].semilogy(ks, kv, ls, color=f"C{j}", lw=1,
+                                label=f"$\\kappa(W)$ {_short(key)}" if i == 0 else None)
+        s, al = _series(c, "fisher/ng_alignment")
+        axes[1, 1].plot(s, al, ls, marker="o", ms=3, color="tab:purple", label=tag)
+        s, de = _series(c, "fisher/effective_dimension")
+        axes[1, 2].plot(s, de, ls, marker="o", ms=3, color="tab:green", label=tag)
+    axes[0, 0].set_ylabel("training loss (softmax CE)")
+    axes[0, 1].set_ylabel("tr F (blue)")
+    ax2.set_ylabel("participation ratio (tr F)^2 / tr F^2 (red)")
+    axes[0, 2].set_ylabel("top eigenvalues of F")
+    lam = result.config.damping
+    axes[1, 0].set_ylabel(f"condition numbers ($\\kappa(F + {lam:g} I)$, $\\kappa(W)$)")
+    axes[1, 1].set_ylabel(r"natural-gradient alignment cos(g, $F^{-1}$g)")
+    axes[1, 2].set_ylabel(f"effective dimension d_eff({lam:g})")
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    for ax in (*axes[0], *axes[1]):
+        _legend(ax, fontsize=7)
+    p = _save(fig, figure_dir, "protocol_C_fisher_geometry.png")
+    return [p] if p else []
+
+
+# =============================================================================================
+# Protocol D: rank evolution across architectures
+# =============================================================================================
+
+
+ARCHITECTURES = ("mlp", "cnn", "transformer")
+
+
+class ProtocolDConfig(NamedTuple):
+    """Settings of :func:`run_protocol_d`.
+
+    Attributes:
+        architectures: any of ``"mlp"`` (classification), ``"cnn"`` (tiny images),
+            ``"transformer"`` (next-token prediction).
+        learning_rates, labels: one Adam run per rate and architecture (the second rate is
+            10x too large: induced instability).
+        steps: full-batch Adam steps per run.
+        probe_every: steps between the jitted weight-metric probes.
+        alpha_every: steps between host-side power-law fits (the chunk size).
+        width: hidden width of the MLP / model width of the transformer.
+        seed: data, initialisation.
+    """
+
+    architectures: tuple[str, ...] = ARCHITECTURES
+    learning_rates: tuple[float, ...] = (3e-3, 3e-2)
+    labels: tuple[str, ...] = ("normal", "10x lr")
+    steps: int = 600
+    probe_every: int = 10
+    alpha_every: int = 100
+    width: int = 64
+    seed: int = 0
+
+
+FAST_D = ProtocolDConfig(steps=100, probe_every=10, alpha_every=50, width=32)
+
+
+def _d_case(arch: str, config: ProtocolDConfig) -> tuple[Any, dict]:
+    key = jax.random.key(config.seed + 1)
+    rngs = nnx.Rngs(config.seed)
+    w = config.width
+    if arch == "mlp":
+        batch = gdata.classification(key, n=512, dim=32, num_classes=8, separation=1.0)
+        model = MLP([32, 2 * w, 2 * w, 8], activation=jax.nn.relu, rngs=rngs)
+        head = heads.softmax_cross_entropy()
+    elif arch == "cnn":
+        batch = gdata.images(key, n=256, size=8, num_classes=10)
+        model = CNN(channels=(16, 32), image_size=8, num_classes=10, rngs=rngs)
+        head = heads.softmax_cross_entropy()
+    elif arch == "transformer":
+        batch = gdata.token_sequences(key, n=64, seq_len=16, vocab_size=32)
+        model = TinyTransformerLM(vocab_size=32, d_model=w, num_heads=2, num_layers=2,
+                                  max_len=16, rngs=rngs)
+        head = heads.softmax_cross_entropy()
+    else:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {arch!r}")
+    return from_nnx(model, head), batch
+
+
+class ProtocolDResult(NamedTuple):
+    """Result of :func:`run_protocol_d`.
+
+    Attributes:
+        config: settings used.
+        runs: ``{architecture: {label: columns}}`` (``loss``, ``weights/<layer>/
+            effective_rank`` / ``stable_rank`` / ``spectral_norm``, ``alpha/<layer>``).
+        shapes: ``{architecture: {layer: (rows, cols)}}`` of the analysed matrices.
+        log_paths: the JSONL logs.
+        figures: written figure paths.
+    """
+
+    config: ProtocolDConfig
+    runs: dict[str, dict[str, dict[str, np.ndarray]]]
+    shapes: dict[str, dict[str, tuple[int, int]]]
+    log_paths: list[str]
+    figures: list[str]
+
+
+def _adam_chunk(loss_fn: Callable, probe: probes.Probe, seed: int, fast: bool) -> Callable:
+    base = jax.random.key(seed)
+
+    def run(carry, idx, lr, batch):
+        tx = optax.adam(lr)
+
+        def one(c, step):
+            params, opt_state, pstate = c
+            metrics, pstate = probe(params, batch, jax.random.fold_in(base, step), pstate)
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            metrics = dict(metrics, loss=loss, update_ratio=tu.norm(updates) / tu.norm(params))
+            return (optax.apply_updates(params, updates), opt_state, pstate), metrics
+
+        return jax.lax.scan(one, carry, idx)
+
+    return _jit(run, fast)
+
+
+def run_protocol_d(
+    config: ProtocolDConfig | None = None,
+    *,
+    fast: bool | None = None,
+    log_dir: str | os.PathLike | None = DEFAULT_LOG_DIR,
+    figure_dir: str | os.PathLike | None = DEFAULT_FIGURE_DIR,
+) -> ProtocolDResult:
+    """Protocol D: effective / stable rank and power-law alpha of every layer over training.
+
+    An MLP (Gaussian blobs), a CNN (tiny template images) and a 2-block transformer LM
+    (arithmetic token sequences) train with full-batch Adam at a normal and a 10x larger
+    learning rate. The jitted weight probe logs every layer's effective rank (entropy of
+    the normalised singular values), stable rank and spectral norm every ``probe_every``
+    steps; the power-law exponent ``alpha`` of each layer's eigenvalue spectrum is fitted on
+    the host (:func:`gradience_jax.weight_spectra`) every ``alpha_every`` steps (NaN for
+    matrices too small for a fit).
+
+    Args:
+        config: settings (default: full, or :data:`FAST_D` in fast mode).
+        fast: small settings (default: the ``GRADIENCE_FAST`` environment variable).
+        log_dir: directory of the JSONL logs ``protocol_D_<arch>_<label>.jsonl``.
+        figure_dir: where ``protocol_D_rank_evolution.png`` goes (None: no figure).
+
+    Returns:
+        :class:`ProtocolDResult`.
+
+    Raises:
+        ValueError: bad settings (unknown architecture); OSError: unwritable ``log_dir``.
+    """
+    fast = fast_mode(fast)
+    if config is None:
+        config = FAST_D if fast else ProtocolDConfig()
+    bad = [a for a in config.architectures if a not in ARCHITECTURES]
+    if bad:
+        raise ValueError(f"architectures must be among {ARCHITECTURES}, got {bad}")
+    if len(config.labels) != len(config.learning_rates):
+        raise ValueError(
+            f"labels {config.labels} and learning_rates {config.learning_rates} differ in length"
+        )
+    steps, chunk = _check_steps(config.steps, config.alpha_every)
+    writers = {
+        (arch, lab): _open_log(log_dir, f"protocol_D_{arch}_{lab.replace(' ', '_')}", config,
+                               {"architecture": arch, "lr": lr})
+        for arch in config.architectures
+        for lab, lr in zip(config.labels, config.learning_rates)
+    }
+    probe = probes.every(config.probe_every, probes.weight_metrics(
+        fields=("effective_rank", "stable_rank", "spectral_norm")))
+    runs: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    shapes: dict[str, dict[str, tuple[int, int]]] = {}
+    for arch in config.architectures:
+        adapted, batch = _d_case(arch, config)
+        shapes[arch] = {path: _matrix_shape(np.shape(leaf), rule)
+                        for path, rule, leaf in probes._weight_leaves(adapted.params, None)}
+        chunk_fn = _adam_chunk(adapted.loss_fn, probe, config.seed, fast)
+        runs[arch] = {}
+        for lab, lr in zip(config.labels, config.learning_rates):
+            writer = writers[(arch, lab)]
+            tx_state = optax.adam(lr).init(adapted.params)
+            carry = (adapted.params, tx_state, probe.init(adapted.params))
+            _run_chunks(chunk_fn, carry, (jnp.asarray(lr, jnp.float32), batch), steps=steps,
+                        chunk=chunk, writer=writer,
+                        at_chunk_start=lambda c, s: _alpha_metrics(c[0]))
+            runs[arch][lab] = _columns(writer)
+    result = ProtocolDResult(config, runs, shapes, [str(w.path) for w in writers.values()], [])
+    figures = plot_protocol_d(result, figure_dir) if figure_dir is not None else []
+    return result._replace(figures=figures)
+
+
+def _matrix_shape(shape: Sequence[int], rule: str) -> tuple[int, int]:
+    """Shape of the 2-D matrix the weight metrics analyse (the ``weights`` reshape rules)."""
+    shape = tuple(int(d) for d in shape)
+    if rule == "leading":
+        return math.prod(shape[:-1]), shape[-1]
+    if rule == "trailing":
+        return shape[0], math.prod(shape[1:])
+    return shape[0], shape[1]
+
+
+def plot_protocol_d(result: ProtocolDResult, figure_dir: str | os.PathLike | None) -> list[str]:
+    """Figure of Protocol D: per architecture (columns) the effective rank as a fraction of
+    the full rank, the stable rank and alpha of every layer (solid: normal learning rate,
+    dashed: 10x), and the training losses."""
+    archs = list(result.runs)
+    fig = _new_figure((4.4 * len(archs), 11.0))
+    axes = fig.subplots(4, len(archs), squeeze=False, sharex="col")
+    styles = ["-", "--", ":", "-."]
+    for j, arch in enumerate(archs):
+        for i, (lab, c) in enumerate(result.runs[arch].items()):
+            ls = styles[i % len(styles)]
+            axes[0, j].semilogy(c["step"], c["loss"], ls, color="k", lw=1, label=lab)
+            for li, key in enumerate(_layer_keys(c, "weights/", "effective_rank")):
+                path = key[len("weights/"):-len("/effective_rank")]
+                full = min(result.shapes[arch].get(path, (1, 1)))
+                color = f"C{li % 10}"
+                label = _short(key) if i == 0 else None
+                s, er = _series(c, key)
+                axes[1, j].plot(s, er / full, ls, color=color, lw=1, label=label)
+                s, sr = _series(c, f"weights/{path}/stable_rank")
+                axes[2, j].plot(s, sr, ls, color=color, lw=1, label=label)
+                s, al = _series(c, f"alpha/{path}")
+                if np.isfinite(al).any():
+                    axes[3, j].plot(s, al, ls, color=color, marker="o", ms=3, lw=1, label=label)
+        axes[0, j].set_title(arch)
+        axes[0, j].set_ylabel("training loss")
+        axes[1, j].set_ylabel("effective rank / full rank")
+        axes[2, j].set_ylabel("stable rank")
+        axes[3, j].set_ylabel(r"power-law $\alpha$ (ESD tail)")
+        axes[3, j].set_xlabel("step")
+        _legend(axes[0, j], fontsize=8)
+        _legend(axes[1, j], fontsize=6, ncol=2)
+        _legend(axes[3, j], fontsize=6)
+    p = _save(fig, figure_dir, "protocol_D_rank_evolution.png")
+    return [p] if p else []

@@ -677,10 +677,10 @@ def _landscape(adapted: Any, params: PyTree, batch: dict, cfg: AnalysisConfig) -
     axis = np.linspace(-cfg.span, cfg.span, cfg.grid)
     sl = landscape.slice_2d(adapted.loss_fn, params, batch, d1, d2, axis, axis)
     loss = np.asarray(sl.loss, np.float64)
-    centre = cfg.grid // 2
+    i, j = int(np.argmin(np.abs(sl.alphas))), int(np.argmin(np.abs(sl.betas)))
     return {
         "directions": "filter-normalised Gaussian (Li et al. 2018)", "alphas": sl.alphas,
-        "betas": sl.betas, "loss": loss, "center_loss": float(loss[centre, centre]),
+        "betas": sl.betas, "loss": loss, "center_loss": float(loss[i, j]),
         "min_loss": float(np.nanmin(loss)), "max_loss": float(np.nanmax(loss)),
         "nonfinite_fraction": float(sl.nonfinite_fraction),
     }
@@ -763,6 +763,8 @@ def _fig_training(curve: np.ndarray, path: Path) -> None:
 
 
 def _fig_top_k(curv: Mapping[str, dict], path: Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure((10.0, 3.8))
     ax1, ax2 = fig.subplots(1, 2)
     for name, c in curv.items():
@@ -774,6 +776,7 @@ def _fig_top_k(curv: Mapping[str, dict], path: Path) -> None:
     ax1.set(xlabel="index i", ylabel="lambda_i", title="top-k eigenvalues (Lanczos)")
     ax2.set(xlabel="index i", ylabel="Ritz residual bound", title="convergence")
     for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.savefig(path, dpi=110)
@@ -783,7 +786,8 @@ def _fig_density(density: dict, lam: Sequence[float], path: Path) -> None:
     fig = _figure((6.0, 3.8))
     ax = fig.add_subplot()
     dens = np.asarray(density["density"], np.float64)
-    ax.semilogy(density["grid"], np.maximum(dens, 1e-12), color="C0")
+    floor = 1e-7 * max(float(np.max(dens)), 1e-300)
+    ax.semilogy(density["grid"], np.maximum(dens, floor), color="C0")
     for v in lam:
         ax.axvline(v, color="C3", alpha=0.35, lw=0.8)
     ax.set(xlabel="eigenvalue", ylabel="density (log)",
@@ -888,7 +892,7 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def _markdown(report: Mapping[str, Any]) -> str:
     m = report["model"]
-    lines = [f"# gradience_jax analysis report", "",
+    lines = ["# gradience_jax analysis report", "",
              f"Model `{m['name']}` ({m['n_params']:,} parameters, {m['source']}), seed "
              f"{report['seed']}, created {report['created']}.", ""]
     lines += _md_table(["quantity", "value"], summary_rows(report))
@@ -903,7 +907,7 @@ def _markdown(report: Mapping[str, Any]) -> str:
             rows.append([name, t["eigenvalues"][0], t["eigenvalues"][-1], c["trace"]["estimate"],
                          c["trace"]["stderr"], t["converged"], t["iterations"], t["operator_calls"],
                          t["wall_time_s"]])
-        lines += _md_table(["operator", "lambda_1", f"lambda_k", "trace", "stderr", "converged",
+        lines += _md_table(["operator", "lambda_1", "lambda_k", "trace", "stderr", "converged",
                             "iterations", "matvecs", "time (s)"], rows)
         for name, c in report["curvature"].items():
             for w in c["top_k"]["warnings"] + c.get("warnings", []):

@@ -198,6 +198,7 @@ def test_checkpoint_tree_does_not_match_model(analyzed, tmp_path):
     (["analyze", "--model", "resnet"], "invalid choice: 'resnet'"),
     (["analyze", "--operator", "lobpcg"], "invalid choice: 'lobpcg'"),
     (["analyze", "--k", "0"], "expected a positive integer"),
+    (["analyze", "--train-steps", "-3"], "expected a non-negative integer"),
     (["analyze", "--reorth", "partial"], "invalid choice"),
     (["protocol", "E"], "invalid choice: 'E'"),
     (["teleport"], "invalid choice: 'teleport'"),
@@ -212,6 +213,9 @@ def test_unwritable_out(analyzed, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
     code, _, err = run(["analyze", "--fast", "--out", blocker / "sub"])
+    assert_one_line_error(code, err, 1, "cannot write to output folder")
+    code, _, err = run(["analyze", "--fast", "--out", tmp_path / "ok",
+                        "--save-checkpoint", blocker / "sub" / "c.msgpack"])
     assert_one_line_error(code, err, 1, "cannot write to output folder")
     code, _, err = run(["weights", analyzed["ckpt"], "--out", blocker / "sub"])
     assert_one_line_error(code, err, 1, "cannot write to output folder")
@@ -274,6 +278,33 @@ def test_protocol_failure_is_one_line(monkeypatch, tmp_path):
     assert_one_line_error(code, err, 1, "needs at least 2 checkpoints")
 
 
+def test_protocol_runner_wires_config_and_folders(monkeypatch, tmp_path):
+    from gradience_jax import protocols
+
+    seen = {}
+
+    def fake(config=None, *, fast=None, log_dir=None, figure_dir=None):
+        seen.update(config=config, fast=fast, log_dir=log_dir, figure_dir=figure_dir)
+        return protocols.ProtocolAResult(config, [], [])
+
+    monkeypatch.setattr(protocols, "run_protocol_a", fake)
+    code, stdout, err = run(["protocol", "A", "--fast", "--seed", "3", "--out", tmp_path, "--json"])
+    assert code == 0, err
+    assert seen == {"config": protocols.FAST_A._replace(seed=3), "fast": True,
+                    "log_dir": str(tmp_path / "logs"), "figure_dir": str(tmp_path / "figures")}
+    assert json.loads(stdout)["result"]["config"]["seed"] == 3
+    monkeypatch.delattr(protocols, "run_protocol_d", raising=False)
+    code, _, err = run(["protocol", "D", "--out", tmp_path])
+    assert_one_line_error(code, err, 1, "protocol D is not available")
+
+
+def test_summarise_shortens_long_series():
+    data = cli.summarise({"x": np.arange(1000.0), "y": (np.float32(2.0), np.array([np.nan])),
+                          "z": np.full(300, np.nan)})
+    assert data["x"] == {"shape": [1000], "min": 0.0, "max": 999.0, "mean": 499.5, "last": 999.0}
+    assert data["y"] == [2.0, [None]] and data["z"] == {"shape": [300]}
+
+
 def test_figures_tiny(monkeypatch, tmp_path):
     drawn = {}
 
@@ -301,7 +332,24 @@ def test_figures_default_folder_is_docs_figures():
                                 "attention_geometry", "attention_training_dynamics"}
 
 
-def test_bench_runs_scripts_quick(monkeypatch, tmp_path):
+def test_bench_runs_the_suite_runner_quick(monkeypatch, tmp_path):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "run_all.py").write_text("import sys\nprint(' '.join(sys.argv[1:]))\n")
+    (bench / "tiny.py").write_text("")
+    (bench / "other.py").write_text("")
+    monkeypatch.setattr(cli, "_source_root", lambda: tmp_path)
+    code, stdout, err = run(["bench", "--json"])
+    assert code == 0, err
+    data = json.loads(stdout)
+    assert data["runs"][0]["stdout"].strip() == "--quick" and data["failed"] == []
+    code, stdout, err = run(["bench", "--only", "tiny", "--only", "other", "--full", "--json"])
+    assert json.loads(stdout)["runs"][0]["stdout"].strip() == "--only tiny,other"
+    code, _, err = run(["bench", "--only", "nope"])
+    assert_one_line_error(code, err, 2, "unknown benchmark(s) nope; available: other, tiny")
+
+
+def test_bench_without_runner_runs_each_script(monkeypatch, tmp_path):
     bench = tmp_path / "benchmarks"
     bench.mkdir()
     (bench / "tiny.py").write_text("import sys\nprint('quick' if '--quick' in sys.argv else 'full')\n")
@@ -310,16 +358,14 @@ def test_bench_runs_scripts_quick(monkeypatch, tmp_path):
     monkeypatch.setattr(cli, "_source_root", lambda: tmp_path)
     code, stdout, err = run(["bench", "--only", "tiny", "--json"])
     assert code == 0, err
-    data = json.loads(stdout)
-    assert data["runs"][0]["stdout"].strip() == "quick" and data["failed"] == []
+    assert json.loads(stdout)["runs"][0]["stdout"].strip() == "quick"
     code, _, err = run(["bench"])
     assert_one_line_error(code, err, 1, "benchmark(s) failed: broken", after_output=True)
-    code, _, err = run(["bench", "--only", "nope"])
-    assert_one_line_error(code, err, 2, "unknown benchmark(s) nope; available: broken, tiny")
+    monkeypatch.setattr(cli, "_source_root", lambda: tmp_path / "nowhere")
+    code, _, err = run(["bench"])
+    assert_one_line_error(code, err, 1, "benchmarks/ not found")
 
 
-def test_real_benchmark_scripts_accept_quick():
-    scripts = cli._bench_scripts(None)
-    assert scripts, "benchmarks/ should hold the benchmark scripts"
-    for s in scripts:
-        assert "--quick" in s.read_text(), s.name
+def test_real_benchmark_suite_is_found():
+    (name, cmd, cwd), = cli._bench_commands(None, full=False)
+    assert name == "run_all" and cmd[-1] == "--quick" and Path(cmd[1]).is_file()

@@ -9,6 +9,9 @@ products <= 1e-4 relative, the loss <= 1e-5 relative.
 from __future__ import annotations
 
 import functools
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch threads: no spin-waiting on busy CPUs
 
 import jax
 import jax.numpy as jnp
