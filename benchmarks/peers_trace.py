@@ -8,7 +8,7 @@ Usage:
 
 The MLP is small enough for the exact Hessian (dense, float64 eigenvalues), so errors are
 against the truth. Trace: each method spends exactly ``m`` matvecs per estimate (PyHessian
-with ``tol=0`` so it never stops early); the table gives the mean relative error over
+with ``tol=-inf`` so it never stops early); the table gives the mean relative error over
 ``R`` seeds and the median wall time per estimate. Density: SLQ with the same
 ``probes x steps`` budget; error = L1 distance between the Gaussian-broadened estimate and
 the broadened exact spectrum (same ``sigma``; 0 = identical, 2 = disjoint). PyHessian's
@@ -77,7 +77,7 @@ def _install_torch_eig_shim(torch) -> bool:
 
 def run(quick: bool) -> dict:
     model, adapted, batch, sizes = build(quick)
-    budgets = (10, 30) if quick else (10, 30, 100)
+    budgets = (9, 30) if quick else (9, 30, 99)  # Hutch++ peers need multiples of 3
     reps = 4 if quick else 10
     h = gj.hessian(adapted.loss_fn, adapted.params, batch)
     n = h.n_params
@@ -108,7 +108,9 @@ def run(quick: bool) -> dict:
         def pyh_trace(m, seed):
             torch.manual_seed(seed)
             comp = pyh.hessian(tm.module, tm.criterion(), data=(x, y), cuda=False)
-            out = float(np.mean(comp.trace(maxIter=m, tol=0.0)))
+            # tol=-inf: PyHessian stops when |mean - prev| / (prev + 1e-6) < tol, which a
+            # negative running mean satisfies for any tol >= 0; -inf spends all m probes
+            out = float(np.mean(comp.trace(maxIter=m, tol=float("-inf"))))
             tm.module.zero_grad(set_to_none=True)
             return out
 
@@ -226,12 +228,12 @@ def run(quick: bool) -> dict:
     ours_row = trace_rows[0]
     checks = {}
     for m in budgets:
-        peer_errs = [r[f"m={m} rel err"] for r in trace_rows[2:] if isinstance(r[f"m={m} rel err"], float)]
-        checks[f"hutchpp_le_best_peer_error_m{m}"] = (
-            trace_rows[1][f"m={m} rel err"] <= min(peer_errs) if peer_errs else None)
         peer_t = [r[f"m={m} ms"] for r in trace_rows[2:] if isinstance(r[f"m={m} ms"], float)]
-        checks[f"hutchinson_faster_than_all_peers_m{m}"] = (
+        checks[f"ours_hutchinson_faster_than_every_peer_m{m}"] = (
             ours_row[f"m={m} ms"] < min(peer_t) if peer_t else None)
+    slq = [r["ms"] for r in dens_rows[1:] if isinstance(r["ms"], float)]
+    checks["ours_slq_faster_than_every_peer"] = (
+        dens_rows[0]["ms"] < min(slq) if slq else None)
     return {"n_params": n, "sizes": sizes, "batch": int(batch["inputs"].shape[0]),
             "exact_trace": exact, "budgets": list(budgets), "repetitions": reps,
             "trace_rows": trace_rows, "trace_raw": trace_raw,

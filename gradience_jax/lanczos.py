@@ -190,7 +190,9 @@ def check_vector(v: PyTree, like: PyTree, name: str, like_name: str) -> None:
     """``v`` must have the pytree structure and leaf shapes of ``like`` (dtypes may differ)."""
     v_def, l_def = jax.tree_util.tree_structure(v), jax.tree_util.tree_structure(like)
     if v_def != l_def:
-        raise ValueError(f"{name} does not match the pytree structure of {like_name}: {v_def} vs {l_def}")
+        raise ValueError(
+            f"{name} does not match the pytree structure of {like_name}: {v_def} vs {l_def}"
+        )
     for (path, a), b in zip(
         jax.tree_util.tree_flatten_with_path(v)[0], jax.tree_util.tree_leaves(like)
     ):
@@ -233,7 +235,9 @@ def _check_operator_output(op: LinearOperator, v: PyTree) -> None:
     try:
         out = jax.eval_shape(lambda o, x: o.bind()(x), op, v)
     except Exception as exc:  # keep the cause
-        raise ValueError(f"the {op.name} operator's matvec failed on a params-shaped vector: {exc}") from exc
+        raise ValueError(
+            f"the {op.name} operator's matvec failed on a params-shaped vector: {exc}"
+        ) from exc
     out_def, like_def = jax.tree_util.tree_structure(out), jax.tree_util.tree_structure(like)
     if out_def != like_def:
         raise ValueError(

@@ -385,6 +385,7 @@ def _draw_maps(ax: Any, maps: np.ndarray, title: str, annotate: bool = True) -> 
                     ax.text(j, i, f"{img[i, j]:.2f}", ha="center", va="center", fontsize=6)
     ax.set_xticks([k * (s + 1) + (s - 1) / 2 for k in range(h)], [f"head {k}" for k in range(h)])
     ax.set_xlabel("key position (one block per head)")
+    ax.set_yticks(range(t))
     ax.set_ylabel("query position")
     ax.set_title(title, **_TITLE)
 
@@ -452,6 +453,7 @@ def attention_geometry(result: Any = None, *, path: Optional[str] = None,
         ax.text(h - 0.2, g.entropy[h], f"{g.normalized_entropy[h]:.2f}", ha="center",
                 va="bottom", fontsize=7)
     ax.set_xticks(heads, [f"head {h}" for h in heads])
+    ax.set_ylim(0, 1.3 * max(float(np.max(g.effective_rank)), float(np.log(seq)), 1e-3))
     ax.set_title("Attention entropy (label: normalised) and rank", **_TITLE)
     ax.legend(fontsize=7)
     ax.grid(True, axis="y", alpha=0.3)

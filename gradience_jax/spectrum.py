@@ -34,14 +34,12 @@ import scipy.linalg
 
 from gradience_jax import tree as tu
 from gradience_jax.lanczos import (
-    DEFAULT_WINDOW,
     REORTH_MODES,
     LanczosState,
     _scalar_dtype,
     _to_like,
     _to_work,
     _zeros_work,
-    basis_combine,
     basis_dot,
     check_operator_output,
     check_reorth,
@@ -518,7 +516,7 @@ class SpectrumResult:
 
     @property
     def range_ratio(self) -> float:
-        """``|lambda_max| / |lambda_min|`` of the computed values (``inf`` if ``lambda_min = 0``)."""
+        """``|lambda_max| / |lambda_min|`` of the computed values (``inf`` if 0)."""
         lo = abs(self.min_eigenvalue)
         return float(abs(self.max_eigenvalue) / lo) if lo > 0 else float("inf")
 
@@ -612,6 +610,7 @@ class SpectrumResult:
 
     def __repr__(self) -> str:
         vals = ", ".join(f"{v:.6g}" for v in self.eigenvalues[:10])
+        max_res = float(np.max(self.ritz_residuals)) if len(self.ritz_residuals) else 0.0
         more = ", ..." if len(self.eigenvalues) > 10 else ""
         status = "converged" if self.converged else (
             f"NOT converged ({int(np.sum(~np.asarray(self.converged_mask)))}/{self.k} open)"
@@ -623,8 +622,8 @@ class SpectrumResult:
             f"  {status} after {self.iterations} iterations, {self.operator_calls} matvecs, "
             f"{self.wall_time_s:.3g} s; reorth={self.reorth_mode!r}"
             + (f" (window {self.window})" if self.reorth_mode == "window" else ""),
-            f"  max ritz residual {float(np.max(self.ritz_residuals)) if len(self.ritz_residuals) else 0.0:.2e}, "
-            f"orthogonality loss {self.orthogonality_loss:.1e}, ghosts removed {self.ghosts_removed}",
+            f"  max ritz residual {max_res:.2e}, orthogonality loss "
+            f"{self.orthogonality_loss:.1e}, ghosts removed {self.ghosts_removed}",
         ]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
@@ -1337,7 +1336,10 @@ def _build_operator(operator, loss_fn, params, batch, model_fn, head, key):
 
         return empirical_fisher(loss_fn, params, batch)
     if model_fn is None or head is None:
-        raise ValueError(f"operator={operator!r} needs model_fn and head (loss = head(model_fn(params, batch), batch))")
+        raise ValueError(
+            f"operator={operator!r} needs model_fn and head "
+            "(loss = head(model_fn(params, batch), batch))"
+        )
     if operator == "ggn":
         from gradience_jax.operators.ggn import ggn
 
@@ -1401,7 +1403,9 @@ def compute_spectrum(
         op = operator
     else:
         if operator not in OPERATORS:
-            raise ValueError(f"operator must be one of {OPERATORS} or a LinearOperator, got {operator!r}")
+            raise ValueError(
+                f"operator must be one of {OPERATORS} or a LinearOperator, got {operator!r}"
+            )
         name = "empirical_fisher" if operator == "ef" else operator
         dt = _compute_dtype(params, name, cfg.dtype_compute)
         p = params if dt is None else _cast_params(params, dt)
