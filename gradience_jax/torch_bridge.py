@@ -183,7 +183,8 @@ class TorchModel:
 
     Attributes:
         module: the ``torch.nn.Module`` (float32 unless built with another ``dtype``).
-        leaves: one :class:`LeafMap` per PyTorch parameter, in ``module.parameters()`` order.
+        leaves: one :class:`LeafMap` per PyTorch parameter, in ``module.parameters()`` order
+            (so ``parameters``, ``to_torch`` and peers' per-parameter outputs line up).
         kind: ``"mlp"``, ``"cnn"`` or ``"transformer"``.
         flax_paths: the Flax params' leaf paths in ``tree_leaves`` order.
     """
@@ -197,7 +198,7 @@ class TorchModel:
     # -- parameters and vectors ------------------------------------------------------------
     @property
     def parameters(self) -> list:
-        """The PyTorch parameters, in ``leaves`` order."""
+        """``list(module.parameters())`` (the order of ``leaves``)."""
         named = dict(self.module.named_parameters())
         return [named[m.torch_name] for m in self.leaves]
 
@@ -583,10 +584,10 @@ def _finish(module, leaves, kind, params, like_tree) -> TorchModel:
     module.eval()
     tm = TorchModel(module, tuple(leaves), kind, tuple(leaf_paths(like_tree)),
                     jax.tree_util.tree_structure(like_tree))
-    named = set(dict(module.named_parameters()))
-    mapped = {m.torch_name for m in leaves}
-    if named != mapped:  # pragma: no cover - a bug in this module, not user input
-        raise AssertionError(f"unmapped PyTorch parameters {sorted(named - mapped)}")
+    named = [name for name, _ in module.named_parameters()]
+    if named != [m.torch_name for m in leaves]:  # pragma: no cover - a bug here, not user input
+        raise AssertionError(f"leaf maps {[m.torch_name for m in leaves]} do not follow "
+                             f"module.parameters() {named}")
     flax_mapped = {m.flax_path for m in leaves}
     if flax_mapped != set(tm.flax_paths):
         raise ValueError(
@@ -694,9 +695,8 @@ def torch_transformer(model: Any, params: PyTree | None = None,
               LeafMap("pos_embed.weight", "pos_embed/embedding", same)]
     for i in range(len(model.blocks)):
         t, f = f"blocks.{i}", f"blocks/{i}"
-        for ln in ("ln1", "ln2"):
-            leaves += [LeafMap(f"{t}.{ln}.weight", f"{f}/{ln}/scale", same),
-                       LeafMap(f"{t}.{ln}.bias", f"{f}/{ln}/bias", same)]
+        leaves += [LeafMap(f"{t}.ln1.weight", f"{f}/ln1/scale", same),
+                   LeafMap(f"{t}.ln1.bias", f"{f}/ln1/bias", same)]
         for name in ("query", "key", "value"):
             leaves += [
                 LeafMap(f"{t}.attention.{name}.weight", f"{f}/attention/{name}/kernel",
@@ -708,6 +708,8 @@ def torch_transformer(model: Any, params: PyTree | None = None,
             LeafMap(f"{t}.attention.out.weight", f"{f}/attention/out/kernel",
                     _Layout("heads_out", (heads, head_dim))),
             LeafMap(f"{t}.attention.out.bias", f"{f}/attention/out/bias", same),
+            LeafMap(f"{t}.ln2.weight", f"{f}/ln2/scale", same),
+            LeafMap(f"{t}.ln2.bias", f"{f}/ln2/bias", same),
         ]
         leaves += _dense(f"{t}.fc1", f"{f}/fc1") + _dense(f"{t}.fc2", f"{f}/fc2")
     leaves += [LeafMap("ln_f.weight", "ln_f/scale", same), LeafMap("ln_f.bias", "ln_f/bias", same)]

@@ -14,7 +14,6 @@ jax.config.update("jax_enable_x64", True)
 # They stay in the tree and run locally with GRADIENCE_RUN_QUARANTINED=1; the next session
 # verifies each one and removes it from this list. See the issues' closing notes.
 QUARANTINED = [
-    "test_cli.py",
     "test_estimators.py",
     "test_geometry.py",
     "test_kfac.py",
@@ -23,10 +22,8 @@ QUARANTINED = [
     "test_notebooks.py",
     "test_probes.py",
     "test_protocols.py",
-    "test_readme.py",
     "test_spectrum.py",
     "test_torch_agreement.py",
-    "test_tutorial.py",
 ]
 
 collect_ignore = [] if os.environ.get("GRADIENCE_RUN_QUARANTINED") == "1" else QUARANTINED
