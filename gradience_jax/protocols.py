@@ -186,11 +186,12 @@ def _safe_lead_lag(x: np.ndarray, y: np.ndarray, max_lag: int, seed: int) -> dic
     }
 
 
-def _jit(fn: Callable, fast: bool) -> Callable:
-    """``jax.jit``; in fast mode with XLA's backend optimisation off: these small runs are
-    compile-bound (a Lanczos probe is hundreds of fusions), and level 0 compiles about a
-    third faster for a slower but here negligible run time."""
-    if fast:
+def _jit(fn: Callable, low_opt: bool) -> Callable:
+    """``jax.jit``, with XLA's backend optimisation off when ``low_opt`` (fast mode): these
+    small runs are compile-bound (a Lanczos probe is hundreds of fusions) and level 0
+    compiles about a third faster for a slower but here negligible run time. Not for
+    convolutions, which level 0 makes several times slower."""
+    if low_opt:
         return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
     return jax.jit(fn)
 
@@ -1199,6 +1200,7 @@ class ProtocolDConfig(NamedTuple):
         probe_every: steps between the jitted weight-metric probes.
         alpha_every: steps between host-side power-law fits (the chunk size).
         width: hidden width of the MLP / model width of the transformer.
+        num_layers: transformer blocks.
         seed: data, initialisation.
     """
 
@@ -1209,10 +1211,11 @@ class ProtocolDConfig(NamedTuple):
     probe_every: int = 10
     alpha_every: int = 100
     width: int = 64
+    num_layers: int = 2
     seed: int = 0
 
 
-FAST_D = ProtocolDConfig(steps=100, probe_every=10, alpha_every=50, width=32)
+FAST_D = ProtocolDConfig(steps=60, probe_every=5, alpha_every=30, width=32, num_layers=1)
 
 
 def _d_case(arch: str, config: ProtocolDConfig) -> tuple[Any, dict]:
@@ -1229,7 +1232,8 @@ def _d_case(arch: str, config: ProtocolDConfig) -> tuple[Any, dict]:
         head = heads.softmax_cross_entropy()
     elif arch == "transformer":
         batch = gdata.token_sequences(key, n=64, seq_len=16, vocab_size=32)
-        model = TinyTransformerLM(vocab_size=32, d_model=w, num_heads=2, num_layers=2,
+        model = TinyTransformerLM(vocab_size=32, d_model=w, num_heads=2,
+                                  num_layers=config.num_layers,
                                   max_len=16, rngs=rngs)
         head = heads.softmax_cross_entropy()
     else:
@@ -1329,7 +1333,7 @@ def run_protocol_d(
         adapted, batch = _d_case(arch, config)
         shapes[arch] = {path: _matrix_shape(np.shape(leaf), rule)
                         for path, rule, leaf in probes._weight_leaves(adapted.params, None)}
-        chunk_fn = _adam_chunk(adapted.loss_fn, probe, config.seed, fast)
+        chunk_fn = _adam_chunk(adapted.loss_fn, probe, config.seed, fast and arch != "cnn")
         runs[arch] = {}
         for lab, lr in zip(config.labels, config.learning_rates):
             writer = writers[(arch, lab)]
