@@ -130,7 +130,8 @@ def _run_chunks(
     """Run ``chunk_fn(carry, step_indices, *args) -> (carry, stacked metrics)`` over all
     steps, writing one record per step (skipped probes left out). ``at_chunk_start(carry,
     first_step)`` adds host-side metrics, measured at the parameters the chunk starts from
-    (like the probes: before that step's update), to the chunk's first record."""
+    (like the probes: before that step's update), to the chunk's first record, and writes
+    them once more for the final parameters as a record of step ``steps``."""
     for start in range(0, steps, chunk):
         extra = dict(at_chunk_start(carry, start)) if at_chunk_start is not None else {}
         idx = jnp.arange(start, start + chunk, dtype=jnp.int32)
@@ -141,6 +142,8 @@ def _run_chunks(
             if i == 0:
                 rec.update(extra)
             writer.write(start + i, rec)
+    if at_chunk_start is not None:  # the final parameters, after the last update
+        writer.write(steps, dict(at_chunk_start(carry, steps)))
     return carry
 
 

@@ -14,8 +14,6 @@ jax.config.update("jax_enable_x64", True)
 # They stay in the tree and run locally with GRADIENCE_RUN_QUARANTINED=1; the next session
 # verifies each one and removes it from this list. See the issues' closing notes.
 QUARANTINED = [
-    "test_geometry.py",
-    "test_kfac.py",
     "test_multidevice.py",
     "test_notebooks.py",
     "test_probes.py",
