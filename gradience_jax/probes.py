@@ -10,7 +10,8 @@ arrays carried in the train state (e.g. the previous top eigenvector, which warm
 next Lanczos run). :func:`every` wraps a probe so that it runs under ``lax.cond`` only on
 steps divisible by ``n``: it goes *inside* an existing ``@jax.jit`` / ``nnx.jit`` step,
 compiles once and costs nothing on the other steps (skipped metrics are NaN and the flag
-``"<name>/probed"`` is False). :func:`combine` merges several probes into one.
+``"<name>/probed"`` is False). :func:`combine` merges several probes into one;
+:func:`select_probed` keeps, on the host, only what was measured on a step.
 
 Probes never raise and never print inside ``jit``: when a probe's metrics (or its new state)
 are not finite, e.g. because training diverged, the metrics are logged as they are (NaN),

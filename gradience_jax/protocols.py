@@ -44,7 +44,6 @@ from gradience_jax import telemetry
 from gradience_jax.geometry import fisher_geometry
 from gradience_jax.models import CNN, MLP, TinyTransformerLM, from_nnx
 from gradience_jax.operators import heads
-from gradience_jax.operators.base import from_dense
 from gradience_jax.operators.ggn import ggn
 from gradience_jax.weights import weight_spectra
 
@@ -204,6 +203,13 @@ def _maybe_every(n: int, probe: probes.Probe) -> list[probes.Probe]:
     if n < 0:
         raise ValueError(f"a probe period must be >= 0 (0: off), got {n}")
     return [probes.every(n, probe)] if n else []
+
+
+def _combined(*ps: probes.Probe) -> probes.Probe:
+    """``probes.combine(*ps)``, or a probe measuring nothing when every probe is off."""
+    if ps:
+        return probes.combine(*ps)
+    return probes.Probe("none", lambda params: (), lambda p, b, k, s: ({}, s))
 
 
 def _new_figure(figsize: tuple[float, float]) -> Any:
@@ -395,7 +401,7 @@ def _gd_chunk(loss_fn: Callable, probe: probes.Probe, seed: int, fast: bool) -> 
 
 
 def _a_probe(loss_fn: Callable, config: ProtocolAConfig) -> probes.Probe:
-    return probes.combine(
+    return _combined(
         probes.every(config.probe_every, probes.hessian_eigenvalues(
             loss_fn, num_iters=config.num_iters, name="sharpness")),
         *_maybe_every(config.weights_every, probes.weight_metrics(
@@ -498,10 +504,12 @@ def _legend(ax: Any, **kw: Any) -> None:
         ax.legend(**kw)
 
 
-def _diverged_at(columns: Mapping[str, np.ndarray], key: str = "loss") -> int | None:
-    """First step whose loss is not finite (None if the run stayed finite)."""
-    bad = np.flatnonzero(~np.isfinite(np.asarray(columns[key], np.float64)))
-    return int(columns["step"][bad[0]]) if bad.size else None
+def _diverged_at(columns: Mapping[str, np.ndarray], steps: int, key: str = "loss") -> int | None:
+    """First training step (``< steps``) whose loss is not finite (None: stayed finite)."""
+    train = np.asarray(columns["step"]) < steps
+    loss = np.asarray(columns[key], np.float64)[train]
+    bad = np.flatnonzero(~np.isfinite(loss))
+    return int(np.asarray(columns["step"])[train][bad[0]]) if bad.size else None
 
 
 def plot_protocol_a(result: ProtocolAResult, figure_dir: str | os.PathLike | None) -> list[str]:
@@ -517,7 +525,7 @@ def plot_protocol_a(result: ProtocolAResult, figure_dir: str | os.PathLike | Non
     axes = fig.subplots(4, len(runs), squeeze=False, sharex=True)
     for j, run in enumerate(runs):
         c = run.columns
-        div = _diverged_at(c)
+        div = _diverged_at(c, steps)
         ax = axes[0, j]
         loss = np.asarray(c["loss"], np.float64)
         ax.semilogy(c["step"], np.where(loss < 1e6, loss, np.nan), lw=0.8)
@@ -528,7 +536,7 @@ def plot_protocol_a(result: ProtocolAResult, figure_dir: str | os.PathLike | Non
         ax = axes[1, j]
         st, sh = _series(c, "sharpness/eigenvalue")
         thr = 2.0 / run.lr
-        ax.plot(st, sh, lw=1.0, label=r"$\lambda_{max}(H)$")
+        ax.plot(st, sh, ".-", ms=2, lw=1.0, label=r"$\lambda_{max}(H)$")
         ax.axhline(thr, color="k", ls="--", lw=1, label=r"$2/\eta$")
         finite = sh[np.isfinite(sh)]
         top = max(thr, min(float(finite.max()), 3 * thr) if finite.size else thr)
@@ -750,8 +758,8 @@ def _eval_probe(model_fn: Callable, head: Callable, name: str) -> probes.Probe:
 
 def _b_metrics(config: ProtocolBConfig) -> tuple[str, ...]:
     return ("log_loss", "grad_norm", "weights/global_norm",
-            "weights/embed/kernel/effective_rank", "weights/readout/kernel/effective_rank",
-            "sharpness/eigenvalue")
+            "weights/embed/kernel/stable_rank", "weights/readout/kernel/stable_rank",
+            "weights/embed/kernel/effective_rank", "sharpness/eigenvalue")
 
 
 def _transition_stats(cols: Mapping[str, np.ndarray], key: str, fit: int | None,
@@ -832,7 +840,7 @@ def run_protocol_b(
     adapted = from_nnx(model, heads.mse())
     tx = optax.adamw(config.learning_rate, b1=config.b1, b2=config.b2,
                      weight_decay=config.weight_decay)
-    train_probe = probes.combine(
+    train_probe = _combined(
         *_maybe_every(config.weights_every, probes.weight_metrics(
             fields=("frobenius_norm", "stable_rank", "effective_rank"))),
         *_maybe_every(config.sharpness_every, probes.hessian_eigenvalues(
@@ -877,12 +885,13 @@ def run_protocol_b(
 
 
 def plot_protocol_b(result: ProtocolBResult, figure_dir: str | os.PathLike | None) -> list[str]:
-    """Figure of Protocol B: accuracies, losses, weight norm and effective ranks, sharpness,
-    and the rolling variance / lag-1 autocorrelation of metric increments, with the
+    """Figure of Protocol B: accuracies, losses, weight and gradient norms, stable and
+    effective ranks, sharpness, the rolling variance and lag-1 autocorrelation of metric
+    increments, and the autocorrelation times before / after the transition, with the
     fitting, transition and generalisation steps marked."""
     c, s, cfg = result.columns, result.summary, result.config
-    fig = _new_figure((13.0, 7.2))
-    axes = fig.subplots(2, 3, sharex=True)
+    fig = _new_figure((16.0, 7.2))
+    axes = fig.subplots(2, 4)
     marks = [(s.fit_step, "tab:blue", "train acc >= 0.99"),
              (s.transition_step, "tab:gray", "test acc >= 0.5"),
              (s.generalization_step, "tab:orange", "test acc >= 0.9")]
@@ -898,54 +907,80 @@ def plot_protocol_b(result: ProtocolBResult, figure_dir: str | os.PathLike | Non
     ax.plot(ts, ta, label="test")
     mark(ax, labels=True)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"a + b mod {cfg.p}: train fraction {cfg.train_fraction:g}, "
-                 f"wd {cfg.weight_decay:g}", fontsize=10)
+    ax.set_title(f"a + b mod {cfg.p}: N = {cfg.width}, train fraction {cfg.train_fraction:g}, "
+                 f"wd {cfg.weight_decay:g}", fontsize=9)
     _legend(ax, fontsize=7)
     ax = axes[0, 1]
     ax.semilogy(c["step"], c["loss"], label="train")
     ts, tl = _series(c, "test/loss")
     ax.semilogy(ts, tl, label="test")
     mark(ax)
-    ax.set_ylabel("MSE loss")
+    ax.set_ylabel("MSE loss (one-hot targets)")
     _legend(ax, fontsize=8)
     ax = axes[0, 2]
     ws, wn = _series(c, "weights/global_norm")
     ax.plot(ws, wn, color="k", label="weight norm")
-    ax.set_ylabel("weight norm")
+    ax.set_ylabel("weight norm (black)")
     ax2 = ax.twinx()
-    for key, color in (("weights/embed/kernel/effective_rank", "tab:green"),
-                       ("weights/readout/kernel/effective_rank", "tab:purple")):
-        ks, kv = _series(c, key)
-        ax2.plot(ks, kv, color=color, lw=1, label=f"eff. rank {_short(key)}")
-    ax2.set_ylabel("effective rank")
-    _legend(ax2, fontsize=7, loc="center right")
+    gs, gn = _series(c, "grad_norm")
+    ax2.semilogy(gs, gn, color="tab:red", lw=0.8)
+    ax2.set_ylabel("gradient norm (red)")
+    mark(ax)
+    ax = axes[0, 3]
+    ax2 = ax.twinx()
+    for layer, color in (("embed", "tab:green"), ("readout", "tab:purple")):
+        ks, kv = _series(c, f"weights/{layer}/kernel/stable_rank")
+        ax.plot(ks, kv, color=color, lw=1.2, label=f"stable rank {layer}")
+        ks, kv = _series(c, f"weights/{layer}/kernel/effective_rank")
+        ax2.plot(ks, kv, color=color, lw=0.8, ls="--", label=f"eff. rank {layer}")
+    ax.set_ylabel("stable rank (solid)")
+    ax2.set_ylabel("effective rank (dashed)")
+    _legend(ax, fontsize=7, loc="center right")
     mark(ax)
     ax = axes[1, 0]
     ss, sv = _series(c, "sharpness/eigenvalue")
     ax.plot(ss, sv, "o-", ms=2, lw=1)
     ax.set_ylabel(r"sharpness $\lambda_{max}(H)$")
-    ax.set_xlabel("step")
     mark(ax)
+    lo = s.fit_step if s.fit_step is not None else 0
     for ax, kind in ((axes[1, 1], "variance"), (axes[1, 2], "autocorrelation")):
-        for key in ("log_loss", "weights/global_norm", "weights/embed/kernel/effective_rank",
-                    "grad_norm"):
+        for key in ("log_loss", "grad_norm", "weights/global_norm",
+                    "weights/embed/kernel/stable_rank"):
             st, x = _series(c, key)
             if x.size < 2 * cfg.window + 2:
                 continue
             dx = np.diff(x)
             if kind == "variance":
                 r = telemetry.rolling_variance(dx, cfg.window)
-                r = r / np.nanmax(r) if np.isfinite(r).any() and np.nanmax(r) > 0 else r
+                ref = r[st[1:] >= lo + cfg.window]
+                if np.isfinite(ref).any() and np.nanmax(ref) > 0:
+                    r = r / np.nanmax(ref)
             else:
                 r = telemetry.rolling_autocorrelation(dx, cfg.window)
             label = key.replace("weights/", "").replace("/kernel", "")
             ax.plot(st[1:], r, lw=1, label=label)
         mark(ax)
-        ax.set_xlabel("step")
-        ax.set_ylabel("rolling variance of increments (/ max)" if kind == "variance"
-                      else "rolling lag-1 autocorr. of increments")
-        ax.set_title(f"window {cfg.window} steps", fontsize=9)
+        ax.set_xlim(lo, c["step"][-1])
+        if kind == "variance":
+            ax.set_ylim(0, 1.05)
+            ax.set_ylabel("rolling variance of increments (/ max after fit)")
+        else:
+            ax.set_ylabel("rolling lag-1 autocorr. of increments")
+        ax.set_title(f"window {cfg.window} steps, from the fit on", fontsize=9)
         _legend(ax, fontsize=7)
+    for ax in axes[1, :3]:
+        ax.set_xlabel("step")
+    ax = axes[1, 3]
+    names = [k for k, v in result.statistics.items() if v is not None]
+    before = [result.statistics[k]["tau_before"] or np.nan for k in names]
+    after = [result.statistics[k]["tau_after"] or np.nan for k in names]
+    y = np.arange(len(names))
+    ax.barh(y - 0.2, before, 0.4, label="fit -> transition")
+    ax.barh(y + 0.2, after, 0.4, label="after transition")
+    ax.set_yticks(y, [k.replace("weights/", "").replace("/kernel", "").replace("/eigenvalue", "")
+                      for k in names], fontsize=7)
+    ax.set_xlabel("integrated autocorrelation time of increments (samples)")
+    _legend(ax, fontsize=7)
     p = _save(fig, figure_dir, "protocol_B_grokking.png")
     return [p] if p else []
 
@@ -1218,7 +1253,7 @@ class ProtocolDConfig(NamedTuple):
     seed: int = 0
 
 
-FAST_D = ProtocolDConfig(steps=60, probe_every=5, alpha_every=30, width=32, num_layers=1)
+FAST_D = ProtocolDConfig(steps=60, probe_every=5, alpha_every=60, width=32, num_layers=1)
 
 
 def _d_case(arch: str, config: ProtocolDConfig) -> tuple[Any, dict]:

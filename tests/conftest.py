@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # Small dense eigendecompositions are much faster single-threaded on a busy 2-core machine.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import jax
 
@@ -15,9 +16,6 @@ jax.config.update("jax_enable_x64", True)
 # verifies each one and removes it from this list. See the issues' closing notes.
 QUARANTINED = [
     "test_multidevice.py",
-    "test_notebooks.py",
-    "test_probes.py",
-    "test_protocols.py",
     "test_torch_agreement.py",
 ]
 

@@ -136,7 +136,6 @@ def test_warm_started_eigenvalue_probes_track_dense_references():
     assert len(traces) == 1
     dense_h = _dense_hessian_fn(adapted.loss_fn, batch)
     dense_g = _dense_ggn_fn(adapted.model_fn, adapted.head, batch)
-    _, unravel = ravel_pytree(adapted.params)
     treedef = jax.tree_util.tree_structure(adapted.params)
     params = adapted.params
     tops = []
