@@ -229,13 +229,17 @@ def ritz_values(
     order = np.argsort(theta, kind="stable")
     theta, bounds, s, flags = theta[order], bounds[order], s[:, order], flags[order]
     if filter_ghosts and len(_blocks(b, m)) > 1:  # copies across blocks (restarts)
+        # a restart vector orthogonal to a window only re-finds converged eigenvalues: such
+        # copies agree to round-off of the Ritz pairs, ~1e3 eps ||A|| (the ghost-warning width)
         scale = max(anorm or 0.0, float(np.max(np.abs(theta))))
-        tol_mult, _ = _cw_tolerances(scale, m, eps_work)
-        keep = np.flatnonzero(flags == 0)
-        for i0, i1 in zip(keep[:-1], keep[1:]):
-            if theta[i1] - theta[i0] <= tol_mult:
-                worse = i0 if bounds[i0] > bounds[i1] else i1
+        tol_mult = max(_cw_tolerances(scale, m, eps_work)[0], 1e3 * eps_work * scale)
+        best = -1  # the kept member of the current group of copies
+        for i in np.flatnonzero(flags == 0):
+            if best >= 0 and theta[i] - theta[best] <= tol_mult:
+                worse, best = (best, i) if bounds[best] > bounds[i] else (i, best)
                 flags[worse] = 1
+            else:
+                best = i
     keep = flags == 0
     return RitzValues(
         values=theta[keep],
@@ -653,6 +657,7 @@ def _quality_warnings(
     eigenvectors_overlap: np.ndarray | None,
     fixed_iters: bool,
     restarts: int,
+    n_params: int,
 ) -> list[str]:
     out = []
     if not np.all(conv):
@@ -664,7 +669,7 @@ def _quality_warnings(
             f"(tol={tol:g}, worst relative residual {worst:.2e}); increase {knob}, loosen tol, "
             "or use reorth='full'"
         )
-    if iterations < 3 * k and restarts == 0:
+    if iterations < min(3 * k, n_params) and restarts == 0:
         out.append(
             f"only {iterations} Lanczos iterations for k={k} (< 3k = {3 * k}): clustered "
             "eigenvalues may be missed even when the residuals are small; raise the iteration "
@@ -846,10 +851,11 @@ def eigsh(
         num_iters = _check_int("num_iters", num_iters, 1)
         if num_iters < k:
             raise ValueError(f"num_iters={num_iters} must be >= k={k}")
-        if reorth == "full" and num_iters > n:
+        if num_iters > n:
             raise ValueError(
-                f"num_iters={num_iters} exceeds n_params={n}: a fully re-orthogonalised basis "
-                "cannot hold more vectors than the dimension"
+                f"num_iters={num_iters} exceeds n_params={n}: {n} Lanczos iterations already "
+                "span the whole space (and a re-orthogonalised basis cannot hold more vectors "
+                "than the dimension); use num_iters <= n_params"
             )
     if max_iters is not None:
         max_iters = _check_int("max_iters", max_iters, 1)
@@ -874,9 +880,9 @@ def eigsh(
     cap = num_iters if fixed else (max_iters if max_iters is not None else max(10 * k, 100))
     thick = False
     nb = 0
+    if not fixed and cap > n:  # n iterations span the whole space (exact in exact arithmetic)
+        cap = n
     if reorth == "full":
-        if not fixed and cap > n:
-            cap = n
         if cap > rows_fit:
             if fixed:
                 raise ValueError(
@@ -909,7 +915,7 @@ def eigsh(
     run = _lanczos_loop(
         op, state, k=k, which=which, reorth=reorth, tol=tol, fixed=fixed, cap=cap,
         chunk=chunk, min_iters=min_iters, thick=thick, nb=nb,
-        filter_ghosts=filter_ghosts, eps_work=eps_work, bd_tol=bd_tol,
+        filter_ghosts=filter_ghosts, eps_work=eps_work, bd_tol=bd_tol, n=n,
     )
     calls = run.steps
     ritz, idx = run.ritz, run.idx
@@ -945,10 +951,12 @@ def eigsh(
         basis_check = None
     post = {}
     if vectors is not None or basis_check is not None:
-        post = jax.device_get(_post_jit(
+        post = dict(_post_jit(
             op, run.state.basis, run.state.q, coeffs_dev, jnp.asarray(values, sdt), acc,
             vectors, bool(true_residuals and vectors is not None), basis_check,
         ))
+        # scalars to the host; Ritz vectors stay on device with the params' sharding
+        post.update(jax.device_get({n: x for n, x in post.items() if n != "vecs"}))
     orth = run.orth
     if "gram" in post:
         g = np.asarray(post["gram"], np.float64)[:rows_used, :rows_used]
@@ -960,10 +968,8 @@ def eigsh(
     if true_res is not None:
         calls += len(idx)
     overlap = np.asarray(post["overlap"], np.float64) if "overlap" in post else None
-    if vecs is not None and not return_eigenvectors:
+    if not return_eigenvectors:
         vecs = None
-    elif vecs is not None:
-        vecs = jax.device_put(vecs)
 
     ghost_flags = None
     if reorth != "full" and not filter_ghosts:
@@ -978,7 +984,7 @@ def eigsh(
         values=values, bounds=bounds, conv=conv, k=k, iterations=run.steps, tol=tol,
         reorth=reorth, orth_loss=orth, asym=run.asym, anorm=run.anorm, eps_work=eps_work,
         eps_op=eps_op, filter_ghosts=filter_ghosts, ghost_flags=ghost_flags,
-        eigenvectors_overlap=overlap, fixed_iters=fixed, restarts=run.restarts,
+        eigenvectors_overlap=overlap, fixed_iters=fixed, restarts=run.restarts, n_params=n,
     )
     if len(values) < k:
         warns.insert(0, f"only {len(values)} distinct Ritz values available for k={k}: "
@@ -1021,8 +1027,13 @@ def eigsh(
 
 
 def _lanczos_loop(op, state, *, k, which, reorth, tol, fixed, cap, chunk, min_iters, thick, nb,
-                  filter_ghosts, eps_work, bd_tol) -> _Run:
-    """Host loop: jitted chunks, float64 Ritz analysis, convergence / thick restarts."""
+                  filter_ghosts, eps_work, bd_tol, n) -> _Run:
+    """Host loop: jitted chunks, float64 Ritz analysis, convergence / thick restarts.
+
+    A breakdown at step ``n`` (the Krylov space is the whole space) is the natural end of the
+    recurrence, not an event: its restart vector, orthogonalised against a complete basis, is
+    round-off, so it is left out of the breakdown count and the orthogonality measurement.
+    """
     steps = 0  # total iterations (= matvecs)
     chunks: list[int] = []
     arrow = None
@@ -1041,10 +1052,13 @@ def _lanczos_loop(op, state, *, k, which, reorth, tol, fixed, cap, chunk, min_it
         h = _host(state)
         m = h.step
         _check_finite(h, m0, op.name)
-        if not restarts:  # |<q_0, q_j>| is meaningless once q_0 is rotated out
-            orth = max(orth, float(np.max(h.orthogonality[m0:m])))
+        live = np.ones(m - m0, bool)
+        if not thick and m >= n:
+            live[n - 1 - m0:] = False  # exhausted: see the docstring
+        if not restarts and live.any():  # |<q_0, q_j>| is meaningless once q_0 is rotated out
+            orth = max(orth, float(np.max(h.orthogonality[m0:m][live])))
         asym = max(asym, float(np.max(h.asymmetry[m0:m])))
-        breakdowns += int(np.sum(h.breakdowns[m0:m]))
+        breakdowns += int(np.sum(h.breakdowns[m0:m][live]))
         if not fixed and not thick and steps < min_iters:
             continue
         ritz = ritz_values(

@@ -163,9 +163,4 @@ def test_sharded_lanczos_and_estimators_equal_single_device(report, layout):
 def test_vectors_keep_params_sharding(report, layout):
     r = report[layout]
     assert all(r[name + "_same_sharding"] for name in ("hessian", "ggn", "ef")), r
-    if r["eigvec_shardings"] == ["SingleDeviceSharding"]:
-        pytest.xfail(
-            "eigsh(return_eigenvectors=True) fetches the Ritz vectors to the host and "
-            "device_puts them back (spectrum.eigsh), so they lose the params' sharding"
-        )
     assert r["eigvec_shardings"] == ["NamedSharding"], r

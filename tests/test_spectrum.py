@@ -232,11 +232,39 @@ def test_quality_warnings_few_iterations_and_asymmetry(dense):
         (dict(k=5, which="LR"), "which"),
         (dict(k=5, reorth="partial"), "reorth"),
         (dict(k=5, tol=-1.0), "tol"),
+        (dict(k=5, num_iters=N + 1, reorth="window"), "exceeds n_params"),
+        (dict(k=5, num_iters=N + 1, reorth="none"), "exceeds n_params"),
     ],
 )
 def test_eigsh_bad_arguments(dense, kwargs, match):
     with pytest.raises(ValueError, match=match):
         eigsh(tree_op(dense["random"]), **kwargs)
+
+
+@pytest.mark.parametrize("reorth", MODES)
+@pytest.mark.parametrize("num_iters", (None, 12))
+def test_eigsh_exhausting_the_space_is_exact_and_quiet(reorth, num_iters):
+    # n = 12 iterations span the space: the last beta is round-off, which is the natural end
+    # of the recurrence, not a breakdown, and leaves no orthogonality loss behind
+    a = np.random.default_rng(3).standard_normal((12, 12))
+    a = (a + a.T) / 2
+    res = eigsh(gj.from_dense(a), k=3, num_iters=num_iters, reorth=reorth)
+    np.testing.assert_allclose(np.sort(res.eigenvalues), np.linalg.eigvalsh(a)[-3:], rtol=0,
+                               atol=1e-12)
+    assert res.iterations == 12 and res.breakdowns == 0 and res.converged
+    assert res.warnings == ()
+
+
+@pytest.mark.parametrize("reorth", MODES)
+def test_eigsh_low_rank_reports_no_copies(reorth):
+    # rank 4 in n = 50: breakdowns restart the recurrence; with a window (or nothing) stored
+    # the restarts re-find converged eigenvalues, which must be merged, not reported twice
+    rng = np.random.default_rng(4)
+    u = np.linalg.qr(rng.standard_normal((50, 4)))[0]
+    a = (u * np.array([5.0, 3.0, 2.0, 1.0])) @ u.T
+    res = eigsh(gj.from_dense(a), k=3, num_iters=30, reorth=reorth)
+    np.testing.assert_allclose(np.sort(res.eigenvalues), [2.0, 3.0, 5.0], rtol=1e-12)
+    assert res.breakdowns > 0 and not any("ghost" in w for w in res.warnings)
 
 
 def test_eigsh_bad_matvecs():
