@@ -50,6 +50,7 @@ __all__ = [
     "lanczos_init",
     "lanczos_run",
     "random_vector",
+    "restart_vector",
 ]
 
 
@@ -291,7 +292,7 @@ def lanczos_init(
     sdt = _scalar_dtype(like)
     v = _to_work(v0)
     q, nrm = _safe_normalize(v)
-    fallback, _ = _safe_normalize(_restart_vector(_zeros_work(like), key, jnp.asarray(-1)))
+    fallback, _ = _safe_normalize(restart_vector(_zeros_work(like), key, jnp.asarray(-1)))
     q = jax.tree_util.tree_map(lambda a, b: jnp.where(nrm > 0, a, b), q, fallback)
     zeros_m = jnp.zeros((capacity,), sdt)
     return LanczosState(
@@ -313,7 +314,7 @@ def lanczos_init(
     )
 
 
-def _restart_vector(like: PyTree, key: jax.Array, j: jax.Array) -> PyTree:
+def restart_vector(like: PyTree, key: jax.Array, j: jax.Array) -> PyTree:
     """A pseudo-random vector for a breakdown restart (cheap elementwise hash of the leaf
     index, the iteration and the key; no PRNG kernel in the scan body, which keeps compile
     times low). Entries are roughly uniform on ``[-0.5, 0.5)``."""
@@ -383,7 +384,7 @@ def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_t
 
     def restart(args):
         basis, q, q_prev, q_first, key, _w, j, _beta = args
-        r = _restart_vector(q_first, key, j)
+        r = restart_vector(q_first, key, j)
         if reorth == "none":  # nothing stored: orthogonalise against q_j, q_{j-1} (twice)
             for _ in range(2):
                 r = tu.sub(r, tu.scale(tu.vdot(q, r), q))

@@ -56,11 +56,11 @@ import numpy as np
 
 from gradience_jax import tree as tu
 from gradience_jax.estimators import hutchinson_trace
-from gradience_jax.lanczos import _restart_vector
+from gradience_jax.lanczos import restart_vector
 from gradience_jax.operators.ggn import ggn
 from gradience_jax.operators.hessian import hessian
 from gradience_jax.spectrum import eigsh_fast
-from gradience_jax.weights import MatrixMetrics, _apply_rule, _rule_for, matrix_metrics
+from gradience_jax.weights import MatrixMetrics, apply_reshape_rule, reshape_rule_for, matrix_metrics
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -350,7 +350,7 @@ def _eigen_probe(
         v0_norm = tu.norm(v0)
         if perturbation > 0.0:
             # cheap elementwise pseudo-random vector (no PRNG kernel per leaf)
-            noise = _restart_vector(v0, k_noise, jnp.asarray(0))
+            noise = restart_vector(v0, k_noise, jnp.asarray(0))
             tiny = jnp.finfo(v0_norm.dtype).tiny
             v0 = tu.axpy(perturbation * v0_norm / jnp.maximum(tu.norm(noise), tiny), noise, v0)
 
@@ -576,7 +576,7 @@ def _weight_leaves(params: PyTree, filter_fn: Callable[[str, Any], bool] | None)
             continue
         if filter_fn is not None and not filter_fn(path, leaf):
             continue
-        rule, _ = _rule_for(path, tuple(np.shape(leaf)))
+        rule, _ = reshape_rule_for(path, tuple(np.shape(leaf)))
         if rule is not None:
             out.append((path, rule, leaf))
     return out
@@ -614,7 +614,7 @@ def weight_metrics(
     def fn(params, batch, key, state):
         metrics: Metrics = {f"{name}/global_norm": tu.norm(params)}
         for path, rule, leaf in _weight_leaves(params, filter):
-            mm = matrix_metrics(_apply_rule(leaf, rule), k_top=k_top)
+            mm = matrix_metrics(apply_reshape_rule(leaf, rule), k_top=k_top)
             for f in fields:
                 metrics[f"{name}/{path}/{f}"] = getattr(mm, f)
         return metrics, state

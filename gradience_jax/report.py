@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradience_jax._json import jsonable
+
 PyTree = Any
 Progress = Callable[[str, str], None]
 
@@ -555,26 +557,6 @@ def init_model(model: str, spec: Mapping[str, Any] | None = None, seed: int = 0)
 # =========================================================================================
 
 
-def _jsonable(x: Any) -> Any:
-    """JSON-safe copy: numpy / jax scalars and arrays to Python, non-finite floats to None."""
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        x = float(x)
-        return x if math.isfinite(x) else None
-    if isinstance(x, (np.ndarray, jax.Array)):
-        return _jsonable(np.asarray(x).tolist())
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if x is None or isinstance(x, str):
-        return x
-    return str(x)
-
-
 @functools.partial(jax.jit, static_argnames=("model_fn", "head"))
 def _metrics_jit(model_fn: Callable, head: Callable, params: PyTree, batch: dict) -> tuple:
     logits = model_fn(params, batch)
@@ -1038,7 +1020,7 @@ def _curvature(run: _Run, name: str, adapted: Any, params: PyTree, batch: dict,
              "wall_time_s": run.wall[f"top_k:{name}"] + run.wall[f"trace:{name}"]}
     coverage = getattr(op, "coverage", None)
     if coverage is not None:
-        entry["coverage"] = _jsonable(getattr(coverage, "to_dict", lambda: str(coverage))())
+        entry["coverage"] = jsonable(getattr(coverage, "to_dict", lambda: str(coverage))())
     return entry, op
 
 
@@ -1096,7 +1078,7 @@ def analyze(cfg: AnalysisConfig | None = None, out: str | os.PathLike | None = "
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "seed": cfg.seed,
-        "config": _jsonable(dataclasses.asdict(cfg)),
+        "config": jsonable(dataclasses.asdict(cfg)),
         "model": {"name": restored.model, "spec": restored.spec, "n_params": size(params),
                   "source": source},
         "data": None if cfg.weights_only else {
@@ -1118,7 +1100,7 @@ def analyze(cfg: AnalysisConfig | None = None, out: str | os.PathLike | None = "
         "files": {},
         "wall_times": {},
     }
-    report = _jsonable(report)
+    report = jsonable(report)
     if out_path is not None and cfg.figures:
         report["figures"] = run.stage("figures", "figures",
                                       lambda: _draw_figures(out_path, report, rep, curve))
@@ -1135,8 +1117,8 @@ def _write(out: Path, report: dict, params: PyTree, run: _Run, t_start: float) -
     save_checkpoint(params, out / "params.msgpack")
     report["files"] = {"json": "report.json", "markdown": "report.md", "params": "params.msgpack",
                        "figures": sorted(report["figures"].values())}
-    report["wall_times"] = _jsonable({**run.wall, "total": time.perf_counter() - t_start})
-    report["warnings"] = _jsonable(run.warnings)
+    report["wall_times"] = jsonable({**run.wall, "total": time.perf_counter() - t_start})
+    report["warnings"] = jsonable(run.warnings)
     (out / "report.md").write_text(_markdown(report))
     (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
 
@@ -1150,7 +1132,7 @@ def write_weights_report(pure: Mapping, out: str | os.PathLike | None = None) ->
     from gradience_jax.weights import weight_spectra
 
     rep = weight_spectra(pure)
-    data = _jsonable(rep.to_dict())
+    data = jsonable(rep.to_dict())
     if out is not None:
         path = check_writable(out)
         (path / "weights.json").write_text(json.dumps(data, indent=1, allow_nan=False))

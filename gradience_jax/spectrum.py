@@ -30,6 +30,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from gradience_jax._json import jsonable
 import scipy.linalg
 
 from gradience_jax import tree as tu
@@ -406,25 +408,6 @@ def _host(state: LanczosState) -> _Host:
 # ============================================================================================
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (bool, np.bool_)):
-        return bool(x)
-    if isinstance(x, (int, np.integer)):
-        return int(x)
-    if isinstance(x, (float, np.floating)):
-        x = float(x)
-        return x if math.isfinite(x) else None
-    if isinstance(x, np.ndarray):
-        return [_jsonable(v) for v in x.tolist()]
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if x is None or isinstance(x, str):
-        return x
-    return str(x)
-
-
 @dataclasses.dataclass(frozen=True)
 class SpectrumResult:
     """Extreme eigenvalues of an operator with diagnostics (host values; JSON via ``to_dict``).
@@ -607,7 +590,7 @@ class SpectrumResult:
             "dtype": self.dtype,
         }
         out.update(self.metrics())
-        return _jsonable(out)
+        return jsonable(out)
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
@@ -851,11 +834,12 @@ def eigsh(
         num_iters = _check_int("num_iters", num_iters, 1)
         if num_iters < k:
             raise ValueError(f"num_iters={num_iters} must be >= k={k}")
-        if num_iters > n:
+        if num_iters > n and (reorth == "full" or (reorth == "window" and win >= n)):
             raise ValueError(
-                f"num_iters={num_iters} exceeds n_params={n}: {n} Lanczos iterations already "
-                "span the whole space (and a re-orthogonalised basis cannot hold more vectors "
-                "than the dimension); use num_iters <= n_params"
+                f"num_iters={num_iters} exceeds n_params={n} with reorth={reorth!r} storing "
+                f"{n if reorth == 'full' else win} vectors: {n} iterations already span the "
+                "whole space and a re-orthogonalised basis cannot hold more vectors than the "
+                "dimension; use num_iters <= n_params"
             )
     if max_iters is not None:
         max_iters = _check_int("max_iters", max_iters, 1)
@@ -880,7 +864,10 @@ def eigsh(
     cap = num_iters if fixed else (max_iters if max_iters is not None else max(10 * k, 100))
     thick = False
     nb = 0
-    if not fixed and cap > n:  # n iterations span the whole space (exact in exact arithmetic)
+    # once the stored rows span the whole space, n iterations are exact and a restart vector
+    # orthogonal to them is round-off: stop there
+    exhaustible = reorth == "full" or (reorth == "window" and win >= n)
+    if not fixed and cap > n and exhaustible:
         cap = n
     if reorth == "full":
         if cap > rows_fit:
@@ -915,7 +902,8 @@ def eigsh(
     run = _lanczos_loop(
         op, state, k=k, which=which, reorth=reorth, tol=tol, fixed=fixed, cap=cap,
         chunk=chunk, min_iters=min_iters, thick=thick, nb=nb,
-        filter_ghosts=filter_ghosts, eps_work=eps_work, bd_tol=bd_tol, n=n,
+        filter_ghosts=filter_ghosts, eps_work=eps_work, bd_tol=bd_tol,
+        n_exhaust=n if exhaustible and not thick else None,
     )
     calls = run.steps
     ritz, idx = run.ritz, run.idx
@@ -1027,12 +1015,13 @@ def eigsh(
 
 
 def _lanczos_loop(op, state, *, k, which, reorth, tol, fixed, cap, chunk, min_iters, thick, nb,
-                  filter_ghosts, eps_work, bd_tol, n) -> _Run:
+                  filter_ghosts, eps_work, bd_tol, n_exhaust) -> _Run:
     """Host loop: jitted chunks, float64 Ritz analysis, convergence / thick restarts.
 
-    A breakdown at step ``n`` (the Krylov space is the whole space) is the natural end of the
-    recurrence, not an event: its restart vector, orthogonalised against a complete basis, is
-    round-off, so it is left out of the breakdown count and the orthogonality measurement.
+    With ``n_exhaust = n`` (the stored rows can span the whole space), a breakdown at step
+    ``n`` is the natural end of the recurrence, not an event: its restart vector,
+    orthogonalised against a complete basis, is round-off, so it is left out of the
+    breakdown count and the orthogonality measurement.
     """
     steps = 0  # total iterations (= matvecs)
     chunks: list[int] = []
@@ -1053,8 +1042,8 @@ def _lanczos_loop(op, state, *, k, which, reorth, tol, fixed, cap, chunk, min_it
         m = h.step
         _check_finite(h, m0, op.name)
         live = np.ones(m - m0, bool)
-        if not thick and m >= n:
-            live[n - 1 - m0:] = False  # exhausted: see the docstring
+        if n_exhaust is not None and m >= n_exhaust:
+            live[n_exhaust - 1 - m0:] = False  # exhausted: see the docstring
         if not restarts and live.any():  # |<q_0, q_j>| is meaningless once q_0 is rotated out
             orth = max(orth, float(np.max(h.orthogonality[m0:m][live])))
         asym = max(asym, float(np.max(h.asymmetry[m0:m])))

@@ -94,6 +94,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradience_jax._json import jsonable
+
 from gradience_jax.tree import path_str
 
 __all__ = [
@@ -105,6 +107,7 @@ __all__ = [
     "RandomizationBaseline",
     "TruncationResult",
     "WeightSpectraReport",
+    "apply_reshape_rule",
     "fit_power_law",
     "head_matrices",
     "layer_spectrum",
@@ -115,6 +118,7 @@ __all__ = [
     "mp_ks_threshold",
     "mp_median",
     "randomization_baseline",
+    "reshape_rule_for",
     "spectral_merge",
     "spectral_truncate",
     "tracy_widom_edge",
@@ -317,7 +321,7 @@ class LayerSpectrum:
         for f in dataclasses.fields(self):
             if f.name in _ARRAY_FIELDS and not include_arrays:
                 continue
-            out[f.name] = _jsonable(getattr(self, f.name))
+            out[f.name] = jsonable(getattr(self, f.name))
         return out
 
     def to_json(self, include_arrays: bool = True, indent: int | None = None) -> str:
@@ -351,29 +355,6 @@ class ModelSummary(NamedTuple):
 # ----------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------
-
-
-def _jsonable(v: Any) -> Any:
-    """Convert numpy / jax values to JSON-safe Python values (non-finite -> None)."""
-    if v is None or isinstance(v, (str, bool)):
-        return v
-    if isinstance(v, (np.bool_,)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    if isinstance(v, (np.ndarray, jax.Array)):
-        a = np.asarray(v)
-        if a.ndim == 0:
-            return _jsonable(a.item())
-        return [_jsonable(x) for x in a.tolist()]
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return str(v)
 
 
 def _tw_quantile(tw_level: float) -> float:
@@ -770,7 +751,7 @@ def _verdict(
 # ----------------------------------------------------------------------------------------
 
 
-def _rule_for(path: str, shape: tuple[int, ...]) -> tuple[str | None, str]:
+def reshape_rule_for(path: str, shape: tuple[int, ...]) -> tuple[str | None, str]:
     """(rule, reason) chosen by the ``"auto"`` convention for a leaf at ``path``."""
     parts = [p for p in path.split("/") if p] if path else []
     name = parts[-1] if parts else ""
@@ -807,7 +788,7 @@ def matricize(array: Any, rule: str = "auto", path: str = "") -> jax.Array:
     """
     a = jnp.asarray(array)
     rule = _resolve_rule(rule, path, a.shape)
-    return _apply_rule(a, rule)
+    return apply_reshape_rule(a, rule)
 
 
 def _resolve_rule(rule: str, path: str, shape: tuple[int, ...]) -> str:
@@ -824,7 +805,7 @@ def _resolve_rule(rule: str, path: str, shape: tuple[int, ...]) -> str:
                 "reshape='leading' (conv / output kernels, (..., out)) or 'trailing' "
                 "(attention q/k/v kernels, (in, ...))"
             )
-        chosen, reason = _rule_for(path, shape)
+        chosen, reason = reshape_rule_for(path, shape)
         if chosen is None:
             raise ValueError(f"matrix at '{path}': {reason}")
         return chosen
@@ -833,7 +814,10 @@ def _resolve_rule(rule: str, path: str, shape: tuple[int, ...]) -> str:
     return rule
 
 
-def _apply_rule(a: Any, rule: str) -> Any:
+def apply_reshape_rule(a: Any, rule: str) -> Any:
+    """A parameter leaf as a 2-D matrix by ``rule`` (from :func:`reshape_rule_for`):
+    ``"leading"`` folds all but the last axis into rows, ``"trailing"`` all but the first
+    into columns, anything else leaves ``a`` as it is. Works on NumPy and JAX arrays."""
     if rule == "leading":
         return a.reshape(-1, a.shape[-1])
     if rule == "trailing":
@@ -919,7 +903,7 @@ def layer_spectrum(
         or arr.dtype.name == "bfloat16"
     ):
         raise ValueError(f"matrix must be real, got dtype {arr.dtype}")
-    w2 = _apply_rule(arr, rule)
+    w2 = apply_reshape_rule(arr, rule)
     if min(w2.shape) < 1:
         raise ValueError(f"matrix must have positive dimensions, got shape {w2.shape}")
     w = np.asarray(w2, dtype=np.float64)
@@ -1060,7 +1044,7 @@ def randomization_baseline(
     """
     arr = np.asarray(matrix)
     rule = _resolve_rule(reshape, path or "", tuple(arr.shape))
-    w = np.asarray(_apply_rule(arr, rule), dtype=np.float64)
+    w = np.asarray(apply_reshape_rule(arr, rule), dtype=np.float64)
     _check_finite(w, "matrix")
     return _randomization(w, key, tw_level)
 
@@ -1331,7 +1315,7 @@ class WeightSpectraReport(Mapping):
         return {
             "layers": {p: x.to_dict(include_arrays) for p, x in self.layers.items()},
             "skipped": dict(self.skipped),
-            "summary": _jsonable(self.summary._asdict()),
+            "summary": jsonable(self.summary._asdict()),
         }
 
     def to_json(self, include_arrays: bool = False, indent: int | None = 2) -> str:
@@ -1500,11 +1484,11 @@ def weight_spectra(
                 continue
             mats.append((p, custom, "custom"))
         else:
-            rule, reason = _rule_for(p, shape)
+            rule, reason = reshape_rule_for(p, shape)
             if rule is None:
                 skipped[p] = reason
                 continue
-            mats.append((p, _apply_rule(np.asarray(leaf), rule), rule))
+            mats.append((p, apply_reshape_rule(np.asarray(leaf), rule), rule))
             parts = p.split("/")
             if per_head and len(shape) == 3 and parts[-1] == "kernel" and len(parts) >= 2:
                 kind = "in" if parts[-2] in _ATTN_IN else "out" if parts[-2] in _ATTN_OUT else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -12,6 +13,7 @@ from jax.flatten_util import ravel_pytree
 
 import gradience_jax as gj
 from gradience_jax.models import CNN, MLP, SeedMLP, TinyTransformerLM, from_nnx
+from gradience_jax.operators.base import LinearOperator
 
 
 def _mlp(dtype):
@@ -99,3 +101,20 @@ def dense_empirical_fisher(loss_fn, params, batch):
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+@dataclasses.dataclass(frozen=True)
+class _TreeDense:
+    """A dense matrix acting on pytree vectors (tests pytree, not flat, vectors)."""
+
+    def __call__(self, matrix):
+        def mv(v):
+            flat, unravel = ravel_pytree(v)
+            return unravel((matrix @ flat).astype(flat.dtype))
+
+        return mv
+
+
+def tree_dense_op(matrix, like, is_psd=False, name="tree") -> LinearOperator:
+    """A :class:`LinearOperator` on vectors shaped like ``like`` with ``matrix`` behind it."""
+    return LinearOperator(_TreeDense(), jnp.asarray(matrix), like, is_psd=is_psd, name=name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -19,23 +18,14 @@ from gradience_jax.estimators import (
     trace_of_square,
 )
 from gradience_jax.operators.base import LinearOperator
+from helpers import tree_dense_op
 
 N = 80
 LIKE = {"w": jnp.zeros((8, 8)), "b": jnp.zeros((16,))}  # 80 entries
 
 
-@dataclasses.dataclass(frozen=True)
-class _TreeDense:
-    def __call__(self, matrix):
-        def mv(v):
-            flat, unravel = ravel_pytree(v)
-            return unravel((matrix @ flat).astype(flat.dtype))
-
-        return mv
-
-
 def tree_op(matrix):
-    return LinearOperator(_TreeDense(), jnp.asarray(matrix), LIKE, name="tree")
+    return tree_dense_op(matrix, LIKE)
 
 
 def from_eigs(ev, seed=0):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import chex
 import jax
@@ -13,7 +12,7 @@ from jax.flatten_util import ravel_pytree
 
 import gradience_jax as gj
 from gradience_jax.lanczos import LanczosState, lanczos
-from gradience_jax.operators.base import LinearOperator
+from helpers import tree_dense_op
 
 N = 60
 M = 12  # one iteration count and window everywhere: each static combination compiles once
@@ -21,20 +20,8 @@ W = 4
 LIKE = {"a": jnp.zeros((4, 5)), "b": {"c": jnp.zeros((40,))}}  # 60 entries, a pytree vector
 
 
-@dataclasses.dataclass(frozen=True)
-class _TreeDense:
-    """A dict-of-arrays vector with a dense matrix behind it (tests pytree, not flat, vectors)."""
-
-    def __call__(self, matrix):
-        def mv(v):
-            flat, unravel = ravel_pytree(v)
-            return unravel((matrix @ flat).astype(flat.dtype))
-
-        return mv
-
-
 def tree_op(matrix, like=LIKE, is_psd=False):
-    return LinearOperator(_TreeDense(), jnp.asarray(matrix), like, is_psd=is_psd, name="tree")
+    return tree_dense_op(matrix, like, is_psd=is_psd)
 
 
 def sym(seed, n=N):

@@ -6,7 +6,6 @@ its programs once for the whole file.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 
@@ -18,8 +17,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import gradience_jax as gj
-from gradience_jax.operators.base import LinearOperator
 from gradience_jax.spectrum import LanczosConfig, compute_spectrum, eigsh, eigsh_fast
+from helpers import tree_dense_op
 
 N = 120
 K = 5
@@ -27,22 +26,12 @@ MODES = ("full", "window", "none")
 RUN = dict(max_iters=480, chunk=40, window=10)  # full caps itself at n
 
 
-@dataclasses.dataclass(frozen=True)
-class _TreeDense:
-    def __call__(self, matrix):
-        def mv(v):
-            flat, unravel = ravel_pytree(v)
-            return unravel((matrix @ flat).astype(flat.dtype))
-
-        return mv
-
-
 LIKE = {"w": jnp.zeros((10, 10)), "b": jnp.zeros((20,))}  # 120 entries
 
 
 def tree_op(matrix, is_psd=False, name="tree"):
     """A dict-of-arrays operator with a dense matrix behind it."""
-    return LinearOperator(_TreeDense(), jnp.asarray(matrix), LIKE, is_psd=is_psd, name=name)
+    return tree_dense_op(matrix, LIKE, is_psd=is_psd, name=name)
 
 
 def _orth(seed):
@@ -232,8 +221,8 @@ def test_quality_warnings_few_iterations_and_asymmetry(dense):
         (dict(k=5, which="LR"), "which"),
         (dict(k=5, reorth="partial"), "reorth"),
         (dict(k=5, tol=-1.0), "tol"),
-        (dict(k=5, num_iters=N + 1, reorth="window"), "exceeds n_params"),
-        (dict(k=5, num_iters=N + 1, reorth="none"), "exceeds n_params"),
+        (dict(k=5, num_iters=N + 1), "exceeds n_params"),
+        (dict(k=5, num_iters=N + 1, reorth="window", window=N), "exceeds n_params"),
     ],
 )
 def test_eigsh_bad_arguments(dense, kwargs, match):
@@ -241,14 +230,15 @@ def test_eigsh_bad_arguments(dense, kwargs, match):
         eigsh(tree_op(dense["random"]), **kwargs)
 
 
-@pytest.mark.parametrize("reorth", MODES)
-@pytest.mark.parametrize("num_iters", (None, 12))
-def test_eigsh_exhausting_the_space_is_exact_and_quiet(reorth, num_iters):
+@pytest.mark.parametrize("reorth,num_iters,window", [
+    ("full", None, None), ("full", 12, None), ("window", None, 12), ("window", 12, 12),
+    ("none", 12, None)])
+def test_eigsh_exhausting_the_space_is_exact_and_quiet(reorth, num_iters, window):
     # n = 12 iterations span the space: the last beta is round-off, which is the natural end
     # of the recurrence, not a breakdown, and leaves no orthogonality loss behind
     a = np.random.default_rng(3).standard_normal((12, 12))
     a = (a + a.T) / 2
-    res = eigsh(gj.from_dense(a), k=3, num_iters=num_iters, reorth=reorth)
+    res = eigsh(gj.from_dense(a), k=3, num_iters=num_iters, reorth=reorth, window=window)
     np.testing.assert_allclose(np.sort(res.eigenvalues), np.linalg.eigvalsh(a)[-3:], rtol=0,
                                atol=1e-12)
     assert res.iterations == 12 and res.breakdowns == 0 and res.converged
