@@ -94,6 +94,14 @@ def fast_mode(fast: bool | None = None) -> bool:
     return os.environ.get(FAST_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _check_labels(config: Any) -> None:
+    """One label per learning rate, or a ``ValueError`` naming both."""
+    if len(config.labels) != len(config.learning_rates):
+        raise ValueError(
+            f"labels {config.labels} and learning_rates {config.learning_rates} differ in length"
+        )
+
+
 def _check_steps(steps: int, chunk: int) -> tuple[int, int]:
     if not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -456,10 +464,7 @@ def run_protocol_a(
     fast = fast_mode(fast)
     if config is None:
         config = FAST_A if fast else ProtocolAConfig()
-    if len(config.labels) != len(config.learning_rates):
-        raise ValueError(
-            f"labels {config.labels} and learning_rates {config.learning_rates} differ in length"
-        )
+    _check_labels(config)
     steps, chunk = _check_steps(config.steps, config.chunk)
     writers = [_open_log(log_dir, f"protocol_A_{lab}", config, {"lr": lr})
                for lab, lr in zip(config.labels, config.learning_rates)]
@@ -1112,10 +1117,7 @@ def run_protocol_c(
     fast = fast_mode(fast)
     if config is None:
         config = FAST_C if fast else ProtocolCConfig()
-    if len(config.labels) != len(config.learning_rates):
-        raise ValueError(
-            f"labels {config.labels} and learning_rates {config.learning_rates} differ in length"
-        )
+    _check_labels(config)
     steps, chunk = _check_steps(config.steps, config.geometry_every)
     writers = [_open_log(log_dir, f"protocol_C_{lab.replace(' ', '_')}", config, {"lr": lr})
                for lab, lr in zip(config.labels, config.learning_rates)]
@@ -1352,10 +1354,7 @@ def run_protocol_d(
     bad = [a for a in config.architectures if a not in ARCHITECTURES]
     if bad:
         raise ValueError(f"architectures must be among {ARCHITECTURES}, got {bad}")
-    if len(config.labels) != len(config.learning_rates):
-        raise ValueError(
-            f"labels {config.labels} and learning_rates {config.learning_rates} differ in length"
-        )
+    _check_labels(config)
     steps, chunk = _check_steps(config.steps, config.alpha_every)
     writers = {
         (arch, lab): _open_log(log_dir, f"protocol_D_{arch}_{lab.replace(' ', '_')}", config,

@@ -305,6 +305,25 @@ def _run_acc_jit(op, state, coeffs, acc, num_steps, reorth):
     return lanczos_run(op, state, num_steps, reorth, ritz_coeffs=coeffs, ritz_acc=acc)
 
 
+def _grown_capacity(needed: int, cap: int) -> int:
+    """Rows for a growing full-reorth basis: the next power of two >= ``needed`` (at least
+    32), at most ``cap``, so that a run compiles for a few sizes only."""
+    return min(cap, max(32, 1 << (max(needed, 1) - 1).bit_length()))
+
+
+@functools.partial(jax.jit, static_argnames=("capacity",))
+def _grow_jit(state: LanczosState, capacity: int) -> LanczosState:
+    """``state`` with its per-iteration buffers and full basis padded to ``capacity``."""
+    def pad(x):
+        return jnp.pad(x, [(0, capacity - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+    return state._replace(
+        alphas=pad(state.alphas), betas=pad(state.betas), breakdowns=pad(state.breakdowns),
+        dropped=pad(state.dropped), orthogonality=pad(state.orthogonality),
+        asymmetry=pad(state.asymmetry), basis=jax.tree_util.tree_map(pad, state.basis),
+    )
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def _thick_restart_jit(state: LanczosState, keep: jax.Array) -> LanczosState:
     """Rotate the basis to the kept Ritz vectors ``Y = Q keep`` and continue from ``q``."""
@@ -894,7 +913,10 @@ def eigsh(
         chunk = _check_int("chunk", chunk, 1)
     min_iters = min(cap, 3 * k)
     capacity = nb if thick else cap
-    rows = nb if thick else (cap if reorth == "full" else None)
+    grow = reorth == "full" and not thick and not fixed
+    if grow:  # the basis grows with the run (each reorth pass reads every stored row)
+        capacity = _grown_capacity(min(max(min_iters, chunk), cap), cap)
+    rows = nb if thick else (capacity if reorth == "full" else None)
     wopt = win if reorth == "window" else None
 
     v0, key_r = _start(op, v0, key)
@@ -903,8 +925,9 @@ def eigsh(
         op, state, k=k, which=which, reorth=reorth, tol=tol, fixed=fixed, cap=cap,
         chunk=chunk, min_iters=min_iters, thick=thick, nb=nb,
         filter_ghosts=filter_ghosts, eps_work=eps_work, bd_tol=bd_tol,
-        n_exhaust=n if exhaustible and not thick else None,
+        n_exhaust=n if exhaustible and not thick else None, grow=grow,
     )
+    capacity = int(run.state.alphas.shape[0])
     calls = run.steps
     ritz, idx = run.ritz, run.idx
     values = ritz.values[idx]
@@ -1015,7 +1038,7 @@ def eigsh(
 
 
 def _lanczos_loop(op, state, *, k, which, reorth, tol, fixed, cap, chunk, min_iters, thick, nb,
-                  filter_ghosts, eps_work, bd_tol, n_exhaust) -> _Run:
+                  filter_ghosts, eps_work, bd_tol, n_exhaust, grow=False) -> _Run:
     """Host loop: jitted chunks, float64 Ritz analysis, convergence / thick restarts.
 
     With ``n_exhaust = n`` (the stored rows can span the whole space), a breakdown at step
@@ -1035,6 +1058,8 @@ def _lanczos_loop(op, state, *, k, which, reorth, tol, fixed, cap, chunk, min_it
             n_steps = min(nb - m0, cap - steps)
         else:
             n_steps = min(chunk, cap - steps)
+        if grow and steps + n_steps > state.alphas.shape[0]:
+            state = _grow_jit(state, _grown_capacity(steps + n_steps, cap))
         state = _run_jit(op, state, n_steps, reorth)
         chunks.append(n_steps)
         steps += n_steps
