@@ -330,7 +330,7 @@ def summarise(obj: Any, max_items: int = 256, depth: int = 0) -> Any:
     parameter trees a one-line description; non-finite floats become ``None``."""
     import numpy as np
 
-    from gradience_jax.report import _jsonable
+    from gradience_jax._json import jsonable
 
     if depth > 12:
         return str(type(obj).__name__)
@@ -346,16 +346,16 @@ def summarise(obj: Any, max_items: int = 256, depth: int = 0) -> Any:
     if hasattr(obj, "shape") and hasattr(obj, "dtype"):
         arr = np.asarray(obj)
         if arr.size <= max_items or not np.issubdtype(arr.dtype, np.number):
-            return _jsonable(arr) if arr.size <= max_items else f"array{arr.shape}"
+            return jsonable(arr) if arr.size <= max_items else f"array{arr.shape}"
         finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
         stats = {"shape": list(arr.shape)}
         if finite.size:
             stats.update(min=finite.min(), max=finite.max(), mean=finite.mean(),
                          last=arr.reshape(-1)[-1])
-        return _jsonable(stats)
+        return jsonable(stats)
     if type(obj).__module__.startswith("flax"):
         return f"<{type(obj).__name__}>"
-    return _jsonable(obj)
+    return jsonable(obj)
 
 
 def _protocol_runner(name: str) -> Callable[..., Any]:
