@@ -23,6 +23,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow  # one subprocess, every program compiled twice (~40 s)
+
 #: ``"data_model"``: a 4 x 2 mesh, batch over ``"data"`` and hidden units over ``"model"``
 #: (covers pure data parallelism too: the other leaves are replicated). Add ``"data"`` (an
 #: 8-way data-parallel mesh) for a second layout; each layout costs one more compilation of

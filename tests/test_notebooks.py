@@ -20,6 +20,7 @@ PROTOCOL_NOTEBOOKS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PROTOCOL_NOTEBOOKS)
 def test_protocol_notebook_executes_in_fast_mode(name, tmp_path, monkeypatch):
     # The kernel inherits this process's environment.

@@ -381,3 +381,18 @@ def test_bad_options_raise():
         gj.ggn(model_fn, head, params, batch, vocab_chunk=4)
     with pytest.raises(ValueError, match="labels"):
         gj.ggn(model_fn, gj.heads.softmax_cross_entropy("labels"), params, batch)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 3, 4])
+def test_per_example_grads_chunked_equal_single_example_gradients(chunk_size):
+    # reference: jax.grad of the loss on each example alone (a Python loop); chunk 3 leaves a
+    # remainder, chunk 4 divides the batch
+    adapted, batch = model_case("mlp")
+    n = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    out = gj.per_example_grads(adapted.loss_fn, adapted.params, batch, chunk_size=chunk_size)
+    grad = jax.jit(jax.grad(adapted.loss_fn))
+    for i in range(n):
+        ex = jax.tree_util.tree_map(lambda x: x[i : i + 1], batch)
+        ref = grad(adapted.params, ex)
+        got = jax.tree_util.tree_map(lambda x: x[i], out)
+        assert rel_err(ravel_pytree(got)[0], ravel_pytree(ref)[0]) <= 1e-12

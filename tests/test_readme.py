@@ -146,6 +146,7 @@ def test_main_job_agrees_with_direct_api_calls(main_job):
         assert ws[path].stable_rank == pytest.approx(layer["stable_rank"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_readme_python_examples_run(tmp_path):
     """Every ```python block of the README runs as written (one fresh interpreter each)."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)

@@ -25,6 +25,7 @@ def test_tutorial_is_stored_executed_without_errors():
     assert len(images) >= 7
 
 
+@pytest.mark.slow
 def test_tutorial_runs_in_fast_mode(tmp_path, monkeypatch):
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("GRADIENCE_FAST", "1")
