@@ -30,10 +30,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from gradience_jax._json import jsonable
 import scipy.linalg
 
+from gradience_jax._json import jsonable
 from gradience_jax import tree as tu
 from gradience_jax.lanczos import (
     REORTH_MODES,
@@ -849,11 +848,14 @@ def eigsh(
     win = check_reorth(reorth, window)
     if not (isinstance(tol, (int, float, np.floating)) and tol > 0 and math.isfinite(tol)):
         raise ValueError(f"tol must be a positive finite float, got {tol!r}")
+    # once the stored rows can span the whole space, n iterations are exact and a restart
+    # vector orthogonal to them is round-off: runs stop there
+    exhaustible = reorth == "full" or (reorth == "window" and win >= n)
     if num_iters is not None:
         num_iters = _check_int("num_iters", num_iters, 1)
         if num_iters < k:
             raise ValueError(f"num_iters={num_iters} must be >= k={k}")
-        if num_iters > n and (reorth == "full" or (reorth == "window" and win >= n)):
+        if num_iters > n and exhaustible:
             raise ValueError(
                 f"num_iters={num_iters} exceeds n_params={n} with reorth={reorth!r} storing "
                 f"{n if reorth == 'full' else win} vectors: {n} iterations already span the "
@@ -883,9 +885,6 @@ def eigsh(
     cap = num_iters if fixed else (max_iters if max_iters is not None else max(10 * k, 100))
     thick = False
     nb = 0
-    # once the stored rows span the whole space, n iterations are exact and a restart vector
-    # orthogonal to them is round-off: stop there
-    exhaustible = reorth == "full" or (reorth == "window" and win >= n)
     if not fixed and cap > n and exhaustible:
         cap = n
     if reorth == "full":

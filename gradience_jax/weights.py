@@ -95,7 +95,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax._json import jsonable
-
 from gradience_jax.tree import path_str
 
 __all__ = [
