@@ -118,3 +118,15 @@ class _TreeDense:
 def tree_dense_op(matrix, like, is_psd=False, name="tree") -> LinearOperator:
     """A :class:`LinearOperator` on vectors shaped like ``like`` with ``matrix`` behind it."""
     return LinearOperator(_TreeDense(), jnp.asarray(matrix), like, is_psd=is_psd, name=name)
+
+
+def json_numbers(tree):
+    """Every int / float (not bool) in a decoded JSON tree of dicts and lists."""
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from json_numbers(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from json_numbers(v)
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield tree

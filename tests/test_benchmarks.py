@@ -15,19 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import json_numbers
+
 ROOT = Path(__file__).resolve().parent.parent
 CI_SUITES = ("operators", "peers_eigen", "peers_trace")
-
-
-def _numbers(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _numbers(v)
-    elif isinstance(tree, list):
-        for v in tree:
-            yield from _numbers(v)
-    elif isinstance(tree, float):
-        yield tree
 
 
 @pytest.mark.slow
@@ -43,7 +34,7 @@ def test_quick_mode_writes_tables_and_json(tmp_path):
     assert {n: s["returncode"] for n, s in status.items()} == {n: 0 for n in CI_SUITES}
     for name in CI_SUITES:
         doc = json.loads((tmp_path / f"{name}.json").read_text())
-        assert any(math.isfinite(x) and x > 0 for x in _numbers(doc)), name
+        assert any(math.isfinite(x) and x > 0 for x in json_numbers(doc)), name
     text = md.read_text()
     for heading in ("Operators vs the gradient", "Top-10 Hessian eigenvalues",
                     "Trace and spectral density"):

@@ -18,6 +18,7 @@ import pytest
 
 from gradience_jax import cli
 from gradience_jax import report as rp
+from helpers import json_numbers
 
 
 def run(argv, capsys=None):
@@ -36,17 +37,6 @@ def assert_one_line_error(code, err, expected_code, fragment, *, after_output=Fa
     assert after_output or len(lines) == 1, err
     assert "Traceback" not in err
     assert lines[-1].startswith("gradience-jax: error: ") and fragment in lines[-1], lines[-1]
-
-
-def finite_numbers(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from finite_numbers(v)
-    elif isinstance(tree, list):
-        for v in tree:
-            yield from finite_numbers(v)
-    elif isinstance(tree, float):
-        yield tree
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +72,7 @@ def test_analyze_writes_report_folder(analyzed):
     assert np.all(np.diff(top["eigenvalues"]) <= 0)
     assert rep["training"]["loss_final"] < rep["training"]["loss_initial"]
     assert all(c["passed"] for c in rep["checks"]), rep["checks"]
-    assert all(math.isfinite(v) for v in finite_numbers(rep))
+    assert all(math.isfinite(v) for v in json_numbers(rep))
     # --json prints the same report (wall times and file lists are added on writing)
     assert analyzed["stdout"]["curvature"] == rep["curvature"]
 

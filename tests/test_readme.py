@@ -25,6 +25,7 @@ import pytest
 
 import gradience_jax as gj
 from gradience_jax import report as rp
+from helpers import json_numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -79,17 +80,6 @@ def main_job(tmp_path_factory):
     return out, json.loads((out / "report.json").read_text()), proc
 
 
-def _numbers(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _numbers(v)
-    elif isinstance(tree, list):
-        for v in tree:
-            yield from _numbers(v)
-    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        yield tree
-
-
 def test_main_job_writes_the_report(main_job):
     out, rep, proc = main_job
     assert "gradience_report/" in README.read_text()
@@ -98,7 +88,7 @@ def test_main_job_writes_the_report(main_job):
     assert {"training", "curvature_top_k", "spectral_density", "landscape_2d",
             "weight_spectra"} <= set(rep["figures"])
     assert "report written to" in proc.stdout
-    assert all(math.isfinite(v) for v in _numbers(rep))
+    assert all(math.isfinite(v) for v in json_numbers(rep))
     assert set(rep["curvature"]) == {"hessian", "ggn"}
     for c in rep["curvature"].values():
         assert all(math.isfinite(v) for v in c["top_k"]["eigenvalues"])
