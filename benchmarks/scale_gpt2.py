@@ -84,39 +84,29 @@ def main(argv=None) -> dict:
 
     common = dict(reorth="window", window=args.window, tol=args.tol, max_iters=args.max_iters,
                   chunk=args.chunk, key=jax.random.key(0))
+    def phase(name: str, make_op, k: int, **extra) -> None:
+        """Build the operator and run eigsh(k) inside one timed, memory-sampled phase."""
+        with peers.PeakRSS(interval=0.01) as m:
+            t0 = time.perf_counter()
+            res = eigsh(make_op(), k=k, which="LA", **common)
+            wall = time.perf_counter() - t0
+        phases[name] = {
+            "wall_s": wall, "eigenvalues": np.asarray(res.eigenvalues).tolist(),
+            "iterations": res.iterations, "matvecs": res.operator_calls,
+            "converged": bool(res.converged),
+            "ritz_residuals": np.asarray(res.ritz_residuals).tolist(),
+            "warnings": list(res.warnings), "peak_rss_delta_GiB": m.peak_delta / 2**30,
+            "max_rss_GiB": max_rss_GiB(), **extra,
+        }
+        print(f"{name}: {phases[name]['eigenvalues']} in {wall:.1f} s, {res.operator_calls} "
+              f"matvecs, converged={res.converged}, peak RSS {max_rss_GiB():.2f} GiB", flush=True)
+
     if not args.skip_hessian:
-        with peers.PeakRSS(interval=0.01) as m:
-            t0 = time.perf_counter()
-            H = gj.hessian(loss_fn, params, batch, check=False)
-            res = eigsh(H, k=1, which="LA", **common)
-            wall = time.perf_counter() - t0
-        phases["hessian_top1"] = {
-            "wall_s": wall, "eigenvalues": np.asarray(res.eigenvalues).tolist(),
-            "iterations": res.iterations, "matvecs": res.operator_calls,
-            "converged": bool(res.converged), "ritz_residuals": np.asarray(res.ritz_residuals).tolist(),
-            "warnings": list(res.warnings), "peak_rss_delta_GiB": m.peak_delta / 2**30,
-            "max_rss_GiB": max_rss_GiB(),
-        }
-        print(f"Hessian top-1: {phases['hessian_top1']['eigenvalues']} in {wall:.1f} s, "
-              f"{res.operator_calls} matvecs, converged={res.converged}, "
-              f"peak RSS {max_rss_GiB():.2f} GiB", flush=True)
-        del H, res
+        phase("hessian_top1", lambda: gj.hessian(loss_fn, params, batch, check=False), 1)
     if not args.skip_ggn:
-        with peers.PeakRSS(interval=0.01) as m:
-            t0 = time.perf_counter()
-            G = gj.ggn(model_fn, head, params, batch, vocab_chunk=args.vocab_chunk, check=False)
-            res = eigsh(G, k=3, which="LA", **common)
-            wall = time.perf_counter() - t0
-        phases["ggn_top3"] = {
-            "wall_s": wall, "eigenvalues": np.asarray(res.eigenvalues).tolist(),
-            "iterations": res.iterations, "matvecs": res.operator_calls,
-            "converged": bool(res.converged), "ritz_residuals": np.asarray(res.ritz_residuals).tolist(),
-            "warnings": list(res.warnings), "peak_rss_delta_GiB": m.peak_delta / 2**30,
-            "max_rss_GiB": max_rss_GiB(), "vocab_chunk": args.vocab_chunk,
-        }
-        print(f"GGN top-3: {phases['ggn_top3']['eigenvalues']} in {wall:.1f} s, "
-              f"{res.operator_calls} matvecs, converged={res.converged}, "
-              f"peak RSS {max_rss_GiB():.2f} GiB", flush=True)
+        phase("ggn_top3", lambda: gj.ggn(model_fn, head, params, batch,
+                                         vocab_chunk=args.vocab_chunk, check=False), 3,
+              vocab_chunk=args.vocab_chunk)
     total = time.perf_counter() - t_start
     info["loadavg_end"] = peers.machine()["loadavg"]
     peak = max_rss_GiB()
