@@ -68,17 +68,18 @@ class LanczosState(NamedTuple):
             (``"full"``, row ``j`` is ``q_j``), a ring buffer of the last ``window`` vectors
             (``"window"``, ``q_j`` in row ``j % window``) or no rows (``"none"``).
         q: the next Lanczos vector ``q_step`` (unit norm).
-        q_prev: ``q_{step-1}`` (zeros at the start and after a thick restart).
-        q_first: ``q_0``, kept to measure the loss of orthogonality.
+        q_prev: ``q_{step-1}`` (zeros at the start).
         beta: scalar ``betas[step-1]``, the coupling between ``q_prev`` and ``q``.
         step: int32 scalar, iterations done (= operator calls).
         breakdowns: ``(capacity,)`` bool, ``True`` at ``j`` if ``q_{j+1}`` is a restart vector.
         dropped: ``(capacity,)`` the (tiny) ``beta_j`` dropped at a breakdown, 0 elsewhere:
             the residual bound of the block it closed.
-        orthogonality: ``(capacity,)`` measured ``|<q_0, q_{j+1}>|``.
-        asymmetry: ``(capacity,)`` measured ``|<q_{j-1}, A q_j> - <q_j, A q_{j-1}>|``: the
-            two computed copies of ``T[j-1, j]``, equal for a symmetric operator up to rounding.
-        aq_prev: ``A q_{step-1}`` (kept for the symmetry check).
+        orthogonality: ``(capacity,)`` measured ``|<q_i, q_{j+1}>|`` against the oldest
+            stored row ``i`` (``q_0`` for ``"full"``, ``q_{j+1-window}`` for ``"window"``,
+            ``q_{j-1}`` for ``"none"``): no extra vector is kept for it.
+        asymmetry: ``(capacity,)`` measured ``|<q_{j-1}, A q_j> - beta_{j-1}|``: for a
+            symmetric operator ``<q_{j-1}, A q_j> = <A q_{j-1}, q_j> = beta_{j-1}`` up to
+            rounding (local orthogonality), so this needs no stored ``A q_{j-1}``.
         anorm: scalar running estimate of ``||A||`` (max Gershgorin row sum of ``T``).
         key: PRNG key for restart vectors.
     """
@@ -88,14 +89,12 @@ class LanczosState(NamedTuple):
     basis: PyTree
     q: PyTree
     q_prev: PyTree
-    q_first: PyTree
     beta: jax.Array
     step: jax.Array
     breakdowns: jax.Array
     dropped: jax.Array
     orthogonality: jax.Array
     asymmetry: jax.Array
-    aq_prev: PyTree
     anorm: jax.Array
     key: jax.Array
 
@@ -162,6 +161,12 @@ def orthogonalize(w: PyTree, basis: PyTree, passes: int) -> PyTree:
 def _set_row(basis: PyTree, row: jax.Array, v: PyTree) -> PyTree:
     return jax.tree_util.tree_map(
         lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x.astype(b.dtype), row, 0), basis, v
+    )
+
+
+def _get_row(basis: PyTree, row: jax.Array) -> PyTree:
+    return jax.tree_util.tree_map(
+        lambda b: jax.lax.dynamic_index_in_dim(b, row, 0, keepdims=False), basis
     )
 
 
@@ -301,14 +306,12 @@ def lanczos_init(
         basis=_zeros_work(like, nrows),
         q=q,
         q_prev=_zeros_work(like),
-        q_first=q,
         beta=jnp.zeros((), sdt),
         step=jnp.zeros((), jnp.int32),
         breakdowns=jnp.zeros((capacity,), bool),
         dropped=zeros_m,
         orthogonality=zeros_m,
         asymmetry=zeros_m,
-        aq_prev=_zeros_work(like),
         anorm=jnp.zeros((), sdt),
         key=key,
     )
@@ -380,11 +383,14 @@ def _orth_step(w: PyTree, basis: PyTree, q: PyTree, passes: int) -> PyTree:
 
 
 def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_tol: float):
-    """One Lanczos iteration ``state -> state`` (a closure over the bound matvec)."""
+    """One Lanczos iteration ``state -> state`` (a closure over the bound matvec).
+
+    Live parameter-sized vectors: ``q``, ``q_prev``, ``A q`` / ``w`` and the stored rows.
+    """
 
     def restart(args):
-        basis, q, q_prev, q_first, key, _w, j, _beta = args
-        r = restart_vector(q_first, key, j)
+        basis, q, q_prev, key, _w, j, _beta = args
+        r = restart_vector(q, key, j)
         if reorth == "none":  # nothing stored: orthogonalise against q_j, q_{j-1} (twice)
             for _ in range(2):
                 r = tu.sub(r, tu.scale(tu.vdot(q, r), q))
@@ -394,7 +400,7 @@ def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_t
         return _safe_normalize(r)[0]
 
     def proceed(args):
-        w, beta = args[5], args[7]
+        w, beta = args[4], args[6]
         return tu.scale(1.0 / beta, w)
 
     def step(state: LanczosState) -> LanczosState:
@@ -402,7 +408,7 @@ def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_t
         q, q_prev = state.q, state.q_prev
         aq = _to_work(mv(_to_like(q, like)))
         alpha = tu.vdot(q, aq)
-        asym = jnp.abs(tu.vdot(q_prev, aq) - tu.vdot(q, state.aq_prev))
+        asym = jnp.abs(tu.vdot(q_prev, aq) - state.beta)
         w = jax.tree_util.tree_map(
             lambda x, a, b: x - alpha.astype(x.dtype) * a - state.beta.astype(x.dtype) * b,
             aq,
@@ -416,11 +422,20 @@ def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_t
         anorm = jnp.maximum(state.anorm, jnp.abs(alpha) + state.beta + beta)
         broke = beta <= breakdown_tol * anorm
         q_next = jax.lax.cond(
-            broke, restart, proceed, (basis, q, q_prev, state.q_first, state.key, w, j, beta)
+            broke, restart, proceed, (basis, q, q_prev, state.key, w, j, beta)
         )
-        if reorth != "none":
+        if reorth == "none":
+            ortho = jnp.abs(tu.vdot(q_prev, q_next))
+        else:
             nrows = _basis_rows(basis)
-            basis = _set_row(basis, j if reorth == "full" else j % nrows, q)
+            ortho = jnp.abs(tu.vdot(_get_row(basis, 0 if reorth == "full" else (j + 1) % nrows),
+                                    q_next))
+            # the stored row depends on this step's reads (``0 * ortho``: a finite value
+            # leaves q unchanged), so XLA schedules the in-place row update after them
+            # instead of copying the whole basis to keep the reads apart
+            tie = jnp.zeros((), ortho.dtype) * ortho
+            basis = _set_row(basis, j if reorth == "full" else j % nrows,
+                             jax.tree_util.tree_map(lambda x: x + tie.astype(x.dtype), q))
         dropped = jnp.where(broke, beta, jnp.zeros_like(beta))
         beta = jnp.where(broke, jnp.zeros_like(beta), beta)
         return state._replace(
@@ -433,11 +448,8 @@ def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_t
             step=j + 1,
             breakdowns=state.breakdowns.at[j].set(broke),
             dropped=state.dropped.at[j].set(dropped.astype(state.dropped.dtype)),
-            orthogonality=state.orthogonality.at[j].set(
-                jnp.abs(tu.vdot(state.q_first, q_next)).astype(state.orthogonality.dtype)
-            ),
+            orthogonality=state.orthogonality.at[j].set(ortho.astype(state.orthogonality.dtype)),
             asymmetry=state.asymmetry.at[j].set(asym.astype(state.asymmetry.dtype)),
-            aq_prev=aq,
             anorm=anorm.astype(state.anorm.dtype),
         )
 

@@ -23,7 +23,7 @@ from helpers import tree_dense_op
 N = 120
 K = 5
 MODES = ("full", "window", "none")
-RUN = dict(max_iters=480, chunk=40, window=10)  # full caps itself at n
+RUN = dict(chunk=40, window=10)  # default matvec caps
 
 
 LIKE = {"w": jnp.zeros((10, 10)), "b": jnp.zeros((20,))}  # 120 entries
@@ -199,16 +199,26 @@ def test_deterministic_and_key_dependent(dense):
     assert not np.array_equal(r1.ritz_residuals, r3.ritz_residuals)
 
 
-def test_quality_warnings_few_iterations_and_asymmetry(dense):
+def test_quality_warnings_few_iterations_name_the_knob(dense):
     op = tree_op(dense["clustered"])
     res = eigsh(op, k=K, num_iters=8, reorth="full")
     assert not res.converged
-    assert any(w.startswith("not converged") for w in res.warnings)
+    msg = next(w for w in res.warnings if w.startswith("not converged"))
+    assert "raise num_iters (now 8)" in msg and "basis_size" in msg
     assert any("< 3k" in w for w in res.warnings)
+    res = eigsh(op, k=K, reorth="window", window=4, max_iters=12)
+    msg = next(w for w in res.warnings if w.startswith("not converged"))
+    assert "raise max_iters" in msg and "use reorth='full'" in msg
+    # a symmetric operator measures round-off asymmetry only
+    assert res.asymmetry < 1e-12
+
+
+@pytest.mark.parametrize("reorth", MODES)
+def test_asymmetric_operator_stops_early_with_a_clear_error(dense, reorth):
     nonsym = np.asarray(dense["random"]) + 0.05 * np.triu(np.ones((N, N)), 1)
-    res = eigsh(tree_op(nonsym), k=K, num_iters=8, reorth="full")
-    assert any("asymmetry" in w for w in res.warnings), res.warnings
-    assert res.asymmetry > 1e-3
+    with pytest.raises(ValueError, match=r"not symmetric.*stopped after (\d) matvecs"):
+        eigsh(tree_op(nonsym), k=K, reorth=reorth, max_iters=4000, **{
+            k: v for k, v in RUN.items() if k != "max_iters"})
 
 
 @pytest.mark.parametrize(

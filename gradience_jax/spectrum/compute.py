@@ -1,0 +1,233 @@
+"""``compute_spectrum``: build a curvature operator by name and run :func:`eigsh` on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradience_jax.lanczos import REORTH_MODES
+from gradience_jax.operators.base import LinearOperator
+from gradience_jax.spectrum.eigsh import eigsh
+from gradience_jax.spectrum.plan import (
+    check_int as _check_int,
+    default_basis_size,
+    default_memory_budget,
+    row_bytes,
+)
+from gradience_jax.spectrum.result import SpectrumResult
+from gradience_jax.spectrum.ritz import WHICH
+
+PyTree = Any
+
+OPERATORS = ("hessian", "ggn", "empirical_fisher", "ef", "mc_fisher", "kfac")
+REGULARIZATION_MODES = ("off", "fixed", "relative", "auto")
+
+__all__ = ["LanczosConfig", "OPERATORS", "compute_spectrum"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LanczosConfig:
+    """Settings of :func:`compute_spectrum`.
+
+    Attributes:
+        k: number of eigenvalues.
+        max_iters: matvec cap of the convergence-driven run (rule of thumb: ``>= 3k``).
+        tol: relative residual tolerance.
+        reorth_mode: ``"auto"`` (``"full"`` while the thick-restart basis fits
+            ``memory_budget_bytes``, else ``"window"``), ``"full"``, ``"window"``, ``"none"``.
+        reorth_window: ring-buffer size for ``"window"`` (default 8).
+        dtype_compute: dtype of the operator's params (``None``: the model's, except that
+            bf16 / fp16 Hessians are computed in float32: indefinite spectra need it).
+        seed: start-vector seed (``jax.random.key(seed)``).
+        regularization_mode: PSD operators only: ``"off"``; ``"fixed"`` adds
+            ``regularization``; ``"relative"`` adds ``regularization * lambda_max``;
+            ``"auto"`` adds the relative shift when ``lambda_max / lambda_min > 1e12``.
+        regularization: the shift size for the modes above.
+        which: ``"LA"``, ``"SA"``, ``"BE"`` or ``"LM"``.
+        return_eigenvectors: also return the Ritz vectors.
+        memory_budget_bytes: bytes a stored basis may use (``None``: 25% of device memory
+            or 2 GiB).
+    """
+
+    k: int = 10
+    max_iters: int = 30
+    tol: float = 1e-10
+    reorth_mode: str = "auto"
+    reorth_window: int | None = None
+    dtype_compute: Any = None
+    seed: int = 42
+    regularization_mode: str = "off"
+    regularization: float = 1e-8
+    which: str = "LA"
+    return_eigenvectors: bool = False
+    memory_budget_bytes: int | None = None
+
+    def __post_init__(self):
+        if self.reorth_mode not in ("auto",) + REORTH_MODES:
+            raise ValueError(
+                f"reorth_mode must be one of {('auto',) + REORTH_MODES}, got {self.reorth_mode!r}"
+            )
+        if self.regularization_mode not in REGULARIZATION_MODES:
+            raise ValueError(
+                f"regularization_mode must be one of {REGULARIZATION_MODES}, "
+                f"got {self.regularization_mode!r}"
+            )
+        if self.which not in WHICH:
+            raise ValueError(f"which must be one of {WHICH}, got {self.which!r}")
+        _check_int("k", self.k, 1)
+        _check_int("max_iters", self.max_iters, 1)
+        if not self.regularization >= 0:
+            raise ValueError(f"regularization must be >= 0, got {self.regularization!r}")
+
+
+def _cast_params(params: PyTree, dtype: Any) -> PyTree:
+    dt = jnp.dtype(dtype)
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dt) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, params
+    )
+
+
+def _compute_dtype(params: PyTree, operator: str, dtype_compute: Any) -> Any:
+    if dtype_compute is not None:
+        return jnp.dtype(dtype_compute)
+    if operator != "hessian":
+        return None
+    low = [
+        x for x in jax.tree_util.tree_leaves(params)
+        if jnp.result_type(x) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    ]
+    return jnp.dtype(jnp.float32) if low else None
+
+
+def _build_operator(operator, loss_fn, params, batch, model_fn, head, key):
+    if operator == "hessian":
+        if loss_fn is None:
+            if model_fn is None or head is None:
+                raise ValueError("operator='hessian' needs loss_fn (or model_fn and head)")
+            from gradience_jax.operators.ggn import _composed_loss
+
+            loss_fn = _composed_loss(model_fn, head)
+        from gradience_jax.operators.hessian import hessian
+
+        return hessian(loss_fn, params, batch)
+    if operator == "empirical_fisher":
+        if loss_fn is None:
+            raise ValueError("operator='empirical_fisher' needs loss_fn")
+        from gradience_jax.operators.fisher import empirical_fisher
+
+        return empirical_fisher(loss_fn, params, batch)
+    if model_fn is None or head is None:
+        raise ValueError(
+            f"operator={operator!r} needs model_fn and head "
+            "(loss = head(model_fn(params, batch), batch))"
+        )
+    if operator == "ggn":
+        from gradience_jax.operators.ggn import ggn
+
+        return ggn(model_fn, head, params, batch)
+    if operator == "mc_fisher":
+        from gradience_jax.operators.fisher import mc_fisher
+        from gradience_jax.operators.heads import _Head
+
+        kw = {"head": head} if isinstance(head, _Head) else {}
+        return mc_fisher(model_fn, params, batch, key, **kw)
+    from gradience_jax.operators.kfac import kfac
+
+    return kfac(model_fn, head, params, batch)
+
+
+def compute_spectrum(
+    loss_fn: Callable[[PyTree, PyTree], jax.Array] | None,
+    params: PyTree,
+    batch: PyTree,
+    operator: str | LinearOperator = "hessian",
+    config: LanczosConfig | None = None,
+    model_fn: Callable[[PyTree, PyTree], jax.Array] | None = None,
+    head: Callable | None = None,
+) -> SpectrumResult:
+    """Top-k (or ``config.which``) eigenvalues of a curvature operator, with quality checks.
+
+    Builds the operator at ``(params, batch)``, runs :func:`eigsh` with the config and adds
+    the seed, the regularisation and the PSD / indefinite metrics to the result.
+
+    Precision: bf16 / fp16 params are upcast to float32 for the Hessian (indefinite spectra
+    need it); GGN / Fisher run in the model dtype. Lanczos vectors, dot products and norms
+    are float32 or wider; the tridiagonal eigenproblem is float64.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar`` (hessian, empirical_fisher).
+        params: parameter pytree.
+        batch: batch pytree.
+        operator: ``"hessian"``, ``"ggn"``, ``"empirical_fisher"`` (alias ``"ef"``),
+            ``"mc_fisher"``, ``"kfac"``, or a ready :class:`LinearOperator`.
+        config: :class:`LanczosConfig` (default ``LanczosConfig()``).
+        model_fn, head: ``loss = head(model_fn(params, batch), batch)`` for ggn /
+            mc_fisher / kfac.
+
+    Returns:
+        :class:`SpectrumResult`.
+
+    Raises:
+        ValueError: unknown operator, missing model_fn / head, bad config, non-finite values.
+    """
+    t0 = time.perf_counter()
+    cfg = LanczosConfig() if config is None else config
+    if not isinstance(cfg, LanczosConfig):
+        raise TypeError(f"config must be a LanczosConfig, got {type(cfg).__name__}")
+    key = jax.random.key(cfg.seed)
+    if isinstance(operator, LinearOperator):
+        op = operator
+    else:
+        if operator not in OPERATORS:
+            raise ValueError(
+                f"operator must be one of {OPERATORS} or a LinearOperator, got {operator!r}"
+            )
+        name = "empirical_fisher" if operator == "ef" else operator
+        dt = _compute_dtype(params, name, cfg.dtype_compute)
+        p = params if dt is None else _cast_params(params, dt)
+        op = _build_operator(name, loss_fn, p, batch, model_fn, head, jax.random.fold_in(key, 7))
+    n = op.n_params
+    if cfg.k > n:
+        raise ValueError(f"config.k={cfg.k} exceeds n_params={n}")
+    reorth = cfg.reorth_mode
+    budget = default_memory_budget() if cfg.memory_budget_bytes is None else cfg.memory_budget_bytes
+    if reorth == "auto":  # the thick-restart basis if it fits the budget
+        rows = min(default_basis_size(cfg.k), n) + 1
+        reorth = "full" if rows * row_bytes(op.params_like) <= budget else "window"
+    max_iters = max(cfg.max_iters, cfg.k)
+    res = eigsh(
+        op, k=cfg.k, num_iters=None, which=cfg.which, reorth=reorth,
+        window=cfg.reorth_window, key=key, tol=cfg.tol,
+        return_eigenvectors=cfg.return_eigenvectors, max_iters=max_iters,
+        memory_budget_bytes=budget, seed=cfg.seed,
+    )
+    shift = 0.0
+    warns = list(res.warnings)
+    if cfg.regularization_mode != "off":
+        if not op.is_psd:
+            warns.append(
+                f"regularization_mode={cfg.regularization_mode!r} ignored: the {op.name} "
+                "operator is indefinite (negative eigenvalues are preserved)"
+            )
+        else:
+            lam_max = float(np.max(res.eigenvalues))
+            lam_min = float(np.min(res.eigenvalues))
+            if cfg.regularization_mode == "fixed":
+                shift = cfg.regularization
+            elif cfg.regularization_mode == "relative":
+                shift = cfg.regularization * abs(lam_max)
+            elif lam_min <= 0 or lam_max / lam_min > 1e12:
+                shift = cfg.regularization * abs(lam_max)
+    return dataclasses.replace(
+        res,
+        eigenvalues=res.eigenvalues + shift,
+        regularization_applied=float(shift),
+        warnings=tuple(warns),
+        seed=cfg.seed,
+        wall_time_s=time.perf_counter() - t0,
+    )

@@ -1,0 +1,446 @@
+"""``eigsh`` (checked, every diagnostic), ``eigsh_fast`` (jittable) and ``top_eigenpairs``
+(with the one dense fallback for tiny operators): all three run the one engine of
+:mod:`gradience_jax.spectrum.engine`.
+
+``eigsh`` reads as plan -> run -> finish: :func:`~gradience_jax.spectrum.plan.make_plan`
+checks the arguments and fixes the static plan, one compiled program runs the whole
+restarted Lanczos on device, and the host turns its arrays into a :class:`SpectrumResult`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradience_jax.lanczos import (
+    _scalar_dtype,
+    check_operator_output,
+    check_vector,
+    host_random_vector,
+    random_vector,
+)
+from gradience_jax.operators.base import LinearOperator
+from gradience_jax.spectrum.engine import (
+    ASYMMETRIC,
+    NONFINITE,
+    Plan,
+    run_engine,
+    run_engine_traced,
+)
+from gradience_jax.spectrum.plan import check_int, flat_layout, make_plan, small_solver
+from gradience_jax.spectrum.result import SpectrumResult, quality_warnings
+from gradience_jax.spectrum.ritz import WHICH, ritz_values, select
+
+PyTree = Any
+
+#: operators with at most this many parameters are solved densely by ``top_eigenpairs``
+DENSE_LIMIT = 2000
+
+__all__ = ["DENSE_LIMIT", "FastEigshResult", "eigsh", "eigsh_fast", "top_eigenpairs"]
+
+
+def _start(op: LinearOperator, v0: PyTree | None, key: jax.Array) -> tuple[PyTree, jax.Array]:
+    """Start vector (host-drawn normal from ``fold_in(key, 0)`` unless given) and restart key."""
+    if v0 is None:
+        v0 = host_random_vector(jax.random.fold_in(key, 0), op.params_like)
+    return v0, jax.random.fold_in(key, 1)
+
+
+LAYOUTS = ("auto", "flat", "tree")
+
+
+def _layout_flag(layout: Any, op: LinearOperator, v0: PyTree | None) -> bool:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    return flat_layout(op, v0) if layout == "auto" else layout == "flat"
+
+
+def _raise_status(status: int, op: LinearOperator, matvecs: int, asym: float, anorm: float,
+                  asym_tol: float) -> None:
+    if status == NONFINITE:
+        raise ValueError(
+            f"the {op.name} operator's matvec returned non-finite values (NaN / Inf) at "
+            f"Lanczos iteration {matvecs - 1} (the run stopped there): check the loss / model at "
+            "these params, or the operator's dtype (bf16 / fp16 overflow)"
+        )
+    if status == ASYMMETRIC:
+        raise ValueError(
+            f"the {op.name} operator is not symmetric: the measured asymmetry "
+            f"|<q_(j-1), A q_j> - <A q_(j-1), q_j>| = {asym:.2e} exceeds sqrt(eps) ||A|| = "
+            f"{asym_tol * anorm:.2e} (the run stopped after {matvecs} matvecs); eigsh needs "
+            "a symmetric operator: check the matvec, or compute in float32 / float64"
+        )
+
+
+def eigsh(
+    op: LinearOperator,
+    k: int = 10,
+    num_iters: int | None = None,
+    which: str = "LA",
+    reorth: str = "full",
+    window: int | None = None,
+    key: jax.Array | None = None,
+    tol: float = 1e-10,
+    return_eigenvectors: bool = False,
+    *,
+    v0: PyTree | None = None,
+    max_iters: int | None = None,
+    memory_budget_bytes: int | None = None,
+    filter_ghosts: bool | None = None,
+    true_residuals: bool | None = None,
+    chunk: int | None = None,
+    seed: int | None = None,
+    basis_size: int | None = None,
+    basis_dtype: Any = None,
+    layout: str = "auto",
+) -> SpectrumResult:
+    """``k`` extreme eigenvalues (and optionally eigenvectors) of a symmetric operator.
+
+    ``reorth="full"`` (default): thick-restart Lanczos (Wu & Simon 2000) on a basis of
+    ``basis_size`` rows with converged pairs locked; the restart cycles run on device in
+    one compiled program and the small projected eigenproblem is solved in float64, so the
+    run stops at ``tol`` without host round trips. ``"window"`` / ``"none"``: the plain
+    recurrence without a stored basis (a ring buffer of ``window`` rows, or nothing), ghost
+    Ritz values removed by the Cullum-Willoughby test, eigenvectors from a second pass.
+
+    Convergence: a wanted Ritz value ``theta`` has converged when its residual bound
+    ``|beta_m s_mi| <= max(tol |theta|, 10 eps ||A||)``. With ``num_iters=None`` the run goes
+    on until all ``k`` have converged or ``max_iters`` matvecs were spent (and says which).
+
+    Cost: ``iterations`` matvecs (``"window"`` / ``"none"`` with eigenvectors: twice; ``+ k``
+    for true residuals) plus, per step, ``~4 (basis_size + 1) P`` flops of Gram-Schmidt
+    (``"full"``) or ``~4 window P`` (``"window"``). Memory: ``basis_size + 1`` rows
+    (``"full"``, in ``basis_dtype``), ``window`` rows (``"window"``) or none, plus about four
+    working vectors and ``k`` for eigenvectors.
+
+    Args:
+        op: symmetric :class:`LinearOperator`.
+        k: number of eigenvalues, ``1 <= k <= n_params``.
+        num_iters: exact number of Lanczos matvecs (``>= k``; no early stop); ``None``:
+            convergence-driven.
+        which: ``"LA"`` largest, ``"SA"`` smallest, ``"BE"`` both ends (``k // 2`` smallest
+            and the rest largest, ascending), ``"LM"`` largest magnitude.
+        reorth: ``"full"``, ``"window"`` or ``"none"``.
+        window: ring-buffer size for ``"window"`` (default 8, >= 2).
+        key: PRNG key for the start vector and restarts (default ``jax.random.key(42)``).
+        tol: relative residual tolerance (a traced argument: changing it does not recompile).
+        return_eigenvectors: also return unit Ritz vectors (a pytree stack, leading axis k).
+        v0: start vector (warm start) instead of a random one.
+        max_iters: matvec cap of a convergence-driven run (default ``max(1000, 20 basis_size)``
+            for ``"full"``, ``max(1000, 10 k)`` otherwise; traced for ``"full"``).
+        memory_budget_bytes: bytes for the stored basis (default: 25% of device memory or
+            2 GiB); ``basis_size`` shrinks to fit.
+        filter_ghosts: Cullum-Willoughby filtering (default: on for ``"window"`` / ``"none"``).
+        true_residuals: compute ``||A y - lambda y||`` (default: with eigenvectors).
+        chunk: steps between convergence checks for ``"window"`` / ``"none"`` (default
+            ``max(10, k)``).
+        seed: recorded in the result (informational).
+        basis_size: rows of a thick-restart cycle (default ``max(2k + 10, 30)``, at most
+            ``n_params``).
+        basis_dtype: storage dtype of the thick-restart basis (e.g. ``"bfloat16"``: half the
+            memory, float32 arithmetic; accuracy ~1e-3 relative, for PSD operators at scale).
+        layout: how the program holds Krylov vectors: ``"flat"`` (one ``(P,)`` array: one
+            kernel per operation, fastest to compile), ``"tree"`` (pytrees like the params:
+            shardings kept) or ``"auto"`` (flat unless an operand spans several devices).
+
+    Returns:
+        :class:`SpectrumResult`.
+
+    Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`.
+        ValueError: bad ``k`` / ``num_iters`` / ``which`` / ``reorth`` / ``window`` / ``tol`` /
+            ``basis_size`` / ``basis_dtype``, a matvec whose output does not match the
+            params, non-finite matvec values or a non-symmetric operator (both stop the run
+            early).
+    """
+    t_start = time.perf_counter()
+    want_vecs = bool(return_eigenvectors)
+    true_residuals = want_vecs if true_residuals is None else bool(true_residuals)
+    plan, cap = make_plan(
+        op, k=k, num_iters=num_iters, which=which, reorth=reorth, window=window, tol=tol,
+        max_iters=max_iters, memory_budget_bytes=memory_budget_bytes,
+        filter_ghosts=filter_ghosts, vectors=want_vecs, true_residuals=true_residuals,
+        chunk=chunk, basis_size=basis_size, basis_dtype=basis_dtype,
+        flat=_layout_flag(layout, op, v0),
+    )
+    key = jax.random.key(42) if key is None else key
+    like = op.params_like
+    check_operator_output(op, like)
+    if v0 is not None:
+        check_vector(v0, like, "v0", f"the {op.name} operator's params")
+    v0, key_r = _start(op, v0, key)
+    out = run_engine(op, v0, key_r, float(tol), cap, plan=plan)
+    return _finish(op, plan, cap, out, tol=float(tol), seed=seed, t_start=t_start)
+
+
+def _finish(op: LinearOperator, plan: Plan, cap: int, out, *, tol: float, seed: int | None,
+            t_start: float) -> SpectrumResult:
+    """The engine's arrays -> :class:`SpectrumResult` (host, float64)."""
+    vecs = out.vectors
+    host = jax.device_get(out._replace(vectors=None))
+    matvecs = int(host.matvecs)
+    anorm = float(host.anorm)
+    _raise_status(int(host.status), op, matvecs, float(host.asym), anorm, plan.asym_tol)
+    k, n = plan.k, plan.n
+    nv = min(k, int(host.n_valid))
+    values = np.asarray(host.values, np.float64)[:nv]
+    perm = select(values, nv, plan.which)  # output order of `which`
+    values = values[perm]
+    bounds = np.asarray(host.bounds, np.float64)[:nv][perm]
+    conv = np.asarray(host.conv, bool)[:nv][perm]
+    true_res = None
+    calls = matvecs
+    if plan.reorth != "full" and (plan.vectors or plan.true_residuals):
+        calls += matvecs
+    if host.true_res is not None:
+        true_res = np.asarray(host.true_res, np.float64)[:nv][perm]
+        calls += k
+    overlap = None
+    if host.gram is not None:
+        overlap = np.asarray(host.gram, np.float64)[:nv, :nv][np.ix_(perm, perm)]
+    if vecs is not None:
+        if nv < k or not np.array_equal(perm, np.arange(nv)):
+            vecs = jax.tree_util.tree_map(lambda x: x[jnp.asarray(perm)], vecs)
+    ghosts_removed = 0
+    ghost_flags = None
+    if plan.reorth != "full":
+        chk = ritz_values(
+            np.asarray(host.alphas, np.float64)[:matvecs], np.asarray(host.betas, np.float64)[:matvecs],
+            filter_ghosts=True, eps_work=plan.eps_work, anorm=anorm,
+            dropped=np.asarray(host.dropped, np.float64)[:matvecs],
+        )
+        if plan.filter_ghosts:
+            ghosts_removed = int(chk.spurious + chk.copies)
+        else:  # classify the reported raw values for the warning
+            ghost_flags = np.array([chk.flags[int(np.argmin(np.abs(chk.raw_values - v)))]
+                                    for v in values])
+    warns = quality_warnings(
+        values=values, bounds=bounds, conv=conv, k=k, iterations=matvecs, tol=tol,
+        reorth=plan.reorth, orth_loss=float(host.orth), anorm=anorm, eps_work=plan.eps_work,
+        filter_ghosts=plan.filter_ghosts, ghost_flags=ghost_flags,
+        eigenvectors_overlap=overlap, fixed_iters=plan.fixed, restarts=int(host.restarts),
+        n_params=n, matvec_cap=cap, basis_size=plan.basis_size if plan.reorth == "full" else None,
+    )
+    if nv < k:
+        warns.insert(0, f"only {nv} distinct Ritz values available for k={k}: "
+                        "increase the number of iterations")
+    dev = float(host.second_pass_dev)
+    if dev > 1e3 * plan.eps_work:
+        warns.append(
+            f"the second Lanczos pass (Ritz vectors) diverged from the first by {dev:.1e} "
+            "(relative, in alphas): eigenvectors may be inaccurate; use reorth='full'"
+        )
+    if int(host.breakdowns):
+        warns.append(
+            f"{int(host.breakdowns)} Lanczos breakdown(s): an invariant subspace was found and "
+            "the recurrence restarted with a random vector orthogonal to the stored basis "
+            "(expected for low-rank operators; informational)"
+        )
+    return SpectrumResult(
+        eigenvalues=values,
+        eigenvectors=vecs,
+        operator=op.name,
+        is_psd=op.is_psd,
+        iterations=matvecs,
+        converged=bool(np.all(conv)) and nv == k,
+        n_params=n,
+        seed=seed,
+        reorth_mode=plan.reorth,
+        regularization_applied=0.0,
+        warnings=tuple(warns),
+        ritz_residuals=bounds,
+        operator_calls=int(calls),
+        wall_time_s=time.perf_counter() - t_start,
+        which=plan.which,
+        k=k,
+        tol=float(tol),
+        converged_mask=conv,
+        true_residuals=true_res,
+        orthogonality_loss=float(host.orth),
+        asymmetry=float(host.asym),
+        ghosts_removed=ghosts_removed,
+        breakdowns=int(host.breakdowns),
+        restarts=int(host.restarts),
+        window=plan.window,
+        dtype=str(jnp.dtype(op.dtype)),
+        basis_size=plan.basis_size if plan.reorth == "full" else None,
+    )
+
+
+# ============================================================================================
+# eigsh_fast: the jittable path (probes, train steps)
+# ============================================================================================
+
+
+class FastEigshResult(NamedTuple):
+    """Arrays out of :func:`eigsh_fast` (jittable).
+
+    Attributes:
+        eigenvalues: ``(k,)`` in the order of ``which`` (``BE``: ascending).
+        eigenvectors: pytree stack, leaves ``(k, *leaf.shape)``, unit norm (work dtype).
+        residuals: ``(k,)`` Ritz residual bounds.
+        alphas, betas: diagonal / off-diagonal of the last projected ``T``.
+        breakdowns: int32 scalar, invariant subspaces found.
+        converged: ``(k,)`` bool, ``residuals <= tol |eigenvalues|`` (at ``tol``).
+        status: int32 scalar (0 running, 1 converged, 2 cap reached, 3 non-finite,
+            4 asymmetric).
+    """
+
+    eigenvalues: jax.Array
+    eigenvectors: PyTree
+    residuals: jax.Array
+    alphas: jax.Array
+    betas: jax.Array
+    breakdowns: jax.Array
+    converged: jax.Array | None = None
+    status: jax.Array | None = None
+
+
+def eigsh_fast(
+    op: LinearOperator,
+    v0: PyTree | None = None,
+    *,
+    k: int = 1,
+    num_iters: int = 20,
+    which: str = "LA",
+    reorth: str = "full",
+    window: int | None = None,
+    key: jax.Array | None = None,
+    filter_ghosts: bool | None = None,
+    tol: float = 1e-10,
+    basis_size: int | None = None,
+) -> FastEigshResult:
+    """Jittable ``eigsh`` for train steps: the same engine, exactly ``num_iters`` matvecs.
+
+    Call it inside your own ``jax.jit`` (the operator is an argument, so new params of the
+    same shapes reuse the program), or eagerly. Carry ``result.eigenvectors`` (e.g. their
+    sum) into the next call as ``v0`` to warm-start. The small eigenproblem is float64
+    (on device under x64, else on the host through ``jax.pure_callback``). No Python-side
+    warnings; ``status`` says whether the operator was non-finite / asymmetric.
+
+    Cost: ``num_iters`` matvecs (``2 x num_iters`` for ``"window"`` / ``"none"``, whose Ritz
+    vectors need a second pass).
+
+    Args:
+        op: symmetric operator.
+        v0: warm-start vector (pytree like params); ``None``: a normal vector from ``key``;
+            all zeros: a pseudo-random vector derived from ``key``.
+        k: number of eigenpairs (static).
+        num_iters: Lanczos matvecs (static, ``>= k``).
+        which: ``"LA"``, ``"SA"``, ``"LM"`` or ``"BE"``.
+        reorth: ``"full"``, ``"window"`` or ``"none"``.
+        window: ring-buffer size for ``"window"``.
+        key: PRNG key (default ``jax.random.key(0)``).
+        filter_ghosts: Cullum-Willoughby filter (default: not ``"full"``).
+        tol: tolerance of the ``converged`` flags.
+        basis_size: thick-restart rows (default ``min(num_iters, max(2k + 10, 30))``).
+
+    Returns:
+        :class:`FastEigshResult`.
+
+    Raises:
+        ValueError: bad ``k`` / ``num_iters`` / ``which`` / ``reorth`` / ``window``.
+    """
+    if not isinstance(op, LinearOperator):
+        raise TypeError(f"op must be a gradience_jax.LinearOperator, got {type(op).__name__}")
+    k = check_int("k", k, 1)
+    num_iters = check_int("num_iters", num_iters, 1)
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    plan, cap = make_plan(
+        op, k=k, num_iters=num_iters, which=which, reorth=reorth, window=window, tol=tol,
+        max_iters=None, memory_budget_bytes=None, filter_ghosts=filter_ghosts, vectors=True,
+        true_residuals=False, chunk=num_iters, basis_size=basis_size, basis_dtype=None,
+        flat=flat_layout(op, v0),
+    )
+    key = jax.random.key(0) if key is None else key
+    if v0 is None:
+        v0 = random_vector(jax.random.fold_in(key, 0), op.params_like, "normal")
+    out = run_engine_traced(op, v0, jax.random.fold_in(key, 1), tol, cap, plan)
+    values, bounds, conv, vecs = out.values, out.bounds, out.conv, out.vectors
+    if which == "BE":  # ascending, as eigsh
+        perm = jnp.argsort(values)
+        values, bounds, conv = values[perm], bounds[perm], conv[perm]
+        vecs = jax.tree_util.tree_map(lambda x: x[perm], vecs)
+    return FastEigshResult(
+        eigenvalues=values, eigenvectors=vecs, residuals=bounds, alphas=out.tdiag,
+        betas=out.toff, breakdowns=out.breakdowns, converged=conv, status=out.status,
+    )
+
+
+# ============================================================================================
+# top_eigenpairs: the helper of geometry / landscape / attention (one dense fallback)
+# ============================================================================================
+
+
+class Eigenpairs(NamedTuple):
+    """``values (k,)`` in the order of ``which``, ``vectors`` a pytree stack or ``None``,
+    ``method``: ``"dense"`` or ``"lanczos"``."""
+
+    values: np.ndarray
+    vectors: PyTree | None
+    method: str
+
+
+def top_eigenpairs(
+    op: LinearOperator,
+    k: int,
+    *,
+    which: str = "LA",
+    key: jax.Array | None = None,
+    dense_limit: int = DENSE_LIMIT,
+    return_eigenvectors: bool = True,
+    **eigsh_kwargs: Any,
+) -> Eigenpairs:
+    """``k`` extreme eigenpairs: dense float64 ``eigh`` when ``n_params <= dense_limit``
+    (exact), otherwise :func:`eigsh` with its defaults (thick-restart Lanczos).
+
+    Args:
+        op: symmetric operator.
+        k: number of eigenpairs, ``1 <= k <= n_params``.
+        which: ``"LA"``, ``"SA"``, ``"BE"`` or ``"LM"`` (output order as :func:`eigsh`).
+        key: PRNG key of the Lanczos start vector (default ``jax.random.key(0)``).
+        dense_limit: largest dimension solved densely (``to_dense()`` + ``eigh``: ``n^2``
+            memory, ``n`` matvecs).
+        return_eigenvectors: also return unit eigenvectors (pytree stack, leading axis k).
+        **eigsh_kwargs: passed to :func:`eigsh` on the Lanczos path.
+
+    Returns:
+        :class:`Eigenpairs`.
+
+    Raises:
+        ValueError: bad ``k`` / ``which`` / ``dense_limit``, non-finite operator entries, or
+            what :func:`eigsh` raises.
+    """
+    if not isinstance(op, LinearOperator):
+        raise TypeError(f"op must be a gradience_jax.LinearOperator, got {type(op).__name__}")
+    n = op.n_params
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= n:
+        raise ValueError(f"k must be an integer with 1 <= k <= n_params={n}, got {k!r}")
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    dense_limit = check_int("dense_limit", dense_limit, 0)
+    if n <= dense_limit:
+        from gradience_jax import tree as tu
+
+        dense = np.asarray(op.to_dense(), np.float64)
+        if not np.all(np.isfinite(dense)):
+            raise ValueError(f"the {op.name} operator has non-finite entries (NaN / Inf)")
+        evals, evecs = np.linalg.eigh((dense + dense.T) / 2)
+        idx = select(evals, int(k), which)
+        vectors = None
+        if return_eigenvectors:
+            dt = _scalar_dtype(op.params_like)
+            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), op.params_like)
+            vectors = tu.stack([tu.unravel_like(jnp.asarray(evecs[:, i], dt), zeros) for i in idx])
+        return Eigenpairs(evals[idx], vectors, "dense")
+    res = eigsh(op, k=int(k), which=which, key=jax.random.key(0) if key is None else key,
+                return_eigenvectors=return_eigenvectors, **eigsh_kwargs)
+    return Eigenpairs(np.asarray(res.eigenvalues, np.float64), res.eigenvectors, "lanczos")
+
+
+__all__ += ["Eigenpairs", "small_solver"]

@@ -1,0 +1,291 @@
+"""Float64 Ritz analysis: tridiagonal / arrowhead eigenproblems, ghost filtering, selection.
+
+Two kinds of small eigenproblem come out of the Krylov engine:
+
+* the dense ``(m, m)`` projected matrix of a thick-restart cycle (arrowhead block of kept
+  Ritz values plus a tridiagonal tail), solved by :func:`small_eigh` inside the compiled
+  program: ``jnp.linalg.eigh`` on device when ``jax_enable_x64`` is on, otherwise float64
+  numpy on the host through ``jax.pure_callback``;
+* the long tridiagonal ``T`` of an un-restarted run (``reorth="window"`` / ``"none"``),
+  analysed on the host by :func:`ritz_values` with the Cullum-Willoughby test.
+
+References:
+    J. Cullum & R. Willoughby (1985), *Lanczos Algorithms for Large Symmetric Eigenvalue
+    Computations*, vol. 1, ch. 4; B. Parlett (1998), *The Symmetric Eigenvalue Problem*
+    (residual bounds ``|beta_m s_mi|``); K. Wu & H. Simon (2000), thick-restart Lanczos.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+WHICH = ("LA", "SA", "BE", "LM")
+
+__all__ = [
+    "RitzValues",
+    "WHICH",
+    "converged_mask",
+    "ritz_values",
+    "select",
+    "small_eigh",
+    "which_scores",
+]
+
+
+class RitzValues(NamedTuple):
+    """Ritz values of ``T`` after ghost filtering (host, float64).
+
+    Attributes:
+        values: ``(r,)`` kept Ritz values, ascending.
+        bounds: ``(r,)`` residual bounds ``|beta_m s_{m,i}|`` (min over merged copies).
+        coeffs: ``(m, r)`` eigenvectors of ``T`` (Ritz vector ``y_i = Q coeffs[:, i]``).
+        spurious: number of Ritz values removed as spurious (Cullum-Willoughby).
+        copies: number of numerically repeated copies merged into one.
+        flags: ``(m,)`` raw classification of every Ritz value of ``T`` (ascending):
+            0 kept, 1 merged copy, 2 spurious.
+        raw_values: ``(m,)`` all Ritz values of ``T`` ascending.
+        raw_bounds: ``(m,)`` their residual bounds.
+    """
+
+    values: np.ndarray
+    bounds: np.ndarray
+    coeffs: np.ndarray
+    spurious: int
+    copies: int
+    flags: np.ndarray
+    raw_values: np.ndarray
+    raw_bounds: np.ndarray
+
+
+def tridiagonal(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
+    """Dense symmetric tridiagonal ``T`` (float64) from ``alphas (m,)`` and ``betas (m-1,)``."""
+    a = np.asarray(alphas, np.float64)
+    b = np.asarray(betas, np.float64)[: max(len(a) - 1, 0)]
+    return np.diag(a) + np.diag(b, 1) + np.diag(b, -1)
+
+
+def _eigh_tridiagonal(d: np.ndarray, e: np.ndarray, vectors: bool = True):
+    """Eigenpairs of the symmetric tridiagonal ``(d, e)`` (LAPACK stemr via scipy, float64).
+
+    Much faster than a dense ``eigh`` for long runs (``O(m^2)``)."""
+    m = len(d)
+    if m == 0:
+        return np.zeros(0), np.zeros((0, 0))
+    if m == 1:
+        return np.asarray(d, np.float64), np.ones((1, 1))
+    if not vectors:
+        return scipy.linalg.eigh_tridiagonal(d, e, eigvals_only=True), None
+    return scipy.linalg.eigh_tridiagonal(d, e)
+
+
+def _cw_tolerances(anorm: float, m: int, eps_work: float) -> tuple[float, float]:
+    """(multiplicity tolerance, spurious tolerance), absolute."""
+    eps64 = float(np.finfo(np.float64).eps)
+    scale = max(anorm, np.finfo(np.float64).tiny)
+    tol_spur = max(5.0 * m * eps64, eps_work**1.5) * scale
+    # grouping must be at least as wide as the spurious test: a ghost converging onto a
+    # genuine value is itself (nearly) an eigenvalue of T-hat, so the genuine value would
+    # otherwise fail the test while the pair is closer than tol_spur but not yet merged
+    tol_mult = max(10.0 * eps_work * scale, tol_spur)
+    return tol_mult, tol_spur
+
+
+def _cullum_willoughby(theta: np.ndarray, mu: np.ndarray, bounds: np.ndarray, tol_mult: float,
+                       tol_spur: float) -> np.ndarray:
+    """Flags per ascending Ritz value: 0 keep, 1 copy (merged), 2 spurious."""
+    m = len(theta)
+    flags = np.zeros(m, np.int8)
+    i = 0
+    while i < m:
+        j = i
+        while j + 1 < m and theta[j + 1] - theta[j] <= tol_mult:
+            j += 1
+        if j > i:  # a numerically multiple eigenvalue of T: genuine, keep the best copy
+            best = i + int(np.argmin(bounds[i : j + 1]))
+            flags[i : j + 1] = 1
+            flags[best] = 0
+        elif len(mu) and np.min(np.abs(mu - theta[i])) <= tol_spur:
+            flags[i] = 2  # simple and an eigenvalue of T-hat: spurious
+        i = j + 1
+    return flags
+
+
+def _blocks(betas: np.ndarray, m: int) -> list[tuple[int, int]]:
+    """Unreduced diagonal blocks of ``T`` (split where a breakdown set ``beta_j = 0``)."""
+    cuts = [j + 1 for j in range(m - 1) if betas[j] == 0.0]
+    edges = [0] + cuts + [m]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def ritz_values(
+    alphas: np.ndarray,
+    betas: np.ndarray,
+    *,
+    filter_ghosts: bool = False,
+    eps_work: float | None = None,
+    anorm: float | None = None,
+    dropped: np.ndarray | None = None,
+) -> RitzValues:
+    """Ritz values, residual bounds and ``T``-eigenvectors from a Lanczos run (float64).
+
+    Args:
+        alphas: ``(m,)`` diagonal (entries of a thick-restart block are ignored).
+        betas: ``(m,)``; ``betas[:m-1]`` off-diagonal, ``betas[m-1]`` the residual norm.
+        filter_ghosts: apply the Cullum-Willoughby test per unreduced block and merge
+            numerically multiple copies (for runs that lost orthogonality).
+        eps_work: machine epsilon of the Lanczos arithmetic (default float64's).
+        anorm: estimate of ``||A||`` (default ``max |theta|``).
+        dropped: ``(m,)`` the ``beta_j`` dropped where a breakdown closed a block (its
+            residual bound); zeros if ``None``.
+
+    Returns:
+        :class:`RitzValues`.
+    """
+    a = np.asarray(alphas, np.float64)
+    b = np.asarray(betas, np.float64)
+    m = len(a)
+    eps_work = float(np.finfo(np.float64).eps) if eps_work is None else float(eps_work)
+    vals, bnds, vecs, flags_all = [], [], [], []
+    for lo, hi in _blocks(b, m):
+        theta, s = _eigh_tridiagonal(a[lo:hi], b[lo : hi - 1])
+        beta_end = b[m - 1] if hi == m else (0.0 if dropped is None else dropped[hi - 1])
+        bounds = np.abs(beta_end * s[-1])
+        full = np.zeros((m, len(theta)))
+        full[lo:hi] = s
+        if filter_ghosts:
+            scale = max(anorm or 0.0, float(np.max(np.abs(theta))) if len(theta) else 0.0)
+            tol_mult, tol_spur = _cw_tolerances(scale, hi - lo, eps_work)
+            mu = _eigh_tridiagonal(a[lo + 1 : hi], b[lo + 1 : hi - 1], vectors=False)[0]
+            flags = _cullum_willoughby(theta, mu, bounds, tol_mult, tol_spur)
+        else:
+            flags = np.zeros(len(theta), np.int8)
+        vals.append(theta)
+        bnds.append(bounds)
+        vecs.append(full)
+        flags_all.append(flags)
+    theta = np.concatenate(vals)
+    bounds = np.concatenate(bnds)
+    s = np.concatenate(vecs, axis=1)
+    flags = np.concatenate(flags_all)
+    order = np.argsort(theta, kind="stable")
+    theta, bounds, s, flags = theta[order], bounds[order], s[:, order], flags[order]
+    if filter_ghosts and len(_blocks(b, m)) > 1:  # copies across blocks (restarts)
+        # a restart vector orthogonal to a window only re-finds converged eigenvalues: such
+        # copies agree to round-off of the Ritz pairs, ~1e3 eps ||A|| (the ghost-warning width)
+        scale = max(anorm or 0.0, float(np.max(np.abs(theta))))
+        tol_mult = max(_cw_tolerances(scale, m, eps_work)[0], 1e3 * eps_work * scale)
+        best = -1  # the kept member of the current group of copies
+        for i in np.flatnonzero(flags == 0):
+            if best >= 0 and theta[i] - theta[best] <= tol_mult:
+                worse, best = (best, i) if bounds[best] > bounds[i] else (i, best)
+                flags[worse] = 1
+            else:
+                best = i
+    keep = flags == 0
+    return RitzValues(
+        values=theta[keep],
+        bounds=bounds[keep],
+        coeffs=s[:, keep],
+        spurious=int(np.sum(flags == 2)),
+        copies=int(np.sum(flags == 1)),
+        flags=flags,
+        raw_values=theta,
+        raw_bounds=bounds,
+    )
+
+
+def select(values: np.ndarray, k: int, which: str) -> np.ndarray:
+    """Indices of the ``k`` wanted values, in the output order of ``which``."""
+    n = len(values)
+    k = min(k, n)
+    asc = np.argsort(values, kind="stable")
+    if which == "LA":
+        return asc[::-1][:k]
+    if which == "SA":
+        return asc[:k]
+    if which == "LM":
+        return np.argsort(-np.abs(values), kind="stable")[:k]
+    n_low = k // 2
+    n_high = k - n_low
+    high = asc[n - n_high :] if n_high else asc[:0]
+    return np.concatenate([asc[:n_low], high])  # BE: ascending, as scipy
+
+
+def converged_mask(values: np.ndarray, bounds: np.ndarray, tol: float, anorm: float,
+               eps_work: float) -> np.ndarray:
+    """``bound <= tol |theta|``, or at working precision (``bound <= 10 eps ||A||``)."""
+    return bounds <= np.maximum(tol * np.abs(values), 10.0 * eps_work * anorm)
+
+
+# ============================================================================================
+# In-program pieces (jittable)
+# ============================================================================================
+
+
+def which_scores(theta: jax.Array, valid: jax.Array, which: str) -> jax.Array:
+    """A score per Ritz value: the ``k`` wanted ones are the ``k`` highest (``-inf`` where
+    not ``valid``). ``"BE"`` alternates ends (largest, smallest, 2nd largest, ...), so its
+    top ``k`` are ``k - k // 2`` largest and ``k // 2`` smallest, as :func:`select`."""
+    neg = jnp.full_like(theta, -jnp.inf)
+    if which == "LA":
+        s = theta
+    elif which == "SA":
+        s = -theta
+    elif which == "LM":
+        s = jnp.abs(theta)
+    else:  # BE: rank from each end among the valid values
+        big = jnp.where(valid, theta, jnp.inf)
+        asc = jnp.argsort(big)
+        pos = jnp.zeros_like(asc).at[asc].set(jnp.arange(theta.shape[0]))
+        nv = jnp.sum(valid)
+        r_hi = nv - 1 - pos
+        s = jnp.where(r_hi <= pos, -2.0 * r_hi, -2.0 * pos - 1.0).astype(theta.dtype)
+    return jnp.where(valid, s, neg)
+
+
+def _host_eigh(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    t = np.asarray(t, np.float64)
+    theta, s = np.linalg.eigh((t + t.T) / 2)
+    return theta, s
+
+
+def small_eigh(t: jax.Array, n_valid: jax.Array, solver: str) -> tuple[jax.Array, jax.Array,
+                                                                         jax.Array]:
+    """Eigenpairs of the leading ``n_valid x n_valid`` block of a padded ``(m, m)`` matrix.
+
+    The padding rows / columns are decoupled and given a sentinel diagonal above the
+    Gershgorin bound of the block, so their eigenpairs never mix with the block's; they
+    come back marked invalid.
+
+    Args:
+        t: ``(m, m)`` symmetric projected matrix (entries outside the block are ignored).
+        n_valid: int scalar, size of the block.
+        solver: ``"device"`` (``jnp.linalg.eigh`` in ``t``'s dtype: float64 under x64) or
+            ``"host"`` (float64 numpy through ``jax.pure_callback``).
+
+    Returns:
+        ``(theta (m,), s (m, m), valid (m,))``, ascending ``theta``; columns of ``s`` are
+        eigenvectors.
+    """
+    m = t.shape[0]
+    idx = jnp.arange(m)
+    inside = idx < n_valid
+    block = jnp.where(inside[:, None] & inside[None, :], t, jnp.zeros_like(t))
+    gersh = jnp.max(jnp.sum(jnp.abs(block), axis=1))
+    sentinel = 2.0 * gersh + 1.0
+    padded = block + jnp.diag(jnp.where(inside, jnp.zeros((), t.dtype), sentinel))
+    if solver == "device":
+        theta, s = jnp.linalg.eigh(padded)
+    else:
+        shapes = (jax.ShapeDtypeStruct((m,), t.dtype), jax.ShapeDtypeStruct((m, m), t.dtype))
+        theta, s = jax.pure_callback(
+            lambda x: tuple(np.asarray(y, x.dtype) for y in _host_eigh(x)),
+            shapes, padded, vmap_method="sequential",
+        )
+    valid = theta < 1.5 * gersh + 0.5
+    return theta, s, valid
