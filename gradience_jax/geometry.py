@@ -40,6 +40,7 @@ import numpy as np
 from gradience_jax import tree as tu
 from gradience_jax._validate import check_like
 from gradience_jax.operators.base import LinearOperator, damped
+from gradience_jax.spectrum import top_eigenpairs
 
 PyTree = Any
 
@@ -219,14 +220,6 @@ class Eigenpairs(NamedTuple):
     method: str
 
 
-def _eigsh():
-    try:
-        from gradience_jax.spectrum import eigsh  # noqa: PLC0415  (optional, lazy)
-    except ImportError:
-        return None
-    return eigsh
-
-
 def top_eigenvalues(
     op: LinearOperator,
     k: int = 5,
@@ -238,41 +231,23 @@ def top_eigenvalues(
 ) -> Eigenpairs:
     """The ``k`` largest eigenvalues of a symmetric operator.
 
-    ``"exact"``: dense ``numpy.linalg.eigh`` (float64). Otherwise Lanczos via
-    :func:`gradience_jax.spectrum.eigsh` (``which="LA"``, full re-orthogonalisation).
+    ``"exact"``: dense ``numpy.linalg.eigh`` (float64). Otherwise the Krylov engine
+    (:func:`gradience_jax.spectrum.top_eigenpairs`, thick-restart Lanczos).
 
     Raises:
         ValueError: if ``k`` is not in ``[1, n_params]``, or the matrix-free path is needed
-            but ``key`` is missing or ``eigsh`` is unavailable.
+            but ``key`` is missing.
     """
     _check_op(op)
     if not 1 <= int(k) <= op.n_params:
         raise ValueError(f"k must be in [1, n_params={op.n_params}], got {k}")
     k = int(k)
-    method = "exact" if _resolve_method(method, op, max_exact) == "exact" else "lanczos"
-    if method == "exact":
-        evals, evecs = np.linalg.eigh(_dense(op))
-        values = evals[::-1][:k]
-        vectors = None
-        if return_eigenvectors:
-            flat = evecs[:, ::-1][:, :k].T
-            zeros = _zeros(op.params_like)
-            vectors = tu.stack([tu.unravel_like(jnp.asarray(row, op.dtype), zeros) for row in flat])
-        return Eigenpairs(values, vectors, "exact")
-    eigsh = _eigsh()
-    if eigsh is None:
-        raise ValueError(
-            f"op has n_params={op.n_params} > max_exact={max_exact} and "
-            "gradience_jax.spectrum.eigsh is not available; use method='exact'"
-        )
-    key = _need_key(key, "eigenvalue computation")
-    res = eigsh(op, k=k, which="LA", key=key, return_eigenvectors=return_eigenvectors)
-    values = np.asarray(res.eigenvalues, np.float64)
-    order = np.argsort(values)[::-1]
-    vectors = None
-    if return_eigenvectors:
-        vectors = jax.tree_util.tree_map(lambda x: x[jnp.asarray(order)], res.eigenvectors)
-    return Eigenpairs(values[order], vectors, "lanczos")
+    exact = _resolve_method(method, op, max_exact) == "exact"
+    if not exact:
+        key = _need_key(key, "eigenvalue computation")
+    pairs = top_eigenpairs(op, k, which="LA", key=key, dense_limit=op.n_params if exact else 0,
+                           return_eigenvectors=return_eigenvectors)
+    return Eigenpairs(pairs.values, pairs.vectors, "exact" if exact else "lanczos")
 
 
 class ConditionNumber(NamedTuple):

@@ -483,7 +483,7 @@ def top_eigenpairs(
     return_eigenvectors: bool = True,
 ) -> EigenDirections:
     """``k`` extreme eigenpairs of ``op``: dense ``eigh`` when ``n_params <= dense_limit``
-    (exact), otherwise :func:`gradience_jax.spectrum.eigsh` (Lanczos).
+    (exact), otherwise the Krylov engine (:func:`gradience_jax.spectrum.top_eigenpairs`).
 
     ``which``: ``"LA"`` largest algebraic (descending), ``"SA"`` smallest (ascending).
     """
@@ -492,24 +492,17 @@ def top_eigenpairs(
     n = op.n_params
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, n_params={n}], got {k}")
-    if n <= dense_limit:
-        evals, evecs = _dense_eigh(op)
-        if not np.all(np.isfinite(evals)):
-            raise FloatingPointError(f"the {op.name} operator is not finite")
-        idx = np.argsort(evals)[::-1][:k] if which == "LA" else np.argsort(evals)[:k]
-        dirs = _unravel_columns(evecs[:, idx], op.params_like) if return_eigenvectors else []
-        return EigenDirections(evals[idx], dirs)
+    from gradience_jax.spectrum import top_eigenpairs as _top  # noqa: PLC0415 (the engine)
+
     try:
-        from gradience_jax.spectrum import eigsh  # noqa: PLC0415 (written concurrently)
-    except ImportError as exc:  # pragma: no cover - until the spectra module lands
-        raise NotImplementedError(
-            f"operator has {n} > dense_limit={dense_limit} parameters and "
-            "gradience_jax.spectrum.eigsh is not available"
-        ) from exc
-    res = eigsh(op, k=k, which=which, key=key if key is not None else jax.random.key(0),
-                return_eigenvectors=return_eigenvectors)
-    dirs = tu.unstack(res.eigenvectors) if return_eigenvectors else []
-    return EigenDirections(np.asarray(res.eigenvalues, np.float64), dirs)
+        pairs = _top(op, int(k), which=which, key=key, dense_limit=dense_limit,
+                     return_eigenvectors=return_eigenvectors)
+    except ValueError as exc:
+        if "non-finite" in str(exc):
+            raise FloatingPointError(f"the {op.name} operator is not finite") from exc
+        raise
+    dirs = tu.unstack(pairs.vectors) if return_eigenvectors else []
+    return EigenDirections(np.asarray(pairs.values, np.float64), dirs)
 
 
 def hessian_directions(

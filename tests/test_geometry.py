@@ -69,7 +69,6 @@ def test_effective_dimension_hutchinson_cg_within_three_stderr(case):
     assert abs(est.value - exact) <= 3 * est.stderr
 
 
-@pytest.mark.skipif(geo._eigsh() is None, reason="gradience_jax.spectrum.eigsh not available")
 def test_matrix_free_paths_agree_with_dense(case):
     _, _, ops, dense, _ = case
     evals = np.linalg.eigvalsh(dense["ggn"])

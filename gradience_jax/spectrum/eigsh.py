@@ -70,7 +70,7 @@ def _raise_status(status: int, op: LinearOperator, matvecs: int, asym: float, an
     if status == ASYMMETRIC:
         raise ValueError(
             f"the {op.name} operator is not symmetric: the measured asymmetry "
-            f"|<q_(j-1), A q_j> - <A q_(j-1), q_j>| = {asym:.2e} exceeds sqrt(eps) ||A|| = "
+            f"|<q_(j-1), A q_j> - <A q_(j-1), q_j>| = {asym:.2e} exceeds {asym_tol:g} ||A|| = "
             f"{asym_tol * anorm:.2e} (the run stopped after {matvecs} matvecs); eigsh needs "
             "a symmetric operator: check the matvec, or compute in float32 / float64"
         )
@@ -177,6 +177,10 @@ def eigsh(
     return _finish(op, plan, cap, out, tol=float(tol), seed=seed, t_start=t_start)
 
 
+def _eps(dtype: Any) -> float | None:
+    return float(jnp.finfo(dtype).eps) if jnp.issubdtype(dtype, jnp.floating) else None
+
+
 def _finish(op: LinearOperator, plan: Plan, cap: int, out, *, tol: float, seed: int | None,
             t_start: float) -> SpectrumResult:
     """The engine's arrays -> :class:`SpectrumResult` (host, float64)."""
@@ -224,6 +228,7 @@ def _finish(op: LinearOperator, plan: Plan, cap: int, out, *, tol: float, seed: 
         filter_ghosts=plan.filter_ghosts, ghost_flags=ghost_flags,
         eigenvectors_overlap=overlap, fixed_iters=plan.fixed, restarts=int(host.restarts),
         n_params=n, matvec_cap=cap, basis_size=plan.basis_size if plan.reorth == "full" else None,
+        asym=float(host.asym), eps_op=_eps(op.dtype),
     )
     if nv < k:
         warns.insert(0, f"only {nv} distinct Ritz values available for k={k}: "

@@ -249,6 +249,8 @@ def quality_warnings(
     n_params: int,
     matvec_cap: int = 0,
     basis_size: int | None = None,
+    asym: float = 0.0,
+    eps_op: float | None = None,
 ) -> list[str]:
     """Warnings a person can act on; each names the setting to change."""
     out = []
@@ -311,5 +313,14 @@ def quality_warnings(
             f"{orth_thresh:.1e} with reorth={reorth!r}; "
             + ("the operator may be non-symmetric or badly scaled"
                if reorth == "full" else "enable filter_ghosts or use reorth='full'")
+        )
+    eps_sym = max(eps_op or eps_work, eps_work)
+    asym_thresh = math.sqrt(eps_sym) * max(anorm, 1e-300)
+    if asym > asym_thresh:
+        out.append(
+            f"tridiagonal asymmetry: |<q_(j-1), A q_j> - <A q_(j-1), q_j>| reached {asym:.2e} "
+            f"(> {asym_thresh:.1e} = sqrt(eps) ||A||): the operator is not symmetric at its "
+            "working precision (lower-precision internals?); results are accurate to about "
+            "that level"
         )
     return out

@@ -1,0 +1,274 @@
+"""The Krylov engine against dense float64 references: restarts, locking, warm starts, the
+small eigensolvers, layouts, bfloat16 storage, fail-fast, compile-once and memory.
+
+Shares the n=120 matrices of ``test_spectrum.py`` (same programs per configuration).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import gradience_jax as gj
+from gradience_jax.spectrum import eigsh, eigsh_fast, top_eigenpairs
+from gradience_jax.spectrum.engine import Plan, rotate_rows, run_engine
+from gradience_jax.spectrum.ritz import small_eigh, which_scores
+from test_spectrum import MATRICES, N, expected, make_matrix, tree_op
+
+K = 5
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return {kind: make_matrix(kind) for kind in MATRICES}
+
+
+def _repeated(seed=5):
+    """n=120 with an exactly repeated top eigenvalue (multiplicity 3) and a pair."""
+    q = np.linalg.qr(np.random.default_rng(seed).standard_normal((N, N)))[0]
+    ev = np.concatenate([np.linspace(-1.0, 1.0, N - 5), [2.0, 2.0, 2.0, 1.5, 1.5]])
+    a = (q * ev) @ q.T
+    return (a + a.T) / 2
+
+
+def _lm_expected(ref, k):
+    return ref[np.argsort(-np.abs(ref), kind="stable")][:k]
+
+
+@pytest.mark.parametrize("reorth", ("full", "window", "none"))
+@pytest.mark.parametrize("kind", ("indefinite", "clustered"))
+def test_which_lm_matches_dense_eigh(dense, kind, reorth):
+    a = dense[kind]
+    ref = np.linalg.eigvalsh(a)
+    res = eigsh(tree_op(a), k=K, which="LM", reorth=reorth, window=10, chunk=40)
+    np.testing.assert_allclose(np.abs(res.eigenvalues), np.abs(_lm_expected(ref, K)), atol=1e-8)
+    assert res.converged or reorth == "none"
+
+
+@pytest.mark.parametrize("which", ("LA", "SA", "BE"))
+def test_repeated_eigenvalues_found_with_their_multiplicity(which):
+    a = _repeated()
+    ref = np.linalg.eigvalsh(a)
+    res = eigsh(gj.from_dense(a), k=K, which=which, return_eigenvectors=True)
+    np.testing.assert_allclose(res.eigenvalues, expected(ref, which), atol=1e-8)
+    assert res.converged
+    vecs = np.stack([np.asarray(v) for v in gj.tree.unstack(res.eigenvectors)])
+    np.testing.assert_allclose(vecs @ vecs.T, np.eye(K), atol=1e-8)  # copies are distinct
+    np.testing.assert_allclose(vecs @ a, res.eigenvalues[:, None] * vecs, atol=1e-7)
+
+
+@pytest.mark.parametrize("basis_size", (7, 9, 12))
+def test_restarts_with_k_close_to_the_basis_size(dense, basis_size):
+    a = dense["clustered"]
+    ref = np.linalg.eigvalsh(a)
+    res = eigsh(tree_op(a), k=K, basis_size=basis_size, return_eigenvectors=True)
+    assert res.restarts > 3 and res.converged and res.basis_size == basis_size
+    np.testing.assert_allclose(res.eigenvalues, ref[::-1][:K], atol=1e-8)
+    assert np.all(res.true_residuals <= 1e-7)
+    assert np.all(res.ritz_residuals >= res.true_residuals - 1e-10)
+
+
+def test_default_run_converges_on_a_clustered_indefinite_spectrum_and_says_so(dense):
+    a = dense["psd_lowrank"]  # SA: a dense cluster near 0 (ARPACK stops unconverged here)
+    ref = np.linalg.eigvalsh(a)
+    res = eigsh(tree_op(a), k=K, which="SA")
+    assert res.converged and res.restarts > 0
+    np.testing.assert_allclose(res.eigenvalues, ref[:K], atol=1e-8)
+    capped = eigsh(tree_op(a), k=K, which="SA", max_iters=60)
+    assert not capped.converged and capped.iterations == 60
+    assert any("raise max_iters (the matvec cap, reached at 60)" in w for w in capped.warnings)
+
+
+def test_warm_start_from_the_top_eigenvector_converges_at_once(dense):
+    a = dense["indefinite"]
+    op = tree_op(a)
+    cold = eigsh(op, k=1, return_eigenvectors=True)
+    top = jax.tree_util.tree_map(lambda x: x[0], cold.eigenvectors)
+    warm = eigsh(op, k=1, v0=top)
+    assert warm.iterations < cold.iterations
+    np.testing.assert_allclose(warm.eigenvalues, np.linalg.eigvalsh(a)[-1:], atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", ("host", "device"))
+def test_small_eigh_solves_the_block_and_masks_the_padding(solver):
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((6, 6))
+    block = (g + g.T) / 2
+    t = np.zeros((9, 9))
+    t[:6, :6] = block
+    t[6:, :] = t[:, 6:] = 7.0  # garbage outside the block must be ignored
+    theta, s, valid = jax.jit(small_eigh, static_argnums=(1, 2))(jnp.asarray(t), 6, solver)
+    theta, s, valid = map(np.asarray, (theta, s, valid))
+    assert valid.sum() == 6
+    np.testing.assert_allclose(theta[valid], np.linalg.eigvalsh(block), atol=1e-12)
+    np.testing.assert_allclose(np.abs(s[6:, valid]), 0.0, atol=1e-12)
+    v = s[:6, valid]
+    np.testing.assert_allclose(block @ v, v * theta[valid], atol=1e-12)
+
+
+def test_which_scores_be_alternates_ends():
+    theta = jnp.asarray([-3.0, -1.0, 0.0, 2.0, 5.0, 9.0, 99.0])
+    valid = jnp.asarray([True] * 6 + [False])
+    order = np.argsort(-np.asarray(which_scores(theta, valid, "BE")), kind="stable")[:5]
+    assert sorted(np.asarray(theta)[order].tolist()) == [-3.0, -1.0, 2.0, 5.0, 9.0]
+
+
+def test_rotate_rows_in_place_blocks_match_a_dense_product(monkeypatch):
+    import gradience_jax.spectrum.engine as engine
+
+    monkeypatch.setattr(engine, "ROTATE_BLOCK", 7)  # blocks + a tail
+    rng = np.random.default_rng(1)
+    b = rng.standard_normal((6, 5, 9))  # m + 1 = 6 rows, leaf (5, 9): 45 = 6 * 7 + 3
+    coeff = np.zeros((6, 3))
+    coeff[:5] = rng.standard_normal((5, 3))
+    out = np.asarray(rotate_rows(jnp.asarray(b), jnp.asarray(coeff), 3))
+    flat = b.reshape(6, -1)
+    np.testing.assert_allclose(out[:3].reshape(3, -1), coeff.T @ flat, atol=1e-12)
+    np.testing.assert_allclose(out[3], b[5])  # the residual row moves to row keep
+    np.testing.assert_allclose(out[4:], b[4:])
+
+
+@pytest.mark.parametrize("reorth", ("full", "window", "none"))
+def test_flat_and_tree_layouts_agree(dense, reorth):
+    op = tree_op(dense["indefinite"])
+    runs = [eigsh(op, k=K, reorth=reorth, window=10, layout=lay, return_eigenvectors=True)
+            for lay in ("flat", "tree")]
+    np.testing.assert_allclose(runs[0].eigenvalues, runs[1].eigenvalues, atol=1e-10)
+    for a, b in zip(gj.tree.unstack(runs[0].eigenvectors), gj.tree.unstack(runs[1].eigenvectors)):
+        x, y = ravel_pytree(a)[0], ravel_pytree(b)[0]
+        assert abs(abs(float(x @ y)) - 1.0) < 1e-8
+    assert jax.tree_util.tree_structure(runs[0].eigenvectors) == jax.tree_util.tree_structure(
+        runs[1].eigenvectors)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        eigsh(op, k=K, layout="columns")
+
+
+def test_bfloat16_basis_on_a_psd_operator():
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal((400, 40)).astype(np.float32)
+    a = ((u * np.linspace(1, 10, 40, dtype=np.float32)) @ u.T / 400).astype(np.float32)
+    ref = np.linalg.eigvalsh(a.astype(np.float64))[::-1][:K]
+    op = gj.from_dense(jnp.asarray(a), is_psd=True)
+    f32 = eigsh(op, k=K, tol=1e-6)
+    b16 = eigsh(op, k=K, tol=1e-6, basis_dtype="bfloat16")
+    err32 = np.max(np.abs(f32.eigenvalues - ref) / ref)
+    err16 = np.max(np.abs(b16.eigenvalues - ref) / ref)
+    assert b16.converged and err32 < 1e-6
+    assert err16 < 1e-3  # measured 5e-5: bfloat16 rows, float32 arithmetic
+    with pytest.raises(ValueError, match="basis_dtype"):
+        eigsh(op, k=K, basis_dtype="int8")
+    with pytest.raises(ValueError, match="basis_dtype applies to reorth='full'"):
+        eigsh(op, k=K, reorth="window", basis_dtype="bfloat16")
+
+
+def test_mild_asymmetry_warns_and_broken_matvec_stops_within_a_few_steps(dense):
+    a = dense["random"]
+    rng = np.random.default_rng(0)
+    mild = a + 1e-5 * rng.standard_normal(a.shape)  # ~1e-5 relative: a warning, no error
+    res = eigsh(tree_op(mild), k=K)
+    assert any("tridiagonal asymmetry" in w for w in res.warnings), res.warnings
+    broken = a + 0.05 * np.triu(np.ones_like(a), 1)
+    for reorth in ("none", "full"):
+        with pytest.raises(ValueError, match=r"not symmetric.*stopped after [1-5] matvecs"):
+            eigsh(tree_op(broken), k=K, reorth=reorth, max_iters=4000)
+
+
+def test_one_program_per_configuration_tol_and_cap_do_not_recompile(dense):
+    op = tree_op(dense["indefinite"])
+    eigsh(op, k=4, tol=1e-8)  # compile this configuration
+    before = run_engine._cache_size()
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **kw: compiles.append(name) if "backend_compile" in name else None)
+    eigsh(op, k=4, tol=1e-6)
+    eigsh(op, k=4, tol=1e-9, max_iters=333)
+    eigsh(tree_op(dense["clustered"]), k=4, tol=1e-7)  # other values, same shapes
+    assert run_engine._cache_size() == before
+    assert compiles == []
+
+
+def test_eigsh_fast_traces_once_inside_jit(dense):
+    a = dense["indefinite"]
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def top(m, v0):
+        op = gj.from_dense(m, is_psd=False)
+        return eigsh_fast(op, v0, k=2, num_iters=60, basis_size=20)
+
+    out = top(jnp.asarray(a), jnp.ones(N))
+    out2 = top(jnp.asarray(a * 2.0), jnp.ones(N))
+    ref = np.linalg.eigvalsh(a)[::-1][:2]
+    np.testing.assert_allclose(out.eigenvalues, ref, atol=1e-8)
+    np.testing.assert_allclose(out2.eigenvalues, 2 * ref, atol=1e-8)
+    assert int(out.status) == 2  # the matvec budget of a fixed run, no error
+    assert np.all(np.asarray(out.residuals) < 1e-6)
+
+
+@pytest.mark.parametrize("which", ("LA", "SA", "BE", "LM"))
+def test_top_eigenpairs_dense_fallback_and_lanczos_agree(dense, which):
+    op = tree_op(dense["indefinite"])
+    d = top_eigenpairs(op, 4, which=which)
+    lz = top_eigenpairs(op, 4, which=which, dense_limit=0)
+    assert d.method == "dense" and lz.method == "lanczos"
+    np.testing.assert_allclose(d.values, lz.values, atol=1e-8)
+    ref = np.linalg.eigvalsh(dense["indefinite"])
+    want = _lm_expected(ref, 4) if which == "LM" else expected(ref, which, 4)
+    np.testing.assert_allclose(d.values, want, atol=1e-10)
+    for a, b in zip(gj.tree.unstack(d.vectors), gj.tree.unstack(lz.vectors)):
+        assert abs(abs(float(ravel_pytree(a)[0] @ ravel_pytree(b)[0])) - 1.0) < 1e-7
+
+
+def test_lean_state_memory_of_the_compiled_programs():
+    """XLA temporaries of the engine (a diagonal operator: no HVP working set), in
+    parameter-sized vectors: basis rows + a few. Measured: none 6, window 8 + 7, full 31 + 4
+    (the issue's target for window is + 6: one vector over, reported in the benchmark)."""
+    from gradience_jax.spectrum.eigsh import _start
+    from gradience_jax.spectrum.plan import make_plan
+
+    p = 200_000
+    d = jnp.linspace(0.0, 1.0, p, dtype=jnp.float32)
+    op = gj.from_matvec(lambda v: v * d, jax.ShapeDtypeStruct((p,), jnp.float32), name="diag")
+    limits = {("none", None): 7, ("window", 8): 8 + 7, ("full", None): 31 + 5}
+    for (reorth, win), limit in limits.items():
+        plan, cap = make_plan(op, k=3, num_iters=30, which="LA", reorth=reorth, window=win,
+                              tol=1e-10, max_iters=None, memory_budget_bytes=None,
+                              filter_ghosts=None, vectors=False, true_residuals=False,
+                              chunk=None, basis_size=None, basis_dtype=None)
+        assert isinstance(plan, Plan)
+        v0, key = _start(op, None, jax.random.key(0))
+        ma = run_engine.lower(op, v0, key, 1e-10, cap, plan=plan).compile().memory_analysis()
+        vectors = ma.temp_size_in_bytes / (4 * p)
+        assert vectors < limit + 0.5, (reorth, vectors)  # + small per-iteration arrays
+
+
+def test_host_small_solver_with_x64_off_matches_dense():
+    """The default user configuration (x64 off: float32, host float64 eigensolve)."""
+    code = textwrap.dedent("""
+        import numpy as np, jax, jax.numpy as jnp, gradience_jax as gj
+        from gradience_jax.spectrum.plan import small_solver
+        assert not jax.config.jax_enable_x64 and small_solver() == "host"
+        rng = np.random.default_rng(0)
+        q = np.linalg.qr(rng.standard_normal((300, 300)))[0]
+        ev = np.concatenate([np.linspace(-1, 1, 292), 3 + 0.01 * np.arange(8)])
+        a = ((q * ev) @ q.T).astype(np.float32)
+        ref = np.linalg.eigvalsh(a.astype(np.float64))
+        for which in ("LA", "SA", "BE"):
+            res = gj.eigsh(gj.from_dense(jnp.asarray(a)), k=6, which=which)
+            assert res.converged, res.warnings
+            want = {"LA": ref[::-1][:6], "SA": ref[:6],
+                    "BE": np.r_[ref[:3], ref[-3:]]}[which]
+            assert np.max(np.abs(res.eigenvalues - want)) < 1e-5, (which, res.eigenvalues)
+        print("ok")
+    """)
+    env = {**__import__("os").environ, "JAX_ENABLE_X64": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
