@@ -324,14 +324,15 @@ def _gram_schmidt(w: PyTree, basis: PyTree, upto: jax.Array, sdt, fresh: Callabl
     return st.w, st.h, st.h_first, st.phase == 1, st.basis
 
 
-#: columns rotated per block at a restart: the temporary is ``keep x ROTATE_BLOCK`` entries
+#: most columns rotated per block at a restart
 ROTATE_BLOCK = 1 << 16
 
 
 def rotate_rows(b: jax.Array, coeff: jax.Array, keep: int) -> jax.Array:
     """``b[:keep] <- coeff^T b`` and ``b[keep] <- b[m]`` for a stacked basis ``b`` of
-    ``m + 1`` rows, in place: the columns are rotated in blocks (``lax.fori_loop``), so the
-    temporary is ``keep x ROTATE_BLOCK`` entries instead of ``keep`` parameter-sized rows.
+    ``m + 1`` rows, in place: the columns are rotated in blocks (``lax.fori_loop``) of at
+    most ``size / (4 (m + 1))`` columns, so the temporaries (the block and its rotation)
+    stay below half a parameter-sized vector instead of ``keep`` rows.
 
     Args:
         b: ``(m + 1, *shape)`` basis leaf.
@@ -349,7 +350,7 @@ def rotate_rows(b: jax.Array, coeff: jax.Array, keep: int) -> jax.Array:
         cols = jax.lax.dynamic_slice_in_dim(flat, start, width, 1).astype(work)
         return jax.lax.dynamic_update_slice(flat, (ct @ cols).astype(b.dtype), (0, start))
 
-    width = min(ROTATE_BLOCK, size)
+    width = max(min(ROTATE_BLOCK, size // (4 * rows)), min(512, size), 1)
     n_blocks, tail = divmod(size, width)
     flat = jax.lax.fori_loop(0, n_blocks, lambda i, f: rotate(f, i * width, width), flat)
     if tail:
