@@ -92,6 +92,11 @@ def time_operators(quick: bool) -> list[dict]:
         t10 = median_time(ten_products, lin, v, repeats=max(2, repeats // 4))
         row["hvp_linearized_per_product_ms"] = 1e3 * t10 / 10
         row["hvp_linearized_per_product_ratio"] = (t10 / 10) / t_grad
+        # op.linearized(): one linearisation at this point, then standalone products
+        lin_op = ops["hvp"].linearized()
+        t_lin = median_time(_apply, lin_op, v, repeats=repeats)
+        row["hvp_linearized_op_ms"] = 1e3 * t_lin
+        row["hvp_linearized_op_ratio"] = t_lin / t_grad
         rows.append(row)
     return rows
 

@@ -56,6 +56,7 @@ PEERS = {
     "curvlinops-for-pytorch": "curvlinops",
     "backpack-for-pytorch": "backpack",
     "pyhessian": "pyhessian",
+    "matfree": "matfree",
     "hessian-eigenthings": "hessian_eigenthings",
 }
 

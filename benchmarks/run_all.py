@@ -9,7 +9,8 @@ Usage:
 
 Suites (each a script that prints its tables and writes JSON to ``benchmarks/results/``):
 ``operators`` (ours only: HVP / GGN / EF cost and XLA memory), ``lanczos`` (eigsh overhead
-and time to accuracy vs ARPACK), ``peers_operators``, ``peers_eigen``, ``peers_trace``,
+over bare HVPs), ``eigsh_clustered`` (the clustered top-10 case against ARPACK on the same
+HVP, matfree, curvlinops + ARPACK and PyHessian; Lanczos memory), ``peers_operators``, ``peers_eigen``, ``peers_trace``,
 ``peers_memory`` and ``scale_gpt2``. Each runs in its own process; a failing suite is
 reported and the others still run.
 """
@@ -26,8 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-SUITES = ("operators", "lanczos", "peers_operators", "peers_eigen", "peers_trace",
-          "peers_memory", "scale_gpt2")
+SUITES = ("operators", "lanczos", "eigsh_clustered", "peers_operators", "peers_eigen",
+          "peers_trace", "peers_memory", "scale_gpt2")
 
 
 def suite_command(name: str, quick: bool, full_scale: bool, results: Path) -> list[str]:
@@ -268,6 +269,7 @@ def render(results: Path) -> str:
                 markdown_table(rows), f"\nTargets: {d['targets']}\n"]
     out += _operators_section(docs.get("operators"))
     out += _lanczos_section(docs.get("lanczos"))
+    out += _clustered_section(docs.get("eigsh_clustered"))
     out += ["\n## Notes\n", *[f"- {n}" for n in NOTES], ""]
     return "\n".join(out)
 
@@ -334,6 +336,30 @@ def _lanczos_section(d: dict | None) -> list[str]:
                            ("speedup_window_cold_vs_arpack", "including our compile time")):
             if key in a:
                 out.append(f"- ARPACK time / ours (window), {label}: {a[key]:.2f}x\n")
+    return out
+
+
+def _clustered_section(d: dict | None) -> list[str]:
+    """``eigsh_clustered.py``: the clustered top-10 case, every method, and Lanczos memory."""
+    from benchmarks.peers import markdown_table
+
+    if not d:
+        return []
+    rows = [{"method": r["method"], "matvecs": r.get("matvecs", ""),
+             "warm s": r.get("warm_s", ""), "first call s": r.get("first_call_s", ""),
+             "compile s": r.get("compile_s", ""), "max rel err": r.get("max_rel_error", ""),
+             "note": r.get("reached", "")} for r in d["rows"]]
+    out = [f"\n## Top-10 Hessian eigenvalues, clustered (`eigsh_clustered.py`"
+           + (" --quick" if d.get("quick") else "") + ")\n", _machine_line(d.get("machine")),
+           f"MLP {'-'.join(map(str, d['sizes']))} tanh at init, P={d['n_params']:,}, "
+           f"B={d['batch']}; reference (float64 ARPACK) "
+           f"{', '.join(f'{x:.4f}' for x in d['reference'])}. Equal accuracy: max relative "
+           f"error <= {d['target_rel_error']:g}.\n", markdown_table(rows)]
+    if d.get("memory"):
+        out += ["\nLanczos memory of `eigsh(k=3, num_iters=30)`, parameter-sized float32 "
+                "vectors beyond the HVP's own working set (XLA temporaries) and the peak RSS "
+                "delta of a warm call:\n", markdown_table(d["memory"])]
+    out.append(f"\nTargets: {d['targets']}\n")
     return out
 
 

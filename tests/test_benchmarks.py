@@ -18,7 +18,7 @@ import pytest
 from helpers import json_numbers
 
 ROOT = Path(__file__).resolve().parent.parent
-CI_SUITES = ("operators", "peers_eigen", "peers_trace")
+CI_SUITES = ("operators", "eigsh_clustered", "peers_eigen", "peers_trace")
 
 
 @pytest.mark.slow
@@ -36,6 +36,6 @@ def test_quick_mode_writes_tables_and_json(tmp_path):
         doc = json.loads((tmp_path / f"{name}.json").read_text())
         assert any(math.isfinite(x) and x > 0 for x in json_numbers(doc)), name
     text = md.read_text()
-    for heading in ("Operators vs the gradient", "Top-10 Hessian eigenvalues",
+    for heading in ("Operators vs the gradient", "Top-10 Hessian eigenvalues, clustered",
                     "Trace and spectral density"):
         assert heading in text, heading

@@ -108,6 +108,27 @@ class LinearOperator:
         """The matvec closure; call inside a trace and reuse it for many products."""
         return self.prepare(self.operands)
 
+    def linearized(self) -> "LinearOperator":
+        """The same operator with its point-dependent work done once, now.
+
+        ``jax.linearize`` of the matvec at ``v = 0`` partially evaluates it: everything that
+        does not depend on ``v`` (the forward pass, the gradient, a GGN's Jacobian
+        linearisation) runs once and is stored as residuals, the operands of the returned
+        operator (a ``jax.tree_util.Partial``, so it passes through ``jit``); each later
+        product pays only the tangent work. Use it when you apply the operator many times
+        from your own loop (scipy ARPACK, CG, a custom solver); algorithms of this package
+        already bind an operator once per compiled program. Memory: the residuals (about a
+        forward pass's activations plus a few parameter-sized vectors).
+
+        Linearising the operator for new params of the same shapes reuses the compiled
+        programs.
+
+        Returns:
+            A :class:`LinearOperator` with the same ``params_like``, ``is_psd`` and ``name``.
+        """
+        return LinearOperator(_linearized_prepare, _linearize(self), self.params_like,
+                              is_psd=self.is_psd, name=self.name, _spec=self._spec)
+
     def matvec(self, v: PyTree) -> PyTree:
         """``A v`` for a pytree ``v`` shaped like ``params_like``."""
         if not is_traced(v):
@@ -159,6 +180,17 @@ class LinearOperator:
 @jax.jit
 def _apply(op: LinearOperator, v: PyTree) -> PyTree:
     return op.bind()(v)
+
+
+@jax.jit
+def _linearize(op: LinearOperator) -> jax.tree_util.Partial:
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), op.params_like)
+    return jax.linearize(op.bind(), zeros)[1]
+
+
+def _linearized_prepare(tangent_map: jax.tree_util.Partial) -> Matvec:
+    """``prepare`` of :meth:`LinearOperator.linearized`: the stored linear map itself."""
+    return tangent_map
 
 
 @jax.jit
