@@ -328,16 +328,19 @@ def _gram_schmidt(w: PyTree, basis: PyTree, upto: jax.Array, sdt, fresh: Callabl
 ROTATE_BLOCK = 1 << 16
 
 
-def rotate_rows(b: jax.Array, coeff: jax.Array, keep: int) -> jax.Array:
-    """``b[:keep] <- coeff^T b`` and ``b[keep] <- b[m]`` for a stacked basis ``b`` of
+def rotate_rows(b: jax.Array, coeff: jax.Array, keep: int,
+                residual: jax.Array | int | None = None) -> jax.Array:
+    """``b[:keep] <- coeff^T b`` and ``b[keep] <- b[residual]`` for a stacked basis ``b`` of
     ``m + 1`` rows, in place: the columns are rotated in blocks (``lax.fori_loop``) of at
     most ``size / (4 (m + 1))`` columns, so the temporaries (the block and its rotation)
     stay below half a parameter-sized vector instead of ``keep`` rows.
 
     Args:
         b: ``(m + 1, *shape)`` basis leaf.
-        coeff: ``(m + 1, keep)`` rotation (row ``m``, the residual, must be zero).
+        coeff: ``(m + 1, keep)`` rotation (zero in the residual's row).
         keep: static number of rows to rotate.
+        residual: row of the residual vector (default ``m``; fewer when a cycle stopped
+            early).
     """
     rows = b.shape[0]
     shape = b.shape
@@ -355,7 +358,9 @@ def rotate_rows(b: jax.Array, coeff: jax.Array, keep: int) -> jax.Array:
     flat = jax.lax.fori_loop(0, n_blocks, lambda i, f: rotate(f, i * width, width), flat)
     if tail:
         flat = rotate(flat, n_blocks * width, tail)
-    flat = jax.lax.dynamic_update_slice_in_dim(flat, flat[rows - 1:], keep, 0)
+    src = rows - 1 if residual is None else residual
+    row = jax.lax.dynamic_slice_in_dim(flat, src, 1, 0)
+    flat = jax.lax.dynamic_update_slice_in_dim(flat, row, keep, 0)
     return flat.reshape(shape)
 
 
@@ -406,34 +411,54 @@ def _expand(c: _Cycle, mv: Callable, like: PyTree, plan: Plan) -> _Cycle:
     )
 
 
+def _ritz(c: _Cycle, plan: Plan, tol: jax.Array):
+    """Ritz analysis of the rows filled so far (float64 small eigensolve): Ritz values in
+    order of score, residual bounds and convergence of the ``k`` wanted ones."""
+    m, k = plan.basis_size, plan.k
+    tdt = c.tmat.dtype
+    filled = c.j
+    theta, s, valid = small_eigh(c.tmat[:m, :m], filled, plan.solver)
+    beta_res = c.tmat[filled, filled - 1]
+    last = s[filled - 1]
+    score = which_scores(theta, valid, plan.which)
+    order = jnp.argsort(-score)
+    wanted = order[:k]
+    values, bounds = theta[wanted], jnp.abs(beta_res * last[wanted])
+    floor = 10.0 * plan.eps_work * c.anorm.astype(tdt)
+    conv = (bounds <= jnp.maximum(jnp.asarray(tol, tdt) * jnp.abs(values), floor)) & valid[wanted]
+    n_valid = jnp.sum(valid).astype(jnp.int32)
+    return theta, s, last, beta_res, order, values, bounds, conv, n_valid
+
+
+#: steps between convergence checks inside a cycle (a check is one small eigensolve)
+CHECK_EVERY = 4
+
+
+def _converged_now(c: _Cycle, plan: Plan, tol: jax.Array) -> jax.Array:
+    """Mid-cycle check: all ``k`` wanted Ritz values of the rows filled so far converged."""
+    *_, conv, n_valid = _ritz(c, plan, tol)
+    return jnp.all(conv) & (n_valid >= plan.k)
+
+
 def _analyse_and_rotate(c: _Cycle, plan: Plan, tol: jax.Array, max_matvecs: jax.Array,
                         like: PyTree) -> _Cycle:
     """Solve the projected problem, decide convergence, rotate the kept rows to the Ritz
     vectors (most wanted first) and set up the next cycle's arrowhead."""
     m, k = plan.basis_size, plan.k
     keep = keep_count(plan)
-    tdt = c.tmat.dtype
     filled = c.j
-    theta, s, valid = small_eigh(c.tmat[:m, :m], filled, plan.solver)
-    beta_res = c.tmat[filled, filled - 1]
-    last = s[filled - 1]
-    bounds_all = jnp.abs(beta_res * last)
-    score = which_scores(theta, valid, plan.which)
-    order = jnp.argsort(-score)
-    wanted = order[:k]
-    values, bounds = theta[wanted], bounds_all[wanted]
-    floor = 10.0 * plan.eps_work * c.anorm.astype(tdt)
-    conv = (bounds <= jnp.maximum(jnp.asarray(tol, tdt) * jnp.abs(values), floor)) & valid[wanted]
-    n_valid = jnp.sum(valid).astype(jnp.int32)
+    theta, s, last, beta_res, order, values, bounds, conv, n_valid = _ritz(c, plan, tol)
     running = c.status == RUNNING
     done = jnp.all(conv) & (n_valid >= k) & (not plan.fixed)
     status = jnp.where(
         running & done, CONVERGED,
         jnp.where(running & (c.matvecs >= max_matvecs), BUDGET, c.status),
     ).astype(jnp.int32)
-    # rows 0..keep-1 <- the best Ritz vectors, row keep <- the residual row (in place)
-    coeff = jnp.pad(s[:, order[:keep]], ((0, 1), (0, 0)))  # (m + 1, keep): row m unused
-    basis = jax.tree_util.tree_map(lambda b: rotate_rows(b, coeff, keep), c.basis)
+    # rows 0..keep-1 <- the best Ritz vectors, row keep <- the residual row (in place);
+    # s vanishes on the rows >= filled (the padding is decoupled), so the residual row is
+    # not mixed in
+    coeff = jnp.pad(s[:, order[:keep]], ((0, 1), (0, 0)))  # (m + 1, keep)
+    basis = jax.tree_util.tree_map(lambda b: rotate_rows(b, coeff, keep, filled), c.basis)
     sigma = beta_res * last[order[:keep]]
     tmat = jnp.zeros_like(c.tmat)
     tmat = tmat.at[jnp.arange(keep), jnp.arange(keep)].set(theta[order[:keep]])
@@ -469,11 +494,21 @@ def _thick_restart(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
     )
     max_matvecs = jnp.asarray(max_matvecs, jnp.int32)
 
+    def step(carry):
+        c, _ = carry
+        c = _expand(c, mv, like, plan)
+        if plan.fixed:
+            return c, jnp.zeros((), bool)
+        check = ((c.j - c.l) % CHECK_EVERY == 0) & (c.j >= k) & (c.status == RUNNING)
+        done = jax.lax.cond(check, lambda c: _converged_now(c, plan, tol),
+                            lambda c: jnp.zeros((), bool), c)
+        return c, done
+
     def cycle(c):
         end = jnp.minimum(m, c.j + (max_matvecs - c.matvecs))
-        c = jax.lax.while_loop(
-            lambda c: (c.j < end) & (c.status == RUNNING),
-            lambda c: _expand(c, mv, like, plan), c,
+        c, _ = jax.lax.while_loop(
+            lambda cd: (cd[0].j < end) & (cd[0].status == RUNNING) & ~cd[1],
+            step, (c, jnp.zeros((), bool)),
         )
         return _analyse_and_rotate(c, plan, tol, max_matvecs, like)
 

@@ -34,11 +34,17 @@ class SpectrumResult:
             converged_mask: per eigenvalue.
         ritz_residuals: ``(k,)`` residual bounds ``|beta_m s_{m,i}|`` from the Lanczos relation.
         true_residuals: ``(k,)`` ``||A y - lambda y||`` when eigenvectors were formed.
-        orthogonality_loss: measured ``max |<q_i, q_j>|`` (``i != j``) over what was stored
-            and ``|<q_0, q_j>|`` for every ``j``.
+        orthogonality_loss: measured loss of orthogonality: ``"full"``: ``max |Y^T Y - I|``
+            of the Ritz vectors and their overlap with the residual row; ``"window"`` /
+            ``"none"``: ``max |<q_i, q_(j+1)>|`` against the oldest stored row (``q_(j-1)``
+            for ``"none"``), from what the recurrence already holds.
+        asymmetry: max measured ``|<q_(j-1), A q_j> - beta_(j-1)|`` (0 for a symmetric
+            operator up to rounding).
         ghosts_removed: Ritz values removed by the Cullum-Willoughby test (spurious or
             merged copies).
         breakdowns: restarts after an invariant subspace was found.
+        restarts: thick restarts (``"full"``); window: ring-buffer rows (``"window"``);
+        basis_size: rows of a thick-restart cycle (``"full"``); dtype: operator dtype.
         regularization_applied: shift added to the eigenvalues (PSD operators only).
         warnings: quality warnings (strings a person can act on).
     """
