@@ -38,6 +38,7 @@ if str(_HERE.parent) not in sys.path:
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import gradience_jax as gj  # noqa: E402
@@ -73,6 +74,26 @@ def peer(import_name: str):
     if import_name == "torch":
         mod.set_num_threads(TORCH_THREADS)
     return mod
+
+
+def curvlinops_arpack(cl, tm, x, y, k: int, which: str, tol: float) -> tuple[np.ndarray, int]:
+    """Top-``k`` Hessian eigenvalues by curvlinops' ``HessianLinearOperator`` + scipy ARPACK
+    (float32, seeded start vector). Returns ``(values, matvecs)``."""
+    import scipy.sparse.linalg as sla
+
+    count = [0]
+    h = cl.HessianLinearOperator(tm.module, tm.criterion(), tm.parameters, [(x, y)],
+                                 check_deterministic=False, num_data=int(x.shape[0]))
+    a = h.to_scipy(np.float32)
+
+    def mv(v):
+        count[0] += 1
+        return a @ v
+
+    lin = sla.LinearOperator(a.shape, matvec=mv, dtype=np.float32)
+    v0 = np.random.default_rng(0).standard_normal(a.shape[0]).astype(np.float32)
+    vals = sla.eigsh(lin, k=k, which=which, tol=tol, v0=v0, return_eigenvectors=False)
+    return vals, count[0]
 
 
 def versions() -> dict[str, str]:

@@ -172,24 +172,8 @@ def run(quick: bool, target: float, anchor: bool = False) -> dict:
     if cl is None:
         results["curvlinops + scipy eigsh (ARPACK)"] = NOT_INSTALLED
     else:
-        import scipy.sparse.linalg as sla
-
-        count = [0]
-
         def arpack(tol):
-            count[0] = 0
-            h = cl.HessianLinearOperator(tm.module, tm.criterion(), tm.parameters, [(x, y)],
-                                         check_deterministic=False, num_data=int(x.shape[0]))
-            a = h.to_scipy(np.float32)
-
-            def mv(v):
-                count[0] += 1
-                return a @ v
-
-            lin = sla.LinearOperator(a.shape, matvec=mv, dtype=np.float32)
-            v0 = np.random.default_rng(0).standard_normal(a.shape[0]).astype(np.float32)
-            vals = sla.eigsh(lin, k=K, which=which, tol=tol, v0=v0, return_eigenvectors=False)
-            return vals, count[0]
+            return peers.curvlinops_arpack(cl, tm, x, y, K, which, tol)
 
         results["curvlinops + scipy eigsh (ARPACK)"] = sweep(arpack, TOLS, ref, target,
                                                              "curvlinops+ARPACK tol")
