@@ -275,3 +275,14 @@ def test_host_small_solver_with_x64_off_matches_dense():
     env = {**__import__("os").environ, "JAX_ENABLE_X64": "0"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_eigsh_fast_keeps_the_work_dtype_of_a_float32_operator(dense):
+    """Under x64 the projected problem is float64; the outputs keep the vectors' dtype
+    (probes carry them through ``fori_loop``)."""
+    a = np.asarray(dense["indefinite"], np.float32)
+    out = eigsh_fast(gj.from_dense(jnp.asarray(a), is_psd=False), k=2, num_iters=40)
+    assert out.eigenvalues.dtype == jnp.float32 and out.residuals.dtype == jnp.float32
+    assert out.eigenvectors.dtype == jnp.float32
+    np.testing.assert_allclose(out.eigenvalues, np.linalg.eigvalsh(a.astype(np.float64))[::-1][:2],
+                               rtol=1e-5)

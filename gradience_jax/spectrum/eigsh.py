@@ -366,14 +366,16 @@ def eigsh_fast(
     if v0 is None:
         v0 = random_vector(jax.random.fold_in(key, 0), op.params_like, "normal")
     out = run_engine_traced(op, v0, jax.random.fold_in(key, 1), tol, cap, plan)
-    values, bounds, conv, vecs = out.values, out.bounds, out.conv, out.vectors
+    sdt = _scalar_dtype(op.params_like)  # the work dtype, as the vectors (x64 or not)
+    values, bounds = out.values.astype(sdt), out.bounds.astype(sdt)
+    conv, vecs = out.conv, out.vectors
     if which == "BE":  # ascending, as eigsh
         perm = jnp.argsort(values)
         values, bounds, conv = values[perm], bounds[perm], conv[perm]
         vecs = jax.tree_util.tree_map(lambda x: x[perm], vecs)
     return FastEigshResult(
-        eigenvalues=values, eigenvectors=vecs, residuals=bounds, alphas=out.tdiag,
-        betas=out.toff, breakdowns=out.breakdowns, converged=conv, status=out.status,
+        eigenvalues=values, eigenvectors=vecs, residuals=bounds, alphas=out.tdiag.astype(sdt),
+        betas=out.toff.astype(sdt), breakdowns=out.breakdowns, converged=conv, status=out.status,
     )
 
 
