@@ -31,7 +31,7 @@ from gradience_jax.spectrum.engine import (
     run_engine,
     run_engine_traced,
 )
-from gradience_jax.spectrum.plan import check_int, flat_layout, make_plan, small_solver
+from gradience_jax.spectrum.plan import check_int, flat_layout, make_plan
 from gradience_jax.spectrum.result import SpectrumResult, quality_warnings
 from gradience_jax.spectrum.ritz import WHICH, ritz_values, select
 
@@ -40,7 +40,7 @@ PyTree = Any
 #: operators with at most this many parameters are solved densely by ``top_eigenpairs``
 DENSE_LIMIT = 2000
 
-__all__ = ["DENSE_LIMIT", "FastEigshResult", "eigsh", "eigsh_fast", "top_eigenpairs"]
+__all__ = ["DENSE_LIMIT", "Eigenpairs", "FastEigshResult", "eigsh", "eigsh_fast", "top_eigenpairs"]
 
 
 def _start(op: LinearOperator, v0: PyTree | None, key: jax.Array) -> tuple[PyTree, jax.Array]:
@@ -449,5 +449,3 @@ def top_eigenpairs(
                 return_eigenvectors=return_eigenvectors, **eigsh_kwargs)
     return Eigenpairs(np.asarray(res.eigenvalues, np.float64), res.eigenvectors, "lanczos")
 
-
-__all__ += ["Eigenpairs", "small_solver"]

@@ -444,7 +444,7 @@ def _analyse_and_rotate(c: _Cycle, plan: Plan, tol: jax.Array, max_matvecs: jax.
                         like: PyTree) -> _Cycle:
     """Solve the projected problem, decide convergence, rotate the kept rows to the Ritz
     vectors (most wanted first) and set up the next cycle's arrowhead."""
-    m, k = plan.basis_size, plan.k
+    k = plan.k
     keep = keep_count(plan)
     filled = c.j
     theta, s, last, beta_res, order, values, bounds, conv, n_valid = _ritz(c, plan, tol)
