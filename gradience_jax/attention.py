@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
+from gradience_jax.weights import effective_rank
 
 PyTree = Any
 
@@ -145,16 +146,6 @@ def attention_params(source: Any, layer: Optional[str] = None) -> AttentionParam
             f"{out.wq.shape}, {out.wk.shape}, {out.wv.shape}, {out.wo.shape}"
         )
     return out
-
-
-def effective_rank(singular_values: Any, axis: int = -1) -> jax.Array:
-    """Roy & Vetterli (2007) effective rank ``exp(-sum p_i log p_i)``, ``p = s / sum(s)``
-    (1 for a rank-one matrix, ``n`` for ``n`` equal singular values; 0 for all-zero)."""
-    s = jnp.abs(jnp.asarray(singular_values))
-    total = jnp.sum(s, axis=axis, keepdims=True)
-    p = s / jnp.where(total > 0, total, 1.0)
-    h = -jnp.sum(jax.scipy.special.xlogy(p, p), axis=axis)
-    return jnp.where(jnp.squeeze(total, axis) > 0, jnp.exp(h), 0.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -169,19 +169,11 @@ def trace_of_square(
 # -- Hutch++ -----------------------------------------------------------------------------------
 
 
-def _stack_gram(stack: PyTree) -> jax.Array:
-    parts = [
-        jnp.tensordot(x, x, axes=(tuple(range(1, x.ndim)), tuple(range(1, x.ndim))))
-        for x in jax.tree_util.tree_leaves(stack)
-    ]
-    return sum(parts[1:], parts[0])
-
-
 def _orthonormalize(stack: PyTree, eps: float) -> PyTree:
     """Rows of ``stack`` -> an orthonormal set spanning them (numerically dependent rows
     become zero). Eigen-decomposition of the Gram matrix, applied twice for stability."""
     for _ in range(2):
-        g = _stack_gram(stack)
+        g = tu.stacked_gram(stack)
         lam, vec = jnp.linalg.eigh(g)
         keep = lam > eps * jnp.maximum(jnp.max(lam), jnp.finfo(lam.dtype).tiny) * lam.shape[0]
         inv = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)

@@ -688,7 +688,7 @@ def _diff_norms(a, r, key, num_samples):
 
 
 def _overlap(ua: PyTree, ur: PyTree) -> float:
-    gram = jax.vmap(lambda x: jax.vmap(lambda y: tu.vdot(x, y))(ur))(ua)
+    gram = tu.stacked_gram(ua, ur)
     k = gram.shape[0]
     return float(jnp.sum(gram**2) / k)
 

@@ -561,15 +561,8 @@ def _as_stacked(trajectory: Any, name: str) -> PyTree:
 
 
 def _gram(a: PyTree, b: PyTree) -> jax.Array:
-    """``G[i, j] = <a_i, b_j>`` for stacked pytrees (leading axes ``n`` and ``m``)."""
-    acc = jnp.result_type(float)  # float64 when x64 is on, else float32
-
-    def leaf(x, y):
-        x = jnp.asarray(x, acc).reshape(x.shape[0], -1)
-        y = jnp.asarray(y, acc).reshape(y.shape[0], -1)
-        return x @ y.T
-
-    return sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(leaf, a, b)))
+    """``G[i, j] = <a_i, b_j>`` in float64 when x64 is on, else float32."""
+    return tu.stacked_gram(a, b, dtype=jnp.result_type(float))
 
 
 def trajectory_pca(trajectory: Any, k: int = 2, *, center: Optional[PyTree] = None) -> TrajectoryPCA:

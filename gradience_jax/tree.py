@@ -29,6 +29,7 @@ __all__ = [
     "scale",
     "size",
     "stack",
+    "stacked_gram",
     "sub",
     "unravel_like",
     "unstack",
@@ -143,6 +144,29 @@ def unstack(tree: PyTree) -> list[PyTree]:
         return []
     n = leaves[0].shape[0]
     return [jax.tree_util.tree_unflatten(treedef, [x[i] for x in leaves]) for i in range(n)]
+
+
+def stacked_gram(a: PyTree, b: PyTree | None = None, dtype: Any = None) -> jax.Array:
+    """Gram matrix of two stacked pytrees: ``G[i, j] = <a_i, b_j>`` summed over leaves.
+
+    Args:
+        a: stacked pytree, every leaf with leading axis ``n``.
+        b: stacked pytree like ``a`` with leading axis ``m``; default ``a``.
+        dtype: contraction dtype (leaves are cast to it first); default each leaf's own.
+
+    Returns:
+        ``(n, m)`` array. Cost: one ``tensordot`` per leaf, ``O(n m P)``.
+    """
+    b = a if b is None else b
+
+    def leaf(x, y):
+        if dtype is not None:
+            x, y = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+        axes = tuple(range(1, x.ndim))
+        return jnp.tensordot(x, y, axes=(axes, axes))
+
+    parts = jax.tree_util.tree_leaves(jax.tree_util.tree_map(leaf, a, b))
+    return sum(parts[1:], parts[0])
 
 
 def ravel(a: PyTree) -> jax.Array:

@@ -379,6 +379,25 @@ def _mp_edges(ratio: float, sigma2: Any = 1.0) -> tuple[Any, Any]:
     return sigma2 * (1.0 - r) ** 2, sigma2 * (1.0 + r) ** 2
 
 
+def effective_rank(singular_values: Any, axis: int = -1) -> jax.Array:
+    """Roy & Vetterli (2007) effective rank ``exp(-sum p_i log p_i)``, ``p = s / sum(s)``.
+
+    1 for a rank-one matrix, ``n`` for ``n`` equal singular values, 0 for all-zero.
+
+    Args:
+        singular_values: array of singular values (signs are ignored).
+        axis: the axis holding one spectrum; the others are batch axes.
+
+    Returns:
+        The effective rank, shaped like ``singular_values`` without ``axis``.
+    """
+    s = jnp.abs(jnp.asarray(singular_values))
+    total = jnp.sum(s, axis=axis, keepdims=True)
+    p = s / jnp.where(total > 0, total, 1.0)
+    h = -jnp.sum(jax.scipy.special.xlogy(p, p), axis=axis)
+    return jnp.where(jnp.squeeze(total, axis) > 0, jnp.exp(h), 0.0)
+
+
 def marchenko_pastur_pdf(x: Any, ratio: float, sigma2: float = 1.0) -> np.ndarray:
     """Marchenko-Pastur density of the eigenvalues of ``W^T W / N``.
 

@@ -205,15 +205,6 @@ def _unit_stack(vecs: PyTree) -> PyTree:
     )
 
 
-def stack_gram(vecs: PyTree) -> jax.Array:
-    """``(r, r)`` Gram matrix of a pytree stack (one tensordot per leaf)."""
-    parts = [
-        jnp.tensordot(b, b, axes=(tuple(range(1, b.ndim)), tuple(range(1, b.ndim))))
-        for b in jax.tree_util.tree_leaves(vecs)
-    ]
-    return sum(parts[1:], parts[0])
-
-
 def _true_residuals(mv: Callable, like: PyTree, vecs: PyTree, values: jax.Array) -> jax.Array:
     """``||A y_i - theta_i y_i||`` for a stack of vectors (``lax.map``: one at a time)."""
     sdt = _scalar_dtype(like)
@@ -517,7 +508,7 @@ def _thick_restart(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
     vecs = _unit_stack(jax.tree_util.tree_map(
         lambda b, s: b[:k].astype(tu.accumulation_dtype(s.dtype)), c.basis, like))
     residual = _row(c.basis, jnp.asarray(keep_count(plan)), like)
-    gram = stack_gram(vecs)
+    gram = tu.stacked_gram(vecs)
     # at the natural end (n rows) the residual row is round-off: not a loss of orthogonality
     resid_dots = jnp.where(c.exhausted, jnp.zeros((), sdt), jnp.max(jnp.abs(_rows_dot(vecs, residual))))
     orth = jnp.maximum(jnp.max(jnp.abs(gram - jnp.eye(k, dtype=gram.dtype))), resid_dots)
@@ -629,7 +620,7 @@ def _plain(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
     steps = st.step
     live = jnp.arange(cap) + 1 < plan.n  # a breakdown at step n is the natural end
     n_breaks = jnp.sum(st.breakdowns & live).astype(jnp.int32)
-    gram = stack_gram(vecs) if vecs is not None else None
+    gram = tu.stacked_gram(vecs) if vecs is not None else None
     return EngineOut(
         values=p.values, bounds=p.bounds, conv=p.conv, n_valid=p.n_valid, matvecs=steps,
         restarts=jnp.zeros((), jnp.int32), breakdowns=n_breaks, anorm=st.anorm, asym=p.asym,
