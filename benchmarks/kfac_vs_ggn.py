@@ -93,7 +93,7 @@ def measure(name: str, ad, params, batch, point: str, fisher_type: str) -> dict:
     v = gj.tree.random_like(jax.random.key(2), params)
     k_mv = median_time(lambda: _apply(K, v))
     g_mv = median_time(lambda: _apply(G, v))
-    cmp = compare_curvature(K, G, k=5, method="exact", max_exact=K.n_params)
+    cmp = compare_curvature(K, G, k=5, method="exact", dense_limit=K.n_params)
     return {
         "model": name,
         "point": point,

@@ -153,3 +153,48 @@ def check_outputs_finite(model_fn: Callable, params: PyTree, batch: PyTree, name
     except TypeError:  # unhashable callable
         fn = jax.jit(model_fn)
     check_all_finite(fn(params, batch), name)
+
+
+DEFAULT_SEED = 42
+"""The one default seed: ``key=None`` means ``jax.random.key(DEFAULT_SEED)`` everywhere."""
+
+
+def check_key(key: Any, name: str = "key", *, default: bool = True) -> jax.Array:
+    """One PRNG key, checked: typed (``jax.random.key``) or raw (``jax.random.PRNGKey``).
+
+    Args:
+        key: the key; ``None`` gives ``jax.random.key(DEFAULT_SEED)`` when ``default``.
+        name: the argument's name, for the error message.
+        default: whether ``None`` is allowed.
+
+    Returns:
+        The key, unchanged (or the default key).
+
+    Raises:
+        TypeError: ``key`` is an int, a float array, or not a key at all.
+        ValueError: ``key`` is a batch of keys, or ``None`` where no default applies.
+    """
+    if key is None:
+        if default:
+            return jax.random.key(DEFAULT_SEED)
+        raise ValueError(f"{name} is required: pass {name}=jax.random.key(seed)")
+    if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+        raise TypeError(f"{name} must be a PRNG key, got the int {key}: pass "
+                        f"{name}=jax.random.key({key})")
+    dtype = getattr(key, "dtype", None)
+    if dtype is None:
+        raise TypeError(f"{name} must be a PRNG key (jax.random.key(seed)), got "
+                        f"{type(key).__name__}")
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        shape = tuple(key.shape)
+        if shape:
+            raise ValueError(f"{name} must be a single PRNG key, got a batch of shape {shape}"
+                             f" (index it, e.g. {name}[0], or split inside a vmap)")
+        return key
+    if dtype == jnp.uint32 and tuple(key.shape) == (2,):
+        return key  # legacy raw key from jax.random.PRNGKey
+    if dtype == jnp.uint32 and len(key.shape) == 2 and key.shape[-1] == 2:
+        raise ValueError(f"{name} must be a single PRNG key, got a batch of {key.shape[0]} "
+                         "raw keys")
+    raise TypeError(f"{name} must be a PRNG key (jax.random.key(seed)), got an array of dtype "
+                    f"{dtype} and shape {tuple(key.shape)}")

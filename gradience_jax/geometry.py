@@ -20,7 +20,8 @@ and how the gradient sits in it. Every function takes any PSD :class:`LinearOper
   (e.g. the GGN): top-eigenvalue ratio, top-``k`` subspace overlap, relative Frobenius
   error (also against the reference's block-diagonal part on K-FAC's blocks).
 
-``method="auto"`` uses dense linear algebra when ``n_params <= max_exact`` (default 2000)
+``method="auto"`` uses dense linear algebra when ``n_params <= dense_limit`` (default 2000;
+``max_exact`` is the old name, still accepted)
 and matrix-free estimators otherwise (``method="exact"`` / ``"matrix-free"`` force one).
 Matrix-free paths need an explicit ``key``.
 """
@@ -40,11 +41,18 @@ import numpy as np
 from gradience_jax import tree as tu
 from gradience_jax._validate import check_like
 from gradience_jax.operators.base import LinearOperator, damped
-from gradience_jax.spectrum import top_eigenpairs
+from gradience_jax.solvers import (
+    CGNotConvergedWarning,
+    CGResult,
+    cg_loop,
+    conjugate_gradient,
+    default_cg_maxiter,
+)
+from gradience_jax.spectrum import DENSE_LIMIT, top_eigenpairs
 
 PyTree = Any
 
-DEFAULT_MAX_EXACT = 2000
+DEFAULT_MAX_EXACT = DENSE_LIMIT  # the old name
 #: "hutchinson" is accepted as an alias of "matrix-free"
 METHODS = ("auto", "exact", "matrix-free", "hutchinson")
 
@@ -69,10 +77,6 @@ __all__ = [
 ]
 
 
-class CGNotConvergedWarning(UserWarning):
-    """Conjugate gradients stopped at ``maxiter`` above the requested tolerance."""
-
-
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
@@ -84,11 +88,13 @@ def _check_op(op: Any, name: str = "op") -> LinearOperator:
     return op
 
 
-def _resolve_method(method: str, op: LinearOperator, max_exact: int) -> str:
+def _resolve_method(method: str, op: LinearOperator, dense_limit: int,
+                    max_exact: int | None = None) -> str:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    limit = dense_limit if max_exact is None else max_exact
     if method == "auto":
-        return "exact" if op.n_params <= max_exact else "matrix-free"
+        return "exact" if op.n_params <= limit else "matrix-free"
     return "matrix-free" if method == "hutchinson" else method
 
 
@@ -179,7 +185,8 @@ def fisher_trace(
     *,
     num_samples: int = 100,
     method: str = "auto",
-    max_exact: int = DEFAULT_MAX_EXACT,
+    dense_limit: int = DENSE_LIMIT,
+    max_exact: int | None = None,
 ) -> TraceMoments:
     """``tr F`` and ``tr F^2`` of a PSD operator.
 
@@ -188,13 +195,14 @@ def fisher_trace(
         key: ``jax.random`` key (Hutchinson only).
         num_samples: Rademacher probes; each costs one product and serves both moments.
         method: ``"exact"`` (dense matrix), ``"matrix-free"`` (Hutchinson) or ``"auto"``.
-        max_exact: largest ``n_params`` for which ``"auto"`` goes dense.
+        dense_limit: largest ``n_params`` for which ``"auto"`` goes dense.
+        max_exact: old name of ``dense_limit`` (used when given).
 
     Returns:
         :class:`TraceMoments`; Hutchinson estimates are unbiased with the given stderr.
     """
     _check_op(op)
-    method = _resolve_method(method, op, max_exact)
+    method = _resolve_method(method, op, dense_limit, max_exact)
     if method == "exact":
         m = _dense(op)
         return TraceMoments(float(np.trace(m)), float(np.sum(m * m)), 0.0, 0.0, "exact", 0)
@@ -227,7 +235,8 @@ def top_eigenvalues(
     key: jax.Array | None = None,
     method: str = "auto",
     return_eigenvectors: bool = False,
-    max_exact: int = DEFAULT_MAX_EXACT,
+    dense_limit: int = DENSE_LIMIT,
+    max_exact: int | None = None,
 ) -> Eigenpairs:
     """The ``k`` largest eigenvalues of a symmetric operator.
 
@@ -242,7 +251,7 @@ def top_eigenvalues(
     if not 1 <= int(k) <= op.n_params:
         raise ValueError(f"k must be in [1, n_params={op.n_params}], got {k}")
     k = int(k)
-    exact = _resolve_method(method, op, max_exact) == "exact"
+    exact = _resolve_method(method, op, dense_limit, max_exact) == "exact"
     if not exact:
         key = _need_key(key, "eigenvalue computation")
     pairs = top_eigenpairs(op, k, which="LA", key=key, dense_limit=op.n_params if exact else 0,
@@ -272,7 +281,8 @@ def condition_number(
     lam_min: float | None = None,
     key: jax.Array | None = None,
     method: str = "auto",
-    max_exact: int = DEFAULT_MAX_EXACT,
+    dense_limit: int = DENSE_LIMIT,
+    max_exact: int | None = None,
 ) -> ConditionNumber:
     """Condition number of ``F + damping I`` for a PSD operator ``F``.
 
@@ -288,7 +298,7 @@ def condition_number(
     """
     _check_op(op)
     lam = _check_damping(damping, strict=False)
-    if _resolve_method(method, op, max_exact) == "exact":
+    if _resolve_method(method, op, dense_limit, max_exact) == "exact":
         evals = np.linalg.eigvalsh(_dense(op))
         hi, lo, how = float(evals[-1]), max(float(evals[0]), 0.0), "exact"
     else:
@@ -319,7 +329,7 @@ def _hutchinson_deff(op, lam, key, num_samples, tol, maxiter):
 
     def one(k):
         z = tu.random_like(k, like, "rademacher")
-        x, _, _ = _cg_core(shifted, z, tu.zeros_like(z), tol, maxiter, None)
+        x, _, _ = cg_loop(shifted, z, tu.zeros_like(z), tol, maxiter, None)
         res = tu.norm(tu.sub(z, shifted(x))) / tu.norm(z)
         return tu.vdot(mv(z), x), res
 
@@ -335,7 +345,8 @@ def effective_dimension(
     method: str = "auto",
     tol: float = 1e-8,
     maxiter: int | None = None,
-    max_exact: int = DEFAULT_MAX_EXACT,
+    dense_limit: int = DENSE_LIMIT,
+    max_exact: int | None = None,
 ) -> EffectiveDimension:
     """Effective dimension ``tr F (F + damping I)^-1`` of a PSD operator.
 
@@ -347,13 +358,13 @@ def effective_dimension(
     """
     _check_op(op)
     lam = _check_damping(damping)
-    if _resolve_method(method, op, max_exact) == "exact":
+    if _resolve_method(method, op, dense_limit, max_exact) == "exact":
         evals = np.clip(np.linalg.eigvalsh(_dense(op)), 0.0, None)
         return EffectiveDimension(float(np.sum(evals / (evals + lam))), 0.0, lam, "exact", 0.0)
     if int(num_samples) < 2:
         raise ValueError(f"num_samples must be >= 2 for a standard error, got {num_samples}")
     key = _need_key(key, "effective dimension")
-    maxiter = _default_maxiter(op, maxiter)
+    maxiter = default_cg_maxiter(op, maxiter)
     samples, res = jax.device_get(
         _hutchinson_deff(op, jnp.asarray(lam, op.dtype), key, int(num_samples),
                          jnp.asarray(tol, op.dtype), jnp.asarray(maxiter))
@@ -373,118 +384,6 @@ def effective_dimension(
 # ---------------------------------------------------------------------------------------
 # conjugate gradients and the natural gradient
 # ---------------------------------------------------------------------------------------
-
-
-class CGResult(NamedTuple):
-    """Solution of ``A x = b`` by conjugate gradients.
-
-    Attributes:
-        x: the solution (pytree like ``b``).
-        residual: true relative residual ``||b - A x|| / ||b||`` (recomputed at the end).
-        iterations: CG iterations (= products with ``A``, plus one for the residual).
-        converged: ``residual <= tol`` (up to a factor 10 of rounding slack).
-    """
-
-    x: PyTree
-    residual: float
-    iterations: int
-    converged: bool
-
-
-def _cg_core(mv, b, x0, tol, maxiter, precond):
-    """Preconditioned CG on pytrees in a ``lax.while_loop``; stops at ``||r|| <= tol ||b||``."""
-    m = precond if precond is not None else (lambda r: r)
-    r = tu.sub(b, mv(x0))
-    z = m(r)
-    p = z
-    rz = tu.vdot(r, z)
-    stop = tol * tu.norm(b)
-
-    def cond(state):
-        _, r, _, _, k = state
-        return jnp.logical_and(tu.norm(r) > stop, k < maxiter)
-
-    def body(state):
-        x, r, p, rz, k = state
-        ap = mv(p)
-        pap = tu.vdot(p, ap)
-        alpha = jnp.where(pap > 0, rz / jnp.where(pap > 0, pap, 1.0), 0.0)
-        x = tu.axpy(alpha, p, x)
-        r = tu.axpy(-alpha, ap, r)
-        z = m(r)
-        rz_new = tu.vdot(r, z)
-        beta = jnp.where(rz > 0, rz_new / jnp.where(rz > 0, rz, 1.0), 0.0)
-        p = tu.axpy(beta, p, z)
-        return x, r, p, rz_new, k + 1
-
-    x, r, _, _, k = jax.lax.while_loop(cond, body, (x0, r, p, rz, jnp.asarray(0, jnp.int32)))
-    return x, k, tu.norm(r)
-
-
-@jax.jit
-def _cg_jit(op, precond, b, x0, tol, maxiter):
-    mv = op.bind()
-    pm = None if precond is None else precond.bind()
-    x, k, _ = _cg_core(mv, b, x0, tol, maxiter, pm)
-    res = tu.norm(tu.sub(b, mv(x))) / tu.norm(b)
-    return x, k, res
-
-
-def _default_maxiter(op: LinearOperator, maxiter: int | None) -> int:
-    if maxiter is None:
-        return int(min(2 * op.n_params, 1000))
-    if int(maxiter) < 1:
-        raise ValueError(f"maxiter must be >= 1, got {maxiter}")
-    return int(maxiter)
-
-
-def conjugate_gradient(
-    op: LinearOperator,
-    b: PyTree,
-    *,
-    tol: float = 1e-8,
-    maxiter: int | None = None,
-    x0: PyTree | None = None,
-    preconditioner: LinearOperator | None = None,
-) -> CGResult:
-    """Solve ``op x = b`` for a symmetric positive-definite operator by (P)CG on pytrees.
-
-    Args:
-        op: SPD operator (e.g. ``gj.damped(F, lam)``).
-        b: right-hand side, a pytree like ``op.params_like``.
-        tol: relative residual target ``||b - A x|| <= tol ||b||``.
-        maxiter: iteration cap (default ``min(2 n, 1000)``).
-        x0: initial guess (default zeros).
-        preconditioner: an operator approximating ``op^-1`` (e.g.
-            ``K.inverse(lam)`` of a K-FAC operator).
-
-    Returns:
-        :class:`CGResult`; a :class:`CGNotConvergedWarning` is emitted when the residual is
-        above ``tol`` at the end (the result is still returned).
-
-    Raises:
-        ValueError: if ``b`` has zero norm or does not match ``op``'s parameters.
-    """
-    _check_op(op)
-    check_like(b, op.params_like, "b", f"the {op.name} operator's params")
-    if preconditioner is not None:
-        _check_op(preconditioner, "preconditioner")
-    if float(tu.norm(b)) == 0.0:
-        raise ValueError("b has zero norm: the solution is zero and residuals are undefined")
-    maxiter = _default_maxiter(op, maxiter)
-    x0 = tu.zeros_like(b) if x0 is None else x0
-    x, k, res = _cg_jit(op, preconditioner, b, x0, jnp.asarray(tol, op.dtype),
-                        jnp.asarray(maxiter, jnp.int32))
-    res, k = float(res), int(k)
-    converged = res <= 10 * tol
-    if not converged:
-        warnings.warn(
-            f"conjugate gradients stopped after {k} iterations with relative residual "
-            f"{res:.3e} > tol={tol:.1e}",
-            CGNotConvergedWarning,
-            stacklevel=2,
-        )
-    return CGResult(x, res, k, converged)
 
 
 class NaturalGradient(NamedTuple):
@@ -594,7 +493,8 @@ def fisher_geometry(
     num_samples: int = 100,
     method: str = "auto",
     tol: float = 1e-8,
-    max_exact: int = DEFAULT_MAX_EXACT,
+    dense_limit: int = DENSE_LIMIT,
+    max_exact: int | None = None,
 ) -> FisherGeometry:
     """All Fisher-geometry metrics of ``op`` (and of ``grad`` in its metric) at once.
 
@@ -605,16 +505,30 @@ def fisher_geometry(
         key: needed by matrix-free paths (split internally).
         k: number of top eigenvalues.
         num_samples: Hutchinson probes for the traces (a third of them for ``d_eff``).
+        method: ``"auto"``, ``"exact"`` or ``"matrix-free"`` for every metric.
+        tol: conjugate-gradient tolerance of the natural gradient (``d_eff`` uses
+            ``max(tol, 1e-6)``).
+        dense_limit: largest ``n_params`` for which ``"auto"`` goes dense.
+        max_exact: old name of ``dense_limit`` (used when given).
+
+    Returns:
+        :class:`FisherGeometry` (``.to_dict()`` is JSON-safe).
+
+    Raises:
+        ValueError: ``op`` is not an operator, ``damping <= 0``, or a matrix-free path has no
+            ``key``.
     """
     _check_op(op)
     _check_damping(damping)
+    dense_limit = dense_limit if max_exact is None else max_exact
     keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
-    trace = fisher_trace(op, keys[0], num_samples=num_samples, method=method, max_exact=max_exact)
+    trace = fisher_trace(op, keys[0], num_samples=num_samples, method=method,
+                         dense_limit=dense_limit)
     top = top_eigenvalues(op, min(k, op.n_params), key=keys[1], method=method,
-                          max_exact=max_exact)
-    cond = condition_number(op, damping, key=keys[1], method=method, max_exact=max_exact)
+                          dense_limit=dense_limit)
+    cond = condition_number(op, damping, key=keys[1], method=method, dense_limit=dense_limit)
     deff = effective_dimension(op, damping, key=keys[2], num_samples=max(num_samples // 3, 2),
-                               method=method, tol=max(tol, 1e-6), max_exact=max_exact)
+                               method=method, tol=max(tol, 1e-6), dense_limit=dense_limit)
     ng = None if grad is None else natural_gradient(op, grad, damping, tol=tol)
     return FisherGeometry(op.name, op.n_params, trace, top.values, cond, deff, ng)
 
@@ -702,7 +616,8 @@ def compare_curvature(
     blocks: Sequence[Sequence[str]] | str | None = "auto",
     method: str = "auto",
     num_samples: int = 50,
-    max_exact: int = DEFAULT_MAX_EXACT,
+    dense_limit: int = DENSE_LIMIT,
+    max_exact: int | None = None,
 ) -> CurvatureComparison:
     """Compare an approximate curvature operator (e.g. K-FAC) with a reference (e.g. GGN).
 
@@ -726,7 +641,7 @@ def compare_curvature(
         cov = getattr(approx, "coverage", None)
         blocks = None if cov is None else cov.blocks
     k = min(int(k), approx.n_params)
-    exact = _resolve_method(method, approx, max_exact) == "exact"
+    exact = _resolve_method(method, approx, dense_limit, max_exact) == "exact"
     if exact:
         a, r = _dense(approx), _dense(reference)
         ea, va = np.linalg.eigh(a)

@@ -150,3 +150,21 @@ def test_fisher_geometry_report_is_json_safe(case):
     assert d["operator"] == "kfac" and d["trace"] == pytest.approx(np.trace(dense["kfac"]))
     assert d["cg_converged"] and 0 < d["natural_gradient_alignment"] <= 1
     assert len(d["top_eigenvalues"]) == 3 and d["condition_number"] >= 1.0
+
+
+@pytest.mark.parametrize("limit_kw", ["dense_limit", "max_exact"])
+def test_dense_cutoff_one_name_old_name_accepted(case, limit_kw):
+    _, _, ops, dense, _ = case
+    op = ops["ggn"]
+    exact = geo.fisher_trace(op, None, **{limit_kw: op.n_params})  # dense: no key needed
+    assert exact.method == "exact"
+    assert abs(exact.trace - np.trace(dense["ggn"])) <= 1e-10 * np.trace(dense["ggn"])
+    with pytest.raises(ValueError, match="key is required"):
+        geo.fisher_trace(op, None, **{limit_kw: op.n_params - 1})  # now matrix-free
+
+
+def test_cg_lives_in_solvers_and_geometry_reexports_it():
+    from gradience_jax import solvers
+
+    assert geo.conjugate_gradient is solvers.conjugate_gradient
+    assert geo.CGResult is solvers.CGResult
