@@ -22,6 +22,7 @@ from scipy import signal as sps
 from scipy import stats
 
 from gradience_jax import telemetry as tm
+from gradience_jax.telemetry import dynamics, io
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,14 +43,15 @@ def strict_json_lines(path: Path) -> list[dict]:
     return [json.loads(ln, parse_constant=reject) for ln in text.splitlines() if ln.strip()]
 
 
-# The children load telemetry.py by file path: fast (no jax import through the package
-# __init__) and a check that the host-side module stands alone.
+# The children import the telemetry package under a stub parent package (the real
+# gradience_jax/__init__.py imports jax): fast, and a check that the host-side telemetry
+# package (io, dynamics, environment) stands alone without jax.
 CHILD_PRELUDE = f"""
-import importlib.util, sys
-_spec = importlib.util.spec_from_file_location("gj_telemetry", {str(Path(tm.__file__))!r})
-tm = importlib.util.module_from_spec(_spec)
-sys.modules["gj_telemetry"] = tm
-_spec.loader.exec_module(tm)
+import sys, types
+_pkg = types.ModuleType("gradience_jax")
+_pkg.__path__ = [{str(Path(tm.__file__).resolve().parents[1])!r}]
+sys.modules["gradience_jax"] = _pkg
+import gradience_jax.telemetry as tm
 assert "jax" not in sys.modules
 TelemetryWriter = tm.TelemetryWriter
 """
@@ -93,6 +95,7 @@ class TestWriterReader:
         assert md["versions"]["flax"] == flax.__version__
         assert md["versions"]["numpy"] == np.__version__
         assert md["versions"]["gradience_jax"] is not None
+        assert md["versions"]["platform"]  # from gradience_jax.environment.versions
         import socket
 
         assert md["hostname"] == socket.gethostname()
@@ -459,7 +462,7 @@ class TestRolling:
     def test_rolling_variance_chunking(self):
         x = np.random.default_rng(6).standard_normal(500)
         a = tm.rolling_variance(x, 30)
-        b = tm._rolling_apply(
+        b = dynamics._rolling_apply(
             x, 30, lambda w: np.where(np.isfinite(w).all(1), np.var(w, axis=1, ddof=1), np.nan),
             chunk_elems=64,
         )
@@ -496,7 +499,7 @@ class TestRolling:
         rng = np.random.default_rng(8)
         a = rng.integers(0, 10, 300).astype(float)  # ties
         b = a + rng.integers(0, 5, 300)
-        assert tm._kendall_tau(a, b, chunk_elems=1000) == pytest.approx(
+        assert dynamics._kendall_tau(a, b, chunk_elems=1000) == pytest.approx(
             stats.kendalltau(a, b).statistic, rel=1e-12
         )
 
@@ -616,7 +619,7 @@ class TestPowerLaw:
         rng = np.random.default_rng(17)
         steps = np.arange(1, 5001)
         y = 2.5 * steps ** -0.6 * np.exp(0.1 * rng.standard_normal(steps.size))
-        fit = tm.fit_power_law(steps, y)
+        fit = tm.fit_power_law_series(steps, y)
         ref = stats.linregress(np.log(steps), np.log(y))
         assert fit.exponent == pytest.approx(ref.slope, rel=1e-10)
         assert fit.exponent_stderr == pytest.approx(ref.stderr, rel=1e-8)
@@ -630,19 +633,19 @@ class TestPowerLaw:
         y = 3.0 * np.maximum(steps, 1) ** 1.5
         y[50] = np.nan
         with pytest.raises(ValueError, match="x must be > 0"):
-            tm.fit_power_law(steps, y)
-        fit = tm.fit_power_law(steps, y, x_min=1)
+            tm.fit_power_law_series(steps, y)
+        fit = tm.fit_power_law_series(steps, y, x_min=1)
         assert fit.exponent == pytest.approx(1.5, rel=1e-12) and fit.n == 98
 
     def test_bad_inputs(self):
         with pytest.raises(ValueError, match="y has length"):
-            tm.fit_power_law(np.arange(1, 10), np.arange(1, 9))
+            tm.fit_power_law_series(np.arange(1, 10), np.arange(1, 9))
         with pytest.raises(ValueError, match="y must be > 0"):
-            tm.fit_power_law(np.arange(1, 10), -np.arange(1, 10))
+            tm.fit_power_law_series(np.arange(1, 10), -np.arange(1, 10))
         with pytest.raises(ValueError, match="y is constant"):
-            tm.fit_power_law(np.arange(1, 10), np.ones(9))
+            tm.fit_power_law_series(np.arange(1, 10), np.ones(9))
         with pytest.raises(ValueError, match="x is constant"):
-            tm.fit_power_law(np.ones(9), np.arange(1, 10))
+            tm.fit_power_law_series(np.ones(9), np.arange(1, 10))
 
 
 # --------------------------------------------------------------------------------------
@@ -751,3 +754,50 @@ class TestLeadLag:
             tm.lead_lag(x, x, max_lag=3, seed=1.5)
         with pytest.raises(ValueError, match="num_surrogates"):
             tm.phase_randomized_surrogates(x, 0)
+
+
+# --------------------------------------------------------------------------------------
+# Package layout
+# --------------------------------------------------------------------------------------
+
+OLD_NAMES = (  # the public names of the old single-module telemetry.py
+    "TelemetryWriter", "TelemetryRecord", "TelemetryWarning", "load_telemetry", "to_columns",
+    "AutocorrelationTime", "autocorrelation_function", "autocorrelation_time",
+    "rolling_variance", "rolling_autocorrelation", "PrecursorTrend", "precursor_trend",
+    "ChangePoints", "change_points", "PowerLawFit", "fit_power_law", "CrossCorrelation",
+    "cross_correlation", "LeadLag", "lead_lag", "phase_randomized_surrogates",
+    "FORMAT_NAME", "FORMAT_VERSION",
+)
+
+
+class TestLayout:
+    def test_old_import_paths(self):
+        import gradience_jax
+
+        for name in OLD_NAMES:
+            assert getattr(gradience_jax.telemetry, name) is getattr(tm, name)
+        assert set(tm.__all__) >= set(OLD_NAMES)
+        from gradience_jax.telemetry import PowerLawFit, fit_power_law
+
+        assert fit_power_law is dynamics.fit_power_law_series
+        assert PowerLawFit is dynamics.SeriesPowerLawFit
+        assert tm.TelemetryWriter is io.TelemetryWriter and tm.lead_lag is dynamics.lead_lag
+
+    def test_modules_import_no_jax_and_nothing_above(self):
+        """Host side: numpy and the standard library; from the package only environment."""
+        import ast
+
+        for path in sorted(Path(tm.__file__).parent.glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    mods = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    mods = [node.module]
+                else:
+                    continue
+                for mod in mods:
+                    root = mod.split(".")[0]
+                    assert root not in {"jax", "jaxlib", "flax", "optax", "matplotlib"}, path
+                    if root == "gradience_jax":
+                        assert mod.startswith(("gradience_jax.telemetry",
+                                               "gradience_jax.environment")), (path, mod)

@@ -20,6 +20,7 @@ import scipy.integrate
 import scipy.stats
 
 from gradience_jax import weights as gw
+from gradience_jax.weights import layer as gw_layer
 
 # ----------------------------------------------------------------------------------------
 # helpers
@@ -354,10 +355,10 @@ def test_heavy_tailed_matrix_recovers_alpha(alpha):
 
 
 def test_verdict_ranges_are_heuristics_on_alpha():
-    assert gw._verdict(1.5, None, 5, 0.5, 100).startswith("very heavy-tailed")
-    assert gw._verdict(4.0, None, 5, 0.5, 100).startswith("typical trained")
-    assert gw._verdict(7.0, None, 5, 0.5, 100).startswith("random-like")
-    assert gw._verdict(None, "why", 0, None, 100) == "undetermined (why)"
+    assert gw_layer._verdict(1.5, None, 5, 0.5, 100).startswith("very heavy-tailed")
+    assert gw_layer._verdict(4.0, None, 5, 0.5, 100).startswith("typical trained")
+    assert gw_layer._verdict(7.0, None, 5, 0.5, 100).startswith("random-like")
+    assert gw_layer._verdict(None, "why", 0, None, 100) == "undetermined (why)"
 
 
 # ----------------------------------------------------------------------------------------
@@ -706,3 +707,91 @@ def test_spectral_merge_rules():
         gw.spectral_merge(c, d[:, :4])
     with pytest.raises(ValueError, match="t must"):
         gw.spectral_merge(c, d, t=1.5)
+
+
+# ----------------------------------------------------------------------------------------
+# package layout: one idea per module, old import paths, one effective-rank implementation
+# ----------------------------------------------------------------------------------------
+
+OLD_NAMES = (  # the names of the old single-module weights.py that others import
+    "LayerSpectrum", "MatrixMetrics", "MergeResult", "ModelSummary", "PowerLawFit",
+    "RandomizationBaseline", "TruncationResult", "WeightSpectraReport", "apply_reshape_rule",
+    "fit_power_law", "head_matrices", "layer_spectrum", "marchenko_pastur_cdf",
+    "marchenko_pastur_pdf", "matricize", "matrix_metrics", "mp_ks_threshold", "mp_median",
+    "randomization_baseline", "reshape_rule_for", "spectral_merge", "spectral_truncate",
+    "tracy_widom_edge", "weight_spectra", "effective_rank", "ALPHA_HEAVY", "ALPHA_RANDOM",
+    "MP_KS_RANDOM", "RULES", "TW1_QUANTILES",
+)
+
+
+def test_old_import_paths():
+    import gradience_jax
+    from gradience_jax.weights import layer, metrics, power_law, random_matrix, report
+    from gradience_jax.weights import randomization, reshape, surgery
+
+    for name in OLD_NAMES:
+        assert getattr(gradience_jax.weights, name) is getattr(gw, name), name
+    assert set(gw.__all__) >= set(OLD_NAMES) - {"ALPHA_HEAVY", "ALPHA_RANDOM"}
+    assert gw.effective_rank is metrics.effective_rank
+    assert gw.layer_spectrum is layer.layer_spectrum and gw.fit_power_law is power_law.fit_power_law
+    assert gw.tracy_widom_edge is random_matrix.tracy_widom_edge
+    assert gw.weight_spectra is report.weight_spectra and gw.matricize is reshape.matricize
+    assert gw.spectral_truncate is surgery.spectral_truncate
+    assert gw.randomization_baseline is randomization.randomization_baseline
+    assert gradience_jax.weight_spectra is gw.weight_spectra
+
+
+def test_weights_package_stays_numerics_only():
+    """Every module of weights/: numpy / jax only, no figures, no training, nothing above."""
+    import ast
+    from pathlib import Path
+
+    allowed = ("gradience_jax.weights", "gradience_jax._json", "gradience_jax.tree")
+    files = sorted(Path(gw.__file__).parent.glob("*.py"))
+    assert len(files) >= 9
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module]
+            else:
+                continue
+            for mod in mods:
+                root = mod.split(".")[0]
+                assert root not in {"matplotlib", "scipy", "optax"}, (path.name, mod)
+                if root == "gradience_jax":
+                    assert mod.startswith(allowed), (path.name, mod)
+
+
+def test_effective_rank_one_implementation_numpy_and_jax():
+    from gradience_jax.weights import metrics
+
+    rng = np.random.default_rng(30)
+    s = np.sort(rng.random((3, 7)), axis=1)[:, ::-1]
+    s[1, 4:] = 0.0
+    s[2] = 0.0
+    ref = [math.exp(scipy.stats.entropy(r)) if r.sum() > 0 else 0.0 for r in s]
+    host = gw.effective_rank(s, xp=np)
+    assert isinstance(host, np.ndarray) and host.dtype == np.float64
+    np.testing.assert_allclose(host, ref, rtol=1e-13)
+    np.testing.assert_allclose(np.asarray(gw.effective_rank(jnp.asarray(s))), ref, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gw.effective_rank(s.T, axis=0)), ref, rtol=1e-5)
+    c = metrics.core_metrics(s[0], 9, 7, 1e-6, 0.99, np)
+    assert float(c["effective_rank"]) == float(host[0])
+
+
+def test_head_kind_and_randomization_reuses_singular_values():
+    from gradience_jax.weights import reshape
+
+    assert reshape.head_kind("blocks/0/attn/query/kernel", (8, 2, 4)) == "in"
+    assert reshape.head_kind("blocks/0/attn/out/kernel", (2, 4, 8)) == "out"
+    assert reshape.head_kind("blocks/0/attn/query/kernel", (8, 8)) is None
+    assert reshape.head_kind("blocks/0/mlp/kernel", (8, 2, 4)) is None
+    assert reshape.head_kind("kernel", (8, 2, 4)) is None
+    w = np.random.default_rng(31).standard_normal((20, 12))
+    key = jax.random.key(0)
+    s = np.linalg.svd(w, compute_uv=False)
+    assert gw.randomization_baseline(w, key, singular_values=s) == gw.randomization_baseline(
+        w, key
+    )

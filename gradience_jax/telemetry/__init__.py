@@ -1,0 +1,76 @@
+"""Crash-safe training telemetry and the statistics of training dynamics.
+
+Two halves, each its own module, both host side (no jax import; jitted probes live in
+:mod:`gradience_jax.probes`):
+
+* :mod:`gradience_jax.telemetry.io`: logging. :class:`TelemetryWriter` (crash-safe JSON
+  Lines, optional TensorBoard mirror), :class:`TelemetryRecord`, :class:`TelemetryWarning`,
+  :func:`load_telemetry`, :func:`to_columns`; the file format is described there.
+* :mod:`gradience_jax.telemetry.dynamics`: statistics of the logged series (NumPy only).
+  :func:`autocorrelation_function`, :func:`autocorrelation_time`, :func:`rolling_variance`,
+  :func:`rolling_autocorrelation`, :func:`precursor_trend`, :func:`change_points`,
+  :func:`fit_power_law_series`, :func:`cross_correlation`, :func:`lead_lag`,
+  :func:`phase_randomized_surrogates` and their result types.
+
+Every name below is supported and importable from here. ``fit_power_law`` and
+``PowerLawFit`` are the old names of :func:`fit_power_law_series` and
+:class:`SeriesPowerLawFit` (kept as aliases; the ESD tail fit of weight matrices is
+:func:`gradience_jax.weights.fit_power_law`, a different estimator).
+"""
+
+from gradience_jax.telemetry.dynamics import AutocorrelationTime
+from gradience_jax.telemetry.dynamics import ChangePoints
+from gradience_jax.telemetry.dynamics import CrossCorrelation
+from gradience_jax.telemetry.dynamics import LeadLag
+from gradience_jax.telemetry.dynamics import PrecursorTrend
+from gradience_jax.telemetry.dynamics import SeriesPowerLawFit
+from gradience_jax.telemetry.dynamics import autocorrelation_function
+from gradience_jax.telemetry.dynamics import autocorrelation_time
+from gradience_jax.telemetry.dynamics import change_points
+from gradience_jax.telemetry.dynamics import cross_correlation
+from gradience_jax.telemetry.dynamics import fit_power_law_series
+from gradience_jax.telemetry.dynamics import lead_lag
+from gradience_jax.telemetry.dynamics import phase_randomized_surrogates
+from gradience_jax.telemetry.dynamics import precursor_trend
+from gradience_jax.telemetry.dynamics import rolling_autocorrelation
+from gradience_jax.telemetry.dynamics import rolling_variance
+from gradience_jax.telemetry.io import FORMAT_NAME
+from gradience_jax.telemetry.io import FORMAT_VERSION
+from gradience_jax.telemetry.io import TelemetryRecord
+from gradience_jax.telemetry.io import TelemetryWarning
+from gradience_jax.telemetry.io import TelemetryWriter
+from gradience_jax.telemetry.io import load_telemetry
+from gradience_jax.telemetry.io import to_columns
+
+PowerLawFit = SeriesPowerLawFit
+"""Old name of :class:`SeriesPowerLawFit`."""
+fit_power_law = fit_power_law_series
+"""Old name of :func:`fit_power_law_series`."""
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "AutocorrelationTime",
+    "ChangePoints",
+    "CrossCorrelation",
+    "LeadLag",
+    "PowerLawFit",
+    "PrecursorTrend",
+    "SeriesPowerLawFit",
+    "TelemetryRecord",
+    "TelemetryWarning",
+    "TelemetryWriter",
+    "autocorrelation_function",
+    "autocorrelation_time",
+    "change_points",
+    "cross_correlation",
+    "fit_power_law",
+    "fit_power_law_series",
+    "lead_lag",
+    "load_telemetry",
+    "phase_randomized_surrogates",
+    "precursor_trend",
+    "rolling_autocorrelation",
+    "rolling_variance",
+    "to_columns",
+]
