@@ -23,8 +23,13 @@ attention weights of every ``nnx.MultiHeadAttention`` during one forward pass):
 * ``attention_hessian_eigenvalues``: the Hessian restricted to the block's parameters
   (``params_filter``), dense for small blocks, Lanczos otherwise.
 
-``attention_geometry`` bundles all of it; ``attention_geometry_experiment`` and
-``attention_dynamics_experiment`` produce the data of the two attention figures.
+``attention_geometry`` bundles all of it. Numerics only: the experiments that train a
+model and produce the data of the two attention figures moved to
+:mod:`gradience_jax.experiments.attention` (``attention_geometry_experiment``,
+``attention_dynamics_experiment``, their results and ``TASKS``); they stay reachable here
+through a lazy module ``__getattr__`` (see ``_MOVED``), which imports them on first use only.
+
+Supported names: those in ``__all__``.
 
 Linen: ``attention_svd`` and the Hessian work on Linen params (same names and layouts); for
 maps call the module with ``sow_weights=True`` and pass the weights to the map functions.
@@ -33,7 +38,7 @@ maps call the module with ``sow_weights=True`` and pass the weights to the map f
 from __future__ import annotations
 
 import dataclasses
-import functools
+import importlib
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -47,22 +52,19 @@ PyTree = Any
 
 __all__ = [
     "AttentionCapture",
-    "AttentionDynamicsResult",
     "AttentionGeometry",
-    "AttentionGeometryResult",
     "AttentionParams",
     "AttentionSVD",
     "attention_capture_fn",
-    "attention_dynamics_experiment",
     "attention_effective_rank",
     "attention_entropy",
     "attention_geometry",
-    "attention_geometry_experiment",
     "attention_hessian_eigenvalues",
     "attention_params",
     "attention_svd",
     "capture_attention",
     "effective_rank",
+    "qk_effective_rank",
     "query_correlation",
     "query_key_correlation",
     "row_entropy",
@@ -202,6 +204,21 @@ def attention_svd(source: Any, layer: Optional[str] = None) -> AttentionSVD:
     with np.errstate(divide="ignore", invalid="ignore"):
         cond = {k: np.where(v[:, -1] > 0, v[:, 0] / v[:, -1], np.inf) for k, v in svs.items()}
     return AttentionSVD(svs, erank, stable, cond)
+
+
+def qk_effective_rank(p: AttentionParams) -> jax.Array:
+    """Effective rank (Roy & Vetterli 2007) of every head's logit form ``W_Q^h W_K^h^T``.
+
+    Jittable and vmappable (e.g. over a stacked training trajectory of the kernels).
+
+    Args:
+        p: :class:`AttentionParams` with ``wq`` / ``wk`` ``(d_in, H, Dh)`` (biases ignored).
+
+    Returns:
+        ``(H,)`` effective ranks, from the top ``Dh`` singular values of the
+        ``d_in x d_in`` matrix. Cost: ``H`` SVDs of ``d_in x d_in``.
+    """
+    return effective_rank(_svd_core(p)["qk"])
 
 
 # =========================================================================================
@@ -438,7 +455,7 @@ def attention_hessian_eigenvalues(
     Raises:
         ValueError: no parameter selected.
     """
-    from gradience_jax.landscape import top_eigenpairs  # noqa: PLC0415
+    from gradience_jax.landscape.eigen import top_eigenpairs  # noqa: PLC0415
     from gradience_jax.operators.hessian import hessian  # noqa: PLC0415
     from gradience_jax.operators.select import params_filter  # noqa: PLC0415
 
@@ -581,195 +598,28 @@ def _map_stats(cap: AttentionCapture) -> dict:
 
 
 # =========================================================================================
-# experiments behind the attention figures
+# names that moved up to gradience_jax.experiments.attention
 # =========================================================================================
 
-
-def _tiny_lm(key, vocab_size, d_model, num_heads, seq_len, d_ff=None):
-    from flax import nnx  # noqa: PLC0415
-
-    from gradience_jax.models import TinyTransformerLM  # noqa: PLC0415
-
-    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-    seed = int(jax.random.randint(key, (), 0, 2**30))
-    return TinyTransformerLM(vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
-                             num_layers=1, d_ff=d_ff or 2 * d_model, max_len=seq_len,
-                             param_dtype=dtype, rngs=nnx.Rngs(seed))
+#: Names that moved up to the experiments layer: ``name -> new home`` (imported lazily).
+_MOVED = {
+    "AttentionDynamicsResult": "gradience_jax.experiments.attention",
+    "AttentionGeometryResult": "gradience_jax.experiments.attention",
+    "TASKS": "gradience_jax.experiments.attention",
+    "attention_dynamics_experiment": "gradience_jax.experiments.attention",
+    "attention_geometry_experiment": "gradience_jax.experiments.attention",
+}
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionGeometryResult:
-    """Data of the ``attention_geometry`` figure.
-
-    Attributes:
-        geometry: :class:`AttentionGeometry` of the trained block on the training inputs.
-        landscape: ``Slice2D`` of the loss along filter-normalised random directions in the
-            attention parameters only (everything else fixed).
-        steps, train_loss: the short training run; config: the settings.
-    """
-
-    geometry: AttentionGeometry
-    landscape: Any
-    steps: np.ndarray
-    train_loss: np.ndarray
-    config: dict
+def __getattr__(name: str) -> Any:
+    """PEP 562: the moved experiment names, imported from their new home on first use."""
+    home = _MOVED.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
 
 
-def attention_geometry_experiment(
-    key: Optional[jax.Array] = None,
-    *,
-    vocab_size: int = 16,
-    d_model: int = 8,
-    num_heads: int = 2,
-    seq_len: int = 4,
-    num_train: int = 64,
-    num_steps: int = 300,
-    learning_rate: float = 1e-2,
-    resolution: int = 25,
-    span: float = 1.0,
-) -> AttentionGeometryResult:
-    """The seed's attention layer (``d_model`` 8, 2 heads, sequences of 4) inside a
-    one-block causal transformer LM, trained with Adam on next-token prediction of noisy
-    arithmetic progressions (``data.token_sequences``); then its geometry, the Hessian
-    restricted to the attention parameters and a 2-D loss slice in those parameters."""
-    import optax  # noqa: PLC0415
-
-    from gradience_jax import data as gdata  # noqa: PLC0415
-    from gradience_jax import landscape as gl  # noqa: PLC0415
-    from gradience_jax.models import from_nnx  # noqa: PLC0415
-    from gradience_jax.operators import heads  # noqa: PLC0415
-
-    key = key if key is not None else jax.random.key(7)
-    k_model, k_data, k_train, k_dir = jax.random.split(key, 4)
-    model = _tiny_lm(k_model, vocab_size, d_model, num_heads, seq_len)
-    batch = gdata.token_sequences(k_data, n=num_train, seq_len=seq_len, vocab_size=vocab_size)
-    adapted = from_nnx(model, heads.softmax_cross_entropy())
-    res = gl.train(adapted.loss_fn, adapted.params, batch, optimizer=optax.adam(learning_rate),
-                   num_steps=num_steps, key=k_train, record_every=max(1, num_steps // 20))
-    from flax import nnx  # noqa: PLC0415
-
-    nnx.update(model, res.params)
-    layer = "blocks/0/attention"
-    geo = attention_geometry(model, batch["inputs"], layer=layer, loss_fn=adapted.loss_fn,
-                             batch=batch)
-    in_block = lambda path, leaf: path.startswith(layer + "/")  # noqa: E731
-    k1, k2 = jax.random.split(k_dir)
-    d1 = gl.restrict_direction(gl.random_direction(k1, res.params), in_block)
-    d2 = gl.restrict_direction(gl.random_direction(k2, res.params), in_block)
-    grid = np.linspace(-span, span, resolution)
-    land = gl.slice_2d(adapted.loss_fn, res.params, batch, d1, d2, grid, grid)
-    config = dict(vocab_size=vocab_size, d_model=d_model, num_heads=num_heads, seq_len=seq_len,
-                  num_train=num_train, num_steps=num_steps, learning_rate=learning_rate)
-    return AttentionGeometryResult(geo, land, res.steps, res.train_loss, config)
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionDynamicsResult:
-    """Data of the ``attention_training_dynamics`` figure.
-
-    Attributes:
-        steps: ``(R,)`` recorded steps; train_loss / eval_loss ``(R,)``.
-        entropy, normalized_entropy, effective_rank: ``(R, H)`` per head on the eval inputs.
-        qk_effective_rank: ``(R, H)`` effective rank of ``W_Q^h W_K^h^T``.
-        weights_first / weights_last: ``(H, T, S)`` maps of the first eval sequence at the
-            first and last recorded step.
-    """
-
-    steps: np.ndarray
-    train_loss: np.ndarray
-    eval_loss: np.ndarray
-    entropy: np.ndarray
-    normalized_entropy: np.ndarray
-    effective_rank: np.ndarray
-    qk_effective_rank: np.ndarray
-    weights_first: np.ndarray
-    weights_last: np.ndarray
-    config: dict
-
-
-def _copy_first_data(key: jax.Array, n: int, seq_len: int, vocab_size: int) -> dict:
-    """Uniform random tokens; every position's label is the sequence's first token."""
-    x = jax.random.randint(key, (n, seq_len), 0, vocab_size).astype(jnp.int32)
-    return {"inputs": x, "labels": jnp.broadcast_to(x[:, :1], x.shape).astype(jnp.int32)}
-
-
-TASKS = ("copy_first", "progression")
-
-
-def attention_dynamics_experiment(
-    key: Optional[jax.Array] = None,
-    *,
-    task: str = "copy_first",
-    vocab_size: int = 16,
-    d_model: int = 16,
-    num_heads: int = 2,
-    seq_len: int = 8,
-    num_train: int = 128,
-    num_eval: int = 64,
-    num_steps: int = 300,
-    record_every: int = 10,
-    learning_rate: float = 3e-3,
-    batch_size: Optional[int] = 32,
-) -> AttentionDynamicsResult:
-    """Train a one-block causal transformer LM (Adam, minibatches) and record, every
-    ``record_every`` steps, the loss and each head's attention entropy and effective rank
-    (of the maps on held-out sequences) and the effective rank of ``W_Q W_K^T``.
-
-    Tasks: ``"copy_first"`` (random tokens, every label is the first token: solving it needs
-    attention to position 0, so the maps collapse to rank about one) or ``"progression"``
-    (next token of noisy arithmetic progressions, ``data.token_sequences``: solvable mostly
-    from the previous tokens' embeddings, attention changes little).
-
-    Raises:
-        ValueError: unknown ``task``.
-    """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    import optax  # noqa: PLC0415
-
-    from gradience_jax import data as gdata  # noqa: PLC0415
-    from gradience_jax import landscape as gl  # noqa: PLC0415
-    from gradience_jax.models import from_nnx  # noqa: PLC0415
-    from gradience_jax.operators import heads  # noqa: PLC0415
-
-    key = key if key is not None else jax.random.key(11)
-    k_model, k_data, k_eval, k_train = jax.random.split(key, 4)
-    model = _tiny_lm(k_model, vocab_size, d_model, num_heads, seq_len)
-    make = _copy_first_data if task == "copy_first" else (
-        lambda k, n, t, v: gdata.token_sequences(k, n=n, seq_len=t, vocab_size=v))
-    train_data = make(k_data, num_train, seq_len, vocab_size)
-    eval_data = make(k_eval, num_eval, seq_len, vocab_size)
-    adapted = from_nnx(model, heads.softmax_cross_entropy())
-    bs = None if batch_size is None else min(int(batch_size), num_train)
-    res = gl.train(adapted.loss_fn, adapted.params, train_data, optimizer=optax.adam(learning_rate),
-                   num_steps=num_steps, key=k_train, batch_size=bs, eval_data=eval_data,
-                   record_every=record_every)
-    layer = "blocks/0/attention"
-    stats = _trajectory_stats(attention_capture_fn(model), layer, res.trajectory,
-                              eval_data["inputs"])
-    ent, nent, erank, w0, w1 = (np.asarray(x, np.float64) for x in stats)
-    flat = _flat_params(res.trajectory)
-    stacked = AttentionParams(*(flat[f"{layer}/{n}/kernel"]
-                                for n in ("query", "key", "value", "out")))
-    qk = np.asarray(_qk_erank_stacked(stacked), np.float64)
-    config = dict(task=task, vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
-                  seq_len=seq_len, num_train=num_train, num_eval=num_eval, num_steps=num_steps,
-                  record_every=record_every, learning_rate=learning_rate, batch_size=bs)
-    return AttentionDynamicsResult(res.steps, res.train_loss, res.eval_loss, ent, nent, erank,
-                                   qk, w0, w1, config)
-
-
-@jax.jit
-def _qk_erank_stacked(stacked: AttentionParams) -> jax.Array:
-    return jax.vmap(lambda p: effective_rank(_svd_core(p)["qk"]))(stacked)
-
-
-@functools.partial(jax.jit, static_argnames=("capture", "layer"))
-def _trajectory_stats(capture, layer, trajectory, inputs):
-    def one(p):
-        w = capture(p, inputs)[layer].weights
-        return attention_entropy(w), attention_entropy(w, normalized=True), \
-            attention_effective_rank(w), w[0]
-
-    ent, nent, erank, maps = jax.lax.map(one, trajectory)
-    return ent, nent, erank, maps[0], maps[-1]
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_MOVED))

@@ -162,3 +162,25 @@ def test_attention_geometry_of_the_seed_layer():
     assert geo.hessian_eigenvalues.shape == (n_attn,)
     assert np.all(np.diff(geo.hessian_eigenvalues) <= 0)
     assert set(geo.summary()) >= {"entropy", "map_effective_rank", "hessian_lambda_max"}
+
+
+def test_old_import_paths_and_numerics_only():
+    """The experiments moved to ``experiments.attention``; ``attention.<name>`` still works."""
+    from gradience_jax.experiments import attention as ea
+    from gradience_jax.weights import effective_rank
+
+    for name in ("attention_geometry_experiment", "attention_dynamics_experiment",
+                 "AttentionGeometryResult", "AttentionDynamicsResult", "TASKS"):
+        assert getattr(ga, name) is getattr(ea, name), name
+        assert ga._MOVED[name] == "gradience_jax.experiments.attention"
+    assert ga.effective_rank is effective_rank
+    assert set(ga._MOVED) <= set(dir(ga))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        ga.no_such_name  # noqa: B018
+
+
+def test_qk_effective_rank_matches_the_svd_metrics(lm):
+    model, _ = lm
+    p = ga.attention_params(model, "blocks/0/attention")
+    svd = ga.attention_svd(model, "blocks/0/attention")
+    np.testing.assert_allclose(ga.qk_effective_rank(p), svd.effective_rank["qk"], rtol=1e-12)

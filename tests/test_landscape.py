@@ -12,6 +12,7 @@ from jax.flatten_util import ravel_pytree
 
 import gradience_jax as gj
 from gradience_jax import landscape as gl
+from gradience_jax.experiments import training
 from gradience_jax.models import CNN, MLP, TinyTransformerLM, from_nnx
 from tests.helpers import dense_hessian, model_case
 
@@ -316,7 +317,7 @@ def test_sharpness_report_matches_dense_hessian():
     assert rep.epsilon_sharpness >= 0 and rep.adaptive_sharpness >= 0
     assert set(rep.to_dict()) >= {"lambda_max", "trace", "epsilon_sharpness"}
     assert gl.lambda_max(adapted.loss_fn, adapted.params, batch) == pytest.approx(ev[-1], rel=1e-10)
-    assert gl.hessian_trace(adapted.loss_fn, adapted.params, batch) == pytest.approx(ev.sum(), rel=1e-10)
+    assert gl.trace_sharpness(adapted.loss_fn, adapted.params, batch) == pytest.approx(ev.sum(), rel=1e-10)
 
 
 def test_rescaling_changes_lambda_max_but_not_the_function_dinh_caveat():
@@ -343,14 +344,62 @@ def test_rescaling_changes_lambda_max_but_not_the_function_dinh_caveat():
 
 def test_train_sgd_and_sam_reduce_the_loss():
     adapted, batch = model_case("seed")
-    for opt in (optax.sgd(0.1), gl.sam_optimizer(0.1, rho=0.05)):
-        res = gl.train(adapted.loss_fn, adapted.params, batch, optimizer=opt, num_steps=40,
-                       key=jax.random.key(0), batch_size=4, eval_data=batch, record_every=10)
+    for opt in (optax.sgd(0.1), training.sam_optimizer(0.1, rho=0.05)):
+        res = training.train_scan(adapted.loss_fn, adapted.params, batch, optimizer=opt,
+                                  num_steps=40, key=jax.random.key(0), batch_size=4,
+                                  eval_data=batch, record_every=10)
         np.testing.assert_array_equal(res.steps, [0, 10, 20, 30, 40])
         assert res.train_loss[-1] < res.train_loss[0]
         np.testing.assert_allclose(res.eval_loss, res.train_loss, rtol=1e-12)
         assert jax.tree_util.tree_leaves(res.trajectory)[0].shape[0] == 5
         assert res.step_loss.shape == (40,)
     with pytest.raises(ValueError, match="record_every"):
-        gl.train(adapted.loss_fn, adapted.params, batch, optimizer=optax.sgd(0.1), num_steps=10,
-                 key=jax.random.key(0), record_every=3)
+        training.train_scan(adapted.loss_fn, adapted.params, batch, optimizer=optax.sgd(0.1),
+                            num_steps=10, key=jax.random.key(0), record_every=3)
+
+
+# -- layout: old import paths, numerics-only package --------------------------------------
+
+
+def test_old_import_paths():
+    """Every name of the old ``landscape.py`` is still reachable as ``landscape.<name>``."""
+    from gradience_jax.experiments import seed
+    from gradience_jax.landscape import directions, sharpness, slices
+
+    assert gl.train is training.train_scan is training.train
+    assert gl.TrainResult is training.TrainResult and gl.sam_optimizer is training.sam_optimizer
+    for name in ("pseudo_spectral_experiment", "PseudoSpectralResult", "sharp_vs_flat_experiment",
+                 "SharpFlatRun", "SharpFlatResult", "METHODS"):
+        assert getattr(gl, name) is getattr(seed, name), name
+        assert gl._MOVED[name] == "gradience_jax.experiments.seed"
+    assert gl.hessian_trace is gl.trace_sharpness is sharpness.trace_sharpness
+    assert gl.random_direction is directions.random_direction and gl.slice_2d is slices.slice_2d
+    assert {"top_eigenpairs", "DEFAULT_MEMORY_BUDGET", "accuracy_metric"} <= set(dir(gl))
+    assert set(gl._MOVED) <= set(dir(gl))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        gl.no_such_name  # noqa: B018
+
+
+def test_landscape_is_numerics_only():
+    """Importing the analyses imports no experiment, and no landscape module imports optax,
+    matplotlib or the models at module level (checked on the source)."""
+    import ast
+    import pathlib
+    import subprocess
+    import sys
+
+    code = ("import sys, gradience_jax.landscape, gradience_jax.attention; "
+            "bad = [m for m in sys.modules if m.startswith(('gradience_jax.experiments', "
+            "'gradience_jax.plots', 'matplotlib'))]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    for path in pathlib.Path(gl.__file__).parent.glob("*.py"):
+        for node in ast.parse(path.read_text()).body:  # module level only
+            if isinstance(node, ast.Import):
+                roots = {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                roots = {node.module}
+            else:
+                continue
+            for root in roots:
+                assert not root.startswith(("optax", "matplotlib", "gradience_jax.models",
+                                            "gradience_jax.experiments", "flax")), (path.name, root)

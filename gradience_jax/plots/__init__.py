@@ -1,0 +1,79 @@
+"""Figures from results (matplotlib only here; figures never train).
+
+Every figure is one call that takes a result, returns a ``matplotlib.figure.Figure`` and
+writes a PNG when given ``path``. Results come from the experiments
+(:mod:`gradience_jax.experiments.seed`, :mod:`gradience_jax.experiments.attention`) or the
+analyses (``weights``); a figure given no result raises ``TypeError`` instead of training.
+Figures are drawn on an Agg canvas without touching pyplot's global state, so notebooks keep
+their backend; importing this package does not import matplotlib.
+
+Modules:
+
+* :mod:`~gradience_jax.plots.figure`: ``new_figure``, ``save_figure`` (one ``DPI``).
+* :mod:`~gradience_jax.plots.landscape`: ``landscape_contour``, ``landscape_surface``,
+  ``slice_lines``, ``pseudo_spectral_analysis``, ``sharp_vs_flat_minima``.
+* :mod:`~gradience_jax.plots.attention`: ``plot_attention_geometry`` (old name
+  ``attention_geometry``), ``attention_training_dynamics``.
+* :mod:`~gradience_jax.plots.weights`: ``plot_weight_esd``, ``plot_layer_metrics``.
+* :mod:`~gradience_jax.plots.protocols`: ``plot_protocol_a`` ... ``plot_protocol_d``
+  (imported on first use).
+
+Supported names: those in ``__all__``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from gradience_jax.plots.attention import attention_geometry
+from gradience_jax.plots.attention import attention_training_dynamics
+from gradience_jax.plots.attention import plot_attention_geometry
+from gradience_jax.plots.figure import DPI
+from gradience_jax.plots.figure import new_figure
+from gradience_jax.plots.figure import save_figure
+from gradience_jax.plots.landscape import landscape_contour
+from gradience_jax.plots.landscape import landscape_surface
+from gradience_jax.plots.landscape import pseudo_spectral_analysis
+from gradience_jax.plots.landscape import sharp_vs_flat_minima
+from gradience_jax.plots.landscape import slice_lines
+from gradience_jax.plots.weights import plot_layer_metrics
+from gradience_jax.plots.weights import plot_weight_esd
+
+__all__ = [
+    "DPI",
+    "attention_geometry",
+    "attention_training_dynamics",
+    "landscape_contour",
+    "landscape_surface",
+    "new_figure",
+    "plot_attention_geometry",
+    "plot_layer_metrics",
+    "plot_weight_esd",
+    "pseudo_spectral_analysis",
+    "save_figure",
+    "sharp_vs_flat_minima",
+    "slice_lines",
+]
+
+#: Figure names defined in sibling modules imported on first use: ``name -> module``.
+_LAZY = {
+    "plot_protocol_a": "gradience_jax.plots.protocols",
+    "plot_protocol_b": "gradience_jax.plots.protocols",
+    "plot_protocol_c": "gradience_jax.plots.protocols",
+    "plot_protocol_d": "gradience_jax.plots.protocols",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """PEP 562: the protocol figures, imported from ``plots.protocols`` on first use."""
+    home = _LAZY.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
