@@ -4,8 +4,9 @@ laptop CPU at most).
 
     python scripts/make_figures.py [--out docs/figures] [--only NAME ...]
 
-Every figure is a function of ``gradience_jax.plots`` that runs its experiment with the
-default settings and a fixed key, so the PNGs are reproducible.
+Every figure runs its experiment (``gradience_jax.experiments``) with the default settings
+and a fixed key, then draws the result with ``gradience_jax.plots``, so the PNGs are
+reproducible.
 """
 
 from __future__ import annotations
@@ -24,16 +25,18 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 from gradience_jax import plots  # noqa: E402
+from gradience_jax.experiments import attention as attention_experiments  # noqa: E402
+from gradience_jax.experiments import seed  # noqa: E402
 
 FIGURES = {
     "pseudo_spectral_analysis": lambda path: plots.pseudo_spectral_analysis(
-        path=path, key=jax.random.key(42)),
+        seed.pseudo_spectral_experiment(key=jax.random.key(42)), path=path),
     "sharp_vs_flat_minima": lambda path: plots.sharp_vs_flat_minima(
-        path=path, key=jax.random.key(0)),
-    "attention_geometry": lambda path: plots.attention_geometry(
-        path=path, key=jax.random.key(7)),
+        seed.sharp_vs_flat_experiment(key=jax.random.key(0)), path=path),
+    "attention_geometry": lambda path: plots.plot_attention_geometry(
+        attention_experiments.attention_geometry_experiment(key=jax.random.key(7)), path=path),
     "attention_training_dynamics": lambda path: plots.attention_training_dynamics(
-        path=path, key=jax.random.key(11)),
+        attention_experiments.attention_dynamics_experiment(key=jax.random.key(11)), path=path),
 }
 
 

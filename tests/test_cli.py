@@ -12,13 +12,17 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
-
-from gradience_jax import cli
-from gradience_jax import report as rp
 from helpers import json_numbers
+
+from gradience_jax.app import checkpoints as ck
+from gradience_jax.app import cli, seed_figures
+from gradience_jax.app import protocols as app_protocols
+from gradience_jax.app import report as rp
+from gradience_jax.app.families import default_spec
 
 
 def run(argv, capsys=None):
@@ -92,8 +96,8 @@ def test_analyze_checkpoint_msgpack_matches_the_trained_run(analyzed, tmp_path):
 
 
 def test_analyze_orbax_checkpoint_weights_only_infers_model(analyzed, tmp_path):
-    pure = rp.load_checkpoint(analyzed["ckpt"])
-    orbax_dir = rp.save_checkpoint(pure, tmp_path / "orbax_ckpt")
+    pure = ck.load_checkpoint(analyzed["ckpt"])
+    orbax_dir = ck.save_checkpoint(pure, tmp_path / "orbax_ckpt")
     assert orbax_dir.is_dir()
     code, stdout, err = run(["analyze", "--checkpoint", orbax_dir, "--weights-only", "--out",
                              tmp_path / "w", "--json"])
@@ -114,13 +118,13 @@ def test_analyze_rich_table_output(analyzed, tmp_path):
 
 def test_transformer_and_cnn_checkpoints_round_trip(tmp_path):
     for model in ("transformer", "cnn"):
-        restored = rp.init_model(model, seed=1)
-        path = rp.save_checkpoint(restored.module, tmp_path / f"{model}.msgpack")
-        pure = rp.load_checkpoint(path)
-        assert rp.infer_model(pure) == (model, rp.default_spec(model))
-        again = rp.restore_model(pure, model)
-        a = rp.to_pure_dict(again.adapted.params)
-        b = rp.to_pure_dict(restored.adapted.params)
+        restored = ck.init_model(model, seed=1)
+        path = ck.save_checkpoint(restored.module, tmp_path / f"{model}.msgpack")
+        pure = ck.load_checkpoint(path)
+        assert ck.infer_model(pure) == (model, default_spec(model))
+        again = ck.restore_model(pure, model)
+        a = ck.to_pure_dict(again.adapted.params)
+        b = ck.to_pure_dict(restored.adapted.params)
         assert all(np.array_equal(x, y) for x, y in zip(
             __import__("jax").tree_util.tree_leaves(a), __import__("jax").tree_util.tree_leaves(b)))
 
@@ -174,9 +178,9 @@ def test_checkpoint_tree_does_not_match_model(analyzed, tmp_path):
                             "--out", tmp_path / "o"])
         assert_one_line_error(code, err, 1, f"does not match --model {model}")
     # an MLP-like tree with a wrong bias shape
-    pure = rp.load_checkpoint(analyzed["ckpt"])
+    pure = ck.load_checkpoint(analyzed["ckpt"])
     pure["layers"][1]["bias"] = np.zeros(3, np.float32)
-    path = rp.save_checkpoint(pure, tmp_path / "odd.msgpack")
+    path = ck.save_checkpoint(pure, tmp_path / "odd.msgpack")
     code, _, err = run(["analyze", "--checkpoint", path, "--model", "mlp", "--out", tmp_path / "o"])
     assert_one_line_error(code, err, 1, "layers/1/bias has shape (3,)")
     code, _, err = run(["analyze", "--checkpoint", path, "--out", tmp_path / "o"])
@@ -225,7 +229,7 @@ def test_unexpected_errors_are_one_line(monkeypatch, tmp_path):
     def boom(*a, **k):
         raise RuntimeError("kaboom\nsecond line")
 
-    monkeypatch.setattr(rp, "load_checkpoint", boom)
+    monkeypatch.setattr(ck, "load_checkpoint", boom)
     code, _, err = run(["weights", tmp_path])
     assert_one_line_error(code, err, 1, "RuntimeError: kaboom second line")
     assert "--debug" in err
@@ -243,49 +247,68 @@ def test_help_and_version():
 # -- protocol, figures, bench (tiny workloads) -----------------------------------------------
 
 
+class _FakeResult(NamedTuple):
+    config: object
+    lead_lag: object
+    series: object
+    figures: list
+
+
+def _fake_protocol(monkeypatch, name, calls, error=None):
+    """Replace protocol ``name`` in the app's table by a tiny run and plot."""
+
+    def runner(config, *, fast, log_dir):
+        if error is not None:
+            raise error
+        calls.append(("run", config, fast, log_dir))
+        return _FakeResult(config, np.float64(3.0), np.arange(3), [])
+
+    def plot(result, figure_dir):
+        calls.append(("plot", figure_dir))
+        return [str(Path(figure_dir) / "fig.png")]
+
+    entry = app_protocols.PROTOCOLS[name]
+    monkeypatch.setitem(app_protocols.PROTOCOLS, name, entry._replace(runner=runner, plot=plot))
+
+
 def test_protocol_runs_and_writes_summary(monkeypatch, tmp_path):
     calls = []
-
-    def fake(fast, out, seed):
-        calls.append((fast, out, seed))
-        return {"lead_lag": np.float64(3.0), "series": np.arange(3)}
-
-    monkeypatch.setattr(cli, "_protocol_runner", lambda name: fake)
+    _fake_protocol(monkeypatch, "B", calls)
     code, stdout, err = run(["protocol", "b", "--fast", "--out", tmp_path, "--json"])
     assert code == 0, err
     data = json.loads(stdout)
-    assert data["protocol"] == "B" and data["result"] == {"lead_lag": 3.0, "series": [0, 1, 2]}
-    assert calls == [(True, str(tmp_path), None)]
+    assert data["protocol"] == "B" and data["result"] == {
+        "config": None, "lead_lag": 3.0, "series": [0, 1, 2],
+        "figures": [str(tmp_path / "figures" / "fig.png")]}
+    assert calls == [("run", None, True, str(tmp_path / "logs")),
+                     ("plot", str(tmp_path / "figures"))]
     assert json.loads((tmp_path / "protocol_B.json").read_text())["protocol"] == "B"
 
 
 def test_protocol_failure_is_one_line(monkeypatch, tmp_path):
-    def fail(**kw):
-        raise ValueError("protocol A needs at least 2 checkpoints")
-
-    monkeypatch.setattr(cli, "_protocol_runner", lambda name: fail)
+    _fake_protocol(monkeypatch, "A", [], ValueError("protocol A needs at least 2 checkpoints"))
     code, _, err = run(["protocol", "A", "--out", tmp_path])
     assert_one_line_error(code, err, 1, "needs at least 2 checkpoints")
 
 
-def test_protocol_runner_wires_config_and_folders(monkeypatch, tmp_path):
-    from gradience_jax import protocols
-
-    seen = {}
-
-    def fake(config=None, *, fast=None, log_dir=None, figure_dir=None):
-        seen.update(config=config, fast=fast, log_dir=log_dir, figure_dir=figure_dir)
-        return protocols.ProtocolAResult(config, [], [])
-
-    monkeypatch.setattr(protocols, "run_protocol_a", fake)
+def test_protocol_seed_replaces_the_default_settings_seed(monkeypatch, tmp_path):
+    calls = []
+    for name in ("A", "C"):
+        _fake_protocol(monkeypatch, name, calls)
     code, stdout, err = run(["protocol", "A", "--fast", "--seed", "3", "--out", tmp_path, "--json"])
     assert code == 0, err
-    assert seen == {"config": protocols.FAST_A._replace(seed=3), "fast": True,
-                    "log_dir": str(tmp_path / "logs"), "figure_dir": str(tmp_path / "figures")}
+    fast_a = app_protocols.PROTOCOLS["A"].fast_config
+    assert calls[0] == ("run", fast_a._replace(seed=3), True, str(tmp_path / "logs"))
     assert json.loads(stdout)["result"]["config"]["seed"] == 3
-    monkeypatch.delattr(protocols, "run_protocol_d", raising=False)
-    code, _, err = run(["protocol", "D", "--out", tmp_path])
-    assert_one_line_error(code, err, 1, "protocol D is not available")
+    calls.clear()
+    code, _, err = run(["protocol", "C", "--seed", "5", "--out", tmp_path])
+    assert code == 0, err
+    assert calls[0][1] == app_protocols.PROTOCOLS["C"].config()._replace(seed=5)
+
+
+def test_cli_tables_match_the_app_tables():
+    assert set(cli.PROTOCOLS) == set(app_protocols.PROTOCOLS)
+    assert tuple(cli.FIGURES) == tuple(seed_figures.SEED_FIGURES)
 
 
 def test_summarise_shortens_long_series():
@@ -296,22 +319,29 @@ def test_summarise_shortens_long_series():
 
 
 def test_figures_tiny(monkeypatch, tmp_path):
+    """``figures`` runs each figure's experiment (quick settings with ``--fast``) and draws
+    the figure from its result."""
     drawn = {}
 
     def fake(name):
-        def draw(path, **kw):
-            drawn[name] = kw
+        def experiment(**kw):
+            return {"experiment": name, "settings": kw}
+
+        def plot(result, *, path):
+            drawn[name] = result["settings"]
             Path(path).write_bytes(b"\x89PNG\r\n")
 
-        return draw
+        entry = seed_figures.SEED_FIGURES[name]
+        return entry._replace(experiment=experiment, plot=plot)
 
-    monkeypatch.setattr(cli, "_figure_functions", lambda: {n: fake(n) for n in cli.FIGURES})
+    for n in list(seed_figures.SEED_FIGURES):
+        monkeypatch.setitem(seed_figures.SEED_FIGURES, n, fake(n))
     code, stdout, err = run(["figures", "--fast", "--out", tmp_path, "--json"])
     assert code == 0, err
     files = json.loads(stdout)["files"]
     assert files == [f"{n}.png" for n in cli.FIGURES]
     assert all((tmp_path / f).is_file() for f in files)
-    assert drawn["sharp_vs_flat_minima"] == cli.FIGURES["sharp_vs_flat_minima"][1]
+    assert drawn["sharp_vs_flat_minima"] == seed_figures.SEED_FIGURES["sharp_vs_flat_minima"].fast
     code, _, err = run(["figures", "--only", "attention_geometry", "--out", tmp_path])
     assert code == 0 and drawn["attention_geometry"] == {}
 
@@ -320,6 +350,8 @@ def test_figures_default_folder_is_docs_figures():
     assert cli._source_root().joinpath("docs").is_dir()
     assert set(cli.FIGURES) == {"pseudo_spectral_analysis", "sharp_vs_flat_minima",
                                 "attention_geometry", "attention_training_dynamics"}
+    with pytest.raises(ValueError, match="figure must be one of"):
+        seed_figures.draw_seed_figure("nope", "x.png")
 
 
 def test_bench_runs_the_suite_runner_quick(monkeypatch, tmp_path):
@@ -342,7 +374,8 @@ def test_bench_runs_the_suite_runner_quick(monkeypatch, tmp_path):
 def test_bench_without_runner_runs_each_script(monkeypatch, tmp_path):
     bench = tmp_path / "benchmarks"
     bench.mkdir()
-    (bench / "tiny.py").write_text("import sys\nprint('quick' if '--quick' in sys.argv else 'full')\n")
+    (bench / "tiny.py").write_text(
+        "import sys\nprint('quick' if '--quick' in sys.argv else 'full')\n")
     (bench / "broken.py").write_text("raise SystemExit(3)\n")
     (bench / "_helpers.py").write_text("")
     monkeypatch.setattr(cli, "_source_root", lambda: tmp_path)
@@ -359,3 +392,40 @@ def test_bench_without_runner_runs_each_script(monkeypatch, tmp_path):
 def test_real_benchmark_suite_is_found():
     (name, cmd, cwd), = cli._bench_commands(None, full=False)
     assert name == "run_all" and cmd[-1] == "--quick" and Path(cmd[1]).is_file()
+
+
+# -- old import paths and the console script ---------------------------------------------------
+
+
+def test_old_import_paths_and_console_script():
+    """``gradience_jax.cli`` and ``gradience_jax.report`` keep every old name (the same
+    objects as in ``gradience_jax.app``); the console script points at the new home."""
+    import tomllib
+
+    import gradience_jax.cli as old_cli
+    import gradience_jax.report as old_report
+    from gradience_jax import environment
+    from gradience_jax.app import families, markdown, measurements
+
+    assert old_cli.main is cli.main and old_cli.build_parser is cli.build_parser
+    assert old_cli.summarise is cli.summarise and old_cli.CLIError is cli.CLIError
+    homes = (rp, ck, families, markdown, measurements, environment)
+    for name in old_report.__all__:
+        obj = getattr(old_report, name)
+        assert any(getattr(home, name, None) is obj for home in homes), name
+    for name in ("AnalysisConfig", "CheckpointError", "FAST_ENV", "MODELS", "OPERATORS",
+                 "Restored", "analyze", "build_model", "dataset", "default_spec", "fast_mode",
+                 "evaluate", "infer_model", "init_model", "load_checkpoint", "plan",
+                 "restore_model", "save_checkpoint", "split", "to_pure_dict", "train",
+                 "write_weights_report", "SCHEMA", "REORTH", "match_spec", "summary_rows",
+                 "versions", "check_writable"):
+        assert hasattr(old_report, name), name
+    root = Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["gradience-jax"] == "gradience_jax.app.cli:main"
+
+
+def test_report_versions_keep_their_keys():
+    v = rp.versions()
+    assert {"python", "platform", "gradience-jax", "jax", "jaxlib", "flax", "optax", "numpy",
+            "orbax-checkpoint", "matplotlib", "device", "x64"} <= set(v)

@@ -1,17 +1,26 @@
 """Protocols A-D as functions: edge of stability (sharpness hovers at 2/lr under full-batch
 GD), grokking in fast mode (train accuracy saturates long before test accuracy), the
-summaries' definitions, divergent runs kept alive by the probes, and logs that fail at
-start on an unwritable path."""
+summaries' definitions, divergent runs kept alive by the probes, logs that fail at start on
+an unwritable path, figures drawn from results, and the old import path."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from gradience_jax import protocols, telemetry
+from gradience_jax import probes, telemetry
+from gradience_jax.app import protocols as app_protocols
+from gradience_jax.experiments import protocol_runner as runner
+from gradience_jax.experiments import protocols
+from gradience_jax.plots import protocols as figures
 
 
 def test_edge_of_stability_summary_definition():
@@ -39,6 +48,19 @@ def test_grokking_summary_definition():
         protocols.grokking_summary(steps, [1.0], [1.0])
 
 
+def test_column_helpers():
+    cols = {"step": np.arange(5), "loss": np.array([1.0, 0.5, np.inf, np.nan, 2.0]),
+            "weights/layers/0/kernel/stable_rank": np.array([1.0, np.nan, 3.0, np.nan, 5.0])}
+    s, v = protocols.series(cols, "weights/layers/0/kernel/stable_rank")
+    assert s.tolist() == [0, 2, 4] and v.tolist() == [1.0, 3.0, 5.0]
+    assert protocols.series(cols, "absent")[0].size == 0
+    assert protocols.layer_keys(cols, "weights/", "stable_rank") == [
+        "weights/layers/0/kernel/stable_rank"]
+    assert protocols.short_name("weights/layers/0/kernel/stable_rank") == "layers/0"
+    assert protocols.diverged_at(cols, steps=5) == 2
+    assert protocols.diverged_at(cols, steps=2) is None
+
+
 def test_edge_of_stability_scaled_down(tmp_path):
     """512 Gaussian points in 20-D, sin targets, tanh 20-64-64-1, MSE, full-batch GD: after
     the sharpness first exceeds 0.9 * 2/lr its median over the rest of the run lies in
@@ -48,7 +70,8 @@ def test_edge_of_stability_scaled_down(tmp_path):
         learning_rates=(0.15, 0.25, 0.8), labels=("a", "b", "divergent"), steps=400,
         probe_every=5, num_iters=6, weights_every=0, trace_every=0, alpha=False, chunk=100,
     )
-    result = protocols.run_protocol_a(config, fast=True, log_dir=tmp_path, figure_dir=None)
+    result = protocols.run_protocol_a(config, fast=True, log_dir=tmp_path)
+    assert result.figures == []  # the experiment draws nothing
     for run in result.runs[:2]:
         s = run.summary
         assert s.first_cross is not None, run.label
@@ -61,6 +84,12 @@ def test_edge_of_stability_scaled_down(tmp_path):
     _, records = telemetry.load_telemetry(div.log_path)
     flagged = [r for r in records if r.metrics.get("sharpness/nonfinite")]
     assert flagged and records[-1].step == config.steps - 1
+    assert protocols.diverged_at(div.columns, config.steps) is not None
+    # the figures are drawn from the result alone
+    paths = figures.plot_protocol_a(result, tmp_path / "figures")
+    assert sorted(p.rsplit("/", 1)[-1] for p in paths) == [
+        "protocol_A_edge_of_stability.png", "protocol_A_lead_lag.png"]
+    assert figures.plot_protocol_a(result, None) == []
 
 
 def test_grokking_fast_mode(tmp_path):
@@ -68,7 +97,7 @@ def test_grokking_fast_mode(tmp_path):
     >= 0.9, and test accuracy does reach 0.9 within the budget. (The notebook runs the
     same settings with all probes on; here only the accuracies are measured.)"""
     config = protocols.FAST_B._replace(weights_every=0, sharpness_every=0)
-    result = protocols.run_protocol_b(config, fast=True, log_dir=tmp_path, figure_dir=None)
+    result = protocols.run_protocol_b(config, fast=True, log_dir=tmp_path)
     s = result.summary
     assert s.fit_step is not None and s.generalization_step is not None, s
     assert s.fit_step < s.generalization_step, s
@@ -76,6 +105,58 @@ def test_grokking_fast_mode(tmp_path):
     assert s.grokked
     acc = result.columns["test/accuracy"]
     assert acc[s.fit_step] < 0.2  # memorised, not generalised, when the train set is fit
+    assert set(result.statistics) == set(protocols.TRANSITION_METRICS)
+    paths = figures.plot_protocol_b(result, tmp_path / "figures")
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["protocol_B_grokking.png"]
+
+
+def test_train_chunk_is_one_compilation_for_all_learning_rates():
+    """Two learning rates, two chunks each: the chunk traces once; GD with the chunk
+    equals hand-written GD, and the probe metrics sit next to loss / grad_norm."""
+    x = jnp.linspace(-1.0, 1.0, 8)[:, None]
+    batch = {"x": x, "y": 2.0 * x}
+
+    def loss_fn(p, b):
+        return jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
+
+    params = {"w": jnp.zeros((1, 1))}
+    probe = runner.combine_probes(*runner.probe_every(2, probes.gradient_stats(loss_fn)))
+    traces = []
+
+    def counted(p, b):
+        traces.append(1)
+        return loss_fn(p, b)
+
+    chunk = runner.train_chunk(counted, probe, optax.sgd, key=jax.random.key(0))
+    for lr in (0.1, 0.2):
+        hyper = jnp.asarray(lr)
+        carry = runner.init_carry(params, optax.sgd, hyper, probe)
+        for start in (0, 3):
+            carry, metrics = chunk(carry, jnp.arange(start, start + 3), hyper, batch, None)
+        w = params["w"]
+        for _ in range(6):
+            w = w - lr * jax.grad(loss_fn)({"w": w}, batch)["w"]
+        np.testing.assert_allclose(carry.params["w"], w, rtol=1e-12)
+        assert {"loss", "grad_norm", "update_ratio"} <= set(metrics)
+    assert len(traces) == 1
+    assert runner.combine_probes().name == "none"
+    with pytest.raises(ValueError, match="period"):
+        runner.probe_every(-1, probe)
+
+
+def test_matrix_shapes_are_what_the_weight_probe_measures():
+    adapted, batch = protocols.protocol_d_case("cnn", protocols.FAST_D)
+    shapes = protocols.matrix_shapes(adapted.params)
+    probe = probes.weight_metrics(fields=("stable_rank",))
+    metrics, _ = probe(adapted.params, batch, jax.random.key(0), probe.init(adapted.params))
+    measured = {k[len("weights/"):-len("/stable_rank")] for k in metrics
+                if k.endswith("/stable_rank")}
+    assert set(shapes) == measured
+    assert all(len(s) == 2 for s in shapes.values())
+    kernel = next(p for p in shapes if p.startswith("convs/0"))  # (3, 3, 1, 16) -> (9, 16)
+    assert shapes[kernel] == (9, 16)
+    with pytest.raises(ValueError, match="architecture"):
+        protocols.protocol_d_case("rnn", protocols.FAST_D)
 
 
 def test_unwritable_log_dir_fails_at_start(tmp_path):
@@ -83,11 +164,15 @@ def test_unwritable_log_dir_fails_at_start(tmp_path):
     blocker.write_text("x")
     t0 = time.perf_counter()
     with pytest.raises(OSError):
-        protocols.run_protocol_b(fast=True, log_dir=blocker / "sub", figure_dir=None)
+        protocols.run_protocol_b(fast=True, log_dir=blocker / "sub")
     assert time.perf_counter() - t0 < 5.0  # before any model is built or compiled
     with pytest.raises(ValueError, match="steps"):
         protocols.run_protocol_a(protocols.FAST_A._replace(steps=150, chunk=100),
-                                 log_dir=tmp_path, figure_dir=None)
+                                 log_dir=tmp_path)
+    with pytest.raises(ValueError, match="labels"):
+        protocols.run_protocol_c(protocols.FAST_C._replace(labels=("one",)), log_dir=tmp_path)
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        app_protocols.run_protocol("E")
 
 
 def test_fast_mode_reads_environment(monkeypatch):
@@ -96,3 +181,65 @@ def test_fast_mode_reads_environment(monkeypatch):
     assert protocols.fast_mode(False) is False
     monkeypatch.setenv("GRADIENCE_FAST", "0")
     assert protocols.fast_mode() is False
+
+
+def test_app_table_runs_then_draws(monkeypatch, tmp_path):
+    """``app.protocols.run_protocol`` = the experiment's run, then its figure."""
+    calls = []
+
+    def fake_run(config, *, fast, log_dir):
+        calls.append((config, fast, log_dir))
+        return protocols.ProtocolBResult(config, {}, None, {}, "", [])
+
+    def fake_plot(result, figure_dir):
+        return [str(figure_dir / "b.png")]
+
+    entry = app_protocols.PROTOCOLS["B"]
+    monkeypatch.setitem(app_protocols.PROTOCOLS, "B",
+                        entry._replace(runner=fake_run, plot=fake_plot))
+    res = app_protocols.run_protocol_b(protocols.FAST_B, fast=True, log_dir=tmp_path,
+                                       figure_dir=tmp_path)
+    assert calls == [(protocols.FAST_B, True, tmp_path)]
+    assert res.figures == [str(tmp_path / "b.png")]
+    assert app_protocols.run_protocol("B", figure_dir=None).figures == []
+    assert set(app_protocols.PROTOCOLS) == {"A", "B", "C", "D"}
+    assert all(e.fast_config.__class__ is e.config for e in app_protocols.PROTOCOLS.values())
+
+
+def test_old_import_path():
+    """``gradience_jax.protocols`` keeps every old public name, pointing at the new homes."""
+    from gradience_jax import data, models
+    from gradience_jax import protocols as old
+
+    for name in ("ProtocolAConfig", "ProtocolBResult", "EoSSummary", "GrokkingSummary",
+                 "edge_of_stability_summary", "grokking_summary", "FAST_A", "FAST_D"):
+        assert getattr(old, name) is getattr(protocols, name), name
+    for name in ("plot_protocol_a", "plot_protocol_b", "plot_protocol_c", "plot_protocol_d"):
+        assert getattr(old, name) is getattr(figures, name), name
+    for name in ("run_protocol_a", "run_protocol_b", "run_protocol_c", "run_protocol_d"):
+        assert getattr(old, name) is getattr(app_protocols, name), name
+    assert old.ModularAdditionMLP is models.ModularAdditionMLP
+    assert old.modular_addition is data.modular_addition
+    assert old.eos_regression is data.eos_regression
+    assert old.fast_mode is protocols.fast_mode
+    train, test = old.modular_addition(jax.random.key(0), p=5, train_fraction=0.6)
+    assert train["targets"].shape == (15, 5) and test["inputs"].shape == (10, 2)
+
+
+def test_layers_import_downward_only():
+    """The experiments import neither plots nor the app; ``import gradience_jax`` imports
+    none of experiments, plots, app or matplotlib."""
+    code = (
+        "import sys\n"
+        "import gradience_jax\n"
+        "bad = [m for m in sys.modules if m.startswith(('gradience_jax.experiments', "
+        "'gradience_jax.app', 'gradience_jax.plots', 'matplotlib'))]\n"
+        "assert not bad, bad\n"
+        "import gradience_jax.experiments.protocols\n"
+        "bad = [m for m in sys.modules if m.startswith(('gradience_jax.app', "
+        "'gradience_jax.plots', 'matplotlib'))]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -1,8 +1,8 @@
 """The README's two set-up commands, tested literally.
 
 The main-job command is read from the README and its ``gradience-jax analyze`` part is run
-in a fresh temporary directory (as ``python -m gradience_jax.cli``, the console script's
-target; the ``pip install`` part is what CI already did). The report it writes must exist,
+in a fresh temporary directory (as ``python -m gradience_jax.app.cli``, the console
+script's target; the ``pip install`` part is what CI already did). The report it writes must exist,
 hold finite numbers, and agree with direct API calls on the same seed. CI sets
 ``GRADIENCE_FAST=1`` (the quick settings); the test sets it too.
 """
@@ -16,16 +16,18 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+import tomllib
+from helpers import json_numbers
 
 import gradience_jax as gj
-from gradience_jax import report as rp
-from helpers import json_numbers
+from gradience_jax.app import checkpoints as ck
+from gradience_jax.app import families
+from gradience_jax.app import report as rp
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -57,24 +59,26 @@ def test_test_command_is_what_ci_runs():
     ci_lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert test_command in ci_lines
     assert (ROOT / "constraints.txt").is_file()
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
     assert {"test", "torch"} <= set(extras)
 
 
 def _job_argv() -> list[str]:
-    """``gradience-jax analyze`` from the README, as ``python -m gradience_jax.cli analyze``."""
+    """``gradience-jax analyze`` from the README, as ``python -m gradience_jax.app.cli analyze``."""
     install, job = (part.strip() for part in setup_commands()[0].split("&&"))
     assert install == "pip install -e ."
     words = shlex.split(job)
     assert words[0] == "gradience-jax"
-    return [sys.executable, "-m", "gradience_jax.cli", *words[1:]]
+    return [sys.executable, "-m", "gradience_jax.app.cli", *words[1:]]
 
 
 @pytest.fixture(scope="module")
 def main_job(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("readme_job")
     env = {**os.environ, "GRADIENCE_FAST": "1", "GRADIENCE_JAX_CACHE": str(cwd / ".xla_cache")}
-    proc = subprocess.run(_job_argv(), cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(_job_argv(), cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = cwd / "gradience_report"
     return out, json.loads((out / "report.json").read_text()), proc
@@ -102,11 +106,11 @@ def test_main_job_agrees_with_direct_api_calls(main_job):
     # same seed, same model, data and training -> the same parameters (up to float32
     # rounding, which Adam's normalisation amplifies: the job ran without x64 and with the
     # CLI's cheap-compile XLA flags, this test session runs with x64)
-    model = rp.init_model(rep["model"]["name"], seed=seed)
-    data, _ = rp.dataset(model.model, model.spec, jax.random.fold_in(jax.random.key(seed), 0))
-    batch, _ = rp.split(data)
+    model = ck.init_model(rep["model"]["name"], seed=seed)
+    data, _ = families.dataset(model.model, model.spec, jax.random.fold_in(jax.random.key(seed), 0))
+    batch, _ = families.split(data)
     params, curve = rp.train(model.adapted, batch, cfg["train_steps"], cfg["learning_rate"])
-    saved = rp.restore_model(rp.load_checkpoint(out / "params.msgpack"), "mlp").adapted.params
+    saved = ck.restore_model(ck.load_checkpoint(out / "params.msgpack"), "mlp").adapted.params
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(saved)):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(b)
@@ -126,7 +130,8 @@ def test_main_job_agrees_with_direct_api_calls(main_job):
     with jax.enable_x64(False):  # the probes' dtype (and so their draws) follow the x64 flag
         H32 = gj.hessian(ad.loss_fn, saved, batch)
         t = hutchinson_trace(H32, jax.random.fold_in(key, 1), cfg["trace_samples"])
-    assert float(t.estimate) == pytest.approx(rep["curvature"]["hessian"]["trace"]["estimate"], rel=1e-4)
+    trace = rep["curvature"]["hessian"]["trace"]["estimate"]
+    assert float(t.estimate) == pytest.approx(trace, rel=1e-4)
     G = gj.ggn(ad.model_fn, ad.head, saved, batch)
     g = eigsh(G, k=top["k"], key=key, tol=top["tol"], max_iters=cfg["iters"])
     np.testing.assert_allclose(g.eigenvalues, rep["curvature"]["ggn"]["top_k"]["eigenvalues"],

@@ -87,4 +87,9 @@ def modular_arithmetic(
     )
 
 
-__all__ = ["classification", "images", "modular_arithmetic", "seed_regression", "token_sequences"]
+# Protocol data sets, one per module (imported after modular_arithmetic, which they use).
+from gradience_jax.data.modular import modular_addition  # noqa: E402
+from gradience_jax.data.sine import eos_regression  # noqa: E402
+
+__all__ = ["classification", "eos_regression", "images", "modular_addition",
+           "modular_arithmetic", "seed_regression", "token_sequences"]

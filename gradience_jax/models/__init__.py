@@ -3,6 +3,7 @@
 from gradience_jax.models.adapters import Adapted, from_linen, from_nnx
 from gradience_jax.models.linen_models import LinenMLP, nnx_mlp_to_linen
 from gradience_jax.models.nnx_models import CNN, MLP, Block, SeedMLP, TinyTransformerLM
+from gradience_jax.models.protocol_models import ModularAdditionMLP
 
 __all__ = [
     "Adapted",
@@ -10,6 +11,7 @@ __all__ = [
     "CNN",
     "LinenMLP",
     "MLP",
+    "ModularAdditionMLP",
     "SeedMLP",
     "TinyTransformerLM",
     "from_linen",

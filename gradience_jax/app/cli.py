@@ -1,0 +1,650 @@
+"""The ``gradience-jax`` command.
+
+Subcommands::
+
+    gradience-jax analyze                      # train the default MLP, write gradience_report/
+    gradience-jax analyze --model transformer --checkpoint ckpt.msgpack --operator ggn --k 5
+    gradience-jax weights PATH                 # weight-spectra table of a checkpoint
+    gradience-jax protocol A --fast            # a research protocol (telemetry)
+    gradience-jax figures                      # the seed figures into docs/figures/
+    gradience-jax bench                        # the benchmark suite, quick mode
+
+Every subcommand takes ``--json`` (machine-readable output on stdout) and ``--debug`` (full
+traceback on failure). Exit codes: 0 ok, 1 failure (one-line reason on stderr), 2 bad usage.
+
+The CLI compiles with XLA's cheap-compile settings (the built-in models are small, so
+compile time dominates) unless ``XLA_FLAGS`` is set, and keeps a persistent compilation
+cache in ``~/.cache/gradience_jax/xla`` so that repeated runs start fast
+(``GRADIENCE_JAX_CACHE=off`` disables it, any other value is a cache directory).
+``GRADIENCE_FAST=1`` selects the quick settings everywhere (as ``--fast``).
+
+Supported names: :func:`main`, :func:`build_parser`, :func:`summarise`, :class:`UsageError`,
+:class:`CLIError`, :data:`COMMANDS`, :data:`PROTOCOLS`, :data:`FIGURES`. The work behind the
+commands is in :mod:`gradience_jax.app.report` (``analyze``),
+:mod:`gradience_jax.app.checkpoints` (``weights``), :mod:`gradience_jax.app.protocols`
+(``protocol``) and :mod:`gradience_jax.app.seed_figures` (``figures``); they are imported
+when their command runs, so ``--help`` stays fast and JAX is configured first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+PROG = "gradience-jax"
+CACHE_ENV = "GRADIENCE_JAX_CACHE"
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+PROTOCOLS = ("A", "B", "C", "D")
+"""Names of ``protocol``'s choices: the keys of :data:`gradience_jax.app.protocols.PROTOCOLS`."""
+FIGURES = ("pseudo_spectral_analysis", "sharp_vs_flat_minima", "attention_geometry",
+           "attention_training_dynamics")
+"""Names of ``figures``' choices: the keys of
+:data:`gradience_jax.app.seed_figures.SEED_FIGURES` (the files' stems)."""
+
+__all__ = ["COMMANDS", "CLIError", "FIGURES", "PROTOCOLS", "UsageError", "build_parser",
+           "main", "summarise"]
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit code 2)."""
+
+
+class CLIError(Exception):
+    """An expected failure with a one-line reason (exit code 1)."""
+
+
+# =========================================================================================
+# parser
+# =========================================================================================
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` with one line instead of printing usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on failure")
+
+
+def _add_analyze(sub: Any) -> None:
+    from gradience_jax.app.families import MODELS  # noqa: PLC0415
+    from gradience_jax.app.report import OPERATORS, REORTH  # noqa: PLC0415
+
+    p = sub.add_parser(
+        "analyze", help="measure curvature, spectra and landscape; write a report folder",
+        description="Train the default model on generated data (or load --checkpoint), measure "
+        "Hessian / GGN top-k, traces, spectral density, weight spectra and a 2-D landscape "
+        "slice, and write report.json, report.md and PNG figures to --out.")
+    p.add_argument("--model", choices=MODELS, default=None,
+                   help="model family (default: mlp; with --checkpoint, inferred from the tree)")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="saved Flax params: a flax msgpack file or an orbax checkpoint directory")
+    p.add_argument("--operator", choices=OPERATORS, action="append", default=None,
+                   help="curvature operator; repeat for several (default: hessian and ggn)")
+    p.add_argument("--k", type=_positive_int, default=None, help="eigenvalues per operator (10)")
+    p.add_argument("--iters", type=_positive_int, default=None, help="Lanczos iteration cap (60)")
+    p.add_argument("--reorth", choices=REORTH, default=None, help="reorthogonalisation (full)")
+    p.add_argument("--seed", type=int, default=None, help="seed of data, init and probes (0)")
+    p.add_argument("--train-steps", type=_nonnegative_int, default=None,
+                   help="full-batch Adam steps (200)")
+    p.add_argument("--out", default="gradience_report", help="report folder (gradience_report)")
+    p.add_argument("--fast", action="store_true", help="quick settings (also GRADIENCE_FAST=1)")
+    p.add_argument("--weights-only", action="store_true",
+                   help="weight spectra only (no data, no curvature)")
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    p.add_argument("--save-checkpoint", metavar="PATH",
+                   help="also save the analysed params (PATH.msgpack: msgpack, else orbax dir)")
+    _common(p)
+
+
+def _add_weights(sub: Any) -> None:
+    p = sub.add_parser("weights", help="weight-spectra table of a checkpoint",
+                       description="Per-layer SVD metrics (alpha, stable / effective rank, MP "
+                       "spikes) of every weight matrix in a checkpoint (any Flax params tree).")
+    p.add_argument("path", metavar="PATH", help="flax msgpack file or orbax checkpoint directory")
+    p.add_argument("--out", default=None, help="also write weights.json / weights.md there")
+    _common(p)
+
+
+def _add_protocol(sub: Any) -> None:
+    p = sub.add_parser("protocol", help="run a research protocol (A-D) of the telemetry issue")
+    p.add_argument("name", choices=PROTOCOLS, type=str.upper, help="protocol A, B, C or D")
+    p.add_argument("--fast", action="store_true", help="quick settings (also GRADIENCE_FAST=1)")
+    p.add_argument("--out", default=None, help="output folder (default protocol_<name>)")
+    p.add_argument("--seed", type=int, default=None, help="seed (default: the protocol's)")
+    _common(p)
+
+
+def _add_figures(sub: Any) -> None:
+    p = sub.add_parser("figures", help="regenerate the seed figures into docs/figures/")
+    p.add_argument("--out", default=None, help="folder (default docs/figures of the source tree)")
+    p.add_argument("--fast", action="store_true", help="quick settings (also GRADIENCE_FAST=1)")
+    p.add_argument("--only", choices=list(FIGURES), action="append", default=None,
+                   help="draw only this figure (repeatable)")
+    _common(p)
+
+
+def _add_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="run the benchmark suite (quick mode)")
+    p.add_argument("--only", metavar="NAME", action="append", default=None,
+                   help="run only benchmarks/NAME.py (repeatable)")
+    p.add_argument("--full", action="store_true", help="full settings instead of --quick")
+    _common(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``gradience-jax``.
+
+    Returns:
+        A parser whose ``error`` raises :class:`UsageError` (one line) instead of exiting;
+        one subcommand per entry of :data:`COMMANDS`.
+    """
+    from gradience_jax import __version__  # noqa: PLC0415 - the package imports jax
+
+    parser = _Parser(prog=PROG, description="Curvature and spectral geometry of neural networks "
+                     "(JAX). Exit codes: 0 ok, 1 failure, 2 bad usage.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add in (_add_analyze, _add_weights, _add_protocol, _add_figures, _add_bench):
+        add(sub)
+    return parser
+
+
+# =========================================================================================
+# environment, output
+# =========================================================================================
+
+
+def _configure_jax() -> None:
+    """Cheap-compile XLA flags and a persistent compilation cache, if JAX has not started."""
+    from jax._src import xla_bridge  # noqa: PLC0415 - before jax starts a backend
+
+    if xla_bridge.backends_are_initialized():
+        return
+    if "XLA_FLAGS" not in os.environ:
+        os.environ["XLA_FLAGS"] = FAST_XLA_FLAGS
+    cache = os.environ.get(CACHE_ENV, "")
+    if cache.lower() in ("off", "0", "false", "no"):
+        return
+    import jax  # noqa: PLC0415 - after XLA_FLAGS is set
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    if not cache:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        cache = os.path.join(base, "gradience_jax", "xla")
+    try:
+        os.makedirs(cache, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+def _console(stderr: bool = False) -> Any:
+    """A rich console, wide (160 columns) when not writing to a terminal.
+
+    Tables in logs and pipes are then not squeezed.
+    """
+    from rich.console import Console  # noqa: PLC0415 - output only, --help stays fast
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if getattr(stream, "isatty", lambda: False)() else 160
+    return Console(file=stream, width=width, soft_wrap=False)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
+class _Stages:
+    """A rich progress bar over named stages (on stderr, so ``--json`` stdout stays clean)."""
+
+    def __init__(self, stages: Sequence[tuple[str, str]], enabled: bool):
+        from rich.progress import (  # noqa: PLC0415 - output only, --help stays fast
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.keys = [k for k, _ in stages]
+        self.seen: set[str] = set()
+        self.progress = Progress(TextColumn("{task.description:<46}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                                 console=_console(stderr=True), transient=True,
+                                 disable=not enabled)
+        self.task = self.progress.add_task("starting", total=len(self.keys))
+
+    def __enter__(self) -> _Stages:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if exc[0] is None:
+            self.progress.update(self.task, completed=len(self.keys), description="done")
+        self.progress.stop()
+
+    def __call__(self, key: str, description: str) -> None:
+        if key not in self.seen:
+            self.seen.add(key)
+            done = len(self.seen) - 1
+            self.progress.update(self.task, completed=done, description=description)
+
+
+def _summary_table(rows: Sequence[tuple[str, str]], title: str) -> Any:
+    from rich.table import Table  # noqa: PLC0415 - output only, --help stays fast
+
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("quantity")
+    table.add_column("value", overflow="fold")
+    for a, b in rows:
+        table.add_row(a, b)
+    return table
+
+
+# =========================================================================================
+# commands
+# =========================================================================================
+
+
+def _analysis_config(args: argparse.Namespace) -> Any:
+    from gradience_jax.app.report import AnalysisConfig  # noqa: PLC0415
+    from gradience_jax.environment import fast_mode  # noqa: PLC0415
+
+    kw: dict[str, Any] = {"model": args.model, "checkpoint": args.checkpoint,
+                          "weights_only": args.weights_only, "figures": not args.no_figures}
+    if args.operator:
+        kw["operators"] = tuple(dict.fromkeys(args.operator))
+    for name in ("k", "iters", "reorth", "seed", "train_steps"):
+        value = getattr(args, name)
+        if value is not None:
+            kw[name] = value
+    cfg = AnalysisConfig(**kw)
+    if args.fast or fast_mode():  # explicit flags win over the quick defaults
+        explicit = {k: v for k, v in kw.items() if k in ("k", "iters", "train_steps")}
+        cfg = dataclasses.replace(cfg.quick(), **explicit)
+    return cfg
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """``analyze``: the main job (:func:`gradience_jax.app.report.analyze`).
+
+    A progress bar while it runs, then a summary table (or the report as JSON with
+    ``--json``).
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The exit code (0).
+
+    Raises:
+        CheckpointError: a bad ``--checkpoint`` (before any slow work).
+        OSError: ``--out`` or ``--save-checkpoint``'s folder is not writable.
+    """
+    from gradience_jax.app import checkpoints as ck  # noqa: PLC0415
+    from gradience_jax.app import markdown as md  # noqa: PLC0415
+    from gradience_jax.app import report as rp  # noqa: PLC0415
+
+    cfg = _analysis_config(args)
+    if cfg.checkpoint is not None:  # fail before any slow work
+        ck.restore_model(ck.load_checkpoint(cfg.checkpoint), cfg.model)
+    rp.check_writable(args.out)
+    if args.save_checkpoint:
+        rp.check_writable(Path(args.save_checkpoint).expanduser().resolve().parent)
+    with _Stages(rp.plan(cfg), enabled=not args.json) as stages:
+        result = rp.analyze(cfg, out=args.out, progress=stages, save_params_to=args.save_checkpoint)
+    if args.json:
+        _print_json(result)
+        return 0
+    con = _console()
+    con.print(_summary_table(md.summary_rows(result), "gradience-jax analyze"))
+    failed = [c["name"] for c in result.get("checks") or [] if not c["passed"]]
+    if failed:
+        con.print(f"[yellow]checks not passed:[/] {', '.join(failed)}")
+    con.print(f"report written to {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    """``weights PATH``: weight spectra of a checkpoint (a table, or JSON with ``--json``).
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The exit code (0).
+
+    Raises:
+        CheckpointError: a missing / unreadable checkpoint.
+        CLIError: the checkpoint holds no weight matrix.
+    """
+    from gradience_jax.app import checkpoints as ck  # noqa: PLC0415
+    from gradience_jax.app import report as rp  # noqa: PLC0415
+
+    pure = ck.load_checkpoint(args.path)
+    data, rep = rp.write_weights_report(pure, args.out)
+    if not len(rep):
+        raise CLIError(f"no weight matrices in {args.path} ({len(rep.skipped)} leaves skipped)")
+    if args.json:
+        _print_json({"path": str(args.path), **data})
+    else:
+        _console().print(rep.to_table())
+    return 0
+
+
+def summarise(obj: Any, max_items: int = 256, depth: int = 0) -> Any:
+    """A JSON-safe summary of a result (what ``protocol`` writes and prints).
+
+    NamedTuples / dataclasses / mappings become dicts, arrays with more than ``max_items``
+    entries become ``{shape, min, max, mean, last}`` (finite values), flax objects a
+    one-line description; non-finite floats become ``None``.
+
+    Args:
+        obj: any result.
+        max_items: arrays up to this size are kept whole.
+        depth: recursion depth (deeper than 12 levels: the type name).
+
+    Returns:
+        Data that ``json.dumps(..., allow_nan=False)`` accepts.
+    """
+    import numpy as np  # noqa: PLC0415 - only the protocol command summarises
+
+    from gradience_jax._json import jsonable  # noqa: PLC0415 - as numpy
+
+    if depth > 12:
+        return str(type(obj).__name__)
+    if hasattr(obj, "_asdict"):
+        return {k: summarise(v, max_items, depth + 1) for k, v in obj._asdict().items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: summarise(getattr(obj, f.name), max_items, depth + 1)
+                for f in dataclasses.fields(obj) if not f.name.startswith("_")}
+    if isinstance(obj, dict):
+        return {str(k): summarise(v, max_items, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [summarise(v, max_items, depth + 1) for v in obj]
+    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+        arr = np.asarray(obj)
+        if arr.size <= max_items or not np.issubdtype(arr.dtype, np.number):
+            return jsonable(arr) if arr.size <= max_items else f"array{arr.shape}"
+        finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
+        stats = {"shape": list(arr.shape)}
+        if finite.size:
+            stats.update(min=finite.min(), max=finite.max(), mean=finite.mean(),
+                         last=arr.reshape(-1)[-1])
+        return jsonable(stats)
+    if type(obj).__module__.startswith("flax"):
+        return f"<{type(obj).__name__}>"
+    return jsonable(obj)
+
+
+def _protocol_config(name: str, fast: bool, seed: int | None) -> Any:
+    """The settings ``protocol NAME`` runs with.
+
+    None (the protocol's default, full or fast) without ``--seed``, else those defaults
+    with the seed replaced.
+    """
+    if seed is None:
+        return None
+    from gradience_jax.app.protocols import PROTOCOLS  # noqa: PLC0415
+
+    entry = PROTOCOLS[name]
+    base = entry.fast_config if fast else entry.config()
+    return base._replace(seed=seed)
+
+
+def cmd_protocol(args: argparse.Namespace) -> int:
+    """``protocol {A,B,C,D}``: one research protocol; logs, figures and a JSON summary.
+
+    The protocol (:data:`gradience_jax.app.protocols.PROTOCOLS`) runs with its full (or,
+    with ``--fast``, small) settings, ``--seed`` replacing their seed; logs go to
+    ``OUT/logs``, figures to ``OUT/figures``, the summary to ``OUT/protocol_<name>.json``.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The exit code (0).
+
+    Raises:
+        OSError: ``--out`` is not writable.
+    """
+    from gradience_jax.app.protocols import run_protocol  # noqa: PLC0415
+    from gradience_jax.app.report import check_writable  # noqa: PLC0415
+    from gradience_jax.environment import fast_mode  # noqa: PLC0415
+
+    fast = args.fast or fast_mode()
+    out = check_writable(args.out or f"protocol_{args.name}")
+    config = _protocol_config(args.name, fast, args.seed)
+    label = f"protocol {args.name}{' (fast)' if fast else ''}"
+    t0 = time.perf_counter()
+    with _Stages([("run", label)], enabled=not args.json) as stages:
+        stages("run", label)
+        result = run_protocol(args.name, config, fast=fast, log_dir=str(out / "logs"),
+                              figure_dir=str(out / "figures"))
+    data = {"protocol": args.name, "fast": fast, "seed": args.seed,
+            "wall_time_s": time.perf_counter() - t0, "out": str(out), "result": summarise(result)}
+    (out / f"protocol_{args.name}.json").write_text(json.dumps(data, indent=1, allow_nan=False))
+    if args.json:
+        _print_json(data)
+    else:
+        _console().print(f"{label} done in {data['wall_time_s']:.1f} s: logs and figures in "
+                         f"{out}, summary in {out / f'protocol_{args.name}.json'}")
+    return 0
+
+
+def _source_root() -> Path:
+    import gradience_jax  # noqa: PLC0415 - the package imports jax
+
+    return Path(gradience_jax.__file__).resolve().parents[1]
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    """``figures``: regenerate the four seed figures (default into docs/figures/).
+
+    Each figure of :data:`gradience_jax.app.seed_figures.SEED_FIGURES` runs its experiment
+    (quick settings with ``--fast``) and is drawn from the result.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The exit code (0).
+
+    Raises:
+        OSError: the folder is not writable.
+    """
+    from gradience_jax.app.report import check_writable  # noqa: PLC0415
+    from gradience_jax.app.seed_figures import draw_seed_figure  # noqa: PLC0415
+    from gradience_jax.environment import fast_mode  # noqa: PLC0415
+
+    fast = args.fast or fast_mode()
+    out = check_writable(args.out or _source_root() / "docs" / "figures")
+    names = list(dict.fromkeys(args.only or FIGURES))
+    times: dict[str, float] = {}
+    with _Stages([(n, n) for n in names], enabled=not args.json) as stages:
+        for name in names:
+            stages(name, name.replace("_", " "))
+            t0 = time.perf_counter()
+            draw_seed_figure(name, out / f"{name}.png", fast=fast)
+            times[name] = time.perf_counter() - t0
+    files = [f"{n}.png" for n in names]
+    data = {"out": str(out), "fast": fast, "files": files, "wall_times": times}
+    if args.json:
+        _print_json(data)
+    else:
+        _console().print(f"{len(files)} figures in {out} ({sum(times.values()):.1f} s): "
+                         + ", ".join(files))
+    return 0
+
+
+def _bench_commands(only: Sequence[str] | None, full: bool) -> list[tuple[str, list[str], Path]]:
+    """``(name, command, cwd)`` of the benchmark run.
+
+    ``benchmarks/run_all.py [--quick] [--only a,b]`` when the suite runner exists, else
+    every ``benchmarks/*.py`` script.
+    """
+    root = _source_root() / "benchmarks"
+    if not root.is_dir():
+        raise CLIError(f"benchmarks/ not found next to the package ({root}); "
+                       "run from a source checkout")
+    scripts = {p.stem: p for p in sorted(root.glob("*.py"))
+               if not p.stem.startswith("_") and p.stem != "run_all"}
+    if not scripts:
+        raise CLIError(f"no benchmark scripts in {root}")
+    unknown = [n for n in only or () if n not in scripts]
+    if unknown:
+        raise UsageError(f"{PROG} bench: unknown benchmark(s) {', '.join(unknown)}; "
+                         f"available: {', '.join(scripts)}")
+    quick = [] if full else ["--quick"]
+    runner = root / "run_all.py"
+    if runner.exists():
+        extra = ["--only", ",".join(dict.fromkeys(only))] if only else []
+        return [("run_all", [sys.executable, str(runner), *quick, *extra], root.parent)]
+    names = list(dict.fromkeys(only)) if only else list(scripts)
+    return [(n, [sys.executable, str(scripts[n]), *quick], root.parent) for n in names]
+
+
+def _run(name: str, cmd: list[str], cwd: Path, capture: bool) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, text=True, stdout=subprocess.PIPE if capture else None,
+                          stderr=subprocess.PIPE if capture else None)
+    shown = " ".join(Path(c).name if i < 2 else c for i, c in enumerate(cmd))
+    out = {"name": name, "command": shown, "returncode": proc.returncode,
+           "wall_time_s": time.perf_counter() - t0}
+    if capture:
+        out["stdout"] = proc.stdout[-20000:]
+        if proc.returncode:
+            out["stderr"] = proc.stderr[-4000:]
+    return out
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``bench``: the benchmark suite in quick mode (``benchmarks/run_all.py --quick``).
+
+    Each suite prints its tables and writes JSON to ``benchmarks/results/``.
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The exit code (0).
+
+    Raises:
+        CLIError: no benchmarks found, or a benchmark failed.
+        UsageError: an unknown ``--only`` name.
+    """
+    runs = []
+    for name, cmd, cwd in _bench_commands(args.only, args.full):
+        if not args.json:
+            _console(stderr=True).rule(f"benchmarks: {' '.join(Path(c).name for c in cmd[1:])}")
+        runs.append(_run(name, cmd, cwd, capture=args.json))
+    failed = [r["name"] for r in runs if r["returncode"] != 0]
+    if args.json:
+        _print_json({"quick": not args.full, "runs": runs, "failed": failed})
+    if failed:
+        raise CLIError(f"benchmark(s) failed: {', '.join(failed)}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "analyze": cmd_analyze,
+    "weights": cmd_weights,
+    "protocol": cmd_protocol,
+    "figures": cmd_figures,
+    "bench": cmd_bench,
+}
+
+
+# =========================================================================================
+# entry point
+# =========================================================================================
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (CLIError, OSError, ValueError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _fail(message: str, code: int, as_json: bool) -> int:
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    if as_json:
+        _print_json({"ok": False, "exit_code": code, "error": message})
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``gradience-jax``.
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 ok, 1 failure (one line on stderr), 2 bad usage, 130 interrupted.
+        Nothing is raised: every failure becomes a one-line message (the traceback too
+        with ``--debug``).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    as_json = "--json" in argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        return _fail(str(exc), 2, as_json)
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    try:
+        _configure_jax()
+        return COMMANDS[args.command](args)
+    except UsageError as exc:
+        return _fail(str(exc), 2, as_json)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130, as_json)
+    except Exception as exc:  # noqa: BLE001 - the CLI turns every failure into one line
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug or isinstance(exc, (CLIError, OSError, ValueError)) else \
+            " (run with --debug for the traceback)"
+        return _fail(_one_line(exc) + hint, 1, as_json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

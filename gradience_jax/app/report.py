@@ -1,0 +1,411 @@
+"""The analysis job behind ``gradience-jax analyze``: measure a model, write a report folder.
+
+:func:`analyze` trains a small model on generated data (or loads a checkpoint), then measures
+
+* the top-``k`` eigenvalues of the Hessian and the GGN (or the operators asked for:
+  ``hessian``, ``ggn``, ``ef``, ``kfac``) with every diagnostic of
+  :class:`~gradience_jax.spectrum.SpectrumResult`,
+* their traces (Hutchinson) and the Hessian's spectral density (stochastic Lanczos
+  quadrature),
+* the spectra of the weight matrices (:func:`~gradience_jax.weights.weight_spectra`),
+* a 2-D loss-landscape slice along filter-normalised random directions,
+
+runs consistency checks between them (Hutchinson vs SLQ trace, top-k sum vs trace, PSD-ness
+of the GGN, ...) and writes ``report.json`` (every number with its diagnostics, versions,
+seed, wall times), PNG figures, ``report.md`` embedding them and ``params.msgpack`` (the
+analysed parameters) into the output folder.
+
+Supported names: :class:`AnalysisConfig`, :func:`analyze`, :func:`plan`, :func:`train`,
+:func:`check_writable`, :func:`versions`, :func:`write_weights_report`, :data:`SCHEMA`,
+:data:`OPERATORS`, :data:`REORTH`, :data:`VERSION_PACKAGES`. The measurements are in
+:mod:`gradience_jax.app.measurements`, the text in :mod:`gradience_jax.app.markdown`, the
+figures in :mod:`gradience_jax.app.report_figures`, checkpoints and built-in models in
+:mod:`gradience_jax.app.checkpoints` / :mod:`gradience_jax.app.families`.
+
+Example::
+
+    from gradience_jax.app.report import AnalysisConfig, analyze
+    report = analyze(AnalysisConfig(seed=0), out="gradience_report")
+    report["curvature"]["hessian"]["top_k"]["eigenvalues"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from gradience_jax import environment
+from gradience_jax._json import jsonable
+from gradience_jax.app import measurements as ms
+from gradience_jax.app.checkpoints import (
+    Restored,
+    init_model,
+    load_checkpoint,
+    restore_model,
+    save_checkpoint,
+)
+from gradience_jax.app.families import MODELS, dataset, split
+from gradience_jax.app.markdown import markdown
+
+PyTree = Any
+Progress = Callable[[str, str], None]
+
+SCHEMA = "gradience_jax.report/1"
+"""The ``schema`` entry of ``report.json``."""
+OPERATORS = ("hessian", "ggn", "ef", "kfac")
+"""The curvature operators :func:`analyze` can measure."""
+REORTH = ("full", "window", "none")
+"""Lanczos reorthogonalisation modes."""
+VERSION_PACKAGES = ("gradience-jax", "jax", "jaxlib", "flax", "optax", "numpy",
+                    "orbax-checkpoint", "matplotlib")
+"""Packages whose versions ``report.json`` records."""
+
+__all__ = [
+    "AnalysisConfig",
+    "OPERATORS",
+    "REORTH",
+    "SCHEMA",
+    "VERSION_PACKAGES",
+    "analyze",
+    "check_writable",
+    "plan",
+    "train",
+    "versions",
+    "write_weights_report",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisConfig:
+    """Settings of :func:`analyze` (defaults: the full job, about a minute on a laptop CPU).
+
+    Attributes:
+        model: ``"mlp"``, ``"cnn"`` or ``"transformer"`` (``None`` with a checkpoint: infer).
+        checkpoint: path of a flax msgpack file or orbax directory; ``None``: train.
+        operators: curvature operators measured (``hessian``, ``ggn``, ``ef``, ``kfac``).
+        k: eigenvalues per operator; iters: Lanczos iteration cap; reorth: ``full`` /
+            ``window`` / ``none``; tol: relative residual tolerance.
+        seed: one integer for data, initialisation, training and every probe.
+        train_steps: full-batch Adam steps (learning rate ``learning_rate``).
+        trace_samples: Hutchinson probes per operator.
+        density_probes, density_iters: stochastic Lanczos quadrature settings.
+        grid: points per axis of the 2-D landscape slice; span: its half-width.
+        weights_only: skip everything that needs data (weight spectra only).
+        figures: draw the PNG figures.
+        fast: the quick settings were applied (recorded in the report).
+
+    Raises:
+        ValueError: (on construction) an unknown model / operator / reorth mode, or a
+            non-positive count.
+    """
+
+    model: str | None = None
+    checkpoint: str | None = None
+    operators: tuple[str, ...] = ("hessian", "ggn")
+    k: int = 10
+    iters: int = 60
+    reorth: str = "full"
+    tol: float = 1e-6
+    seed: int = 0
+    train_steps: int = 200
+    learning_rate: float = 3e-3
+    trace_samples: int = 64
+    density_probes: int = 4
+    density_iters: int = 48
+    grid: int = 25
+    span: float = 1.0
+    weights_only: bool = False
+    figures: bool = True
+    fast: bool = False
+
+    def __post_init__(self):
+        if self.model is not None and self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        bad = [o for o in self.operators if o not in OPERATORS]
+        if bad or not self.operators:
+            raise ValueError(f"operators must be a non-empty subset of {OPERATORS}, "
+                             f"got {list(self.operators)}")
+        if self.reorth not in REORTH:
+            raise ValueError(f"reorth must be one of {REORTH}, got {self.reorth!r}")
+        for name in ("k", "iters", "trace_samples", "density_probes", "density_iters", "grid"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.grid < 3:
+            raise ValueError(f"grid must be >= 3, got {self.grid}")
+        if self.train_steps < 0:
+            raise ValueError(f"train_steps must be >= 0, got {self.train_steps}")
+        if not self.tol > 0:
+            raise ValueError(f"tol must be > 0, got {self.tol!r}")
+
+    def quick(self) -> AnalysisConfig:
+        """The same job with the quick settings (tests, CI): fewer steps, probes, points."""
+        return dataclasses.replace(
+            self, k=min(self.k, 5), iters=min(self.iters, 30),
+            train_steps=min(self.train_steps, 60),
+            trace_samples=min(self.trace_samples, 8), density_probes=min(self.density_probes, 2),
+            density_iters=min(self.density_iters, 20), grid=min(self.grid, 9), fast=True,
+        )
+
+
+def plan(cfg: AnalysisConfig) -> list[tuple[str, str]]:
+    """``(stage key, description)`` of every stage :func:`analyze` will run, in order."""
+    stages = [("setup", "building model and data")]
+    if cfg.checkpoint is None:
+        stages.append(("train", f"training {cfg.train_steps} steps"))
+    if not cfg.weights_only:
+        for op in cfg.operators:
+            stages.append((f"top_k:{op}", f"{op}: top-{cfg.k} eigenvalues (Lanczos)"))
+            stages.append((f"trace:{op}", f"{op}: trace (Hutchinson, {cfg.trace_samples} probes)"))
+        stages.append(("density", "spectral density (SLQ)"))
+        stages.append(("landscape", f"2-D landscape slice ({cfg.grid}x{cfg.grid})"))
+    stages.append(("weights", "weight spectra"))
+    if cfg.figures:
+        stages.append(("figures", "figures"))
+    stages.append(("write", "writing report"))
+    return stages
+
+
+def versions() -> dict[str, str]:
+    """The versions ``report.json`` records.
+
+    Returns:
+        :func:`gradience_jax.environment.versions` of :data:`VERSION_PACKAGES` with
+        ``device=True``: ``python``, ``platform``, each package (``gradience-jax``,
+        ``jax``, ...), ``device`` and ``x64``.
+    """
+    return environment.versions(VERSION_PACKAGES, device=True)
+
+
+def check_writable(out: str | os.PathLike) -> Path:
+    """Create ``out`` (a directory) and verify a file can be written in it.
+
+    Args:
+        out: the folder.
+
+    Returns:
+        Its path (user-expanded).
+
+    Raises:
+        OSError: with a one-line reason when the folder cannot be created or written.
+    """
+    path = Path(out).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".gradience_write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OSError(f"cannot write to output folder {path}: {reason}") from None
+    return path
+
+
+def train(adapted: Any, batch: dict, steps: int, learning_rate: float) -> tuple[PyTree, np.ndarray]:
+    """Full-batch Adam for ``steps`` steps in one compiled ``lax.scan``.
+
+    :func:`gradience_jax.experiments.training.train_scan` with ``optax.adam``.
+
+    Args:
+        adapted: the model (``loss_fn``, ``params``).
+        batch: the training batch.
+        steps: optimiser steps (0: no training).
+        learning_rate: Adam's learning rate.
+
+    Returns:
+        ``(trained params, (steps,) float64 loss before each step)``.
+    """
+    import optax  # noqa: PLC0415
+
+    from gradience_jax.experiments.training import train_scan  # noqa: PLC0415
+
+    if int(steps) == 0:
+        return adapted.params, np.zeros(0, np.float64)
+    res = train_scan(adapted.loss_fn, adapted.params, batch,
+                     optimizer=optax.adam(float(learning_rate)), num_steps=int(steps),
+                     key=jax.random.key(0))
+    return res.params, np.asarray(res.step_loss, np.float64)
+
+
+class _Run:
+    """Bookkeeping of one job: stage timing, captured warnings, progress callbacks."""
+
+    def __init__(self, progress: Progress | None):
+        self.progress = progress
+        self.wall: dict[str, float] = {}
+        self.warnings: dict[str, list[str]] = {}
+
+    def stage(self, key: str, description: str, fn: Callable[[], Any]) -> Any:
+        if self.progress is not None:
+            self.progress(key, description)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = fn()
+        self.wall[key] = time.perf_counter() - t0
+        msgs = list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
+        if msgs:
+            self.warnings[key] = msgs
+        return value
+
+
+def _setup(cfg: AnalysisConfig) -> tuple[Restored, str]:
+    if cfg.checkpoint is not None:
+        restored = restore_model(load_checkpoint(cfg.checkpoint), cfg.model)
+        return restored, f"checkpoint {cfg.checkpoint}"
+    return init_model(cfg.model or "mlp", seed=cfg.seed), "trained here"
+
+
+def _curvature(run: _Run, name: str, adapted: Any, params: PyTree, batch: dict,
+               cfg: AnalysisConfig) -> tuple[dict[str, Any], Any]:
+    def top_k() -> tuple[Any, Any]:
+        op = ms.build_operator(name, adapted, params, batch)
+        return op, ms.top_k(op, cfg)
+
+    op, res = run.stage(f"top_k:{name}", f"{name}: top-{cfg.k} eigenvalues (Lanczos)", top_k)
+    tr = run.stage(f"trace:{name}", f"{name}: trace (Hutchinson, {cfg.trace_samples} probes)",
+                   lambda: ms.trace(op, cfg))
+    entry = {"top_k": res.to_dict(), "trace": tr,
+             "warnings": (run.warnings.get(f"top_k:{name}", [])
+                          + run.warnings.get(f"trace:{name}", [])),
+             "wall_time_s": run.wall[f"top_k:{name}"] + run.wall[f"trace:{name}"]}
+    coverage = getattr(op, "coverage", None)
+    if coverage is not None:
+        entry["coverage"] = jsonable(getattr(coverage, "to_dict", lambda: str(coverage))())
+    return entry, op
+
+
+def analyze(cfg: AnalysisConfig | None = None, out: str | os.PathLike | None = "gradience_report",
+            progress: Progress | None = None, save_params_to: str | os.PathLike | None = None
+            ) -> dict[str, Any]:
+    """Run the analysis job and write the report folder.
+
+    Args:
+        cfg: :class:`AnalysisConfig` (default: ``AnalysisConfig()``, quick settings when
+            ``GRADIENCE_FAST=1``).
+        out: output folder (created); ``None``: return the report without writing files.
+        progress: ``progress(stage_key, description)`` called as each stage starts.
+        save_params_to: also save the analysed parameters there (msgpack file or orbax dir).
+
+    Returns:
+        The report dict (JSON-safe; the same content as ``report.json``).
+
+    Raises:
+        CheckpointError: missing / corrupt / mismatched checkpoint.
+        OSError: ``out`` cannot be written.
+        ValueError: bad settings.
+    """
+    cfg = AnalysisConfig() if cfg is None else cfg
+    if environment.fast_mode() and not cfg.fast:
+        cfg = cfg.quick()
+    t_start = time.perf_counter()
+    out_path = check_writable(out) if out is not None else None
+    run = _Run(progress)
+    restored, source = run.stage("setup", "building model and data", lambda: _setup(cfg))
+    adapted = restored.adapted
+    key = jax.random.key(cfg.seed)
+    data_all, data_desc = dataset(restored.model, restored.spec, jax.random.fold_in(key, 0))
+    train_batch, test_batch = split(data_all)
+    params, curve = adapted.params, None
+    if cfg.checkpoint is None:
+        params, curve = run.stage("train", f"training {cfg.train_steps} steps",
+                                  lambda: train(adapted, train_batch, cfg.train_steps,
+                                                cfg.learning_rate))
+    results: dict[str, Any] = {"curvature": {}, "density": None, "landscape": None}
+    ops = {}
+    if not cfg.weights_only:
+        for name in cfg.operators:
+            results["curvature"][name], ops[name] = _curvature(run, name, adapted, params,
+                                                               train_batch, cfg)
+        dens_op = "hessian" if "hessian" in ops else cfg.operators[0]
+        results["density"] = run.stage("density", "spectral density (SLQ)",
+                                       lambda: ms.density(ops[dens_op], cfg))
+        results["density"]["operator"] = dens_op
+        results["landscape"] = run.stage(
+            "landscape", f"2-D landscape slice ({cfg.grid}x{cfg.grid})",
+            lambda: ms.landscape_slice(adapted, params, train_batch, cfg))
+    weights_dict, rep = run.stage("weights", "weight spectra", lambda: ms.weights(params))
+    from gradience_jax.tree import size  # noqa: PLC0415
+
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "seed": cfg.seed,
+        "config": jsonable(dataclasses.asdict(cfg)),
+        "model": {"name": restored.model, "spec": restored.spec, "n_params": size(params),
+                  "source": source},
+        "data": None if cfg.weights_only else {
+            "description": data_desc, "train_examples": len(train_batch["labels"]),
+            "test_examples": len(test_batch["labels"]),
+            "shapes": {k: list(v.shape) for k, v in train_batch.items()}},
+        "training": None if curve is None else {
+            "steps": cfg.train_steps, "optimizer": f"adam({cfg.learning_rate:g}), full batch",
+            "loss_initial": curve[0] if len(curve) else None,
+            "loss_final": curve[-1] if len(curve) else None, "loss_curve": curve},
+        "loss": None if cfg.weights_only else ms.losses(adapted, params, train_batch, test_batch),
+        "curvature": results["curvature"] or None,
+        "density": results["density"],
+        "weights": weights_dict,
+        "landscape": results["landscape"],
+        "checks": [] if cfg.weights_only else ms.consistency_checks(results["curvature"],
+                                                                    results["density"]),
+        "warnings": run.warnings,
+        "figures": {},
+        "files": {},
+        "wall_times": {},
+    }
+    report = jsonable(report)
+    if out_path is not None and cfg.figures:
+        from gradience_jax.app.report_figures import draw_report_figures  # noqa: PLC0415
+
+        report["figures"] = run.stage("figures", "figures",
+                                      lambda: draw_report_figures(out_path, report, rep, curve))
+    if save_params_to is not None:
+        save_checkpoint(params, save_params_to)
+    if out_path is not None:
+        run.stage("write", "writing report", lambda: _write(out_path, report, params, run, t_start))
+    else:
+        report["wall_times"] = {**run.wall, "total": time.perf_counter() - t_start}
+    return report
+
+
+def _write(out: Path, report: dict, params: PyTree, run: _Run, t_start: float) -> None:
+    save_checkpoint(params, out / "params.msgpack")
+    report["files"] = {"json": "report.json", "markdown": "report.md", "params": "params.msgpack",
+                       "figures": sorted(report["figures"].values())}
+    report["wall_times"] = jsonable({**run.wall, "total": time.perf_counter() - t_start})
+    report["warnings"] = jsonable(run.warnings)
+    (out / "report.md").write_text(markdown(report))
+    (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
+
+
+def write_weights_report(pure: Mapping, out: str | os.PathLike | None = None) -> tuple[dict, Any]:
+    """Weight spectra of any parameter tree; writes ``weights.json`` / ``weights.md`` to ``out``.
+
+    Args:
+        pure: a parameter dict (e.g. from :func:`gradience_jax.app.checkpoints.load_checkpoint`).
+        out: folder to write to (created), or None.
+
+    Returns:
+        ``(JSON-safe dict, WeightSpectraReport)``.
+
+    Raises:
+        OSError: ``out`` cannot be written.
+    """
+    data, rep = ms.weights(pure)
+    data = jsonable(data)
+    if out is not None:
+        path = check_writable(out)
+        (path / "weights.json").write_text(json.dumps(data, indent=1, allow_nan=False))
+        (path / "weights.md").write_text("```\n" + rep.to_text() + "\n```\n")
+    return data, rep
