@@ -8,7 +8,7 @@ Modules:
 * :mod:`~gradience_jax.app.report`: the ``analyze`` job (``AnalysisConfig``, ``analyze``),
   with :mod:`~gradience_jax.app.measurements` (what it measures and the consistency
   checks), :mod:`~gradience_jax.app.markdown` (``report.md`` and the summary rows) and
-  :mod:`~gradience_jax.app.report_figures` (its PNG figures).
+  :mod:`~gradience_jax.plots.report` (its PNG figures).
 * :mod:`~gradience_jax.app.checkpoints`: msgpack / orbax parameter files, and built-in
   models restored from them; :mod:`~gradience_jax.app.families`: those built-in model
   families and their generated data.

@@ -19,7 +19,7 @@ Supported names: :class:`AnalysisConfig`, :func:`analyze`, :func:`plan`, :func:`
 :func:`check_writable`, :func:`versions`, :func:`write_weights_report`, :data:`SCHEMA`,
 :data:`OPERATORS`, :data:`REORTH`, :data:`VERSION_PACKAGES`. The measurements are in
 :mod:`gradience_jax.app.measurements`, the text in :mod:`gradience_jax.app.markdown`, the
-figures in :mod:`gradience_jax.app.report_figures`, checkpoints and built-in models in
+figures in :mod:`gradience_jax.plots.report`, checkpoints and built-in models in
 :mod:`gradience_jax.app.checkpoints` / :mod:`gradience_jax.app.families`.
 
 Example::
@@ -366,7 +366,7 @@ def analyze(cfg: AnalysisConfig | None = None, out: str | os.PathLike | None = "
     }
     report = jsonable(report)
     if out_path is not None and cfg.figures:
-        from gradience_jax.app.report_figures import draw_report_figures  # noqa: PLC0415
+        from gradience_jax.plots.report import draw_report_figures  # noqa: PLC0415
 
         report["figures"] = run.stage("figures", "figures",
                                       lambda: draw_report_figures(out_path, report, rep, curve))
