@@ -3,49 +3,43 @@
 The public API is re-exported here; everything else is internal.
 """
 
-from gradience_jax import attention
-from gradience_jax import data
-from gradience_jax import geometry
-from gradience_jax import landscape
-from gradience_jax import models
-from gradience_jax import probes
-from gradience_jax import telemetry
-from gradience_jax import tree
-from gradience_jax import weights
-from gradience_jax.estimators import SpectralDensity
-from gradience_jax.estimators import TraceEstimate
-from gradience_jax.estimators import diagonal
-from gradience_jax.estimators import hutchinson_trace
-from gradience_jax.estimators import hutchpp_trace
-from gradience_jax.estimators import spectral_density
-from gradience_jax.estimators import trace_of_square
-from gradience_jax.lanczos import LanczosState
-from gradience_jax.lanczos import lanczos
+from gradience_jax import (
+    attention,
+    data,
+    geometry,
+    landscape,
+    models,
+    probes,
+    telemetry,
+    tree,
+    weights,
+)
+from gradience_jax.estimators import (
+    SpectralDensity,
+    TraceEstimate,
+    diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    spectral_density,
+    trace_of_square,
+)
+from gradience_jax.lanczos import LanczosState, lanczos
 from gradience_jax.operators import heads
-from gradience_jax.operators.base import LinearOperator
-from gradience_jax.operators.base import damped
-from gradience_jax.operators.base import from_dense
-from gradience_jax.operators.base import from_matvec
+from gradience_jax.operators.base import LinearOperator, damped, from_dense, from_matvec
 from gradience_jax.operators.data import dataset_operator
-from gradience_jax.operators.fisher import empirical_fisher
-from gradience_jax.operators.fisher import mc_fisher
-from gradience_jax.operators.fisher import per_example_grads
-from gradience_jax.operators.ggn import SplitModel
-from gradience_jax.operators.ggn import ggn
+from gradience_jax.operators.fisher import empirical_fisher, mc_fisher, per_example_grads
+from gradience_jax.operators.ggn import SplitModel, ggn
 from gradience_jax.operators.hessian import hessian
-from gradience_jax.operators.kfac import KFACOperator
-from gradience_jax.operators.kfac import kfac
-from gradience_jax.operators.kfac import kfac_inverse
+from gradience_jax.operators.kfac import KFACOperator, kfac, kfac_inverse
 from gradience_jax.operators.select import params_filter
-from gradience_jax.spectrum import LanczosConfig
-from gradience_jax.spectrum import SpectrumResult
-from gradience_jax.spectrum import compute_spectrum
-from gradience_jax.spectrum import eigsh
-from gradience_jax.spectrum import eigsh_fast
-from gradience_jax.weights import LayerSpectrum
-from gradience_jax.weights import WeightSpectraReport
-from gradience_jax.weights import layer_spectrum
-from gradience_jax.weights import weight_spectra
+from gradience_jax.spectrum import (
+    LanczosConfig,
+    SpectrumResult,
+    compute_spectrum,
+    eigsh,
+    eigsh_fast,
+)
+from gradience_jax.weights import LayerSpectrum, WeightSpectraReport, layer_spectrum, weight_spectra
 
 __version__ = "0.1.0"
 

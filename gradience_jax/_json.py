@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -11,7 +12,8 @@ import numpy as np
 
 def jsonable(v: Any) -> Any:
     """JSON-safe copy: numpy / jax scalars and arrays to Python (nested lists), mappings to
-    dicts with string keys, non-finite floats to ``None``, unknown objects to ``str``."""
+    dicts with string keys, non-finite floats to ``None``, unknown objects to ``str``.
+    """
     if v is None or isinstance(v, (str, bool)):
         return v
     if isinstance(v, np.bool_):

@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,10 +89,10 @@ class AttentionParams(NamedTuple):
     wk: jax.Array
     wv: jax.Array
     wo: jax.Array
-    bq: Optional[jax.Array] = None
-    bk: Optional[jax.Array] = None
-    bv: Optional[jax.Array] = None
-    bo: Optional[jax.Array] = None
+    bq: jax.Array | None = None
+    bk: jax.Array | None = None
+    bv: jax.Array | None = None
+    bo: jax.Array | None = None
 
     @property
     def num_heads(self) -> int:
@@ -106,7 +107,7 @@ def _flat_params(tree: PyTree) -> dict[str, Any]:
     return {tu.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def attention_params(source: Any, layer: Optional[str] = None) -> AttentionParams:
+def attention_params(source: Any, layer: str | None = None) -> AttentionParams:
     """Extract the Q / K / V / O weights of one attention block.
 
     Args:
@@ -190,10 +191,11 @@ def _svd_core(p: AttentionParams) -> dict:
     return out
 
 
-def attention_svd(source: Any, layer: Optional[str] = None) -> AttentionSVD:
+def attention_svd(source: Any, layer: str | None = None) -> AttentionSVD:
     """Per-head SVD metrics of ``W_Q``, ``W_K``, ``W_V``, ``W_O``, ``W_Q W_K^T`` and
     ``W_V W_O`` (see :class:`AttentionSVD`); ``source`` / ``layer`` as in
-    :func:`attention_params`."""
+    :func:`attention_params`.
+    """
     p = attention_params(source, layer)
     svs = {k: np.asarray(v, np.float64) for k, v in _svd_core(p._replace(
         bq=None, bk=None, bv=None, bo=None)).items()}
@@ -291,7 +293,8 @@ def _pearson(x: jax.Array, y: jax.Array) -> jax.Array:
 
 def query_correlation(query: Any) -> jax.Array:
     """Pearson correlation of the ``H * Dh`` query features over all tokens,
-    ``(H*Dh, H*Dh)`` (head-major order); constant features get 0."""
+    ``(H*Dh, H*Dh)`` (head-major order); constant features get 0.
+    """
     q = jnp.asarray(query)
     if q.ndim < 3:
         raise ValueError(f"query must have shape (..., T, H, Dh), got {q.shape}")
@@ -301,7 +304,8 @@ def query_correlation(query: Any) -> jax.Array:
 
 def query_key_correlation(query: Any, key: Any) -> jax.Array:
     """Per head, the correlation of query feature ``i`` with key feature ``j`` over tokens
-    (self-attention: the same positions), ``(H, Dh, Dh)``."""
+    (self-attention: the same positions), ``(H, Dh, Dh)``.
+    """
     q, k = jnp.asarray(query), jnp.asarray(key)
     if q.shape != k.shape or q.ndim < 3:
         raise ValueError(
@@ -386,7 +390,7 @@ def _run_captured(model: Any, call: Callable[[Any], Any]) -> tuple[Any, dict]:
     return out, result
 
 
-def capture_attention(model: Any, *args: Any, method: Optional[str] = None, **kwargs: Any
+def capture_attention(model: Any, *args: Any, method: str | None = None, **kwargs: Any
                       ) -> dict[str, AttentionCapture]:
     """Run ``model(*args, **kwargs)`` (or ``getattr(model, method)(...)``) once and return
     every ``nnx.MultiHeadAttention``'s queries, keys, values and attention weights, keyed
@@ -399,18 +403,18 @@ def capture_attention(model: Any, *args: Any, method: Optional[str] = None, **kw
     Raises:
         ValueError: no attention module, or an ``attention_fn`` that does not sow weights.
     """
-
     from flax import nnx  # noqa: PLC0415
 
     fn = jax.jit(attention_capture_fn(model, method=method, **kwargs))
     return fn(nnx.split(model, nnx.Param, ...)[1], *args)
 
 
-def attention_capture_fn(model: Any, *, method: Optional[str] = None, **kwargs: Any) -> Callable:
+def attention_capture_fn(model: Any, *, method: str | None = None, **kwargs: Any) -> Callable:
     """A pure ``fn(params, *args) -> {path: AttentionCapture}`` for ``model``'s graph, where
     ``params = nnx.split(model, nnx.Param, ...)[1]`` (the ``from_nnx`` params); ``kwargs``
     are passed to every call. It can be jitted and vmapped, e.g. over a stacked training
-    trajectory."""
+    trajectory.
+    """
     from flax import nnx  # noqa: PLC0415
 
     graphdef, _, *rest = nnx.split(model, nnx.Param, ...)
@@ -437,10 +441,10 @@ def attention_hessian_eigenvalues(
     params: PyTree,
     batch: PyTree,
     *,
-    layer: Optional[str] = None,
-    predicate: Optional[Callable[[str, Any], bool]] = None,
-    k: Optional[int] = None,
-    key: Optional[jax.Array] = None,
+    layer: str | None = None,
+    predicate: Callable[[str, Any], bool] | None = None,
+    k: int | None = None,
+    key: jax.Array | None = None,
     dense_limit: int = 2000,
 ) -> np.ndarray:
     """Eigenvalues (descending) of the Hessian restricted to an attention block's parameters,
@@ -505,7 +509,7 @@ class AttentionGeometry:
     value_norms: np.ndarray
     query_correlation: np.ndarray
     query_key_correlation: np.ndarray
-    hessian_eigenvalues: Optional[np.ndarray]
+    hessian_eigenvalues: np.ndarray | None
 
     def summary(self) -> dict:
         """Per-head scalars as plain lists (JSON-safe)."""
@@ -522,7 +526,7 @@ class AttentionGeometry:
         }
 
 
-def _pick_layer(model: Any, layer: Optional[str]) -> str:
+def _pick_layer(model: Any, layer: str | None) -> str:
     paths = [p for p, _ in _attention_modules(model)]
     if not paths:
         raise ValueError(f"{type(model).__name__} contains no nnx.MultiHeadAttention")
@@ -540,11 +544,11 @@ def attention_geometry(
     model: Any,
     inputs: Any,
     *,
-    layer: Optional[str] = None,
-    loss_fn: Optional[Callable] = None,
-    batch: Optional[PyTree] = None,
-    hessian_k: Optional[int] = None,
-    key: Optional[jax.Array] = None,
+    layer: str | None = None,
+    loss_fn: Callable | None = None,
+    batch: PyTree | None = None,
+    hessian_k: int | None = None,
+    key: jax.Array | None = None,
 ) -> AttentionGeometry:
     """All attention-geometry measures of one ``nnx.MultiHeadAttention`` block of ``model``.
 

@@ -32,14 +32,14 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import check_like
 from gradience_jax.operators.base import LinearOperator, damped
 from gradience_jax.solvers import (
     CGNotConvergedWarning,
@@ -221,7 +221,8 @@ def fisher_trace(
 
 class Eigenpairs(NamedTuple):
     """Top eigenvalues (descending) and optionally eigenvectors (a pytree whose leaves
-    have a leading axis of size ``k``)."""
+    have a leading axis of size ``k``).
+    """
 
     values: np.ndarray
     vectors: PyTree | None
@@ -312,7 +313,8 @@ def condition_number(
 
 class EffectiveDimension(NamedTuple):
     """``d_eff = sum_i l_i / (l_i + damping)`` with a standard error (0 when exact) and,
-    for the stochastic path, the largest relative CG residual over the probes."""
+    for the stochastic path, the largest relative CG residual over the probes.
+    """
 
     value: float
     stderr: float

@@ -3,7 +3,6 @@
 Supported names: ``plot_weight_esd``, ``plot_layer_metrics`` (re-exported unchanged).
 """
 
-from gradience_jax.plots.weights import plot_layer_metrics
-from gradience_jax.plots.weights import plot_weight_esd
+from gradience_jax.plots.weights import plot_layer_metrics, plot_weight_esd
 
 __all__ = ["plot_layer_metrics", "plot_weight_esd"]

@@ -48,7 +48,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +61,12 @@ from gradience_jax.lanczos import restart_vector
 from gradience_jax.operators.ggn import ggn
 from gradience_jax.operators.hessian import hessian
 from gradience_jax.spectrum import eigsh_fast
-from gradience_jax.weights import MatrixMetrics, apply_reshape_rule, reshape_rule_for, matrix_metrics
+from gradience_jax.weights import (
+    MatrixMetrics,
+    apply_reshape_rule,
+    matrix_metrics,
+    reshape_rule_for,
+)
 
 PyTree = Any
 Metrics = dict[str, jax.Array]

@@ -44,7 +44,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -216,7 +217,8 @@ class TorchModel:
     def to_torch(self, tree: PyTree, dtype: Any = None) -> list:
         """A pytree shaped like the Flax params (params, a vector, a gradient) as a list of
         tensors in ``module.parameters()`` layout and order (dtype: the module's, or
-        ``dtype``)."""
+        ``dtype``).
+        """
         torch = _torch()
         flat = self._flat(tree)
         ref = self.parameters
@@ -236,7 +238,8 @@ class TorchModel:
         """Inverse of :meth:`to_torch`: tensors in ``module.parameters()`` order -> a pytree
         like ``like`` (default: the Flax params' structure, the tensors' dtype).
         ``batched=True``: every tensor has a leading axis (e.g. per-example gradients)
-        that is kept in front."""
+        that is kept in front.
+        """
         tensors = list(tensors)
         if len(tensors) != len(self.leaves):
             raise ValueError(f"expected {len(self.leaves)} tensors, got {len(tensors)}")
@@ -272,7 +275,8 @@ class TorchModel:
 
     def check_weights(self, params: PyTree, atol: float = 0.0, rtol: float = 0.0) -> None:
         """Raise ``AssertionError`` naming the leaf and the max difference when the module's
-        weights differ from ``params`` by more than ``atol + rtol * max|param|``."""
+        weights differ from ``params`` by more than ``atol + rtol * max|param|``.
+        """
         want = self.to_torch(params)
         worst = None
         for m, p, w in zip(self.leaves, self.parameters, want):
@@ -301,7 +305,8 @@ class TorchModel:
 
     def targets(self, batch: PyTree, key: str = "labels"):
         """``batch[key]``: integer labels as int64 (flattened over tokens for the
-        transformer), float targets in the module's dtype."""
+        transformer), float targets in the module's dtype.
+        """
         torch = _torch()
         y = _np(batch[key])
         if np.issubdtype(y.dtype, np.integer):
@@ -343,7 +348,7 @@ class TorchModel:
         x, y = self.batch(batch, targets_key=targets_key)
         return self.criterion(head)(self.module(x), y)
 
-    def products(self, batch: PyTree, head: Any = None) -> "TorchProducts":
+    def products(self, batch: PyTree, head: Any = None) -> TorchProducts:
         """PyTorch reference products on ``batch`` (see :class:`TorchProducts`)."""
         return TorchProducts(self, batch, head)
 
@@ -460,7 +465,8 @@ class TorchProducts:
 
 def compare_trees(ours: PyTree, theirs: PyTree) -> tuple[float, str, float]:
     """``(relative error ||a - b|| / ||b||, worst leaf path, its max |difference|)`` of two
-    pytrees with the same structure (float64 arithmetic)."""
+    pytrees with the same structure (float64 arithmetic).
+    """
     paths = leaf_paths(theirs)
     la = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(ours)]
     lb = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(theirs)]
@@ -478,7 +484,7 @@ def compare_trees(ours: PyTree, theirs: PyTree) -> tuple[float, str, float]:
 # ---------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _classes():
     torch = _torch()
     nn = torch.nn
@@ -674,7 +680,8 @@ def torch_transformer(model: Any, params: PyTree | None = None,
                       dtype: Any = "float32") -> TorchModel:
     """``gradience_jax.models.TinyTransformerLM`` as a PyTorch module with the same
     pre-LN blocks (explicit causal attention, tanh-GELU MLP, LayerNorm eps 1e-6); its
-    ``forward(tokens)`` returns logits flattened to ``(B*T, V)``."""
+    ``forward(tokens)`` returns logits flattened to ``(B*T, V)``.
+    """
     _torch()
     tdt = _torch_dtype(dtype)
     params = _params_of(model, params)

@@ -9,7 +9,8 @@ Supported names: ``TrajectoryPCA``, ``trajectory_pca``, ``project_onto_plane``.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,8 @@ compiled programs across parameter updates.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 from flax import nnx
@@ -19,7 +20,8 @@ PyTree = Any
 
 class Adapted(NamedTuple):
     """What the operators need: ``loss_fn(params, batch)``, ``model_fn(params, batch)``,
-    the ``params`` pytree and the ``head`` (``loss_fn = head(model_fn(...), batch)``)."""
+    the ``params`` pytree and the ``head`` (``loss_fn = head(model_fn(...), batch)``).
+    """
 
     loss_fn: Callable[[PyTree, PyTree], jax.Array]
     model_fn: Callable[[PyTree, PyTree], jax.Array]
@@ -89,7 +91,8 @@ def from_linen(
     module: Any, variables: PyTree, head: Callable, input_key: str = "inputs"
 ) -> Adapted:
     """Adapt a Linen module with ``variables = module.init(...)``; params are
-    ``variables['params']`` (other collections are not supported here)."""
+    ``variables['params']`` (other collections are not supported here).
+    """
     extra = set(variables) - {"params"}
     if extra:
         raise ValueError(

@@ -6,7 +6,7 @@ statistics state, so ``nnx.split(model, nnx.Param)`` captures everything that va
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -26,19 +26,20 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from gradience_jax.plots.attention import attention_geometry
-from gradience_jax.plots.attention import attention_training_dynamics
-from gradience_jax.plots.attention import plot_attention_geometry
-from gradience_jax.plots.figure import DPI
-from gradience_jax.plots.figure import new_figure
-from gradience_jax.plots.figure import save_figure
-from gradience_jax.plots.landscape import landscape_contour
-from gradience_jax.plots.landscape import landscape_surface
-from gradience_jax.plots.landscape import pseudo_spectral_analysis
-from gradience_jax.plots.landscape import sharp_vs_flat_minima
-from gradience_jax.plots.landscape import slice_lines
-from gradience_jax.plots.weights import plot_layer_metrics
-from gradience_jax.plots.weights import plot_weight_esd
+from gradience_jax.plots.attention import (
+    attention_geometry,
+    attention_training_dynamics,
+    plot_attention_geometry,
+)
+from gradience_jax.plots.figure import DPI, new_figure, save_figure
+from gradience_jax.plots.landscape import (
+    landscape_contour,
+    landscape_surface,
+    pseudo_spectral_analysis,
+    sharp_vs_flat_minima,
+    slice_lines,
+)
+from gradience_jax.plots.weights import plot_layer_metrics, plot_weight_esd
 
 __all__ = [
     "DPI",

@@ -14,7 +14,7 @@ Supported names: ``plot_attention_geometry``, ``attention_geometry`` (alias),
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -57,7 +57,7 @@ def _draw_maps(ax: Any, maps: np.ndarray, title: str, annotate: bool = True) -> 
     ax.set_title(title, **TITLE)
 
 
-def plot_attention_geometry(result: Any = None, *, path: Optional[str] = None) -> Any:
+def plot_attention_geometry(result: Any = None, *, path: str | None = None) -> Any:
     """Geometric properties of a trained attention block (9 axes).
 
     2 x 4 panels + one colour bar: attention maps, singular values of W_Q / W_K / W_V / W_O
@@ -189,7 +189,7 @@ def plot_attention_geometry(result: Any = None, *, path: Optional[str] = None) -
     return fig
 
 
-def attention_training_dynamics(result: Any = None, *, path: Optional[str] = None) -> Any:
+def attention_training_dynamics(result: Any = None, *, path: str | None = None) -> Any:
     """How attention evolves during training (2 x 3 panels: 6 axes).
 
     Loss, effective rank and entropy of the attention maps per head, effective rank of

@@ -16,7 +16,7 @@ Supported names: ``landscape_contour``, ``landscape_surface``, ``slice_lines``,
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-def _finite_range(z: np.ndarray, clip_percentile: float = 95.0) -> Optional[tuple[float, float]]:
+def _finite_range(z: np.ndarray, clip_percentile: float = 95.0) -> tuple[float, float] | None:
     finite = z[np.isfinite(z)]
     if finite.size == 0:
         return None
@@ -52,12 +52,12 @@ def landscape_contour(
     slice2d: Any,
     ax: Any = None,
     *,
-    trajectory: Optional[np.ndarray] = None,
+    trajectory: np.ndarray | None = None,
     levels: int = 25,
     cmap: str = "viridis",
     colorbar: bool = True,
     clip_percentile: float = 95.0,
-    title: Optional[str] = None,
+    title: str | None = None,
 ) -> Any:
     """Filled contour of a ``Slice2D`` with the centre marked and an optional trajectory.
 
@@ -116,8 +116,8 @@ def landscape_contour(
 
 
 def landscape_surface(slice2d: Any, ax: Any, *, cmap: str = "viridis",
-                      zlim: Optional[tuple[float, float]] = None,
-                      title: Optional[str] = None) -> Any:
+                      zlim: tuple[float, float] | None = None,
+                      title: str | None = None) -> Any:
     """3-D surface of a ``Slice2D`` on a ``projection="3d"`` axes.
 
     Non-finite points and points above ``zlim`` are left as holes.
@@ -150,7 +150,7 @@ def landscape_surface(slice2d: Any, ax: Any, *, cmap: str = "viridis",
     return ax
 
 
-def slice_lines(slices: dict, ax: Any = None, *, title: Optional[str] = None) -> Any:
+def slice_lines(slices: dict, ax: Any = None, *, title: str | None = None) -> Any:
     """Loss along 1-D slices on one axes.
 
     Args:
@@ -174,7 +174,7 @@ def slice_lines(slices: dict, ax: Any = None, *, title: Optional[str] = None) ->
     return ax
 
 
-def pseudo_spectral_analysis(result: Any = None, *, path: Optional[str] = None) -> Any:
+def pseudo_spectral_analysis(result: Any = None, *, path: str | None = None) -> Any:
     """Complete geometric analysis of the trained seed MLP (8 axes).
 
     2 x 3 panels + a colour bar and a twin axis: the Hessian spectrum, the 3-D loss surface
@@ -264,7 +264,7 @@ def pseudo_spectral_analysis(result: Any = None, *, path: Optional[str] = None) 
     return fig
 
 
-def sharp_vs_flat_minima(result: Any = None, *, path: Optional[str] = None) -> Any:
+def sharp_vs_flat_minima(result: Any = None, *, path: str | None = None) -> Any:
     """Compare training recipes (``4 + len(result.runs)`` axes).
 
     Train / test curves, generalisation gap, sharpness bars, mode connectivity, and a 3-D

@@ -18,29 +18,33 @@ Every name below is supported and importable from here. ``fit_power_law`` and
 :func:`gradience_jax.weights.fit_power_law`, a different estimator).
 """
 
-from gradience_jax.telemetry.dynamics import AutocorrelationTime
-from gradience_jax.telemetry.dynamics import ChangePoints
-from gradience_jax.telemetry.dynamics import CrossCorrelation
-from gradience_jax.telemetry.dynamics import LeadLag
-from gradience_jax.telemetry.dynamics import PrecursorTrend
-from gradience_jax.telemetry.dynamics import SeriesPowerLawFit
-from gradience_jax.telemetry.dynamics import autocorrelation_function
-from gradience_jax.telemetry.dynamics import autocorrelation_time
-from gradience_jax.telemetry.dynamics import change_points
-from gradience_jax.telemetry.dynamics import cross_correlation
-from gradience_jax.telemetry.dynamics import fit_power_law_series
-from gradience_jax.telemetry.dynamics import lead_lag
-from gradience_jax.telemetry.dynamics import phase_randomized_surrogates
-from gradience_jax.telemetry.dynamics import precursor_trend
-from gradience_jax.telemetry.dynamics import rolling_autocorrelation
-from gradience_jax.telemetry.dynamics import rolling_variance
-from gradience_jax.telemetry.io import FORMAT_NAME
-from gradience_jax.telemetry.io import FORMAT_VERSION
-from gradience_jax.telemetry.io import TelemetryRecord
-from gradience_jax.telemetry.io import TelemetryWarning
-from gradience_jax.telemetry.io import TelemetryWriter
-from gradience_jax.telemetry.io import load_telemetry
-from gradience_jax.telemetry.io import to_columns
+from gradience_jax.telemetry.dynamics import (
+    AutocorrelationTime,
+    ChangePoints,
+    CrossCorrelation,
+    LeadLag,
+    PrecursorTrend,
+    SeriesPowerLawFit,
+    autocorrelation_function,
+    autocorrelation_time,
+    change_points,
+    cross_correlation,
+    fit_power_law_series,
+    lead_lag,
+    phase_randomized_surrogates,
+    precursor_trend,
+    rolling_autocorrelation,
+    rolling_variance,
+)
+from gradience_jax.telemetry.io import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    TelemetryRecord,
+    TelemetryWarning,
+    TelemetryWriter,
+    load_telemetry,
+    to_columns,
+)
 
 PowerLawFit = SeriesPowerLawFit
 """Old name of :class:`SeriesPowerLawFit`."""

@@ -37,36 +37,33 @@ References: Martin & Mahoney, JMLR 22 (2021); Clauset, Shalizi & Newman, SIAM Re
 STAR: Lee et al., NAACL (2025).
 """
 
-from gradience_jax.weights.layer import ALPHA_HEAVY
-from gradience_jax.weights.layer import ALPHA_RANDOM
-from gradience_jax.weights.layer import LayerSpectrum
-from gradience_jax.weights.layer import layer_spectrum
-from gradience_jax.weights.metrics import MatrixMetrics
-from gradience_jax.weights.metrics import effective_rank
-from gradience_jax.weights.metrics import matrix_metrics
-from gradience_jax.weights.power_law import PowerLawFit
-from gradience_jax.weights.power_law import fit_power_law
-from gradience_jax.weights.random_matrix import MP_KS_RANDOM
-from gradience_jax.weights.random_matrix import TW1_QUANTILES
-from gradience_jax.weights.random_matrix import marchenko_pastur_cdf
-from gradience_jax.weights.random_matrix import marchenko_pastur_pdf
-from gradience_jax.weights.random_matrix import mp_ks_threshold
-from gradience_jax.weights.random_matrix import mp_median
-from gradience_jax.weights.random_matrix import tracy_widom_edge
-from gradience_jax.weights.randomization import RandomizationBaseline
-from gradience_jax.weights.randomization import randomization_baseline
-from gradience_jax.weights.report import ModelSummary
-from gradience_jax.weights.report import WeightSpectraReport
-from gradience_jax.weights.report import weight_spectra
-from gradience_jax.weights.reshape import RULES
-from gradience_jax.weights.reshape import apply_reshape_rule
-from gradience_jax.weights.reshape import head_matrices
-from gradience_jax.weights.reshape import matricize
-from gradience_jax.weights.reshape import reshape_rule_for
-from gradience_jax.weights.surgery import MergeResult
-from gradience_jax.weights.surgery import TruncationResult
-from gradience_jax.weights.surgery import spectral_merge
-from gradience_jax.weights.surgery import spectral_truncate
+from gradience_jax.weights.layer import ALPHA_HEAVY, ALPHA_RANDOM, LayerSpectrum, layer_spectrum
+from gradience_jax.weights.metrics import MatrixMetrics, effective_rank, matrix_metrics
+from gradience_jax.weights.power_law import PowerLawFit, fit_power_law
+from gradience_jax.weights.random_matrix import (
+    MP_KS_RANDOM,
+    TW1_QUANTILES,
+    marchenko_pastur_cdf,
+    marchenko_pastur_pdf,
+    mp_ks_threshold,
+    mp_median,
+    tracy_widom_edge,
+)
+from gradience_jax.weights.randomization import RandomizationBaseline, randomization_baseline
+from gradience_jax.weights.report import ModelSummary, WeightSpectraReport, weight_spectra
+from gradience_jax.weights.reshape import (
+    RULES,
+    apply_reshape_rule,
+    head_matrices,
+    matricize,
+    reshape_rule_for,
+)
+from gradience_jax.weights.surgery import (
+    MergeResult,
+    TruncationResult,
+    spectral_merge,
+    spectral_truncate,
+)
 
 __all__ = [
     "ALPHA_HEAVY",

@@ -36,17 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax._json import jsonable
-from gradience_jax.weights.metrics import core_metrics
-from gradience_jax.weights.metrics import default_rtol
-from gradience_jax.weights.power_law import decay_exponent
-from gradience_jax.weights.power_law import fit_power_law
-from gradience_jax.weights.power_law import missing_fit
-from gradience_jax.weights.random_matrix import mp_ks_distance
-from gradience_jax.weights.random_matrix import mp_ks_threshold
+from gradience_jax.weights.metrics import core_metrics, default_rtol
+from gradience_jax.weights.power_law import decay_exponent, fit_power_law, missing_fit
+from gradience_jax.weights.random_matrix import mp_ks_distance, mp_ks_threshold
 from gradience_jax.weights.randomization import randomization_baseline
-from gradience_jax.weights.reshape import apply_reshape_rule
-from gradience_jax.weights.reshape import check_finite
-from gradience_jax.weights.reshape import resolve_rule
+from gradience_jax.weights.reshape import apply_reshape_rule, check_finite, resolve_rule
 
 __all__ = ["ALPHA_HEAVY", "ALPHA_RANDOM", "LayerSpectrum", "layer_spectrum"]
 

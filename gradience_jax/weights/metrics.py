@@ -30,10 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gradience_jax.weights.random_matrix import mp_edges
-from gradience_jax.weights.random_matrix import mp_median
-from gradience_jax.weights.random_matrix import tracy_widom_edge
-from gradience_jax.weights.random_matrix import tw_quantile
+from gradience_jax.weights.random_matrix import mp_edges, mp_median, tracy_widom_edge, tw_quantile
 
 __all__ = ["MatrixMetrics", "core_metrics", "default_rtol", "effective_rank", "matrix_metrics"]
 

@@ -19,11 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradience_jax.weights.random_matrix import mp_median
-from gradience_jax.weights.random_matrix import tracy_widom_edge
-from gradience_jax.weights.reshape import apply_reshape_rule
-from gradience_jax.weights.reshape import check_finite
-from gradience_jax.weights.reshape import resolve_rule
+from gradience_jax.weights.random_matrix import mp_median, tracy_widom_edge
+from gradience_jax.weights.reshape import apply_reshape_rule, check_finite, resolve_rule
 
 __all__ = ["RandomizationBaseline", "randomization_baseline"]
 

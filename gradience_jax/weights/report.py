@@ -25,13 +25,14 @@ import numpy as np
 
 from gradience_jax._json import jsonable
 from gradience_jax.tree import path_str
-from gradience_jax.weights.layer import LayerSpectrum
-from gradience_jax.weights.layer import layer_spectrum
+from gradience_jax.weights.layer import LayerSpectrum, layer_spectrum
 from gradience_jax.weights.random_matrix import tw_quantile
-from gradience_jax.weights.reshape import apply_reshape_rule
-from gradience_jax.weights.reshape import head_kind
-from gradience_jax.weights.reshape import head_matrices
-from gradience_jax.weights.reshape import reshape_rule_for
+from gradience_jax.weights.reshape import (
+    apply_reshape_rule,
+    head_kind,
+    head_matrices,
+    reshape_rule_for,
+)
 
 __all__ = ["ModelSummary", "WeightSpectraReport", "weight_spectra"]
 

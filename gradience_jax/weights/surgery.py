@@ -19,9 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradience_jax.weights.metrics import core_metrics
-from gradience_jax.weights.metrics import default_rtol
-from gradience_jax.weights.metrics import effective_rank
+from gradience_jax.weights.metrics import core_metrics, default_rtol, effective_rank
 from gradience_jax.weights.random_matrix import tw_quantile
 from gradience_jax.weights.reshape import check_finite
 
