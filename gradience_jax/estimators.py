@@ -374,7 +374,7 @@ def spectral_density(
     n = op.n_params
     if reorth == "auto":
         row_bytes = sum(
-            int(np.prod(s.shape)) * jnp.dtype(jnp.promote_types(s.dtype, jnp.float32)).itemsize
+            int(np.prod(s.shape)) * jnp.dtype(tu.promote_dtypes(s.dtype, jnp.float32)).itemsize
             for s in jax.tree_util.tree_leaves(op.params_like)
         )
         reorth = "full" if num_iters * row_bytes <= SLQ_BASIS_BUDGET_BYTES else "none"

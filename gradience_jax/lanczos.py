@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import is_traced
+from gradience_jax._validate import check_key, is_traced
 from gradience_jax.operators.base import LinearOperator
 
 PyTree = Any
@@ -124,7 +124,7 @@ def _zeros_work(like: PyTree, rows: int | None = None) -> PyTree:
 
 def _scalar_dtype(like: PyTree) -> jnp.dtype:
     dts = [work_dtype(s.dtype) for s in jax.tree_util.tree_leaves(like)]
-    return jnp.result_type(*dts) if dts else jnp.dtype(jnp.float32)
+    return tu.promote_dtypes(*dts) if dts else jnp.dtype(jnp.float32)
 
 
 def basis_dot(basis: PyTree, w: PyTree) -> jax.Array:
@@ -133,7 +133,7 @@ def basis_dot(basis: PyTree, w: PyTree) -> jax.Array:
         lambda b, x: jnp.tensordot(b, x.astype(b.dtype), axes=x.ndim), basis, w
     )
     leaves = jax.tree_util.tree_leaves(parts)
-    acc = jnp.result_type(*[x.dtype for x in leaves])
+    acc = tu.promote_dtypes(*[x.dtype for x in leaves])
     return sum((x.astype(acc) for x in leaves[1:]), leaves[0].astype(acc))
 
 
@@ -287,13 +287,13 @@ def lanczos_init(
         capacity: length of the ``alphas`` / ``betas`` buffers (max iterations).
         reorth: ``"full"``, ``"window"`` or ``"none"``.
         window: ring-buffer rows for ``"window"``.
-        key: PRNG key for breakdown restarts (default ``jax.random.key(0)``).
+        key: PRNG key for breakdown restarts (default ``jax.random.key(42)``, the one default seed).
         rows: stored basis rows for ``"full"`` (default ``capacity``).
     """
     like = op.params_like
     nwin = check_reorth(reorth, window)
     nrows = {"full": capacity if rows is None else rows, "window": nwin, "none": 0}[reorth]
-    key = jax.random.key(0) if key is None else key
+    key = check_key(key)
     sdt = _scalar_dtype(like)
     v = _to_work(v0)
     q, nrm = _safe_normalize(v)
@@ -566,7 +566,7 @@ def lanczos(
     if not is_traced(v0):
         check_vector(v0, op.params_like, "v0", f"the {op.name} operator's params")
         check_operator_output(op, op.params_like)
-    key = jax.random.key(0) if key is None else key
+    key = check_key(key)
     win = window if reorth == "window" else None
     if win is None and reorth == "window":
         win = DEFAULT_WINDOW

@@ -4,10 +4,15 @@ Vectors in gradience_jax are pytrees shaped like the model parameters (Linen par
 ``flax.nnx.State`` or any other pytree of arrays). Every function here maps leaf-wise with
 ``jax.tree_util`` and never concatenates leaves into one array, so sharded parameters stay
 sharded. Reductions (``vdot``, ``norm``) accumulate in float32 or wider.
+
+Dtypes: every function promotes explicitly (:func:`promote_dtypes`, JAX's standard rules,
+weak Python scalars included), so results are the same whether or not
+``jax.numpy_dtype_promotion("strict")`` is on.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Literal, Sequence
 
 import jax
@@ -24,6 +29,7 @@ __all__ = [
     "leaf_paths",
     "norm",
     "path_str",
+    "promote_dtypes",
     "random_like",
     "ravel",
     "scale",
@@ -38,19 +44,51 @@ __all__ = [
 ]
 
 
+def promote_dtypes(*xs: Any) -> jnp.dtype:
+    """The dtype JAX's standard promotion gives ``xs``, decided explicitly.
+
+    Use it to cast operands before mixing dtypes on purpose: the answer (and so the
+    arithmetic after ``.astype``) does not depend on ``jax_numpy_dtype_promotion``, which
+    may be ``"strict"``. Weak types count as usual: a Python float with a float32 array
+    gives float32.
+
+    Args:
+        xs: arrays, Python scalars, ``jax.ShapeDtypeStruct`` s or dtypes (at least one).
+
+    Returns:
+        The promoted ``jnp.dtype``.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.dtype(jnp.result_type(*xs))
+
+
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
-    """Dtype used to accumulate dot products of ``dtype`` leaves: float32 or wider."""
+    """Dtype used to accumulate dot products of ``dtype`` leaves: float32 or wider.
+
+    Args:
+        dtype: a leaf dtype (non-floating dtypes accumulate in float32).
+
+    Returns:
+        ``float32`` for low-precision floats, the dtype itself for float32 / float64 /
+        complex.
+    """
     dtype = jnp.dtype(dtype)
     if not jnp.issubdtype(dtype, jnp.inexact):
         return jnp.dtype(jnp.float32)
-    return jnp.promote_types(dtype, jnp.float32)
+    return promote_dtypes(dtype, jnp.float32)
 
 
 def _tree_dtype(tree: PyTree) -> jnp.dtype:
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return jnp.dtype(jnp.float32)
-    return jnp.result_type(*[accumulation_dtype(jnp.result_type(leaf)) for leaf in leaves])
+    return promote_dtypes(*[accumulation_dtype(jnp.result_type(leaf)) for leaf in leaves])
+
+
+def _promoted(op: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
+    """``op(a, b)`` with both operands cast to :func:`promote_dtypes` ``(a, b)`` first."""
+    dt = promote_dtypes(a, b)
+    return op(jnp.asarray(a, dt), jnp.asarray(b, dt))
 
 
 def vdot(a: PyTree, b: PyTree) -> jax.Array:
@@ -74,23 +112,27 @@ def norm(a: PyTree) -> jax.Array:
 
 
 def add(a: PyTree, b: PyTree) -> PyTree:
-    """``a + b`` leaf-wise."""
-    return jax.tree_util.tree_map(jnp.add, a, b)
+    """``a + b`` leaf-wise (leaves of different dtypes promote as :func:`promote_dtypes`)."""
+    return jax.tree_util.tree_map(functools.partial(_promoted, jnp.add), a, b)
 
 
 def sub(a: PyTree, b: PyTree) -> PyTree:
-    """``a - b`` leaf-wise."""
-    return jax.tree_util.tree_map(jnp.subtract, a, b)
+    """``a - b`` leaf-wise (leaves of different dtypes promote as :func:`promote_dtypes`)."""
+    return jax.tree_util.tree_map(functools.partial(_promoted, jnp.subtract), a, b)
 
 
 def scale(alpha: Any, a: PyTree) -> PyTree:
-    """``alpha * a``; the result keeps each leaf's dtype."""
-    return jax.tree_util.tree_map(lambda x: (alpha * x).astype(x.dtype), a)
+    """``alpha * a``; the product is formed in the promoted dtype, then cast to each leaf's."""
+    return jax.tree_util.tree_map(lambda x: _promoted(jnp.multiply, alpha, x).astype(x.dtype), a)
 
 
 def axpy(alpha: Any, x: PyTree, y: PyTree) -> PyTree:
-    """``alpha * x + y`` leaf-wise, keeping ``y``'s dtypes."""
-    return jax.tree_util.tree_map(lambda xi, yi: (alpha * xi + yi).astype(yi.dtype), x, y)
+    """``alpha * x + y`` leaf-wise, keeping ``y``'s dtypes (promoted arithmetic, then cast)."""
+    return jax.tree_util.tree_map(
+        lambda xi, yi: _promoted(jnp.add, _promoted(jnp.multiply, alpha, xi), yi).astype(yi.dtype),
+        x,
+        y,
+    )
 
 
 def zeros_like(a: PyTree) -> PyTree:
@@ -152,31 +194,68 @@ def stacked_gram(a: PyTree, b: PyTree | None = None, dtype: Any = None) -> jax.A
     Args:
         a: stacked pytree, every leaf with leading axis ``n``.
         b: stacked pytree like ``a`` with leading axis ``m``; default ``a``.
-        dtype: contraction dtype (leaves are cast to it first); default each leaf's own.
+        dtype: contraction dtype (leaves are cast to it first); default each leaf pair's
+            promoted dtype (:func:`promote_dtypes`).
 
     Returns:
-        ``(n, m)`` array. Cost: one ``tensordot`` per leaf, ``O(n m P)``.
+        ``(n, m)`` array; leaves' partial Grams are summed in the promoted dtype. Cost: one
+        ``tensordot`` per leaf, ``O(n m P)``.
     """
     b = a if b is None else b
 
     def leaf(x, y):
-        if dtype is not None:
-            x, y = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+        dt = promote_dtypes(x, y) if dtype is None else dtype
+        x, y = jnp.asarray(x, dt), jnp.asarray(y, dt)
         axes = tuple(range(1, x.ndim))
         return jnp.tensordot(x, y, axes=(axes, axes))
 
     parts = jax.tree_util.tree_leaves(jax.tree_util.tree_map(leaf, a, b))
-    return sum(parts[1:], parts[0])
+    return functools.reduce(functools.partial(_promoted, jnp.add), parts)
 
 
 def ravel(a: PyTree) -> jax.Array:
-    """Concatenate all leaves into one 1-D array (tests and ``to_dense`` only)."""
-    return ravel_pytree(a)[0]
+    """Concatenate all leaves into one 1-D array (tests and ``to_dense`` only).
+
+    Leaves are cast to their :func:`promote_dtypes` first (as ``jax.flatten_util``'s
+    ``ravel_pytree`` does), in ``tree_leaves`` order.
+
+    Returns:
+        ``(size(a),)`` array.
+    """
+    leaves = jax.tree_util.tree_leaves(a)
+    if not leaves:
+        return ravel_pytree(a)[0]
+    dt = promote_dtypes(*leaves)
+    return jnp.concatenate([jnp.ravel(jnp.asarray(x, dt)) for x in leaves])
 
 
 def unravel_like(flat: jax.Array, like: PyTree) -> PyTree:
-    """Split a flat array (as made by :func:`ravel`) back into a pytree like ``like``."""
-    return ravel_pytree(like)[1](flat)
+    """Split a flat array (as made by :func:`ravel`) back into a pytree like ``like``.
+
+    Args:
+        flat: ``(size(like),)`` array.
+        like: template pytree (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+        A pytree with ``like``'s structure, shapes and dtypes (each piece cast to its
+        leaf's dtype).
+
+    Raises:
+        ValueError: ``flat`` does not have shape ``(size(like),)``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    sizes = [int(np.prod(np.shape(x))) for x in leaves]
+    if tuple(np.shape(flat)) != (sum(sizes),):
+        raise ValueError(
+            f"flat must have shape ({sum(sizes)},) to unravel like the template, "
+            f"got {tuple(np.shape(flat))}"
+        )
+    parts = jnp.split(flat, np.cumsum(sizes)[:-1]) if leaves else []
+    out = [
+        jax.lax.convert_element_type(part.reshape(np.shape(x)), jnp.result_type(x))
+        for part, x in zip(parts, leaves)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def _key_str(k: Any) -> str:

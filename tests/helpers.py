@@ -1,9 +1,19 @@
-"""Shared test fixtures: small models in a registry and dense float64 references."""
+"""Shared test fixtures: small models in a registry and dense float64 references.
+
+Core test files switch strict dtype promotion on for every test (as lineax does)::
+
+    strict_promotion = pytest.fixture(autouse=True, scope="module")(strict_dtype_promotion)
+
+(module scope: module-scoped fixtures are built under strict promotion too, so their
+programs are the ones the tests reuse). Flax layers that are not strict-clean run inside
+:func:`flax_standard`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +24,41 @@ from jax.flatten_util import ravel_pytree
 import gradience_jax as gj
 from gradience_jax.models import CNN, MLP, SeedMLP, TinyTransformerLM, from_nnx
 from gradience_jax.operators.base import LinearOperator
+
+
+def strict_dtype_promotion():
+    """Fixture body: run the test under ``jax.numpy_dtype_promotion("strict")``."""
+    with jax.numpy_dtype_promotion("strict"):
+        yield
+
+
+@dataclasses.dataclass(frozen=True)
+class StandardPromotion:
+    """``fn`` run under standard dtype promotion, whatever the test's setting.
+
+    Flax's own layers are not strict-clean in float64 (``nnx.LayerNorm`` promotes with
+    ``jnp.promote_types(float64, float32)``; ``nnx.avg_pool`` divides by an int64 window
+    size), so the CNN and transformer fixtures wrap their forward pass (the model call
+    only); the heads, the operators and the algorithms around it still run strict.
+    """
+
+    fn: Callable
+
+    def __call__(self, *args):
+        with jax.numpy_dtype_promotion("standard"):
+            return self.fn(*args)
+
+
+def flax_standard(adapted):
+    """``adapted`` with its Flax model call under :class:`StandardPromotion`."""
+    model_fn = adapted.model_fn
+    if isinstance(model_fn, gj.SplitModel):
+        model_fn = gj.SplitModel(StandardPromotion(model_fn.features),
+                                 StandardPromotion(model_fn.readout))
+    else:
+        model_fn = StandardPromotion(model_fn)
+    return adapted._replace(loss_fn=gj.operators.heads.compose(model_fn, adapted.head),
+                            model_fn=model_fn)
 
 
 def _mlp(dtype):
@@ -34,7 +79,7 @@ def _cnn(dtype):
     model = CNN(channels=(2,), image_size=4, num_classes=3, param_dtype=dtype, rngs=nnx.Rngs(0))
     batch = gj.data.images(jax.random.key(3), n=4, size=4, num_classes=3)
     batch["inputs"] = batch["inputs"].astype(dtype)
-    return from_nnx(model, gj.heads.softmax_cross_entropy()), batch
+    return flax_standard(from_nnx(model, gj.heads.softmax_cross_entropy())), batch
 
 
 def _transformer(dtype):
@@ -45,7 +90,7 @@ def _transformer(dtype):
     batch = gj.data.token_sequences(jax.random.key(4), n=2, seq_len=3, vocab_size=5)
     batch["mask"] = jnp.array([[1, 1, 0], [1, 1, 1]], dtype)
     head = gj.heads.softmax_cross_entropy("labels", mask_key="mask")
-    return from_nnx(model, head), batch
+    return flax_standard(from_nnx(model, head)), batch
 
 
 MODELS = {"mlp": _mlp, "seed": _seed, "cnn": _cnn, "transformer": _transformer}
@@ -96,6 +141,30 @@ def dense_empirical_fisher(loss_fn, params, batch):
         grads.append(np.asarray(ravel_pytree(grad_fn(params, ex))[0]))
     g = np.stack(grads)
     return g.T @ g / n
+
+
+def dense_mc_fisher(model_fn, head, params, batch, key, num_samples, sample_outputs=None):
+    """``J^T (sum_s g_s g_s^T w / (S Z)) J`` for the label draws ``mc_fisher(key)`` makes.
+
+    ``g_s = head.token_sample_grad(outputs, k_s)`` with ``k_s = split(key, S)``; the draws
+    are made from ``sample_outputs`` (default the outputs at ``params``: pass a float32
+    model's outputs to reproduce a float32 operator's labels), all algebra in float64.
+    """
+    jac, out = dense_jacobian(model_fn, params, batch)
+    draw_from = out if sample_outputs is None else sample_outputs
+    keys = jax.random.split(key, num_samples)
+    grads = np.stack([np.asarray(head.token_sample_grad(draw_from, k), np.float64)
+                      for k in keys])
+    w_arr = head.weights(batch, out.shape[:-1], out.dtype)
+    c = out.shape[-1]
+    z = float(head.normalizer(w_arr, c))
+    w = np.asarray(w_arr, np.float64).reshape(-1)
+    jt = jac.reshape(-1, c, jac.shape[-1])
+    ref = np.zeros((jac.shape[-1],) * 2)
+    for g in grads.reshape(num_samples, -1, c):
+        rows = np.einsum("tc,tcp->tp", g, jt) * np.sqrt(w)[:, None]
+        ref += rows.T @ rows
+    return ref / (num_samples * z)
 
 
 def rel_err(a, b) -> float:

@@ -15,13 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import strict_dtype_promotion
 from jax.flatten_util import ravel_pytree
+from test_spectrum import MATRICES, N, expected, make_matrix, tree_op
 
 import gradience_jax as gj
 from gradience_jax.spectrum import eigsh, eigsh_fast, top_eigenpairs
 from gradience_jax.spectrum.engine import Plan, rotate_rows, run_engine
 from gradience_jax.spectrum.ritz import small_eigh, which_scores
-from test_spectrum import MATRICES, N, expected, make_matrix, tree_op
+
+strict_promotion = pytest.fixture(autouse=True, scope="module")(strict_dtype_promotion)
 
 K = 5
 

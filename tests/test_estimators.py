@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import strict_dtype_promotion, tree_dense_op
 from jax.flatten_util import ravel_pytree
 
 import gradience_jax as gj
@@ -18,7 +18,8 @@ from gradience_jax.estimators import (
     trace_of_square,
 )
 from gradience_jax.operators.base import LinearOperator
-from helpers import tree_dense_op
+
+strict_promotion = pytest.fixture(autouse=True, scope="module")(strict_dtype_promotion)
 
 N = 80
 LIKE = {"w": jnp.zeros((8, 8)), "b": jnp.zeros((16,))}  # 80 entries

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import strict_dtype_promotion, tree_dense_op
 from jax.flatten_util import ravel_pytree
 
 import gradience_jax as gj
 from gradience_jax.lanczos import LanczosState, lanczos
-from helpers import tree_dense_op
+
+strict_promotion = pytest.fixture(autouse=True, scope="module")(strict_dtype_promotion)
 
 N = 60
 M = 12  # one iteration count and window everywhere: each static combination compiles once

@@ -7,9 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import strict_dtype_promotion
 
 import gradience_jax as gj
 from gradience_jax.operators.base import _apply, _linearize
+
+strict_promotion = pytest.fixture(autouse=True, scope="module")(strict_dtype_promotion)
 
 HEAD = gj.heads.softmax_cross_entropy()
 

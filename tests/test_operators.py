@@ -1,4 +1,8 @@
-"""Every operator's matvec against its dense float64 reference, on every small model."""
+"""Every operator's matvec against its dense float64 reference, on every small model.
+
+The per-constructor checks (symmetry, PSD, dtypes, compile once, operator algebra,
+params_filter, dataset_operator of the Hessian) live in ``test_registry.py``.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.flatten_util import ravel_pytree
-
-import gradience_jax as gj
 from helpers import (
     MODELS,
-    as_f64,
     dense_empirical_fisher,
     dense_ggn,
     dense_hessian,
     dense_jacobian,
+    dense_mc_fisher,
     model_case,
     rel_err,
+    strict_dtype_promotion,
 )
+from jax.flatten_util import ravel_pytree
+
+import gradience_jax as gj
+
+strict_promotion = pytest.fixture(autouse=True, scope="module")(strict_dtype_promotion)
 
 OPERATORS = ["hessian", "ggn", "ef_cached", "ef_streaming"]
 
@@ -103,24 +110,6 @@ def test_ggn_of_softmax_ce_is_true_fisher(model):
     products_match(gj.ggn(model_fn, head, params, batch), fisher, params, 1e-10)
 
 
-@pytest.mark.parametrize("model", list(MODELS))
-def test_symmetry_and_psd(model):
-    (loss_fn, model_fn, params, head), batch = model_case(model, "float64")
-    k1, k2 = jax.random.split(jax.random.key(3))
-    u = gj.tree.random_like(k1, params)
-    v = gj.tree.random_like(k2, params)
-    for op in (gj.hessian(loss_fn, params, batch), gj.ggn(model_fn, head, params, batch)):
-        lhs, rhs = gj.tree.vdot(u, op @ v), gj.tree.vdot(v, op @ u)
-        assert abs(lhs - rhs) <= 1e-10 * max(1.0, abs(lhs))
-    G = gj.ggn(model_fn, head, params, batch)
-    assert G.is_psd
-    evals = np.linalg.eigvalsh(reference("ggn", model))
-    assert evals[0] >= -1e-10 * evals[-1]
-    for i in range(3):
-        w = gj.tree.random_like(jax.random.key(10 + i), params)
-        assert gj.tree.vdot(w, G @ w) >= 0
-
-
 @pytest.mark.parametrize("model", ["mlp", "transformer"])
 def test_mc_fisher_matches_its_samples_and_the_fisher_in_expectation(model):
     (loss_fn, model_fn, params, head), batch = model_case(model, "float64")
@@ -128,19 +117,7 @@ def test_mc_fisher_matches_its_samples_and_the_fisher_in_expectation(model):
     mhead = gj.heads.softmax_cross_entropy(None, mask_key=head.mask_key)
     M = gj.mc_fisher(model_fn, params, batch, key, num_samples=3, head=mhead)
     # exact reference for the same draws: J^T (sum_s g_s g_s^T / (S Z)) J
-    jac, out = dense_jacobian(model_fn, params, batch)
-    keys = jax.random.split(key, 3)
-    grads = np.stack([np.asarray(mhead.token_sample_grad(out, k)) for k in keys])
-    w = np.asarray(mhead.weights(batch, out.shape[:-1], out.dtype))
-    z = max(w.sum(), 1.0)
-    c = out.shape[-1]
-    jt = jac.reshape(-1, c, jac.shape[-1])
-    g = grads.reshape(3, -1, c)
-    ref = np.zeros((jac.shape[-1],) * 2)
-    for s in range(3):
-        rows = np.einsum("tc,tcp->tp", g[s], jt) * np.sqrt(w.reshape(-1))[:, None]
-        ref += rows.T @ rows
-    ref /= 3 * z
+    ref = dense_mc_fisher(model_fn, mhead, params, batch, key, 3)
     products_match(M, ref, params, 1e-10)
     # many samples: the MC Fisher approaches the GGN (= Fisher for softmax CE)
     big = gj.mc_fisher(model_fn, params, batch, key, num_samples=4000, head=mhead)
@@ -155,28 +132,6 @@ def test_mc_fisher_gaussian_matches_mse_ggn_in_expectation():
     assert rel_err(big.to_dense(), G) <= 0.05
 
 
-@pytest.mark.parametrize("model", ["mlp", "transformer"])
-def test_params_filter_is_the_dense_sub_block(model):
-    (loss_fn, model_fn, params, head), batch = model_case(model, "float64")
-    H = gj.hessian(loss_fn, params, batch)
-    dense = reference("hessian", model)
-    paths = gj.tree.leaf_paths(params)
-    sizes = [int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params)]
-    offsets = np.cumsum([0] + sizes)
-    want = [p for p in paths if p.endswith("kernel")][-2:]
-    sub = gj.params_filter(H, lambda path, leaf: path in want)
-    assert set(sub.params_like) == set(want)
-    idx = np.concatenate(
-        [np.arange(offsets[i], offsets[i + 1]) for i, p in enumerate(paths) if p in want]
-    )
-    # the sub-vector is a dict keyed by path; its ravel order is sorted by key
-    order = sorted(want)
-    idx = np.concatenate(
-        [np.arange(offsets[paths.index(p)], offsets[paths.index(p) + 1]) for p in order]
-    )
-    products_match(sub, dense[np.ix_(idx, idx)], sub.params_like, 1e-10)
-
-
 def test_params_filter_selecting_nothing_raises():
     (loss_fn, _, params, _), batch = model_case("seed", "float64")
     H = gj.hessian(loss_fn, params, batch)
@@ -184,7 +139,7 @@ def test_params_filter_selecting_nothing_raises():
         gj.params_filter(H, lambda path, leaf: False)
 
 
-@pytest.mark.parametrize("make", ["hessian", "ggn", "ef", "mc"])
+@pytest.mark.parametrize("make", ["ggn", "ef", "mc"])  # hessian: test_registry.py
 def test_dataset_operator_equals_concatenated_batch(make):
     (loss_fn, model_fn, params, head), _ = model_case("mlp", "float64")
     full = gj.data.classification(jax.random.key(11), n=10, dim=4, num_classes=3)
@@ -192,10 +147,7 @@ def test_dataset_operator_equals_concatenated_batch(make):
     # uneven batches (4, 4, 2) exercise the weighting and shape grouping
     batches = [jax.tree_util.tree_map(lambda x: x[s], full) for s in
                (slice(0, 4), slice(4, 8), slice(8, 10))]
-    if make == "hessian":
-        op = gj.dataset_operator(gj.hessian, loss_fn, params, batches)
-        ref = gj.hessian(loss_fn, params, full)
-    elif make == "ggn":
+    if make == "ggn":
         op = gj.dataset_operator(gj.ggn, model_fn, params, batches, head=head)
         ref = gj.ggn(model_fn, head, params, full)
     elif make == "ef":
@@ -291,22 +243,6 @@ def test_operator_compiles_once_for_new_params():
     assert _apply._cache_size() == before
     assert rel_err(gj.tree.ravel(out2), dense_hessian(loss_fn, params2, batch)
                    @ np.asarray(gj.tree.ravel(v))) <= 1e-10
-
-
-def test_operator_algebra():
-    (loss_fn, model_fn, params, head), batch = model_case("seed", "float64")
-    H = gj.hessian(loss_fn, params, batch)
-    G = gj.ggn(model_fn, head, params, batch)
-    h, g = np.asarray(H.to_dense()), np.asarray(G.to_dense())
-    n = h.shape[0]
-    assert rel_err((H + G).to_dense(), h + g) <= 1e-12
-    assert rel_err((H - 2.0 * G).to_dense(), h - 2 * g) <= 1e-12
-    assert rel_err(gj.damped(G, 0.3).to_dense(), g + 0.3 * np.eye(n)) <= 1e-12
-    assert gj.damped(G, 0.3).is_psd and not (H + G).is_psd
-    # an operator is a pytree: it can be passed to jit as an argument
-    v = gj.tree.random_like(jax.random.key(0), params)
-    out = jax.jit(lambda op, v: op @ v)(gj.damped(G, 0.3), v)
-    assert rel_err(gj.tree.ravel(out), (g + 0.3 * np.eye(n)) @ np.asarray(gj.tree.ravel(v))) <= 1e-12
 
 
 def test_to_dense_refuses_large_operators():

@@ -14,11 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import strict_dtype_promotion, tree_dense_op
 from jax.flatten_util import ravel_pytree
 
 import gradience_jax as gj
 from gradience_jax.spectrum import LanczosConfig, compute_spectrum, eigsh, eigsh_fast
-from helpers import tree_dense_op
+
+strict_promotion = pytest.fixture(autouse=True, scope="module")(strict_dtype_promotion)
 
 N = 120
 K = 5
@@ -108,7 +110,10 @@ def _mlp_case():
 
 
 def mlp_model(params, batch):
-    h = jnp.tanh(batch["inputs"] @ params["l1"]["w"] + params["l1"]["b"])
+    # explicit cast (strict promotion): compute_spectrum upcasts bf16 params for the Hessian,
+    # not the batch
+    x = batch["inputs"].astype(params["l1"]["w"].dtype)
+    h = jnp.tanh(x @ params["l1"]["w"] + params["l1"]["b"])
     return h @ params["l2"]["w"] + params["l2"]["b"]
 
 

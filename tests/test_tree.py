@@ -7,10 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import strict_dtype_promotion
 
 import gradience_jax as gj
 from gradience_jax import tree as tu
 from gradience_jax.operators import _common, fisher
+
+strict_promotion = pytest.fixture(autouse=True, scope="module")(strict_dtype_promotion)
 
 
 def linen_like():

@@ -1,1 +1,10 @@
-"""Curvature matrices as matrix-free :class:`LinearOperator` s."""
+"""Curvature matrices as matrix-free :class:`LinearOperator` s (the bottom layer).
+
+One idea per module: ``base`` (``LinearOperator``, ``from_dense``, ``from_matvec``, sums,
+scaling, ``damped``), ``heads`` (``Head``, ``compose``, the built-in heads), ``hessian``,
+``ggn`` (``ggn``, ``SplitModel``), ``fisher`` (``empirical_fisher``, ``mc_fisher``),
+``kfac``, ``select`` (``params_filter``), ``data`` (``dataset_operator``) and ``registry``
+(``build(name, ...)``, ``names()``: the one vocabulary of operator names). The names are
+imported from their modules (``gradience_jax.operators.hessian`` is the module; the public
+functions are re-exported by :mod:`gradience_jax`).
+"""

@@ -18,7 +18,6 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -101,7 +100,7 @@ class LinearOperator:
     @property
     def dtype(self) -> jnp.dtype:
         """Common dtype of the vectors' leaves."""
-        return jnp.result_type(*[dtype for _, dtype in self._spec[1]])
+        return tu.promote_dtypes(*[dtype for _, dtype in self._spec[1]])
 
     # -- application ----------------------------------------------------------------------
     def bind(self) -> Matvec:
@@ -197,10 +196,10 @@ def _linearized_prepare(tangent_map: jax.tree_util.Partial) -> Matvec:
 def _to_dense(op: LinearOperator) -> jax.Array:
     like = op.params_like
     zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), like)
-    flat0, unravel = jax.flatten_util.ravel_pytree(zeros)
+    flat0 = tu.ravel(zeros)
     basis = jnp.eye(flat0.size, dtype=flat0.dtype)
     mv = op.bind()
-    cols = jax.vmap(lambda e: jax.flatten_util.ravel_pytree(mv(unravel(e)))[0])(basis)
+    cols = jax.vmap(lambda e: tu.ravel(mv(tu.unravel_like(e, like))))(basis)
     return cols.T
 
 
@@ -210,7 +209,11 @@ def _to_dense(op: LinearOperator) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class _DensePrepare:
     def __call__(self, matrix: jax.Array) -> Matvec:
-        return lambda v: (matrix @ v).astype(v.dtype)
+        def matvec(v):
+            dt = tu.promote_dtypes(matrix, v)
+            return (jnp.asarray(matrix, dt) @ jnp.asarray(v, dt)).astype(v.dtype)
+
+        return matvec
 
 
 def from_dense(matrix: Any, *, is_psd: bool | None = None, name: str = "dense") -> LinearOperator:

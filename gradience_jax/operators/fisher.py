@@ -31,7 +31,7 @@ from gradience_jax._validate import (
 )
 from gradience_jax.operators._common import jtmj_matvec, resolve_linearize
 from gradience_jax.operators.base import LinearOperator
-from gradience_jax.operators.heads import _Head, likelihood_head
+from gradience_jax.operators.heads import Head, likelihood_head
 
 PyTree = Any
 
@@ -175,7 +175,7 @@ def empirical_fisher(
 @dataclasses.dataclass(frozen=True)
 class _MCFisherPrepare:
     model_fn: Callable
-    head: _Head
+    head: Head
     num_samples: int
     linearize: bool
 
@@ -209,7 +209,7 @@ def mc_fisher(
     likelihood: str = "categorical",
     num_samples: int = 1,
     *,
-    head: _Head | None = None,
+    head: Head | None = None,
     linearize: bool | str = "auto",
     check: bool = True,
 ) -> LinearOperator:
@@ -234,7 +234,7 @@ def mc_fisher(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if head is None:
         head = likelihood_head(likelihood)
-    elif not isinstance(head, _Head):
+    elif not isinstance(head, Head):
         raise ValueError("mc_fisher needs a built-in head (gj.heads.softmax_cross_entropy / mse)")
     out = jax.eval_shape(model_fn, params, batch)
     if len(out.shape) < 2:

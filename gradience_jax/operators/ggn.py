@@ -27,7 +27,7 @@ from gradience_jax import tree as tu
 from gradience_jax._validate import check_batch, check_loss_at_point, check_params, check_scalar_fn
 from gradience_jax.operators._common import jtmj_matvec, resolve_linearize
 from gradience_jax.operators.base import LinearOperator
-from gradience_jax.operators.heads import _Head, output_hvp
+from gradience_jax.operators.heads import Head, compose, output_hvp
 
 PyTree = Any
 
@@ -72,7 +72,7 @@ def _pad_chunks(x: jax.Array, chunk: int) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class _ChunkedGGNPrepare:
     model: SplitModel
-    head: _Head
+    head: Head
     chunk: int
     linearize: bool
 
@@ -152,11 +152,11 @@ def ggn(
     """
     check_params(params)
     check_batch(batch)
-    loss_fn = _composed_loss(model_fn, head)
+    loss_fn = compose(model_fn, head)
     check_scalar_fn(loss_fn, (params, batch), "head(model_fn(params, batch), batch)")
     if check:
         check_loss_at_point(loss_fn, params, batch, "the loss head(model_fn(params, batch))")
-    is_psd = isinstance(head, _Head) or bool(getattr(head, "is_convex", False))
+    is_psd = isinstance(head, Head) or bool(getattr(head, "is_convex", False))
     if vocab_chunk is None:
         lin = resolve_linearize(linearize, lambda p: model_fn(p, batch), params)
         prep = _GGNPrepare(model_fn, head, lin)
@@ -166,7 +166,7 @@ def ggn(
             "vocab_chunk needs model_fn to be a gradience_jax.SplitModel(features, readout) "
             f"so the readout can run chunk by chunk; got {type(model_fn).__name__}"
         )
-    if not isinstance(head, _Head):
+    if not isinstance(head, Head):
         raise ValueError("vocab_chunk needs a built-in head (gj.heads.softmax_cross_entropy / mse)")
     if int(vocab_chunk) < 1:
         raise ValueError(f"vocab_chunk must be a positive number of tokens, got {vocab_chunk}")
@@ -175,14 +175,5 @@ def ggn(
     return LinearOperator(prep, (params, batch), params, is_psd=True, name="ggn")
 
 
-@dataclasses.dataclass(frozen=True)
-class _ComposedLoss:
-    model_fn: Callable
-    head: Callable
-
-    def __call__(self, params, batch):
-        return self.head(self.model_fn(params, batch), batch)
-
-
-def _composed_loss(model_fn, head) -> Callable:
-    return _ComposedLoss(model_fn, head)
+#: Deprecated alias of :func:`gradience_jax.operators.heads.compose` (its old private home).
+_composed_loss = compose

@@ -16,12 +16,18 @@ Built-ins:
 ``token_sample_grad`` draws labels from the model's predictive distribution and returns
 the per-token gradient of the unnormalised loss w.r.t. outputs, whose outer product has
 expectation equal to the per-token Hessian (the Fisher identity used by ``mc_fisher``).
+
+Public names: :class:`Head` (base class of the built-ins; subclass it for a new head with
+an analytic Hessian), :func:`compose` (``loss_fn`` from ``model_fn`` and a head),
+:class:`SoftmaxCrossEntropy`, :class:`MeanSquaredError`, :func:`softmax_cross_entropy`,
+:func:`mse`, :func:`output_hvp`, :func:`likelihood_head`. ``_Head`` is a deprecated alias
+of :class:`Head`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,27 +45,74 @@ def _lead_shape(outputs: jax.Array) -> tuple[int, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Head:
-    """Common machinery: weights, normaliser and the reductions over tokens."""
+class Head:
+    """Base class of the built-in loss heads: ``head(outputs, batch) -> scalar``.
+
+    A head is a frozen (hashable) dataclass, so operators built from it reuse compiled
+    programs. Subclasses define the per-token pieces (:meth:`token_loss`, :meth:`token_hvp`,
+    :meth:`token_sample_grad`, optionally :meth:`scale_per_token`); the base class adds the
+    token weights (``batch[mask_key]`` or ones), the normaliser and the reductions. An
+    instance of a ``Head`` subclass is treated as convex: ``ggn`` marks its operator PSD,
+    ``ggn(vocab_chunk=...)``, ``mc_fisher`` and ``kfac`` accept it.
+
+    Attributes:
+        targets_key: key of the targets in ``batch`` (``None``: the head needs none, e.g.
+            the likelihood of ``mc_fisher``).
+        mask_key: key of a ``(*lead,)`` token-weight / padding mask in ``batch``, or ``None``.
+    """
 
     targets_key: str | None
     mask_key: str | None = None
 
     # -- per-token pieces, overridden by concrete heads -----------------------------------
-    def token_loss(self, outputs: jax.Array, targets: Any) -> jax.Array:  # (*lead,)
+    def token_loss(self, outputs: jax.Array, targets: Any) -> jax.Array:
+        """Unnormalised per-token losses ``l_t``.
+
+        Args:
+            outputs: ``(*lead, C)``.
+            targets: ``batch[targets_key]`` (or ``None``).
+
+        Returns:
+            ``(*lead,)`` losses in the outputs' dtype.
+        """
         raise NotImplementedError
 
     def token_hvp(self, outputs: jax.Array, targets: Any, u: jax.Array) -> jax.Array:
+        """Per-token Hessian of ``l_t`` w.r.t. the outputs applied to ``u``.
+
+        Args:
+            outputs: ``(*lead, C)``.
+            targets: ``batch[targets_key]`` (or ``None``).
+            u: ``(*lead, C)`` output-space direction.
+
+        Returns:
+            ``(*lead, C)``, unweighted and unnormalised. Cost ``O(|outputs|)``.
+        """
         raise NotImplementedError
 
     def token_sample_grad(self, outputs: jax.Array, key: jax.Array) -> jax.Array:
+        """Gradient of ``l_t`` w.r.t. the outputs for targets sampled from the model.
+
+        Args:
+            outputs: ``(*lead, C)``.
+            key: ``jax.random`` key.
+
+        Returns:
+            ``(*lead, C)`` whose outer product has expectation :meth:`token_hvp`'s matrix.
+        """
         raise NotImplementedError
 
     def scale_per_token(self, num_classes: int) -> int:
+        """Normaliser factor per unit of token weight (1; ``C`` for MSE)."""
         return 1
 
     # -- shared reductions ----------------------------------------------------------------
     def targets(self, batch: PyTree) -> Any:
+        """``batch[targets_key]`` (``None`` when ``targets_key`` is ``None``).
+
+        Raises:
+            ValueError: the batch has no such key (the message lists the batch's keys).
+        """
         if self.targets_key is None:
             return None
         try:
@@ -71,6 +124,19 @@ class _Head:
             ) from exc
 
     def weights(self, batch: PyTree, lead: tuple[int, ...], dtype: Any) -> jax.Array:
+        """Token weights ``w_t``: ``batch[mask_key]`` cast to ``dtype``, or ones.
+
+        Args:
+            batch: the batch.
+            lead: the outputs' leading shape ``(*lead,)``.
+            dtype: dtype of the weights (the outputs').
+
+        Returns:
+            ``(*lead,)`` weights.
+
+        Raises:
+            ValueError: the mask's shape is not ``lead``.
+        """
         if self.mask_key is None:
             return jnp.ones(lead, dtype)
         mask = jnp.asarray(batch[self.mask_key])
@@ -82,9 +148,16 @@ class _Head:
         return mask.astype(dtype)
 
     def normalizer(self, weights: jax.Array, num_classes: int) -> jax.Array:
+        """``Z = max(sum_t w_t, 1) * scale_per_token(C)`` (a scalar in the weights' dtype)."""
         return jnp.maximum(weights.sum(), 1.0) * self.scale_per_token(num_classes)
 
     def __call__(self, outputs: jax.Array, batch: PyTree) -> jax.Array:
+        """The loss ``sum_t w_t l_t / Z`` (a scalar in the outputs' dtype).
+
+        Raises:
+            ValueError: outputs without a trailing class axis, missing / misshaped targets
+                or mask.
+        """
         lead = _lead_shape(outputs)
         w = self.weights(batch, lead, outputs.dtype)
         losses = self.token_loss(outputs, self.targets(batch))
@@ -109,7 +182,7 @@ def _is_integer_labels(outputs: jax.Array, targets: jax.Array) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class SoftmaxCrossEntropy(_Head):
+class SoftmaxCrossEntropy(Head):
     """Softmax cross-entropy on logits ``(*lead, C)``."""
 
     def token_loss(self, outputs, targets):
@@ -140,7 +213,7 @@ class SoftmaxCrossEntropy(_Head):
 
 
 @dataclasses.dataclass(frozen=True)
-class MeanSquaredError(_Head):
+class MeanSquaredError(Head):
     """Mean squared error over all output elements (``torch.nn.MSELoss`` convention)."""
 
     def token_loss(self, outputs, targets):
@@ -172,16 +245,76 @@ def mse(targets_key: str | None = "targets", mask_key: str | None = None) -> Mea
     return MeanSquaredError(targets_key, mask_key)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ComposedLoss:
+    """``loss_fn(params, batch) = head(model_fn(params, batch), batch)`` (hashable)."""
+
+    model_fn: Callable
+    head: Callable
+
+    def __call__(self, params: PyTree, batch: PyTree) -> jax.Array:
+        return self.head(self.model_fn(params, batch), batch)
+
+
+def compose(
+    model_fn: Callable[[PyTree, PyTree], jax.Array],
+    head: Callable[[jax.Array, PyTree], jax.Array],
+) -> Callable[[PyTree, PyTree], jax.Array]:
+    """The loss ``loss_fn(params, batch) = head(model_fn(params, batch), batch)``.
+
+    The result is a frozen dataclass that compares (and hashes) equal for equal
+    ``(model_fn, head)``, so operators and jitted functions built from two calls of
+    ``compose`` share compiled programs.
+
+    Args:
+        model_fn: ``model_fn(params, batch) -> outputs`` of shape ``(*lead, C)``.
+        head: a :class:`Head` or any ``head(outputs, batch) -> scalar``.
+
+    Returns:
+        ``loss_fn(params, batch) -> scalar``, usable by ``hessian``, ``empirical_fisher``
+        and the analyses.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from gradience_jax.operators.heads import compose, mse
+        >>> loss_fn = compose(lambda p, b: b["inputs"] * p, mse())
+        >>> float(loss_fn(2.0, {"inputs": jnp.ones((3, 1)), "targets": jnp.zeros((3, 1))}))
+        4.0
+    """
+    return _ComposedLoss(model_fn, head)
+
+
 def output_hvp(head: Any, outputs: jax.Array, batch: PyTree, u: jax.Array) -> jax.Array:
-    """Head Hessian-vector product: analytic for built-ins, jvp-of-grad for user heads."""
+    """Head Hessian-vector product: analytic for built-ins, jvp-of-grad for user heads.
+
+    Args:
+        head: a head; its ``hvp`` method is used when it has one.
+        outputs: ``(*lead, C)`` outputs at which the Hessian is taken.
+        batch: the batch (targets, mask).
+        u: output-space direction shaped like ``outputs``.
+
+    Returns:
+        ``H_head u`` shaped like ``u``.
+    """
     if hasattr(head, "hvp"):
         return head.hvp(outputs, batch, u)
     grad = jax.grad(lambda o: head(o, batch))
     return jax.jvp(grad, (outputs,), (u,))[1]
 
 
-def likelihood_head(likelihood: str, mask_key: str | None = None) -> _Head:
-    """The head whose Fisher ``mc_fisher`` samples: ``"categorical"`` or ``"gaussian"``."""
+def likelihood_head(likelihood: str, mask_key: str | None = None) -> Head:
+    """The head whose Fisher ``mc_fisher`` samples.
+
+    Args:
+        likelihood: ``"categorical"`` (softmax cross-entropy) or ``"gaussian"`` (MSE).
+        mask_key: optional token-mask key.
+
+    Returns:
+        A :class:`Head` without targets.
+
+    Raises:
+        ValueError: unknown ``likelihood``.
+    """
     if likelihood == "categorical":
         return SoftmaxCrossEntropy(None, mask_key)
     if likelihood == "gaussian":
@@ -191,9 +324,14 @@ def likelihood_head(likelihood: str, mask_key: str | None = None) -> _Head:
     )
 
 
+#: Deprecated alias of :class:`Head` (the base class was private before).
+_Head = Head
+
 __all__ = [
+    "Head",
     "MeanSquaredError",
     "SoftmaxCrossEntropy",
+    "compose",
     "likelihood_head",
     "mse",
     "output_hvp",

@@ -108,7 +108,7 @@ from gradience_jax._validate import (
     is_traced,
 )
 from gradience_jax.operators.base import LinearOperator
-from gradience_jax.operators.heads import MeanSquaredError, SoftmaxCrossEntropy, _Head
+from gradience_jax.operators.heads import Head, MeanSquaredError, SoftmaxCrossEntropy, compose
 from gradience_jax.tree import path_str
 
 PyTree = Any
@@ -728,7 +728,7 @@ def _run(plan: _Plan, param_leaves, example_leaves, probes):
 # ---------------------------------------------------------------------------------------
 
 
-def _hessian_sqrt(head: _Head, outputs: jax.Array, targets: Any) -> jax.Array:
+def _hessian_sqrt(head: Head, outputs: jax.Array, targets: Any) -> jax.Array:
     """Columns ``q_k`` with ``sum_k q_k q_k^T = H_t`` per token: ``(K, *lead, C)``."""
     c = outputs.shape[-1]
     eye = jnp.eye(c, dtype=outputs.dtype)
@@ -1104,7 +1104,7 @@ def kfac(
         raise ValueError(f"fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}")
     if kfac_approx not in KFAC_APPROX:
         raise ValueError(f"kfac_approx must be one of {KFAC_APPROX}, got {kfac_approx!r}")
-    if fisher_type in ("type-2", "mc") and not isinstance(head, _Head):
+    if fisher_type in ("type-2", "mc") and not isinstance(head, Head):
         raise ValueError(
             f"fisher_type={fisher_type!r} needs a built-in head (gj.heads.softmax_cross_entropy "
             f"/ mse) with an analytic Hessian; got {type(head).__name__}. Use "
@@ -1117,7 +1117,7 @@ def kfac(
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     check_params(params)
     check_batch(batch)
-    loss_fn = _Loss(model_fn, head)
+    loss_fn = compose(model_fn, head)
     check_scalar_fn(loss_fn, (params, batch), "head(model_fn(params, batch), batch)")
     if check:
         check_loss_at_point(loss_fn, params, batch, "the loss head(model_fn(params, batch))")
@@ -1131,15 +1131,6 @@ def kfac(
     factors = _compute_factors(plan, cfg, params, batch, key)
     return KFACOperator(_KFACPrepare(plan), (factors,), params, coverage=plan.coverage,
                         is_psd=True, name="kfac")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Loss:
-    model_fn: Callable
-    head: Callable
-
-    def __call__(self, params, batch):
-        return self.head(self.model_fn(params, batch), batch)
 
 
 class _IdentityHashed:

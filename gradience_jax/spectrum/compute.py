@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax.lanczos import REORTH_MODES
+from gradience_jax.operators import registry
 from gradience_jax.operators.base import LinearOperator
+from gradience_jax.operators.heads import Head
 from gradience_jax.spectrum.eigsh import eigsh
 from gradience_jax.spectrum.plan import (
     check_int as _check_int,
@@ -24,7 +26,8 @@ from gradience_jax.spectrum.ritz import WHICH
 
 PyTree = Any
 
-OPERATORS = ("hessian", "ggn", "empirical_fisher", "ef", "mc_fisher", "kfac")
+#: Operator names ``compute_spectrum`` accepts: the registry's names and aliases.
+OPERATORS = registry.names() + tuple(registry.ALIASES)
 REGULARIZATION_MODES = ("off", "fixed", "relative", "auto")
 
 __all__ = ["LanczosConfig", "OPERATORS", "compute_spectrum"]
@@ -104,43 +107,6 @@ def _compute_dtype(params: PyTree, operator: str, dtype_compute: Any) -> Any:
     return jnp.dtype(jnp.float32) if low else None
 
 
-def _build_operator(operator, loss_fn, params, batch, model_fn, head, key):
-    if operator == "hessian":
-        if loss_fn is None:
-            if model_fn is None or head is None:
-                raise ValueError("operator='hessian' needs loss_fn (or model_fn and head)")
-            from gradience_jax.operators.ggn import _composed_loss
-
-            loss_fn = _composed_loss(model_fn, head)
-        from gradience_jax.operators.hessian import hessian
-
-        return hessian(loss_fn, params, batch)
-    if operator == "empirical_fisher":
-        if loss_fn is None:
-            raise ValueError("operator='empirical_fisher' needs loss_fn")
-        from gradience_jax.operators.fisher import empirical_fisher
-
-        return empirical_fisher(loss_fn, params, batch)
-    if model_fn is None or head is None:
-        raise ValueError(
-            f"operator={operator!r} needs model_fn and head "
-            "(loss = head(model_fn(params, batch), batch))"
-        )
-    if operator == "ggn":
-        from gradience_jax.operators.ggn import ggn
-
-        return ggn(model_fn, head, params, batch)
-    if operator == "mc_fisher":
-        from gradience_jax.operators.fisher import mc_fisher
-        from gradience_jax.operators.heads import _Head
-
-        kw = {"head": head} if isinstance(head, _Head) else {}
-        return mc_fisher(model_fn, params, batch, key, **kw)
-    from gradience_jax.operators.kfac import kfac
-
-    return kfac(model_fn, head, params, batch)
-
-
 def compute_spectrum(
     loss_fn: Callable[[PyTree, PyTree], jax.Array] | None,
     params: PyTree,
@@ -167,7 +133,9 @@ def compute_spectrum(
             ``"mc_fisher"``, ``"kfac"``, or a ready :class:`LinearOperator`.
         config: :class:`LanczosConfig` (default ``LanczosConfig()``).
         model_fn, head: ``loss = head(model_fn(params, batch), batch)`` for ggn /
-            mc_fisher / kfac.
+            mc_fisher / kfac (hessian / empirical_fisher compose them when ``loss_fn`` is
+            ``None``). The operator is built by :func:`gradience_jax.operators.registry.build`;
+            for mc_fisher a built-in head's likelihood is sampled (other heads: categorical).
 
     Returns:
         :class:`SpectrumResult`.
@@ -187,10 +155,13 @@ def compute_spectrum(
             raise ValueError(
                 f"operator must be one of {OPERATORS} or a LinearOperator, got {operator!r}"
             )
-        name = "empirical_fisher" if operator == "ef" else operator
+        name = registry.canonical_name(operator)
         dt = _compute_dtype(params, name, cfg.dtype_compute)
         p = params if dt is None else _cast_params(params, dt)
-        op = _build_operator(name, loss_fn, p, batch, model_fn, head, jax.random.fold_in(key, 7))
+        if name == "mc_fisher" and not isinstance(head, Head):
+            head = None  # mc_fisher samples a built-in head's likelihood, else categorical
+        op = registry.build(name, loss_fn=loss_fn, model_fn=model_fn, head=head, params=p,
+                            batch=batch, key=jax.random.fold_in(key, 7))
     n = op.n_params
     if cfg.k > n:
         raise ValueError(f"config.k={cfg.k} exceeds n_params={n}")

@@ -23,6 +23,7 @@ from gradience_jax.lanczos import (
     host_random_vector,
     random_vector,
 )
+from gradience_jax._validate import check_key
 from gradience_jax.operators.base import LinearOperator
 from gradience_jax.spectrum.engine import (
     ASYMMETRIC,
@@ -167,7 +168,7 @@ def eigsh(
         chunk=chunk, basis_size=basis_size, basis_dtype=basis_dtype,
         flat=_layout_flag(layout, op, v0),
     )
-    key = jax.random.key(42) if key is None else key
+    key = check_key(key)
     like = op.params_like
     check_operator_output(op, like)
     if v0 is not None:
@@ -339,7 +340,7 @@ def eigsh_fast(
         which: ``"LA"``, ``"SA"``, ``"LM"`` or ``"BE"``.
         reorth: ``"full"``, ``"window"`` or ``"none"``.
         window: ring-buffer size for ``"window"``.
-        key: PRNG key (default ``jax.random.key(0)``).
+        key: PRNG key (default ``jax.random.key(42)``, the one default seed).
         filter_ghosts: Cullum-Willoughby filter (default: not ``"full"``).
         tol: tolerance of the ``converged`` flags.
         basis_size: thick-restart rows (default ``min(num_iters, max(2k + 10, 30))``).
@@ -362,7 +363,7 @@ def eigsh_fast(
         true_residuals=False, chunk=num_iters, basis_size=basis_size, basis_dtype=None,
         flat=flat_layout(op, v0),
     )
-    key = jax.random.key(0) if key is None else key
+    key = check_key(key)
     if v0 is None:
         v0 = random_vector(jax.random.fold_in(key, 0), op.params_like, "normal")
     out = run_engine_traced(op, v0, jax.random.fold_in(key, 1), tol, cap, plan)
@@ -410,7 +411,7 @@ def top_eigenpairs(
         op: symmetric operator.
         k: number of eigenpairs, ``1 <= k <= n_params``.
         which: ``"LA"``, ``"SA"``, ``"BE"`` or ``"LM"`` (output order as :func:`eigsh`).
-        key: PRNG key of the Lanczos start vector (default ``jax.random.key(0)``).
+        key: PRNG key of the Lanczos start vector (default ``jax.random.key(42)``, the one default seed).
         dense_limit: largest dimension solved densely (``to_dense()`` + ``eigh``: ``n^2``
             memory, ``n`` matvecs).
         return_eigenvectors: also return unit eigenvectors (pytree stack, leading axis k).
@@ -445,7 +446,7 @@ def top_eigenpairs(
             zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), op.params_like)
             vectors = tu.stack([tu.unravel_like(jnp.asarray(evecs[:, i], dt), zeros) for i in idx])
         return Eigenpairs(evals[idx], vectors, "dense")
-    res = eigsh(op, k=int(k), which=which, key=jax.random.key(0) if key is None else key,
+    res = eigsh(op, k=int(k), which=which, key=check_key(key),
                 return_eigenvectors=return_eigenvectors, **eigsh_kwargs)
     return Eigenpairs(np.asarray(res.eigenvalues, np.float64), res.eigenvectors, "lanczos")
 

@@ -179,7 +179,7 @@ def _rows_dot(basis: PyTree, w: PyTree) -> jax.Array:
     """``B^T w`` with the rows upcast to ``w``'s dtype (bfloat16 storage, float32 math)."""
     parts = [jnp.tensordot(b.astype(x.dtype), x, axes=x.ndim)
              for b, x in zip(jax.tree_util.tree_leaves(basis), jax.tree_util.tree_leaves(w))]
-    acc = jnp.result_type(*[x.dtype for x in parts])
+    acc = tu.promote_dtypes(*[x.dtype for x in parts])
     return sum((x.astype(acc) for x in parts[1:]), parts[0].astype(acc))
 
 
@@ -337,7 +337,7 @@ def rotate_rows(b: jax.Array, coeff: jax.Array, keep: int,
     shape = b.shape
     flat = b.reshape(rows, -1)
     size = flat.shape[1]
-    work = jnp.promote_types(b.dtype, jnp.float32)
+    work = tu.promote_dtypes(b.dtype, jnp.float32)
     ct = coeff.T.astype(work)
 
     def rotate(flat, start, width):
@@ -361,7 +361,7 @@ def _expand(c: _Cycle, mv: Callable, like: PyTree, plan: Plan) -> _Cycle:
     tdt = c.tmat.dtype
     sdt = _scalar_dtype(like)
     j = c.j
-    rows = jnp.arange(m + 1)
+    rows = jnp.arange(m + 1, dtype=jnp.result_type(j))
     v = _row(c.basis, j, like)
     aq = _to_work(mv(_to_like(v, like)))
     alpha0 = tu.vdot(v, aq)
@@ -387,7 +387,9 @@ def _expand(c: _Cycle, mv: Callable, like: PyTree, plan: Plan) -> _Cycle:
     q_next = tu.scale(1.0 / jnp.maximum(beta, jnp.finfo(sdt).tiny), w)
     beta = jnp.where(broke, jnp.zeros_like(beta), beta)
     row_sum = jnp.sum(jnp.where(rows < j, jnp.abs(c.tmat[j]), jnp.zeros((), tdt)))
-    anorm = jnp.maximum(c.anorm, (row_sum + jnp.abs(alpha) + beta).astype(c.anorm.dtype))
+    bound = tu.promote_dtypes(row_sum, alpha, beta)
+    row_bound = row_sum.astype(bound) + jnp.abs(alpha).astype(bound) + beta.astype(bound)
+    anorm = jnp.maximum(c.anorm, row_bound.astype(c.anorm.dtype))
     tmat = c.tmat.at[j, j].set(alpha.astype(tdt))
     tmat = tmat.at[j + 1, j].set(beta.astype(tdt)).at[j, j + 1].set(beta.astype(tdt))
     finite = jnp.isfinite(alpha) & jnp.isfinite(beta) & jnp.isfinite(asym)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradience_jax import tree as tu
 from gradience_jax.lanczos import (
     _scalar_dtype,
     check_reorth,
@@ -53,7 +54,7 @@ def default_memory_budget() -> int:
 def row_bytes(like: PyTree, dtype: Any = None) -> int:
     """Bytes of one stored basis row (work dtype, or ``dtype``)."""
     return int(sum(
-        int(np.prod(s.shape)) * jnp.dtype(dtype or jnp.promote_types(s.dtype, jnp.float32)).itemsize
+        int(np.prod(s.shape)) * jnp.dtype(dtype or tu.promote_dtypes(s.dtype, jnp.float32)).itemsize
         for s in jax.tree_util.tree_leaves(like)
     ))
 

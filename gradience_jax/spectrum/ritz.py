@@ -241,10 +241,12 @@ def which_scores(theta: jax.Array, valid: jax.Array, which: str) -> jax.Array:
     else:  # BE: rank from each end among the valid values
         big = jnp.where(valid, theta, jnp.inf)
         asc = jnp.argsort(big)
-        pos = jnp.zeros_like(asc).at[asc].set(jnp.arange(theta.shape[0]))
-        nv = jnp.sum(valid)
+        pos = jnp.zeros_like(asc).at[asc].set(jnp.arange(theta.shape[0], dtype=asc.dtype))
+        nv = jnp.sum(valid).astype(asc.dtype)
         r_hi = nv - 1 - pos
-        s = jnp.where(r_hi <= pos, -2.0 * r_hi, -2.0 * pos - 1.0).astype(theta.dtype)
+        # ranks are small integers: exact in theta's dtype
+        r_f, p_f = r_hi.astype(theta.dtype), pos.astype(theta.dtype)
+        s = jnp.where(r_hi <= pos, -2.0 * r_f, -2.0 * p_f - 1.0)
     return jnp.where(valid, s, neg)
 
 
@@ -273,7 +275,7 @@ def small_eigh(t: jax.Array, n_valid: jax.Array, solver: str) -> tuple[jax.Array
         eigenvectors.
     """
     m = t.shape[0]
-    idx = jnp.arange(m)
+    idx = jnp.arange(m, dtype=jnp.result_type(n_valid))
     inside = idx < n_valid
     block = jnp.where(inside[:, None] & inside[None, :], t, jnp.zeros_like(t))
     gersh = jnp.max(jnp.sum(jnp.abs(block), axis=1))
