@@ -1,19 +1,48 @@
 """gradience_jax: curvature and spectral geometry of neural networks, JAX-native.
 
-The public API is re-exported here; everything else is internal.
+The supported API is what ``__all__`` lists, grouped as in the design (operators, spectra,
+estimators, weights, inverse curvature, analysis modules). Every submodule's docstring says
+which of its names are supported; anything else (underscored or unlisted) is internal.
+
+The layers, bottom to top (nothing imports upward):
+
+* algebra and curvature: :mod:`~gradience_jax.tree`, :mod:`~gradience_jax.operators`;
+* algorithms: :mod:`~gradience_jax.spectrum` (the Krylov engine), ``lanczos``,
+  :mod:`~gradience_jax.estimators`, :mod:`~gradience_jax.solvers`;
+* analyses (numerics only): :mod:`~gradience_jax.geometry`, :mod:`~gradience_jax.weights`,
+  :mod:`~gradience_jax.landscape`, :mod:`~gradience_jax.attention`,
+  :mod:`~gradience_jax.probes`; :mod:`~gradience_jax.telemetry`;
+* fixtures: :mod:`~gradience_jax.models`, :mod:`~gradience_jax.data`;
+* on top, not imported here: ``gradience_jax.experiments`` (training loops, seed
+  experiments, Protocols A-D), ``gradience_jax.plots`` (figures from results) and
+  ``gradience_jax.app`` (the CLI, the report, checkpoints).
 """
 
-from gradience_jax import (
-    attention,
-    data,
-    geometry,
-    landscape,
-    models,
-    probes,
-    telemetry,
-    tree,
-    weights,
+# ruff: noqa: I001 - the imports follow the sections of __all__, not the alphabet
+# -- operators ---------------------------------------------------------------------------
+from gradience_jax.operators.base import LinearOperator, damped, from_dense, from_matvec
+from gradience_jax.operators.hessian import hessian
+from gradience_jax.operators.ggn import SplitModel, ggn
+from gradience_jax.operators.fisher import empirical_fisher, mc_fisher, per_example_grads
+from gradience_jax.operators.kfac import KFACOperator, kfac, kfac_inverse
+from gradience_jax.operators.select import params_filter
+from gradience_jax.operators.data import dataset_operator
+from gradience_jax.operators.heads import Head, compose
+from gradience_jax.operators.registry import build as build_operator
+from gradience_jax.operators import heads
+
+# -- spectra -----------------------------------------------------------------------------
+from gradience_jax.spectrum import (
+    LanczosConfig,
+    SpectrumResult,
+    compute_spectrum,
+    eigsh,
+    eigsh_fast,
+    top_eigenpairs,
 )
+from gradience_jax.lanczos import LanczosState, lanczos
+
+# -- estimators --------------------------------------------------------------------------
 from gradience_jax.estimators import (
     SpectralDensity,
     TraceEstimate,
@@ -23,68 +52,89 @@ from gradience_jax.estimators import (
     spectral_density,
     trace_of_square,
 )
-from gradience_jax.lanczos import LanczosState, lanczos
-from gradience_jax.operators import heads
-from gradience_jax.operators.base import LinearOperator, damped, from_dense, from_matvec
-from gradience_jax.operators.data import dataset_operator
-from gradience_jax.operators.fisher import empirical_fisher, mc_fisher, per_example_grads
-from gradience_jax.operators.ggn import SplitModel, ggn
-from gradience_jax.operators.hessian import hessian
-from gradience_jax.operators.kfac import KFACOperator, kfac, kfac_inverse
-from gradience_jax.operators.select import params_filter
-from gradience_jax.spectrum import (
-    LanczosConfig,
-    SpectrumResult,
-    compute_spectrum,
-    eigsh,
-    eigsh_fast,
+
+# -- weights -----------------------------------------------------------------------------
+from gradience_jax.weights import (
+    LayerSpectrum,
+    WeightSpectraReport,
+    layer_spectrum,
+    weight_spectra,
 )
-from gradience_jax.weights import LayerSpectrum, WeightSpectraReport, layer_spectrum, weight_spectra
+
+# -- inverse curvature -------------------------------------------------------------------
+from gradience_jax.solvers import CGResult, conjugate_gradient
+
+# -- analysis and utility modules --------------------------------------------------------
+from gradience_jax import attention
+from gradience_jax import data
+from gradience_jax import environment
+from gradience_jax import geometry
+from gradience_jax import landscape
+from gradience_jax import models
+from gradience_jax import probes
+from gradience_jax import solvers
+from gradience_jax import telemetry
+from gradience_jax import tree
+from gradience_jax import weights
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "KFACOperator",
-    "LanczosConfig",
-    "LanczosState",
-    "LayerSpectrum",
+    # operators
     "LinearOperator",
-    "SpectralDensity",
-    "SpectrumResult",
-    "TraceEstimate",
-    "WeightSpectraReport",
-    "compute_spectrum",
-    "diagonal",
-    "eigsh",
-    "eigsh_fast",
-    "hutchinson_trace",
-    "hutchpp_trace",
+    "hessian",
+    "ggn",
+    "SplitModel",
+    "empirical_fisher",
+    "mc_fisher",
+    "per_example_grads",
     "kfac",
     "kfac_inverse",
-    "lanczos",
-    "spectral_density",
-    "trace_of_square",
-    "SplitModel",
-    "damped",
-    "attention",
-    "data",
-    "geometry",
-    "landscape",
-    "probes",
+    "KFACOperator",
+    "params_filter",
     "dataset_operator",
-    "empirical_fisher",
+    "damped",
     "from_dense",
     "from_matvec",
-    "ggn",
+    "build_operator",
     "heads",
-    "hessian",
-    "mc_fisher",
+    "Head",
+    "compose",
+    # spectra
+    "eigsh",
+    "eigsh_fast",
+    "top_eigenpairs",
+    "SpectrumResult",
+    "LanczosConfig",
+    "compute_spectrum",
+    "lanczos",
+    "LanczosState",
+    # estimators
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "trace_of_square",
+    "diagonal",
+    "spectral_density",
+    "TraceEstimate",
+    "SpectralDensity",
+    # weights
+    "weight_spectra",
+    "layer_spectrum",
+    "LayerSpectrum",
+    "WeightSpectraReport",
+    # inverse curvature
+    "conjugate_gradient",
+    "CGResult",
+    # modules
+    "attention",
+    "data",
+    "environment",
+    "geometry",
+    "landscape",
     "models",
-    "params_filter",
-    "per_example_grads",
+    "probes",
+    "solvers",
     "telemetry",
     "tree",
-    "layer_spectrum",
-    "weight_spectra",
     "weights",
 ]

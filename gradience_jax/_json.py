@@ -11,8 +11,16 @@ import numpy as np
 
 
 def jsonable(v: Any) -> Any:
-    """JSON-safe copy: numpy / jax scalars and arrays to Python (nested lists), mappings to
-    dicts with string keys, non-finite floats to ``None``, unknown objects to ``str``.
+    """JSON-safe copy of ``v`` for ``json.dumps`` (strict JSON: no ``NaN`` tokens).
+
+    Numpy / jax scalars and arrays become Python (nested lists), mappings dicts with string
+    keys, non-finite floats ``None`` and unknown objects ``str``.
+
+    Args:
+        v: any value (nested mappings, sequences, arrays, scalars).
+
+    Returns:
+        The converted value.
     """
     if v is None or isinstance(v, (str, bool)):
         return v

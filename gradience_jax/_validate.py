@@ -16,12 +16,28 @@ PyTree = Any
 
 
 def is_traced(tree: PyTree) -> bool:
-    """True when any leaf is a tracer (we are inside jit / vmap / grad): skip eager checks."""
+    """True when any leaf is a tracer (we are inside jit / vmap / grad): skip eager checks.
+
+    Args:
+        tree: any pytree.
+
+    Returns:
+        Whether a leaf of ``tree`` is a ``jax.core.Tracer``.
+    """
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
 def check_params(params: PyTree, name: str = "params") -> None:
-    """Parameters must be a non-empty pytree of floating-point arrays."""
+    """Parameters must be a non-empty pytree of floating-point arrays.
+
+    Args:
+        params: the parameters to check.
+        name: the argument's name, for the error message.
+
+    Raises:
+        ValueError: ``params`` is an empty pytree.
+        TypeError: a leaf is not an array, or not floating point.
+    """
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     if not flat:
         raise ValueError(f"{name} is an empty pytree: there is nothing to differentiate")
@@ -40,7 +56,18 @@ def check_params(params: PyTree, name: str = "params") -> None:
 
 
 def check_batch(batch: PyTree, name: str = "batch") -> int:
-    """All leaves of ``batch`` must share a leading batch axis; returns its size."""
+    """All leaves of ``batch`` must share a leading batch axis; returns its size.
+
+    Args:
+        batch: the data pytree to check.
+        name: the argument's name, for the error message.
+
+    Returns:
+        The batch size (``>= 1``).
+
+    Raises:
+        ValueError: an empty pytree, a scalar leaf, inconsistent leading axes or size 0.
+    """
     flat = jax.tree_util.tree_flatten_with_path(batch)[0]
     if not flat:
         raise ValueError(f"{name} is an empty pytree")
@@ -62,7 +89,18 @@ def check_batch(batch: PyTree, name: str = "batch") -> int:
 
 
 def check_like(v: PyTree, like: PyTree, name: str = "v", like_name: str = "params") -> None:
-    """``v`` must have the structure, shapes and dtypes of ``like``."""
+    """``v`` must have the structure, shapes and dtypes of ``like``.
+
+    Args:
+        v: the pytree to check.
+        like: the reference pytree.
+        name: the name of ``v``, for the error message.
+        like_name: the name of ``like``, for the error message.
+
+    Raises:
+        ValueError: a different structure (naming missing / unexpected leaves) or shape.
+        TypeError: a different dtype.
+    """
     v_def = jax.tree_util.tree_structure(v)
     l_def = jax.tree_util.tree_structure(like)
     if v_def != l_def:
@@ -93,7 +131,15 @@ def check_like(v: PyTree, like: PyTree, name: str = "v", like_name: str = "param
 
 
 def check_all_finite(tree: PyTree, what: str) -> None:
-    """Raise ``FloatingPointError`` naming the first leaf with NaN / Inf (eager values only)."""
+    """Raise ``FloatingPointError`` naming the first leaf with NaN / Inf (eager values only).
+
+    Args:
+        tree: the pytree to check (skipped when traced).
+        what: what ``tree`` is, for the error message.
+
+    Raises:
+        FloatingPointError: a floating-point leaf holds NaN or Inf.
+    """
     if is_traced(tree):
         return
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -104,7 +150,17 @@ def check_all_finite(tree: PyTree, what: str) -> None:
 
 
 def check_scalar_fn(fn: Callable, args: tuple, name: str) -> None:
-    """``fn(*args)`` must return a real scalar (checked by shape inference only)."""
+    """``fn(*args)`` must return a real scalar (checked by shape inference only).
+
+    Args:
+        fn: the function to check (e.g. a ``loss_fn``).
+        args: its positional arguments.
+        name: the function's name, for the error message.
+
+    Raises:
+        ValueError: ``fn`` fails on ``args`` or does not return a scalar.
+        TypeError: the scalar is not floating point.
+    """
     try:
         out = jax.eval_shape(fn, *args)
     except Exception as exc:  # re-raise with context, keep the cause
@@ -125,7 +181,17 @@ def _jitted_value_and_grad(loss_fn: Callable) -> Callable:
 
 
 def check_loss_at_point(loss_fn: Callable, params: PyTree, batch: PyTree, name: str) -> None:
-    """The loss and its gradient must be finite at ``(params, batch)`` (one jitted pass)."""
+    """The loss and its gradient must be finite at ``(params, batch)`` (one jitted pass).
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        params: the evaluation point (skipped when traced).
+        batch: the data.
+        name: the loss's name, for the error message.
+
+    Raises:
+        FloatingPointError: the loss or a gradient leaf is not finite.
+    """
     if is_traced((params, batch)):
         return
     try:
@@ -146,7 +212,17 @@ def _jitted(fn: Callable) -> Callable:
 
 
 def check_outputs_finite(model_fn: Callable, params: PyTree, batch: PyTree, name: str) -> None:
-    """``model_fn(params, batch)`` must be finite (one jitted forward pass)."""
+    """``model_fn(params, batch)`` must be finite (one jitted forward pass).
+
+    Args:
+        model_fn: ``model_fn(params, batch) -> outputs``.
+        params: the evaluation point (skipped when traced).
+        batch: the data.
+        name: the outputs' name, for the error message.
+
+    Raises:
+        FloatingPointError: an output leaf is not finite.
+    """
     if is_traced((params, batch)):
         return
     try:

@@ -96,10 +96,12 @@ class AttentionParams(NamedTuple):
 
     @property
     def num_heads(self) -> int:
+        """Number of heads ``H`` (``wq.shape[1]``)."""
         return int(self.wq.shape[1])
 
     @property
     def head_dim(self) -> int:
+        """Per-head dimension ``Dh`` (``wq.shape[2]``)."""
         return int(self.wq.shape[2])
 
 
@@ -116,6 +118,9 @@ def attention_params(source: Any, layer: str | None = None) -> AttentionParams:
             whole NNX model.
         layer: path prefix of the block inside ``source`` (e.g. ``"blocks/0/attention"``);
             needed when ``source`` holds more than the block.
+
+    Returns:
+        :class:`AttentionParams` with the kernels (and biases, None where absent).
 
     Raises:
         ValueError: if the kernels are not found or have inconsistent shapes.
@@ -170,6 +175,7 @@ class AttentionSVD:
 
     @property
     def names(self) -> list[str]:
+        """The matrix names (``query``, ``key``, ``value``, ``out``, ``qk``, ``ov``)."""
         return list(self.singular_values)
 
 
@@ -192,9 +198,18 @@ def _svd_core(p: AttentionParams) -> dict:
 
 
 def attention_svd(source: Any, layer: str | None = None) -> AttentionSVD:
-    """Per-head SVD metrics of ``W_Q``, ``W_K``, ``W_V``, ``W_O``, ``W_Q W_K^T`` and
-    ``W_V W_O`` (see :class:`AttentionSVD`); ``source`` / ``layer`` as in
-    :func:`attention_params`.
+    """Per-head SVD metrics of ``W_Q``, ``W_K``, ``W_V``, ``W_O``, ``W_Q W_K^T`` and ``W_V W_O``.
+
+    Args:
+        source: the block, its params or a whole model, as in :func:`attention_params`.
+        layer: path prefix of the block inside ``source``, as in :func:`attention_params`.
+
+    Returns:
+        :class:`AttentionSVD` (float64 NumPy arrays). Cost: ``6 H`` SVDs, the largest
+        ``d_in x d_in`` (``qk``) and ``d_in x d_out`` (``ov``).
+
+    Raises:
+        ValueError: as :func:`attention_params`.
     """
     p = attention_params(source, layer)
     svs = {k: np.asarray(v, np.float64) for k, v in _svd_core(p._replace(
@@ -229,7 +244,14 @@ def qk_effective_rank(p: AttentionParams) -> jax.Array:
 
 
 def row_entropy(weights: Any) -> jax.Array:
-    """Entropy (nats) of every row (last axis) of an attention map; ``0 log 0 = 0``."""
+    """Entropy (nats) of every row (last axis) of an attention map; ``0 log 0 = 0``.
+
+    Args:
+        weights: attention probabilities ``(..., S)``, rows summing to 1.
+
+    Returns:
+        ``(...)`` entropies (the last axis reduced).
+    """
     w = jnp.asarray(weights)
     return -jnp.sum(jax.scipy.special.xlogy(w, w), axis=-1)
 
@@ -252,7 +274,12 @@ def attention_entropy(weights: Any, *, normalized: bool = False) -> jax.Array:
             (attendable) keys, so 1 means uniform over what the row can see; rows with a
             single key are skipped.
 
-    A uniform map over ``S`` keys has entropy ``log S`` (normalised: 1).
+    Returns:
+        ``(H,)`` mean entropies. A uniform map over ``S`` keys has entropy ``log S``
+        (normalised: 1).
+
+    Raises:
+        ValueError: if ``weights`` is not 3-D or 4-D.
     """
     w = _check_weights(weights)
     h = row_entropy(w)  # (B, H, T)
@@ -265,14 +292,34 @@ def attention_entropy(weights: Any, *, normalized: bool = False) -> jax.Array:
 
 
 def attention_effective_rank(weights: Any) -> jax.Array:
-    """Mean effective rank (Roy & Vetterli) of the ``T x S`` attention maps, per head ``(H,)``."""
+    """Mean effective rank (Roy & Vetterli) of the ``T x S`` attention maps, per head ``(H,)``.
+
+    Args:
+        weights: ``(B, H, T, S)`` or ``(H, T, S)`` attention probabilities.
+
+    Returns:
+        ``(H,)`` effective ranks averaged over the batch. Cost: ``B H`` SVDs of ``T x S``.
+
+    Raises:
+        ValueError: if ``weights`` is not 3-D or 4-D.
+    """
     w = _check_weights(weights)
     s = jnp.linalg.svd(w, compute_uv=False)  # (B, H, min(T, S))
     return jnp.mean(effective_rank(s), axis=0)
 
 
 def value_norms(value: Any) -> jax.Array:
-    """``||v_s^h||`` averaged over the batch: ``(H, S)`` from values ``(B, S, H, Dh)``."""
+    """``||v_s^h||`` averaged over the batch: ``(H, S)`` from values ``(B, S, H, Dh)``.
+
+    Args:
+        value: ``(B, S, H, Dh)`` or ``(S, H, Dh)`` values.
+
+    Returns:
+        ``(H, S)`` mean value norms per head and key position.
+
+    Raises:
+        ValueError: if ``value`` is not 3-D or 4-D.
+    """
     v = jnp.asarray(value)
     if v.ndim == 3:
         v = v[None]
@@ -292,8 +339,16 @@ def _pearson(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def query_correlation(query: Any) -> jax.Array:
-    """Pearson correlation of the ``H * Dh`` query features over all tokens,
-    ``(H*Dh, H*Dh)`` (head-major order); constant features get 0.
+    """Pearson correlation of the ``H * Dh`` query features over all tokens.
+
+    Args:
+        query: ``(..., T, H, Dh)`` queries; all leading axes are tokens.
+
+    Returns:
+        ``(H*Dh, H*Dh)`` correlations (head-major order); constant features get 0.
+
+    Raises:
+        ValueError: if ``query`` has fewer than 3 axes.
     """
     q = jnp.asarray(query)
     if q.ndim < 3:
@@ -303,8 +358,19 @@ def query_correlation(query: Any) -> jax.Array:
 
 
 def query_key_correlation(query: Any, key: Any) -> jax.Array:
-    """Per head, the correlation of query feature ``i`` with key feature ``j`` over tokens
-    (self-attention: the same positions), ``(H, Dh, Dh)``.
+    """Per head, the correlation of query feature ``i`` with key feature ``j`` over tokens.
+
+    Self-attention: queries and keys are taken at the same positions.
+
+    Args:
+        query: ``(..., T, H, Dh)`` queries.
+        key: keys of the same shape as ``query``.
+
+    Returns:
+        ``(H, Dh, Dh)`` correlations; constant features get 0.
+
+    Raises:
+        ValueError: if the shapes differ or have fewer than 3 axes.
     """
     q, k = jnp.asarray(query), jnp.asarray(key)
     if q.shape != k.shape or q.ndim < 3:
@@ -392,13 +458,24 @@ def _run_captured(model: Any, call: Callable[[Any], Any]) -> tuple[Any, dict]:
 
 def capture_attention(model: Any, *args: Any, method: str | None = None, **kwargs: Any
                       ) -> dict[str, AttentionCapture]:
-    """Run ``model(*args, **kwargs)`` (or ``getattr(model, method)(...)``) once and return
-    every ``nnx.MultiHeadAttention``'s queries, keys, values and attention weights, keyed
-    by module path (``"blocks/0/attention"``). The model is left unchanged.
+    """Run the model once and return what every ``nnx.MultiHeadAttention`` block computed.
+
+    Calls ``model(*args, **kwargs)`` (or ``getattr(model, method)(...)``) and records every
+    ``nnx.MultiHeadAttention``'s queries, keys, values and attention weights. The model is
+    left unchanged.
 
     Works with any ``attention_fn`` that sows ``"attention_weights"`` when passed
     ``module=`` (Flax's and gradience_jax's ``dot_product_attention`` do). If a block runs
     several times in one pass, the first call is reported.
+
+    Args:
+        model: an NNX model containing attention blocks.
+        *args: positional arguments of the call.
+        method: name of the method to call instead of ``model`` itself.
+        **kwargs: keyword arguments of the call.
+
+    Returns:
+        ``{module path: AttentionCapture}``, keyed like ``"blocks/0/attention"``.
 
     Raises:
         ValueError: no attention module, or an ``attention_fn`` that does not sow weights.
@@ -410,10 +487,19 @@ def capture_attention(model: Any, *args: Any, method: str | None = None, **kwarg
 
 
 def attention_capture_fn(model: Any, *, method: str | None = None, **kwargs: Any) -> Callable:
-    """A pure ``fn(params, *args) -> {path: AttentionCapture}`` for ``model``'s graph, where
-    ``params = nnx.split(model, nnx.Param, ...)[1]`` (the ``from_nnx`` params); ``kwargs``
-    are passed to every call. It can be jitted and vmapped, e.g. over a stacked training
-    trajectory.
+    """A pure ``fn(params, *args) -> {path: AttentionCapture}`` for ``model``'s graph.
+
+    ``params = nnx.split(model, nnx.Param, ...)[1]`` (the ``from_nnx`` params). The function
+    can be jitted and vmapped, e.g. over a stacked training trajectory.
+
+    Args:
+        model: an NNX model containing attention blocks (its graph is captured once).
+        method: name of the method to call instead of the model itself.
+        **kwargs: keyword arguments passed to every call.
+
+    Returns:
+        ``fn(params, *args)`` returning ``{module path: AttentionCapture}`` as
+        :func:`capture_attention`.
     """
     from flax import nnx  # noqa: PLC0415
 
@@ -447,17 +533,29 @@ def attention_hessian_eigenvalues(
     key: jax.Array | None = None,
     dense_limit: int = 2000,
 ) -> np.ndarray:
-    """Eigenvalues (descending) of the Hessian restricted to an attention block's parameters,
-    ``P^T H P`` through :func:`gradience_jax.params_filter`.
+    """Eigenvalues (descending) of the Hessian restricted to an attention block's parameters.
+
+    The restriction is ``P^T H P`` through :func:`gradience_jax.params_filter`.
 
     Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        params: the model parameters (pytree) at which the Hessian is taken.
+        batch: the data passed to ``loss_fn``.
         layer: path prefix of the block (``"blocks/0/attention"``); default: every leaf
-            whose path contains ``"attention"``. ``predicate(path, leaf)`` overrides it.
+            whose path contains ``"attention"``. ``predicate`` overrides it.
+        predicate: ``predicate(path, leaf) -> bool`` selecting the leaves; overrides ``layer``.
         k: number of top eigenvalues; default all of them when the block has at most
             ``dense_limit`` parameters (dense, exact), else 10 by Lanczos.
+        key: PRNG key of the Lanczos start vector (large blocks only).
+        dense_limit: largest selected parameter count handled by a dense eigendecomposition.
+
+    Returns:
+        ``(k,)`` float64 eigenvalues, descending. Cost: ``n`` Hessian-vector products and
+        one ``eigh`` when dense (``n`` selected parameters), else one Lanczos run.
 
     Raises:
         ValueError: no parameter selected.
+        FloatingPointError: the restricted Hessian is not finite.
     """
     from gradience_jax.landscape.eigen import top_eigenpairs  # noqa: PLC0415
     from gradience_jax.operators.hessian import hessian  # noqa: PLC0415
@@ -556,11 +654,19 @@ def attention_geometry(
         model: an NNX model (or the attention module itself).
         inputs: what ``model`` is called with (one positional argument).
         layer: the block's path (``"blocks/0/attention"``); may be omitted if there is one.
-        loss_fn, batch: when given, the Hessian restricted to the block's parameters is
-            computed at ``params = nnx.split(model, nnx.Param, ...)[1]`` (the params of
+        loss_fn: when given (with ``batch``), the Hessian restricted to the block's parameters
+            is computed at ``params = nnx.split(model, nnx.Param, ...)[1]`` (the params of
             ``models.from_nnx``, whose ``loss_fn`` fits here).
+        batch: the data of ``loss_fn`` (required with it).
         hessian_k: number of Hessian eigenvalues (default all for a small block).
         key: Lanczos key for large blocks.
+
+    Returns:
+        :class:`AttentionGeometry` of the block.
+
+    Raises:
+        ValueError: no attention block, an unknown or ambiguous ``layer``, or ``loss_fn``
+            without ``batch``.
     """
     from flax import nnx  # noqa: PLC0415
 

@@ -220,8 +220,13 @@ def fisher_trace(
 
 
 class Eigenpairs(NamedTuple):
-    """Top eigenvalues (descending) and optionally eigenvectors (a pytree whose leaves
-    have a leading axis of size ``k``).
+    """Top eigenvalues (descending) and optionally eigenvectors.
+
+    Attributes:
+        values: ``(k,)`` eigenvalues, descending.
+        vectors: the eigenvectors, a pytree whose leaves have a leading axis of size ``k``
+            (None unless requested).
+        method: ``"exact"`` or ``"lanczos"``.
     """
 
     values: np.ndarray
@@ -243,6 +248,19 @@ def top_eigenvalues(
 
     ``"exact"``: dense ``numpy.linalg.eigh`` (float64). Otherwise the Krylov engine
     (:func:`gradience_jax.spectrum.top_eigenpairs`, thick-restart Lanczos).
+
+    Args:
+        op: a symmetric operator.
+        k: number of eigenvalues, ``1 <= k <= n_params``.
+        key: ``jax.random`` key of the Lanczos start vector (matrix-free path only).
+        method: ``"auto"``, ``"exact"`` or ``"matrix-free"``.
+        return_eigenvectors: also return the eigenvectors (as stacked pytrees).
+        dense_limit: largest ``n_params`` for which ``"auto"`` goes dense.
+        max_exact: old name of ``dense_limit`` (used when given).
+
+    Returns:
+        :class:`Eigenpairs`. Cost: ``n_params`` products and one ``eigh`` (exact), else one
+        Lanczos run.
 
     Raises:
         ValueError: if ``k`` is not in ``[1, n_params]``, or the matrix-free path is needed
@@ -293,6 +311,11 @@ def condition_number(
         lam_min: smallest eigenvalue if known (matrix-free path only).
         key: for the Lanczos path.
         method: ``"auto"``, ``"exact"`` or ``"matrix-free"`` (Lanczos).
+        dense_limit: largest ``n_params`` for which ``"auto"`` goes dense.
+        max_exact: old name of ``dense_limit`` (used when given).
+
+    Returns:
+        :class:`ConditionNumber`.
 
     Raises:
         ValueError: on negative or non-finite ``damping``.
@@ -312,8 +335,10 @@ def condition_number(
 
 
 class EffectiveDimension(NamedTuple):
-    """``d_eff = sum_i l_i / (l_i + damping)`` with a standard error (0 when exact) and,
-    for the stochastic path, the largest relative CG residual over the probes.
+    """``d_eff = sum_i l_i / (l_i + damping)`` with a standard error (0 when exact).
+
+    For the stochastic path, ``cg_max_residual`` is the largest relative CG residual over
+    the probes.
     """
 
     value: float
@@ -355,8 +380,24 @@ def effective_dimension(
     Stochastic path: ``z^T F (F + lam)^-1 z`` per Rademacher probe, with one CG solve per
     probe (``maxiter`` defaults to ``min(2 n, 1000)``).
 
+    Args:
+        op: PSD operator ``F``.
+        damping: ``lam > 0``.
+        key: ``jax.random`` key of the probes (stochastic path only).
+        num_samples: Rademacher probes (``>= 2``), one CG solve each.
+        method: ``"auto"``, ``"exact"`` or ``"matrix-free"``.
+        tol: relative residual target of each CG solve.
+        maxiter: CG iteration cap (default ``min(2 n, 1000)``).
+        dense_limit: largest ``n_params`` for which ``"auto"`` goes dense.
+        max_exact: old name of ``dense_limit`` (used when given).
+
+    Returns:
+        :class:`EffectiveDimension`; a :class:`CGNotConvergedWarning` is emitted when a
+        probe's CG residual stays above ``10 * tol``.
+
     Raises:
-        ValueError: if ``damping <= 0`` (the resolvent needs it).
+        ValueError: if ``damping <= 0`` (the resolvent needs it), ``num_samples < 2`` or the
+            stochastic path has no ``key``.
     """
     _check_op(op)
     lam = _check_damping(damping)
@@ -424,7 +465,11 @@ def natural_gradient(
         op: PSD Fisher / GGN / K-FAC operator ``F``.
         grad: the gradient ``g`` (pytree like the parameters).
         damping: Tikhonov damping ``> 0``.
-        tol, maxiter, x0, preconditioner: see :func:`conjugate_gradient`.
+        tol: relative residual target, see :func:`conjugate_gradient`.
+        maxiter: iteration cap (default ``min(2 n, 1000)``), see :func:`conjugate_gradient`.
+        x0: initial guess (default zeros), see :func:`conjugate_gradient`.
+        preconditioner: an operator approximating ``(F + damping I)^-1``, see
+            :func:`conjugate_gradient`.
 
     Returns:
         :class:`NaturalGradient` with the direction, ``cos(g, F^-1 g)``, the CG residual
@@ -567,6 +612,7 @@ class CurvatureComparison(NamedTuple):
     method: str
 
     def to_dict(self) -> dict:
+        """The fields as a plain dict, the eigenvalue arrays as lists of floats."""
         d = self._asdict()
         d["top_approx"] = [float(x) for x in self.top_approx]
         d["top_reference"] = [float(x) for x in self.top_reference]
@@ -624,16 +670,24 @@ def compare_curvature(
     """Compare an approximate curvature operator (e.g. K-FAC) with a reference (e.g. GGN).
 
     Args:
-        approx, reference: operators over the same parameters.
+        approx: the approximate operator (e.g. K-FAC).
+        reference: the reference operator (e.g. GGN), over the same parameters.
         k: top eigenpairs compared (ratio of the largest, overlap of the subspaces).
         key: for matrix-free paths.
         blocks: parameter-path groups for the block-diagonal comparison; ``"auto"`` takes
             ``approx.coverage.blocks`` when ``approx`` is a K-FAC operator.
         method: ``"auto"``, ``"exact"`` (dense) or ``"matrix-free"``.
         num_samples: probes for the matrix-free Frobenius error.
+        dense_limit: largest ``n_params`` for which ``"auto"`` goes dense.
+        max_exact: old name of ``dense_limit`` (used when given).
+
+    Returns:
+        :class:`CurvatureComparison`. Cost: two dense matrices and ``eigh`` (exact), else two
+        Lanczos runs and ``num_samples`` products of each operator.
 
     Raises:
-        ValueError: if the operators act on different parameter trees.
+        ValueError: if the operators act on different parameter trees, or the matrix-free
+            path has no ``key``.
     """
     _check_op(approx, "approx")
     _check_op(reference, "reference")

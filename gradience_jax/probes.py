@@ -101,8 +101,9 @@ __all__ = [
 
 
 class Probe(NamedTuple):
-    """A jittable probe: ``init(params) -> state`` and
-    ``apply(params, batch, key, state) -> (metrics, state)``.
+    """A jittable probe: ``init(params) -> state``, ``apply(params, batch, key, state)``.
+
+    ``apply`` returns ``(metrics, state)``.
 
     Attributes:
         name: prefix of every metric key (``"<name>/<field>"``) and of the flags.
@@ -117,6 +118,17 @@ class Probe(NamedTuple):
     def __call__(
         self, params: PyTree, batch: PyTree, key: jax.Array, state: PyTree
     ) -> tuple[Metrics, PyTree]:
+        """Run the probe: ``self.apply(params, batch, key, state)``.
+
+        Args:
+            params: the parameters.
+            batch: the data of the step.
+            key: a ``jax.random`` key.
+            state: the probe state (from ``init`` or the previous call).
+
+        Returns:
+            ``(metrics, new_state)``.
+        """
         return self.apply(params, batch, key, state)
 
 
@@ -189,7 +201,8 @@ def _stateless_init(params: PyTree) -> tuple:
 def _work_zeros(params: PyTree, rows: int) -> PyTree:
     """Zeros ``(rows, *leaf.shape)`` per leaf in the leaf's work dtype (float32 or wider)."""
     return jax.tree_util.tree_map(
-        lambda x: jnp.zeros((rows,) + tuple(np.shape(x)), tu.accumulation_dtype(jnp.result_type(x))),
+        lambda x: jnp.zeros((rows,) + tuple(np.shape(x)),
+                            tu.accumulation_dtype(jnp.result_type(x))),
         params,
     )
 
@@ -261,6 +274,13 @@ def combine(*probes: Probe, name: str = "probes") -> Probe:
     """One probe running ``probes`` in order; metrics are merged, states kept in a tuple.
 
     Each probe gets its own key (``jax.random.fold_in(key, i)``).
+
+    Args:
+        *probes: the probes, with unique names.
+        name: the name of the combined probe.
+
+    Returns:
+        A :class:`Probe` whose state is the tuple of the probes' states.
 
     Raises:
         ValueError: no probes, a non-:class:`Probe` argument, or two probes producing the
@@ -448,10 +468,28 @@ def ggn_eigenvalues(
     linearize: bool = True,
     name: str = "ggn_top",
 ) -> Probe:
-    """Top GGN eigenvalues ``J^T H_head J`` by warm-started Lanczos (the Fisher's for
-    softmax cross-entropy). Same state, metrics and arguments as
+    """Top GGN eigenvalues ``J^T H_head J`` by warm-started Lanczos.
+
+    For softmax cross-entropy these are the Fisher's. Same state, metrics and arguments as
     :func:`hessian_eigenvalues` (``which`` is always ``"LA"``); one GGN product (a ``jvp``
     and a ``vjp`` of ``model_fn``) per iteration.
+
+    Args:
+        model_fn: ``model_fn(params, batch) -> outputs``.
+        head: ``head(outputs, batch) -> scalar`` loss on the outputs.
+        k: number of eigenvalues.
+        num_iters: warm-started Lanczos iterations per call (clamped to ``n_params``).
+        cold_restarts: Lanczos runs of ``num_iters`` iterations on the first (cold) call.
+        reorth: Lanczos re-orthogonalisation (``"full"``, ``"window"``, ``"none"``).
+        perturbation: relative norm of the random perturbation of the warm start.
+        linearize: linearise ``model_fn`` once per call (see :func:`gradience_jax.ggn`).
+        name: metric prefix.
+
+    Returns:
+        A :class:`Probe` whose state is an :class:`EigenProbeState`.
+
+    Raises:
+        ValueError: bad ``k`` / ``num_iters`` / ``perturbation`` / ``name``.
     """
     name = _check_name(name)
 
@@ -474,6 +512,19 @@ def hessian_trace(
 
     Cost: ``num_samples`` Hessian-vector products. Metrics: ``"<name>/estimate"``,
     ``"<name>/stderr"`` (standard error over the probes), ``"<name>/nonfinite"``.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss.
+        num_samples: Hutchinson probes per call.
+        distribution: ``"rademacher"`` or ``"normal"`` probe vectors.
+        linearize: linearise the gradient once per call (see :func:`gradience_jax.hessian`).
+        name: metric prefix.
+
+    Returns:
+        A stateless :class:`Probe`.
+
+    Raises:
+        ValueError: ``num_samples`` not a positive integer, or a bad ``name``.
     """
     name = _check_name(name)
     num_samples = _check_positive_int("num_samples", num_samples)
@@ -529,6 +580,14 @@ def gradient_stats(
     ``"<name>/trace_cov"``, ``"<name>/noise_scale"`` (NaN when ``m = 1``),
     ``"<name>/nonfinite"``.
 
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss.
+        num_microbatches: ``m``, the number of equal micro-batches (must divide ``B``).
+        name: metric prefix.
+
+    Returns:
+        A stateless :class:`Probe`.
+
     Raises:
         ValueError: ``num_microbatches`` not a positive integer, or (at trace time) not a
             divisor of the batch size.
@@ -573,7 +632,9 @@ def gradient_stats(
 # -- weight probes --------------------------------------------------------------------------------
 
 
-def _weight_leaves(params: PyTree, filter_fn: Callable[[str, Any], bool] | None) -> list[tuple[str, str, Any]]:
+def _weight_leaves(
+    params: PyTree, filter_fn: Callable[[str, Any], bool] | None
+) -> list[tuple[str, str, Any]]:
     """``(path, rule, leaf)`` for every leaf the auto rule of ``weights`` treats as a matrix."""
     out = []
     for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -607,6 +668,15 @@ def weight_metrics(
 
     Cost: one SVD per layer (``O(N M^2)``); no state.
 
+    Args:
+        fields: the :class:`~gradience_jax.weights.MatrixMetrics` fields to log.
+        k_top: number of top singular values (``top_singular_values``).
+        filter: optional ``(path, leaf) -> bool`` selecting the leaves analysed.
+        name: metric prefix.
+
+    Returns:
+        A stateless :class:`Probe`.
+
     Raises:
         ValueError: unknown field, ``k_top < 1``, bad ``name``.
     """
@@ -636,8 +706,17 @@ def update_to_weight_ratios(
     Call it in the train step with the optimiser's update (``optax`` ``updates`` or
     ``new_params - params`` for ``nnx.Optimizer``) and the parameters it is applied to.
 
+    Args:
+        updates: the update, a pytree like ``params``.
+        params: the parameters the update is applied to.
+        name: metric prefix.
+        eps: floor of ``||w||`` against division by zero.
+
     Returns:
         ``{"<name>/<path>": ratio, "<name>/global": ||u|| / ||w||}``.
+
+    Raises:
+        ValueError: ``updates`` and ``params`` have different numbers of leaves.
     """
     out: Metrics = {}
     flat_u = jax.tree_util.tree_flatten_with_path(updates)[0]
@@ -666,6 +745,15 @@ def update_ratios(*, name: str = "update_ratio") -> Probe:
     per-step ratio on sparse schedules). NaN on the first call.
 
     Metrics: ``"<name>/<path>"`` per leaf, ``"<name>/global"``, ``"<name>/nonfinite"``.
+
+    Args:
+        name: metric prefix.
+
+    Returns:
+        A :class:`Probe` whose state holds the previous parameters.
+
+    Raises:
+        ValueError: a bad ``name``.
     """
     name = _check_name(name)
 

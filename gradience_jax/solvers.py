@@ -117,7 +117,18 @@ def _cg_jit(op, precond, b, x0, tol, maxiter):
 
 
 def default_cg_maxiter(op: LinearOperator, maxiter: int | None) -> int:
-    """``maxiter`` checked (``>= 1``), or the default ``min(2 n, 1000)``."""
+    """``maxiter`` checked (``>= 1``), or the default ``min(2 n, 1000)``.
+
+    Args:
+        op: the operator (``n = op.n_params``).
+        maxiter: the requested iteration cap, or None for the default.
+
+    Returns:
+        The iteration cap as an int.
+
+    Raises:
+        ValueError: ``maxiter < 1``.
+    """
     if maxiter is None:
         return int(min(2 * op.n_params, 1000))
     if int(maxiter) < 1:

@@ -1,6 +1,7 @@
-"""Weight transfer to PyTorch: the same MLP, CNN and tiny transformer LM as ``torch.nn``
-modules holding a copy of the Flax parameters, so both frameworks evaluate the identical
-function (used by the agreement tests and the benchmarks against PyTorch peers:
+"""Weight transfer to PyTorch: the MLP, CNN and tiny transformer LM as ``torch.nn`` modules.
+
+Each ``torch.nn`` module holds a copy of the Flax parameters, so both frameworks evaluate the
+identical function (used by the agreement tests and the benchmarks against PyTorch peers:
 PyHessian, curvlinops, BackPACK, hessian-eigenthings).
 
 PyTorch is imported lazily inside the functions: ``import gradience_jax`` never imports
@@ -12,15 +13,21 @@ map carries parameters, tangent vectors, HVPs and gradients between the framewor
 ============================  ==========================  =================================
 Flax leaf                     Flax shape                  PyTorch parameter
 ============================  ==========================  =================================
-``nnx.Linear`` kernel         ``(in, out)``               ``nn.Linear.weight (out, in)`` = ``kernel.T``
+``nnx.Linear`` kernel         ``(in, out)``               ``nn.Linear.weight (out, in)``
+                                                          = ``kernel.T``
 ``nnx.Linear`` / Conv bias    ``(out,)``                  ``bias (out,)`` unchanged
-``nnx.Conv`` kernel           ``(kh, kw, in, out)``       ``nn.Conv2d.weight (out, in, kh, kw)`` = ``kernel.transpose(3, 2, 0, 1)``
+``nnx.Conv`` kernel           ``(kh, kw, in, out)``       ``nn.Conv2d.weight (out, in, kh, kw)``
+                                                          = ``kernel.transpose(3, 2, 0, 1)``
 CNN ``head`` kernel           ``(H*W*C, out)``, rows in   ``weight (out, C*H*W)``: rows re-ordered
-                              NHWC-flatten order          to NCHW-flatten order (``nn.Flatten`` of NCHW)
-attention query/key/value     ``(d, heads, head_dim)``    ``nn.Linear.weight (heads*head_dim, d)`` = ``reshape(d, -1).T``
+                              NHWC-flatten order          to NCHW-flatten order
+                                                          (``nn.Flatten`` of NCHW)
+attention query/key/value     ``(d, heads, head_dim)``    ``nn.Linear.weight (heads*head_dim, d)``
+                                                          = ``reshape(d, -1).T``
 attention q/k/v bias          ``(heads, head_dim)``       ``bias (heads*head_dim,)``
-attention ``out`` kernel      ``(heads, head_dim, d)``    ``nn.Linear.weight (d, heads*head_dim)`` = ``reshape(-1, d).T``
-``nnx.LayerNorm`` scale/bias  ``(d,)``                    ``nn.LayerNorm.weight / bias`` (eps copied, 1e-6)
+attention ``out`` kernel      ``(heads, head_dim, d)``    ``nn.Linear.weight (d, heads*head_dim)``
+                                                          = ``reshape(-1, d).T``
+``nnx.LayerNorm`` scale/bias  ``(d,)``                    ``nn.LayerNorm.weight / bias``
+                                                          (eps copied, 1e-6)
 ``nnx.Embed`` embedding       ``(V, d)``                  ``nn.Embedding.weight (V, d)`` unchanged
 ============================  ==========================  =================================
 
@@ -33,16 +40,27 @@ approximation (``jax.nn.gelu``'s default) and attention is written out (einsum, 
 with ``finfo.min``, softmax) exactly like ``gradience_jax.models.dot_product_attention``.
 
 Example:
-    >>> tm = to_torch(model)                                  # doctest: +SKIP
-    >>> x, y = tm.batch(batch)                                # doctest: +SKIP
-    >>> loss = tm.criterion()(tm.module(x), y)                # == loss_fn(params, batch)
-    >>> hv_torch = tm.from_torch(torch_hvp(tm.to_torch(v)))   # back in the Flax layout
+    The PyTorch steps need the ``[torch]`` extra, so the doctests skip them.
+
+    >>> from gradience_jax import data, heads, models
+    >>> model = models.MLP([16, 8, 4], rngs=nnx.Rngs(0))
+    >>> batch = data.classification(jax.random.key(0), n=32)
+    >>> adapted = models.from_nnx(model, heads.softmax_cross_entropy())
+    >>> tm = to_torch(model)  # doctest: +SKIP
+    >>> x, y = tm.batch(batch)  # doctest: +SKIP
+    >>> loss = tm.criterion()(tm.module(x), y)  # doctest: +SKIP
+    >>> bool(abs(loss.item() - adapted.loss_fn(adapted.params, batch)) < 1e-5)  # doctest: +SKIP
+    True
+    >>> v = jax.tree_util.tree_map(jnp.ones_like, adapted.params)
+    >>> hv_torch = tm.products(batch).hvp_func(tm.to_torch(v))  # doctest: +SKIP
+    >>> hv = tm.from_torch(hv_torch)  # back in the Flax layout  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,7 +68,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from gradience_jax.models import CNN, MLP, TinyTransformerLM
+from gradience_jax.operators.heads import MeanSquaredError, SoftmaxCrossEntropy
 from gradience_jax.tree import leaf_paths
 
 PyTree = Any
@@ -70,14 +91,12 @@ __all__ = [
 
 def torch_available() -> bool:
     """Whether ``import torch`` works (without importing it when it is absent)."""
-    import importlib.util
-
     return importlib.util.find_spec("torch") is not None
 
 
 def _torch():
     try:
-        import torch
+        import torch  # noqa: PLC0415 - optional dependency, the [torch] extra
     except ImportError as exc:  # pragma: no cover - exercised only without torch
         raise ImportError(
             "gradience_jax.torch_bridge needs PyTorch: pip install 'gradience-jax[torch]'"
@@ -215,9 +234,18 @@ class TorchModel:
         return dict(zip(paths, jax.tree_util.tree_leaves(tree)))
 
     def to_torch(self, tree: PyTree, dtype: Any = None) -> list:
-        """A pytree shaped like the Flax params (params, a vector, a gradient) as a list of
-        tensors in ``module.parameters()`` layout and order (dtype: the module's, or
-        ``dtype``).
+        """A pytree shaped like the Flax params as tensors in ``module.parameters()`` layout.
+
+        Args:
+            tree: a pytree like the Flax params (params, a vector, a gradient).
+            dtype: dtype of the tensors (default: the module's parameter dtypes).
+
+        Returns:
+            A list of tensors in ``module.parameters()`` layout and order.
+
+        Raises:
+            ValueError: ``tree`` does not match the params, or a leaf converts to the wrong
+                shape.
         """
         torch = _torch()
         flat = self._flat(tree)
@@ -230,15 +258,27 @@ class TorchModel:
                     f"leaf '{m.flax_path}' converts to shape {arr.shape}, PyTorch parameter "
                     f"'{m.torch_name}' has {tuple(p.shape)}"
                 )
-            out.append(torch.as_tensor(arr, dtype=p.dtype if dtype is None else _torch_dtype(dtype)))
+            tdt = p.dtype if dtype is None else _torch_dtype(dtype)
+            out.append(torch.as_tensor(arr, dtype=tdt))
         return out
 
     def from_torch(self, tensors: Sequence[Any], like: PyTree | None = None, *,
                    batched: bool = False) -> PyTree:
-        """Inverse of :meth:`to_torch`: tensors in ``module.parameters()`` order -> a pytree
-        like ``like`` (default: the Flax params' structure, the tensors' dtype).
-        ``batched=True``: every tensor has a leading axis (e.g. per-example gradients)
-        that is kept in front.
+        """Inverse of :meth:`to_torch`: tensors in ``module.parameters()`` order to a pytree.
+
+        Args:
+            tensors: one tensor (or array) per PyTorch parameter, in ``module.parameters()``
+                order and layout.
+            like: the pytree whose structure and leaf shapes the result takes (default: the
+                Flax params' structure; the leaves keep the tensors' dtype).
+            batched: every tensor has a leading axis (e.g. per-example gradients) that is
+                kept in front.
+
+        Returns:
+            A pytree of ``jax.Array`` in the Flax layout.
+
+        Raises:
+            ValueError: wrong number of tensors, or a shape that does not match ``like``.
         """
         tensors = list(tensors)
         if len(tensors) != len(self.leaves):
@@ -267,15 +307,27 @@ class TorchModel:
         return jax.tree_util.tree_unflatten(treedef, out)
 
     def load(self, params: PyTree) -> None:
-        """Copy Flax ``params`` into the PyTorch module (in place, no autograd)."""
+        """Copy Flax ``params`` into the PyTorch module (in place, no autograd).
+
+        Args:
+            params: the Flax params (same structure as the model's).
+        """
         torch = _torch()
         with torch.no_grad():
             for p, t in zip(self.parameters, self.to_torch(params)):
                 p.copy_(t)
 
     def check_weights(self, params: PyTree, atol: float = 0.0, rtol: float = 0.0) -> None:
-        """Raise ``AssertionError`` naming the leaf and the max difference when the module's
-        weights differ from ``params`` by more than ``atol + rtol * max|param|``.
+        """Check that the module's weights equal ``params`` up to ``atol + rtol * max|param|``.
+
+        Args:
+            params: the Flax params to compare with.
+            atol: absolute tolerance.
+            rtol: tolerance relative to the leaf's largest entry.
+
+        Raises:
+            AssertionError: naming the worst leaf and its max difference, when a leaf
+                differs by more than the tolerance.
         """
         want = self.to_torch(params)
         worst = None
@@ -293,7 +345,15 @@ class TorchModel:
 
     # -- data --------------------------------------------------------------------------------
     def inputs(self, batch: PyTree, key: str = "inputs"):
-        """``batch[key]`` as a tensor in the PyTorch layout (NCHW images, int64 tokens)."""
+        """``batch[key]`` as a tensor in the PyTorch layout (NCHW images, int64 tokens).
+
+        Args:
+            batch: the Flax batch (a dict of arrays).
+            key: the key of the inputs.
+
+        Returns:
+            A tensor (the module's dtype, or int64 tokens).
+        """
         torch = _torch()
         x = _np(batch[key])
         if self.kind == "transformer":
@@ -304,8 +364,14 @@ class TorchModel:
         return torch.tensor(np.array(x, copy=True)).to(dtype)
 
     def targets(self, batch: PyTree, key: str = "labels"):
-        """``batch[key]``: integer labels as int64 (flattened over tokens for the
-        transformer), float targets in the module's dtype.
+        """``batch[key]`` as a tensor: integer labels as int64, float targets in the module's dtype.
+
+        Args:
+            batch: the Flax batch (a dict of arrays).
+            key: the key of the targets.
+
+        Returns:
+            A tensor; integer labels are flattened over tokens for the transformer.
         """
         torch = _torch()
         y = _np(batch[key])
@@ -315,19 +381,34 @@ class TorchModel:
         return torch.tensor(np.array(y, copy=True)).to(self.parameters[0].dtype)
 
     def batch(self, batch: PyTree, inputs_key: str = "inputs", targets_key: str = "labels"):
-        """``(x, y)`` tensors for ``criterion(module(x), y)``."""
+        """``(x, y)`` tensors for ``criterion(module(x), y)``.
+
+        Args:
+            batch: the Flax batch (a dict of arrays).
+            inputs_key: the key of the inputs (see :meth:`inputs`).
+            targets_key: the key of the targets (see :meth:`targets`).
+
+        Returns:
+            ``(inputs, targets)`` tensors.
+        """
         return self.inputs(batch, inputs_key), self.targets(batch, targets_key)
 
     def criterion(self, head: Any = None):
-        """The ``torch.nn`` loss equal to the Flax head: ``nn.CrossEntropyLoss()`` for
-        ``gj.heads.softmax_cross_entropy`` with integer labels (the default) and
-        ``nn.MSELoss()`` for ``gj.heads.mse``; both with ``reduction="mean"``.
+        """The ``torch.nn`` loss equal to the Flax head, with ``reduction="mean"``.
+
+        ``nn.CrossEntropyLoss()`` for ``gj.heads.softmax_cross_entropy`` with integer labels
+        (the default) and ``nn.MSELoss()`` for ``gj.heads.mse``.
+
+        Args:
+            head: the Flax head (default: softmax cross-entropy).
+
+        Returns:
+            The ``torch.nn`` loss module.
 
         Raises:
             ValueError: a head with a mask or an unknown head type.
         """
         torch = _torch()
-        from gradience_jax.operators.heads import MeanSquaredError, SoftmaxCrossEntropy
 
         if head is None or isinstance(head, SoftmaxCrossEntropy):
             if head is not None and head.mask_key is not None:
@@ -338,29 +419,49 @@ class TorchModel:
                 raise ValueError("masked heads have no torch.nn equivalent here")
             return torch.nn.MSELoss()
         raise ValueError(
-            f"head must be gj.heads.softmax_cross_entropy or gj.heads.mse, got {type(head).__name__}"
+            "head must be gj.heads.softmax_cross_entropy or gj.heads.mse, got "
+            f"{type(head).__name__}"
         )
 
     def loss(self, batch: PyTree, head: Any = None, targets_key: str | None = None):
-        """The PyTorch loss on ``batch`` (a scalar tensor with autograd graph)."""
+        """The PyTorch loss on ``batch`` (a scalar tensor with autograd graph).
+
+        Args:
+            batch: the Flax batch (a dict of arrays).
+            head: the Flax head (see :meth:`criterion`).
+            targets_key: the key of the targets (default: the head's, else ``"labels"``).
+
+        Returns:
+            A scalar tensor.
+        """
         if targets_key is None:
             targets_key = getattr(head, "targets_key", None) or "labels"
         x, y = self.batch(batch, targets_key=targets_key)
         return self.criterion(head)(self.module(x), y)
 
     def products(self, batch: PyTree, head: Any = None) -> TorchProducts:
-        """PyTorch reference products on ``batch`` (see :class:`TorchProducts`)."""
+        """PyTorch reference products on ``batch`` (see :class:`TorchProducts`).
+
+        Args:
+            batch: the Flax batch (a dict of arrays).
+            head: the Flax head (see :meth:`criterion`).
+
+        Returns:
+            A :class:`TorchProducts`.
+        """
         return TorchProducts(self, batch, head)
 
 
 class TorchProducts:
-    """Curvature products computed by PyTorch alone, on one batch; vectors are lists of
-    tensors in ``module.parameters()`` layout (``TorchModel.to_torch`` / ``from_torch``).
+    """Curvature products computed by PyTorch alone, on one batch.
+
+    Vectors are lists of tensors in ``module.parameters()`` layout (``TorchModel.to_torch`` /
+    ``from_torch``).
 
     Methods (each returns a list of tensors; per-example gradients have a leading ``N``):
         hvp_double_backprop(v): ``grad(grad(loss) . v)``, forward and both backward passes
             every call (Pearlmutter's R-op by double backprop).
-        hvp_retained(v): double backprop re-using one gradient graph built at construction
+        hvp_retained(v): double backprop re-using one gradient graph built on first use
             (PyHessian's scheme: each product pays only the second backward pass).
         hvp_func(v): ``torch.func.jvp(torch.func.grad(loss))`` (forward-over-reverse).
         ggn_func(v): ``J^T H_loss J v`` by ``torch.func`` jvp -> loss-Hessian jvp -> vjp.
@@ -371,7 +472,7 @@ class TorchProducts:
 
     def __init__(self, tm: TorchModel, batch: PyTree, head: Any = None):
         torch = _torch()
-        from torch import func
+        from torch import func  # noqa: PLC0415 - optional dependency, the [torch] extra
 
         self.tm = tm
         targets_key = getattr(head, "targets_key", None) or "labels"
@@ -412,6 +513,16 @@ class TorchProducts:
         return list(self._grad(self.params))
 
     def hvp_double_backprop(self, v: Sequence[Any]) -> list:
+        """Hessian-vector product ``grad(grad(loss) . v)`` by double backprop.
+
+        Forward and both backward passes run on every call (Pearlmutter's R-op).
+
+        Args:
+            v: tensors in ``module.parameters()`` layout.
+
+        Returns:
+            ``H v`` as a list of tensors.
+        """
         torch = _torch()
         params = self.tm.parameters
         loss = self.criterion(self.tm.module(self.x), self.y)
@@ -419,6 +530,17 @@ class TorchProducts:
         return list(torch.autograd.grad(g, params, grad_outputs=list(v)))
 
     def hvp_retained(self, v: Sequence[Any]) -> list:
+        """Hessian-vector product by double backprop through one retained gradient graph.
+
+        The graph is built on the first call (PyHessian's scheme: each product pays only
+        the second backward pass).
+
+        Args:
+            v: tensors in ``module.parameters()`` layout.
+
+        Returns:
+            ``H v`` as a list of tensors.
+        """
         torch = _torch()
         params = self.tm.parameters
         if self._retained is None:
@@ -428,12 +550,28 @@ class TorchProducts:
                                         retain_graph=True))
 
     def hvp_func(self, v: Sequence[Any]) -> list:
-        from torch import func
+        """Hessian-vector product ``torch.func.jvp(torch.func.grad(loss))`` (forward-over-reverse).
+
+        Args:
+            v: tensors in ``module.parameters()`` layout.
+
+        Returns:
+            ``H v`` as a list of tensors.
+        """
+        from torch import func  # noqa: PLC0415 - optional dependency, the [torch] extra
 
         return list(func.jvp(self._grad, (tuple(self.params),), (tuple(v),))[1])
 
     def ggn_func(self, v: Sequence[Any]) -> list:
-        from torch import func
+        """GGN-vector product ``J^T H_loss J v`` by ``torch.func`` jvp, loss-Hessian jvp, vjp.
+
+        Args:
+            v: tensors in ``module.parameters()`` layout.
+
+        Returns:
+            ``G v`` as a list of tensors.
+        """
+        from torch import func  # noqa: PLC0415 - optional dependency, the [torch] extra
 
         y = self.y
         out, jv = func.jvp(self._model_of, (tuple(self.params),), (tuple(v),))
@@ -443,9 +581,19 @@ class TorchProducts:
         return list(vjp(hjv)[0])
 
     def per_example_func(self) -> list:
+        """Per-example gradients by ``torch.func.vmap(torch.func.grad(loss_of_one_example))``.
+
+        Returns:
+            One tensor per parameter, with a leading axis ``N`` (examples).
+        """
         return list(self._example_grad(tuple(self.params), self.x, self.y_examples))
 
     def per_example_loop(self) -> list:
+        """Per-example gradients by a Python loop of ``autograd.grad`` over the examples.
+
+        Returns:
+            One tensor per parameter, with a leading axis ``N`` (examples).
+        """
         torch = _torch()
         params = self.tm.parameters
         rows = []
@@ -457,6 +605,15 @@ class TorchProducts:
         return [torch.stack(col) for col in zip(*rows)]
 
     def ef_func(self, v: Sequence[Any], grads: Sequence[Any] | None = None) -> list:
+        """Empirical-Fisher-vector product ``G^T (G v) / N`` from per-example gradients.
+
+        Args:
+            v: tensors in ``module.parameters()`` layout.
+            grads: per-example gradients (default: :meth:`per_example_func`).
+
+        Returns:
+            ``F v`` as a list of tensors.
+        """
         torch = _torch()
         grads = self.per_example_func() if grads is None else grads
         gv = sum(torch.einsum("n...,...->n", g, x) for g, x in zip(grads, v))
@@ -464,8 +621,17 @@ class TorchProducts:
 
 
 def compare_trees(ours: PyTree, theirs: PyTree) -> tuple[float, str, float]:
-    """``(relative error ||a - b|| / ||b||, worst leaf path, its max |difference|)`` of two
-    pytrees with the same structure (float64 arithmetic).
+    """Relative error, worst leaf and its max difference of two pytrees (float64 arithmetic).
+
+    Args:
+        ours: the pytree ``a`` to check.
+        theirs: the reference pytree ``b``, with the same structure.
+
+    Returns:
+        ``(||a - b|| / ||b||, worst leaf path, its max |difference|)``.
+
+    Raises:
+        ValueError: the trees have different numbers of leaves.
     """
     paths = leaf_paths(theirs)
     la = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(ours)]
@@ -580,8 +746,6 @@ def _activation(fn: Callable):
 def _params_of(model: Any, params: PyTree | None) -> PyTree:
     if params is not None:
         return params
-    from flax import nnx
-
     return nnx.split(model, nnx.Param, ...)[1]
 
 
@@ -612,13 +776,21 @@ def _dense(torch_prefix: str, flax_prefix: str, bias: bool = True) -> list[LeafM
 
 
 def torch_mlp(model: Any, params: PyTree | None = None, dtype: Any = "float32") -> TorchModel:
-    """``gradience_jax.models.MLP`` (or ``SeedMLP``) as ``nn.Sequential(Flatten, Linear,
-    act, ..., Linear)`` with the Flax weights copied in.
+    """``gradience_jax.models.MLP`` (or ``SeedMLP``) as a ``torch.nn.Sequential``.
+
+    The module is ``nn.Sequential(Flatten, Linear, act, ..., Linear)`` with the Flax weights
+    copied in.
 
     Args:
         model: the NNX ``MLP``.
         params: Flax params to copy (default: the model's current ``nnx.Param`` state).
         dtype: PyTorch parameter dtype (``"float32"`` or ``"float64"``).
+
+    Returns:
+        A :class:`TorchModel` of kind ``"mlp"``.
+
+    Raises:
+        ValueError: an activation with no PyTorch mapping, or an unsupported ``dtype``.
     """
     torch = _torch()
     nn = torch.nn
@@ -638,9 +810,23 @@ def torch_mlp(model: Any, params: PyTree | None = None, dtype: Any = "float32") 
 
 
 def torch_cnn(model: Any, params: PyTree | None = None, dtype: Any = "float32") -> TorchModel:
-    """``gradience_jax.models.CNN`` as ``nn.Sequential(Conv2d(pad 1), ReLU, AvgPool2d(2),
-    ..., Flatten, Linear)`` (NCHW). The head's rows are re-ordered from NHWC- to
-    NCHW-flatten order, so no permutation module is needed (BackPACK supports every layer).
+    """``gradience_jax.models.CNN`` as a ``torch.nn.Sequential`` (NCHW).
+
+    The module is ``nn.Sequential(Conv2d(pad 1), ReLU, AvgPool2d(2), ..., Flatten, Linear)``.
+    The head's rows are re-ordered from NHWC- to NCHW-flatten order, so no permutation module
+    is needed (BackPACK supports every layer).
+
+    Args:
+        model: the NNX ``CNN``.
+        params: Flax params to copy (default: the model's current ``nnx.Param`` state).
+        dtype: PyTorch parameter dtype (``"float32"`` or ``"float64"``).
+
+    Returns:
+        A :class:`TorchModel` of kind ``"cnn"``.
+
+    Raises:
+        ValueError: convolutions other than stride-1, odd-sized SAME ones, or an
+            unsupported ``dtype``.
     """
     torch = _torch()
     nn = torch.nn
@@ -678,9 +864,22 @@ def torch_cnn(model: Any, params: PyTree | None = None, dtype: Any = "float32") 
 
 def torch_transformer(model: Any, params: PyTree | None = None,
                       dtype: Any = "float32") -> TorchModel:
-    """``gradience_jax.models.TinyTransformerLM`` as a PyTorch module with the same
-    pre-LN blocks (explicit causal attention, tanh-GELU MLP, LayerNorm eps 1e-6); its
-    ``forward(tokens)`` returns logits flattened to ``(B*T, V)``.
+    """``gradience_jax.models.TinyTransformerLM`` as a PyTorch module with the same pre-LN blocks.
+
+    Explicit causal attention, tanh-GELU MLP, LayerNorm eps 1e-6; its ``forward(tokens)``
+    returns logits flattened to ``(B*T, V)``.
+
+    Args:
+        model: the NNX ``TinyTransformerLM``.
+        params: Flax params to copy (default: the model's current ``nnx.Param`` state).
+        dtype: PyTorch parameter dtype (``"float32"`` or ``"float64"``).
+
+    Returns:
+        A :class:`TorchModel` of kind ``"transformer"``.
+
+    Raises:
+        ValueError: attention without biases or with qk-normalisation, or an unsupported
+            ``dtype``.
     """
     _torch()
     tdt = _torch_dtype(dtype)
@@ -725,8 +924,9 @@ def torch_transformer(model: Any, params: PyTree | None = None,
 
 
 def to_torch(model: Any, params: PyTree | None = None, dtype: Any = "float32") -> TorchModel:
-    """The PyTorch copy of a ``gradience_jax.models`` ``MLP`` / ``SeedMLP``, ``CNN`` or
-    ``TinyTransformerLM`` (dispatch on the type).
+    """The PyTorch copy of a ``gradience_jax.models`` model (dispatch on the type).
+
+    Supported: ``MLP`` / ``SeedMLP``, ``CNN`` and ``TinyTransformerLM``.
 
     Args:
         model: the NNX model (its structure: sizes, activation, heads, ...).
@@ -734,11 +934,12 @@ def to_torch(model: Any, params: PyTree | None = None, dtype: Any = "float32") -
             ``Adapted.params`` or updated params after training.
         dtype: PyTorch dtype of the copy.
 
+    Returns:
+        A :class:`TorchModel`.
+
     Raises:
         ValueError: an unsupported model type or configuration.
     """
-    from gradience_jax.models import CNN, MLP, TinyTransformerLM
-
     if isinstance(model, MLP):
         return torch_mlp(model, params, dtype)
     if isinstance(model, CNN):

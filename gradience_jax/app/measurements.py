@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradience_jax.operators import registry
+
 PyTree = Any
 
 __all__ = [
@@ -56,7 +58,17 @@ def evaluate(adapted: Any, params: PyTree, batch: dict) -> dict[str, float]:
 
 
 def losses(adapted: Any, params: PyTree, train_batch: dict, test_batch: dict) -> dict[str, float]:
-    """``{"train", "test", "train_accuracy", "test_accuracy"}`` (:func:`evaluate` on both)."""
+    """``{"train", "test", "train_accuracy", "test_accuracy"}`` (:func:`evaluate` on both).
+
+    Args:
+        adapted: the model (``model_fn``, ``head``).
+        params: where to measure.
+        train_batch: the training data.
+        test_batch: the held-out data.
+
+    Returns:
+        The train / test losses and accuracies as floats.
+    """
     tr, te = evaluate(adapted, params, train_batch), evaluate(adapted, params, test_batch)
     return {"train": tr["loss"], "test": te["loss"], "train_accuracy": tr["accuracy"],
             "test_accuracy": te["accuracy"]}
@@ -66,7 +78,8 @@ def build_operator(name: str, adapted: Any, params: PyTree, batch: dict) -> Any:
     """The curvature operator ``name`` of the model at ``params`` on ``batch``.
 
     Args:
-        name: ``"hessian"``, ``"ggn"``, ``"ef"`` (empirical Fisher) or ``"kfac"``.
+        name: a name of :func:`gradience_jax.operators.registry.build` (the report uses
+            ``"hessian"``, ``"ggn"``, ``"ef"`` (empirical Fisher) and ``"kfac"``).
         adapted: the model (``loss_fn``, ``model_fn``, ``head``).
         params: where to measure.
         batch: the data.
@@ -74,17 +87,8 @@ def build_operator(name: str, adapted: Any, params: PyTree, batch: dict) -> Any:
     Returns:
         A :class:`gradience_jax.LinearOperator`.
     """
-    import gradience_jax as gj  # noqa: PLC0415
-
-    if name == "hessian":
-        return gj.hessian(adapted.loss_fn, params, batch)
-    if name == "ggn":
-        return gj.ggn(adapted.model_fn, adapted.head, params, batch)
-    if name == "ef":
-        return gj.empirical_fisher(adapted.loss_fn, params, batch)
-    from gradience_jax.operators.kfac import kfac  # noqa: PLC0415
-
-    return kfac(adapted.model_fn, adapted.head, params, batch)
+    return registry.build(name, loss_fn=adapted.loss_fn, model_fn=adapted.model_fn,
+                          head=adapted.head, params=params, batch=batch)
 
 
 def top_k(op: Any, cfg: Any) -> Any:
@@ -107,6 +111,10 @@ def top_k(op: Any, cfg: Any) -> Any:
 
 def trace(op: Any, cfg: Any) -> dict[str, Any]:
     """Hutchinson trace of ``op`` with ``cfg.trace_samples`` Rademacher probes.
+
+    Args:
+        op: the operator.
+        cfg: ``trace_samples``, ``seed``.
 
     Returns:
         ``{"estimate", "stderr", "num_samples", "estimator"}``.
@@ -186,6 +194,9 @@ def landscape_slice(adapted: Any, params: PyTree, batch: dict, cfg: Any) -> dict
 
 def weights(params: PyTree) -> tuple[dict[str, Any], Any]:
     """Weight spectra of every layer.
+
+    Args:
+        params: the parameter pytree.
 
     Returns:
         ``(report dict, WeightSpectraReport)`` (:func:`gradience_jax.weight_spectra`).

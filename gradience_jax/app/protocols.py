@@ -77,8 +77,8 @@ def run_protocol(name: str, config: Any = None, *, fast: bool | None = None,
         The protocol's result with ``figures`` set to the written paths.
 
     Raises:
-        ValueError: unknown ``name`` (the message lists the valid ones) or bad settings;
-            OSError: unwritable ``log_dir`` (before any training).
+        ValueError: unknown ``name`` (the message lists the valid ones) or bad settings.
+        OSError: unwritable ``log_dir`` (before any training).
     """
     if name not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {name!r}")
@@ -92,10 +92,23 @@ def run_protocol(name: str, config: Any = None, *, fast: bool | None = None,
 def run_protocol_a(config: ex.ProtocolAConfig | None = None, *, fast: bool | None = None,
                    log_dir: PathLike = DEFAULT_LOG_DIR,
                    figure_dir: PathLike = DEFAULT_FIGURE_DIR) -> ex.ProtocolAResult:
-    """Protocol A with its figures (arguments and errors as :func:`run_protocol`).
+    """Protocol A with its figures (see :func:`run_protocol`).
 
     :func:`gradience_jax.experiments.protocols.run_protocol_a`, then
     ``protocol_A_edge_of_stability.png`` and ``protocol_A_lead_lag.png``.
+
+    Args:
+        config: the protocol's settings (None: full, or the fast ones in fast mode).
+        fast: small settings (default: the ``GRADIENCE_FAST`` environment variable).
+        log_dir: directory of the JSONL logs.
+        figure_dir: where the figures go (None: no figures).
+
+    Returns:
+        The protocol's result with ``figures`` set to the written paths.
+
+    Raises:
+        ValueError: bad settings.
+        OSError: unwritable ``log_dir`` (before any training).
     """
     return run_protocol("A", config, fast=fast, log_dir=log_dir, figure_dir=figure_dir)
 
@@ -103,10 +116,23 @@ def run_protocol_a(config: ex.ProtocolAConfig | None = None, *, fast: bool | Non
 def run_protocol_b(config: ex.ProtocolBConfig | None = None, *, fast: bool | None = None,
                    log_dir: PathLike = DEFAULT_LOG_DIR,
                    figure_dir: PathLike = DEFAULT_FIGURE_DIR) -> ex.ProtocolBResult:
-    """Protocol B with its figure (arguments and errors as :func:`run_protocol`).
+    """Protocol B with its figure (see :func:`run_protocol`).
 
     :func:`gradience_jax.experiments.protocols.run_protocol_b`, then
     ``protocol_B_grokking.png``.
+
+    Args:
+        config: the protocol's settings (None: full, or the fast ones in fast mode).
+        fast: small settings (default: the ``GRADIENCE_FAST`` environment variable).
+        log_dir: directory of the JSONL logs.
+        figure_dir: where the figures go (None: no figures).
+
+    Returns:
+        The protocol's result with ``figures`` set to the written paths.
+
+    Raises:
+        ValueError: bad settings.
+        OSError: unwritable ``log_dir`` (before any training).
     """
     return run_protocol("B", config, fast=fast, log_dir=log_dir, figure_dir=figure_dir)
 
@@ -114,10 +140,23 @@ def run_protocol_b(config: ex.ProtocolBConfig | None = None, *, fast: bool | Non
 def run_protocol_c(config: ex.ProtocolCConfig | None = None, *, fast: bool | None = None,
                    log_dir: PathLike = DEFAULT_LOG_DIR,
                    figure_dir: PathLike = DEFAULT_FIGURE_DIR) -> ex.ProtocolCResult:
-    """Protocol C with its figure (arguments and errors as :func:`run_protocol`).
+    """Protocol C with its figure (see :func:`run_protocol`).
 
     :func:`gradience_jax.experiments.protocols.run_protocol_c`, then
     ``protocol_C_fisher_geometry.png``.
+
+    Args:
+        config: the protocol's settings (None: full, or the fast ones in fast mode).
+        fast: small settings (default: the ``GRADIENCE_FAST`` environment variable).
+        log_dir: directory of the JSONL logs.
+        figure_dir: where the figures go (None: no figures).
+
+    Returns:
+        The protocol's result with ``figures`` set to the written paths.
+
+    Raises:
+        ValueError: bad settings.
+        OSError: unwritable ``log_dir`` (before any training).
     """
     return run_protocol("C", config, fast=fast, log_dir=log_dir, figure_dir=figure_dir)
 
@@ -125,9 +164,22 @@ def run_protocol_c(config: ex.ProtocolCConfig | None = None, *, fast: bool | Non
 def run_protocol_d(config: ex.ProtocolDConfig | None = None, *, fast: bool | None = None,
                    log_dir: PathLike = DEFAULT_LOG_DIR,
                    figure_dir: PathLike = DEFAULT_FIGURE_DIR) -> ex.ProtocolDResult:
-    """Protocol D with its figure (arguments and errors as :func:`run_protocol`).
+    """Protocol D with its figure (see :func:`run_protocol`).
 
     :func:`gradience_jax.experiments.protocols.run_protocol_d`, then
     ``protocol_D_rank_evolution.png``.
+
+    Args:
+        config: the protocol's settings (None: full, or the fast ones in fast mode).
+        fast: small settings (default: the ``GRADIENCE_FAST`` environment variable).
+        log_dir: directory of the JSONL logs.
+        figure_dir: where the figures go (None: no figures).
+
+    Returns:
+        The protocol's result with ``figures`` set to the written paths.
+
+    Raises:
+        ValueError: bad settings.
+        OSError: unwritable ``log_dir`` (before any training).
     """
     return run_protocol("D", config, fast=fast, log_dir=log_dir, figure_dir=figure_dir)

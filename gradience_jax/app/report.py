@@ -158,7 +158,14 @@ class AnalysisConfig:
 
 
 def plan(cfg: AnalysisConfig) -> list[tuple[str, str]]:
-    """``(stage key, description)`` of every stage :func:`analyze` will run, in order."""
+    """``(stage key, description)`` of every stage :func:`analyze` will run, in order.
+
+    Args:
+        cfg: the analysis settings.
+
+    Returns:
+        The stages as ``(key, description)`` pairs.
+    """
     stages = [("setup", "building model and data")]
     if cfg.checkpoint is None:
         stages.append(("train", f"training {cfg.train_steps} steps"))

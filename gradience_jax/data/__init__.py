@@ -9,7 +9,13 @@ import jax.numpy as jnp
 def seed_regression(key: jax.Array, n: int = 50, noise: float = 0.1) -> dict:
     """The seed notebook's regression: ``x ~ N(0, I_2)``, ``y = sin(x0) + 0.5 x1^2 + noise``.
 
-    Returns ``{"inputs": (n, 2), "targets": (n, 1)}`` float32.
+    Args:
+        key: ``jax.random`` key.
+        n: number of examples.
+        noise: standard deviation of the Gaussian target noise.
+
+    Returns:
+        ``{"inputs": (n, 2), "targets": (n, 1)}`` float32.
     """
     kx, kn = jax.random.split(key)
     x = jax.random.normal(kx, (n, 2), jnp.float32)
@@ -22,7 +28,15 @@ def classification(
 ) -> dict:
     """Gaussian blobs: class means ``separation * N(0, I)``, unit noise.
 
-    Returns ``{"inputs": (n, dim) float32, "labels": (n,) int32}``.
+    Args:
+        key: ``jax.random`` key.
+        n: number of examples.
+        dim: input dimension.
+        num_classes: number of classes (labels drawn uniformly).
+        separation: scale of the random class means.
+
+    Returns:
+        ``{"inputs": (n, dim) float32, "labels": (n,) int32}``.
     """
     km, kl, kx = jax.random.split(key, 3)
     means = separation * jax.random.normal(km, (num_classes, dim), jnp.float32)
@@ -36,7 +50,15 @@ def images(
 ) -> dict:
     """Tiny class-dependent images: a per-class template plus noise.
 
-    Returns ``{"inputs": (n, size, size, channels) float32, "labels": (n,) int32}``.
+    Args:
+        key: ``jax.random`` key.
+        n: number of images.
+        size: height and width in pixels.
+        channels: number of channels (NHWC layout).
+        num_classes: number of classes (labels drawn uniformly).
+
+    Returns:
+        ``{"inputs": (n, size, size, channels) float32, "labels": (n,) int32}``.
     """
     kt, kl, kx = jax.random.split(key, 3)
     templates = jax.random.normal(kt, (num_classes, size, size, channels), jnp.float32)
@@ -51,8 +73,16 @@ def token_sequences(
     """Next-token prediction on noisy arithmetic progressions mod ``vocab_size``.
 
     Each sequence is ``start + step * t (mod V)`` with a random start and step in ``1..3``;
-    ``labels`` are the inputs shifted by one. Returns ``{"inputs": (n, T) int32,
-    "labels": (n, T) int32}``.
+    ``labels`` are the inputs shifted by one.
+
+    Args:
+        key: ``jax.random`` key.
+        n: number of sequences.
+        seq_len: sequence length ``T``.
+        vocab_size: vocabulary size ``V``.
+
+    Returns:
+        ``{"inputs": (n, T) int32, "labels": (n, T) int32}``.
     """
     ks, kd = jax.random.split(key)
     start = jax.random.randint(ks, (n, 1), 0, vocab_size)
@@ -64,10 +94,19 @@ def token_sequences(
 def modular_arithmetic(
     key: jax.Array, p: int = 97, train_fraction: float = 0.3, op: str = "add"
 ) -> tuple[dict, dict]:
-    """All pairs ``(a, b)`` in ``Z_p^2`` labelled ``a + b mod p`` (or ``a - b``, ``a * b``),
-    split at random into train / test.
+    """All pairs ``(a, b)`` in ``Z_p^2`` labelled ``a + b mod p``, randomly split into train / test.
 
-    Returns ``(train, test)``, each ``{"inputs": (m, 2) int32, "labels": (m,) int32}``.
+    Args:
+        key: ``jax.random`` key of the split.
+        p: the modulus.
+        train_fraction: share of the ``p^2`` pairs in the training set, in ``(0, 1)``.
+        op: ``"add"`` (``a + b``), ``"sub"`` (``a - b``) or ``"mul"`` (``a * b``), mod ``p``.
+
+    Returns:
+        ``(train, test)``, each ``{"inputs": (m, 2) int32, "labels": (m,) int32}``.
+
+    Raises:
+        ValueError: ``train_fraction`` outside ``(0, 1)`` or an unknown ``op``.
     """
     if not 0.0 < train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")

@@ -105,11 +105,16 @@ def attention_geometry_experiment(
 
     Args:
         key: ``jax.random`` key (default ``jax.random.key(7)``).
-        vocab_size, d_model, num_heads, seq_len: the model (one block, ``d_ff = 2 d_model``).
+        vocab_size: vocabulary size of the LM.
+        d_model: model width (one block, ``d_ff = 2 d_model``).
+        num_heads: attention heads.
+        seq_len: sequence length (also the LM's ``max_len``).
         num_train: training sequences.
-        num_steps, learning_rate: the full-batch Adam run
+        num_steps: steps of the full-batch Adam run
             (:func:`~gradience_jax.experiments.training.train_scan`).
-        resolution, span: the 2-D slice in the attention parameters.
+        learning_rate: Adam learning rate.
+        resolution: grid points per axis of the 2-D slice in the attention parameters.
+        span: the slice covers ``[-span, span]`` along both directions.
 
     Returns:
         :class:`AttentionGeometryResult`. Quick settings: :data:`ATTENTION_GEOMETRY_FAST`.
@@ -200,11 +205,17 @@ def attention_dynamics_experiment(
     Args:
         key: ``jax.random`` key (default ``jax.random.key(11)``).
         task: one of :data:`TASKS`.
-        vocab_size, d_model, num_heads, seq_len: the model (one block, ``d_ff = 2 d_model``).
-        num_train, num_eval: training and held-out sequences.
-        num_steps, record_every, learning_rate, batch_size: the Adam run
-            (:func:`~gradience_jax.experiments.training.train_scan`; ``batch_size`` None:
-            full batch).
+        vocab_size: vocabulary size of the LM.
+        d_model: model width (one block, ``d_ff = 2 d_model``).
+        num_heads: attention heads.
+        seq_len: sequence length (also the LM's ``max_len``).
+        num_train: training sequences.
+        num_eval: held-out sequences (the maps are measured on them).
+        num_steps: steps of the Adam run
+            (:func:`~gradience_jax.experiments.training.train_scan`).
+        record_every: recording period in steps (must divide ``num_steps``).
+        learning_rate: Adam learning rate.
+        batch_size: minibatch size (capped at ``num_train``; None: full batch).
 
     Returns:
         :class:`AttentionDynamicsResult`. Quick settings: :data:`ATTENTION_DYNAMICS_FAST`.

@@ -38,6 +38,14 @@ def layer_keys(columns: Mapping[str, Any], prefix: str, suffix: str) -> list[str
     """Column names that start with ``prefix`` and end with ``suffix``, in column order.
 
     E.g. ``layer_keys(columns, "weights/", "stable_rank")``: every layer's stable rank.
+
+    Args:
+        columns: the telemetry columns (``{name: array}``).
+        prefix: the start of the wanted names.
+        suffix: the end of the wanted names.
+
+    Returns:
+        The matching column names.
     """
     return [k for k in columns if k.startswith(prefix) and k.endswith(suffix)]
 

@@ -119,7 +119,14 @@ def open_log(log_dir: str | os.PathLike | None, name: str, config: NamedTuple,
 
 
 def read_columns(writer: telemetry.TelemetryWriter) -> dict[str, np.ndarray]:
-    """Close ``writer`` and read its log back as NumPy columns (``telemetry.to_columns``)."""
+    """Close ``writer`` and read its log back as NumPy columns (``telemetry.to_columns``).
+
+    Args:
+        writer: the protocol's telemetry writer (closed here).
+
+    Returns:
+        ``{name: array}`` columns aligned with the ``"step"`` column.
+    """
     writer.close()
     _, records = telemetry.load_telemetry(writer.path)
     return telemetry.to_columns(records)
@@ -147,7 +154,14 @@ def probe_every(n: int, probe: probes.Probe) -> list[probes.Probe]:
 
 
 def combine_probes(*ps: probes.Probe) -> probes.Probe:
-    """``probes.combine(*ps)``, or a probe that measures nothing when ``ps`` is empty."""
+    """``probes.combine(*ps)``, or a probe that measures nothing when ``ps`` is empty.
+
+    Args:
+        *ps: the probes (e.g. from :func:`probe_every`), with unique names.
+
+    Returns:
+        One :class:`~gradience_jax.probes.Probe`.
+    """
     if ps:
         return probes.combine(*ps)
     return probes.Probe("none", lambda params: (), lambda p, b, k, s: ({}, s))

@@ -107,11 +107,14 @@ def pseudo_spectral_experiment(
 
     Args:
         key: ``jax.random`` key (default ``jax.random.key(42)``).
-        num_train: training examples; hidden: hidden units of the seed MLP.
-        num_steps, learning_rate, record_every: the full-batch SGD run
+        num_train: training examples.
+        hidden: hidden units of the seed MLP.
+        num_steps: steps of the full-batch SGD run
             (:func:`~gradience_jax.experiments.training.train_scan`).
-        resolution: grid points per axis of every slice; surface_span: half-width of the
-            slices along the eigenvectors.
+        learning_rate: SGD learning rate.
+        record_every: recording period in steps (must divide ``num_steps``).
+        resolution: grid points per axis of every slice.
+        surface_span: half-width of the slices along the eigenvectors.
 
     Returns:
         :class:`PseudoSpectralResult`. Quick settings: :data:`PSEUDO_SPECTRAL_FAST`.
@@ -255,11 +258,22 @@ def sharp_vs_flat_experiment(
     Args:
         key: ``jax.random`` key (default ``jax.random.key(0)``).
         methods: a non-empty subset of :data:`METHODS`, trained in this order.
-        hidden, num_train, num_test, label_noise: the model and the data.
-        num_steps, learning_rate, small_batch, large_batch, noise_eta, noise_gamma,
-            sam_rho, record_every: the recipes (see above).
-        resolution, span: the 2-D slices; bezier_steps: training of the Bezier curve
-            (0: none); epsilon: box of the epsilon-sharpness.
+        hidden: hidden layer widths of the tanh MLP.
+        num_train: training examples.
+        num_test: test examples.
+        label_noise: noise level of the regression targets (train and test).
+        num_steps: training steps of every recipe.
+        learning_rate: learning rate of every recipe.
+        small_batch: batch size of ``sgd_small``.
+        large_batch: batch size of the other recipes (default ``num_train``).
+        noise_eta: gradient-noise variance scale of ``sgd_noise``.
+        noise_gamma: gradient-noise decay exponent of ``sgd_noise``.
+        sam_rho: SAM radius of ``sam``.
+        record_every: recording period in steps (must divide ``num_steps``).
+        resolution: grid points per axis of the 2-D slices.
+        span: the slices cover ``[-span, span]`` along both directions.
+        bezier_steps: training steps of the Bezier curve (0: none).
+        epsilon: box of the epsilon-sharpness.
 
     Returns:
         :class:`SharpFlatResult`. Quick settings: :data:`SHARP_VS_FLAT_FAST`.

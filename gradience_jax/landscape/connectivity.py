@@ -122,8 +122,10 @@ def interpolate(
     """The loss on the straight line ``(1 - t) a + t b`` and its barrier.
 
     Args:
-        loss_fn, batch: the loss and data.
-        params_a, params_b: the two solutions (same pytree structure).
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        params_a: the solution at ``t = 0``.
+        params_b: the solution at ``t = 1`` (same pytree structure as ``params_a``).
+        batch: the data passed to ``loss_fn``.
         num_points: points of an even grid on ``[0, 1]`` (ignored when ``ts`` is given).
         ts: explicit strictly increasing path parameters (may leave ``[0, 1]``).
         metric_fn: optional extra function on the same points.
@@ -169,9 +171,12 @@ def loss_barrier(
     not convex along the line); about zero: linearly mode-connected (Frankle et al. 2020).
 
     Args:
-        loss_fn, batch: the loss and data.
-        params_a, params_b: the two solutions.
-        num_points, refine: as in :func:`interpolate`.
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        params_a: the first solution (``t = 0``).
+        params_b: the second solution (``t = 1``, same pytree structure).
+        batch: the data passed to ``loss_fn``.
+        num_points: points of the even grid on ``[0, 1]``, as in :func:`interpolate`.
+        refine: refine the maximum between grid points, as in :func:`interpolate`.
 
     Returns:
         The barrier (a float; NaN when the loss is nowhere finite on the path).
@@ -187,8 +192,9 @@ def bezier_point(params_a: PyTree, control: PyTree, params_b: PyTree, t: Any) ->
     """The quadratic Bezier curve ``(1-t)^2 a + 2 t (1-t) theta + t^2 b`` at ``t``.
 
     Args:
-        params_a, params_b: the end points; control: the control point ``theta`` (all
-            the same pytree structure).
+        params_a: the end point at ``t = 0``.
+        control: the control point ``theta`` (same pytree structure as the end points).
+        params_b: the end point at ``t = 1``.
         t: the curve parameter (a scalar; traceable).
 
     Returns:
@@ -243,8 +249,14 @@ def bezier_connect(
     final curve is evaluated by the same compiled grid program as a 2-D slice.
 
     Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        params_a: the end point at ``t = 0``.
+        params_b: the end point at ``t = 1`` (same pytree structure as ``params_a``).
+        batch: the data passed to ``loss_fn``.
         key: ``jax.random`` key for the sampled ``t``.
-        num_steps, learning_rate, optimizer: the training (default ``optax.adam``).
+        num_steps: training steps of the control point.
+        learning_rate: learning rate of the default optimizer ``optax.adam``.
+        optimizer: an optax optimizer (default ``optax.adam(learning_rate)``).
         samples_per_step: ``t`` samples per step (vmapped).
         num_points: points of the evaluation grid on ``[0, 1]``.
         init: initial control point (default the midpoint ``(a + b) / 2``).

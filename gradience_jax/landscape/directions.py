@@ -224,15 +224,25 @@ def random_direction(
     Args:
         key: ``jax.random`` key (same key, same direction).
         params: the weights the direction lives at.
-        mode, bias, filter_axes: as in :func:`normalize_direction`.
+        mode: ``"filter"``, ``"layer"`` or ``"none"``, as in :func:`normalize_direction`.
+        bias: ``"zero"``, ``"keep"`` or ``"normalize"`` (default by ``mode``), as in
+            :func:`normalize_direction`.
+        filter_axes: ``(path, shape) -> axes or None``; default :func:`default_filter_axes`.
 
     Returns:
         A pytree like ``params`` (params' dtypes).
 
     Raises:
-        ValueError / TypeError: invalid ``params``, unknown ``mode`` / ``bias``.
+        ValueError: unknown ``mode`` / ``bias``, or empty ``params``.
+        TypeError: ``params`` leaves that are not floating-point arrays.
 
-    >>> d = random_direction(jax.random.key(0), params)   # doctest: +SKIP
+    Example:
+        >>> params = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
+        >>> d = random_direction(jax.random.key(0), params)
+        >>> bool(jnp.allclose(jnp.linalg.norm(d["kernel"], axis=0), jnp.sqrt(3.0)))
+        True
+        >>> d["bias"].tolist()  # leaves without filters are not perturbed by default
+        [0.0, 0.0]
     """
     check_params(params)
     d = gaussian_like(key, params)
@@ -270,7 +280,8 @@ def hessian_directions(
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> scalar``.
-        params, batch: the point and the data.
+        params: the point (pytree) at which the Hessian is taken.
+        batch: the data passed to ``loss_fn``.
         k: number of directions, ``1 <= k <= n_params``.
         which: ``"LA"`` (largest, descending) or ``"SA"`` (smallest, ascending).
         key: Lanczos start key (large models only).

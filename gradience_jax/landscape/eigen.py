@@ -85,7 +85,8 @@ def small_hessian_eigh(loss_fn, params, batch) -> tuple[np.ndarray, np.ndarray]:
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> scalar``.
-        params, batch: the point and the data.
+        params: the point (pytree) at which the Hessian is taken.
+        batch: the data passed to ``loss_fn``.
 
     Returns:
         ``(eigenvalues (n,), eigenvectors (n, n))`` as float64 numpy arrays, the columns in

@@ -44,7 +44,8 @@ def rescale_layers(
     Args:
         params: the parameters.
         alpha: the factor ``a > 0``.
-        first, second: path prefixes of the two layers.
+        first: path prefix of the first layer (every leaf scaled by ``a``).
+        second: path prefix of the second layer (its ``kernel`` scaled by ``1 / a``).
 
     Returns:
         The rescaled parameters (same pytree and dtypes).
@@ -107,12 +108,18 @@ def rescaling_check(
     adaptive sharpness (``eta = 0``: scale invariant by construction).
 
     Args:
-        loss_fn, params, batch: the loss, the point and the data.
-        alpha, first, second: as in :func:`rescale_layers`.
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        params: the point (pytree) at which everything is measured.
+        batch: the data passed to ``loss_fn``.
+        alpha: the factor ``a > 0``, as in :func:`rescale_layers`.
+        first: path prefix of the first layer, as in :func:`rescale_layers`.
+        second: path prefix of the second layer, as in :func:`rescale_layers`.
         model_fn: optional ``model_fn(params, batch) -> outputs`` to measure the largest
             output change.
-        rho, num_steps, key: of :func:`adaptive_sharpness`; dense_limit: of
-            :func:`lambda_max`.
+        rho: radius of :func:`adaptive_sharpness`.
+        num_steps: ascent steps of :func:`adaptive_sharpness`.
+        key: start key of :func:`adaptive_sharpness` and Lanczos key of :func:`lambda_max`.
+        dense_limit: of :func:`lambda_max`.
 
     Returns:
         :class:`RescalingCheck`.

@@ -51,7 +51,8 @@ def lambda_max(
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> scalar``.
-        params, batch: the point and the data.
+        params: the point (pytree) at which the loss is measured.
+        batch: the data passed to ``loss_fn``.
         key: Lanczos start key (large models only).
         dense_limit: at most this many parameters: dense Hessian (``n_params`` HVPs).
 
@@ -87,7 +88,8 @@ def trace_sharpness(
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> scalar``.
-        params, batch: the point and the data.
+        params: the point (pytree) at which the loss is measured.
+        batch: the data passed to ``loss_fn``.
         key: Hutchinson probe key (default ``jax.random.key(0)``; large models only).
         num_samples: Hutchinson probes.
         dense_limit: at most this many parameters: exact (sum of the dense eigenvalues).
@@ -113,9 +115,10 @@ def _sign_nz(g):
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "num_steps"))
 def _ascent(loss_fn, params, batch, scale, u0, radius, step_size, num_steps, box):
-    """Projected gradient ascent of ``L(w + scale * u)`` over ``||u|| <= radius``: the box
-    ``||u||_inf`` with sign steps when ``box`` is true, else the 2-ball with normalised
-    steps (``box`` is traced, so both share one compiled program).
+    """Projected gradient ascent of ``L(w + scale * u)`` over ``||u|| <= radius``.
+
+    The box ``||u||_inf`` with sign steps when ``box`` is true, else the 2-ball with
+    normalised steps (``box`` is traced, so both share one compiled program).
     """
 
     def f(u):
@@ -199,11 +202,19 @@ def epsilon_sharpness(
     lower bound of the true maximum; for a convex separable loss it is exact.
 
     Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        params: the point (pytree) at which the loss is measured.
+        batch: the data passed to ``loss_fn``.
         epsilon: box size (``> 0``).
         relative: box proportional to ``|w| + 1`` (Keskar) or absolute.
-        num_steps, step_size: the ascent.
+        num_steps: number of ascent steps (one loss gradient each).
+        step_size: ascent step, as a fraction of the box size (divided by the step number).
         key: random start inside the box (default: the centre, with ties of a zero
             gradient broken upwards).
+
+    Returns:
+        :class:`EpsilonSharpness` (a lower bound of the true maximum). Cost: ``num_steps``
+        loss gradients in one compiled loop.
 
     Raises:
         ValueError: ``epsilon <= 0`` or ``num_steps < 1``.
@@ -262,9 +273,14 @@ def adaptive_sharpness(
     (``p=2``: normalised steps on the ball; ``p="inf"``: sign steps in the box).
 
     Args:
-        loss_fn, params, batch: the loss, the point and the data.
-        rho: the radius (``> 0``); p: ``2`` or ``"inf"``; eta: the offset of ``T_w``.
-        num_steps, step_size: the ascent (one loss gradient per step).
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        params: the point (pytree) at which the loss is measured.
+        batch: the data passed to ``loss_fn``.
+        rho: the radius (``> 0``).
+        p: the norm, ``2`` or ``"inf"``.
+        eta: the offset of ``T_w`` (``>= 0``).
+        num_steps: number of ascent steps (one loss gradient per step).
+        step_size: ascent step, as a fraction of ``rho`` (divided by the step number).
         key: random start on the ball / in the box (default: the centre).
 
     Returns:
@@ -339,9 +355,12 @@ def sharpness_report(
     eigenvalues and trace; above, Lanczos (``spectrum.eigsh``) and Hutchinson estimate them.
 
     Args:
-        loss_fn, params, batch: the loss, the point and the data.
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        params: the point (pytree) at which the loss is measured.
+        batch: the data passed to ``loss_fn``.
         key: Lanczos / Hutchinson key (large models only).
-        epsilon: box of :func:`epsilon_sharpness`; rho: radius of :func:`adaptive_sharpness`.
+        epsilon: box of :func:`epsilon_sharpness`.
+        rho: radius of :func:`adaptive_sharpness`.
         num_steps: ascent steps of both.
         trace_samples: Hutchinson probes (large models only).
         dense_limit: at most this many parameters: dense Hessian.

@@ -58,8 +58,9 @@ def _spec(t: PyTree) -> tuple:
 
 
 def _jaxpr_bytes(jaxpr: Any) -> int:
-    """Sum of the sizes of every intermediate value of a jaxpr (recursing into sub-jaxprs):
-    an upper bound of the temporary memory one evaluation needs (XLA fuses most away).
+    """Sum of the sizes of every intermediate value of a jaxpr (recursing into sub-jaxprs).
+
+    An upper bound of the temporary memory one evaluation needs (XLA fuses most away).
     """
     total = 0
     for eqn in jaxpr.eqns:
@@ -149,8 +150,9 @@ class Slice2D(NamedTuple):
 
 
 def _bucket(n: int) -> int:
-    """Pad small point counts to a power of two (at least 32) so that paths, refinements
-    and short 1-D slices share one compiled program; large grids run at their size.
+    """Pad small point counts to a power of two (at least 32); large grids run at their size.
+
+    Paths, refinements and short 1-D slices then share one compiled program.
     """
     return max(32, 1 << (n - 1).bit_length()) if n <= 256 else n
 
@@ -164,11 +166,13 @@ class PointEvaluator:
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> scalar``.
-        params, batch: the origin and the data.
+        params: the origin of the affine family (pytree).
+        batch: the data passed to ``loss_fn``.
         directions: a non-empty sequence of pytrees like ``params``.
         metric_fn: optional second ``(params, batch) -> scalar``.
-        chunk_size / memory_budget_bytes: points per vmapped chunk, or the budget that
-            picks it.
+        chunk_size: points per vmapped chunk (default: as many as fit
+            ``memory_budget_bytes``).
+        memory_budget_bytes: memory budget of one chunk, used when ``chunk_size`` is None.
 
     Raises:
         ValueError: empty ``directions`` or directions not like ``params``; invalid
@@ -235,8 +239,20 @@ def evaluate_points(
     many as fit ``memory_budget_bytes``, from an upper bound of one evaluation's
     intermediates).
 
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        params: the origin of the affine family (pytree).
+        batch: the data passed to ``loss_fn``.
+        directions: a non-empty sequence of ``J`` pytrees like ``params``.
+        coords: ``(M, J)`` coefficients, one row per point.
+        metric_fn: optional second ``(params, batch) -> scalar`` on the same points.
+        chunk_size: points per vmapped chunk (default: as many as fit
+            ``memory_budget_bytes``).
+        memory_budget_bytes: memory budget of one chunk, used when ``chunk_size`` is None.
+
     Returns:
         ``(loss (M,), metric (M,) or None)`` as float64 numpy arrays (raw, not masked).
+        Cost: ``M`` loss (and metric) evaluations, padded to a power of two for small ``M``.
 
     Raises:
         ValueError: directions not like ``params``, coords not ``(M, len(directions))``.
@@ -266,13 +282,19 @@ def slice_1d(
 
     Args:
         loss_fn: ``loss_fn(params, batch) -> scalar``.
-        params, batch: the centre of the slice and the data.
+        params: the centre of the slice (pytree).
+        batch: the data passed to ``loss_fn``.
         d1: direction, a pytree like ``params`` (e.g. :func:`random_direction`).
         grid1: strictly increasing 1-D grid of coefficients.
         metric_fn: optional second function ``(params, batch) -> scalar`` (e.g.
             :func:`accuracy_metric`) evaluated on the same grid.
-        chunk_size / memory_budget_bytes: points per vmapped chunk, or the budget that
-            picks it.
+        chunk_size: points per vmapped chunk (default: as many as fit
+            ``memory_budget_bytes``).
+        memory_budget_bytes: memory budget of one chunk, used when ``chunk_size`` is None.
+
+    Returns:
+        :class:`Slice1D`: the loss ``(len(grid1),)`` with non-finite values masked to NaN
+        (a ``RuntimeWarning`` says how many), and the metric on the same grid.
 
     Raises:
         ValueError: empty / non-monotone / non-finite grid, direction not like params.
@@ -305,6 +327,24 @@ def slice_2d(
 
     The whole ``len(grid1) x len(grid2)`` grid runs in one compiled program (see
     :func:`evaluate_points`). ``result.loss[i, j]`` is at ``(grid1[i], grid2[j])``.
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar``.
+        params: the centre of the plane (pytree).
+        batch: the data passed to ``loss_fn``.
+        d1: first direction, a pytree like ``params``.
+        d2: second direction, a pytree like ``params``.
+        grid1: strictly increasing 1-D grid of ``d1`` coefficients.
+        grid2: strictly increasing 1-D grid of ``d2`` coefficients.
+        metric_fn: optional second function ``(params, batch) -> scalar`` on the same grid.
+        chunk_size: points per vmapped chunk (default: as many as fit
+            ``memory_budget_bytes``).
+        memory_budget_bytes: memory budget of one chunk, used when ``chunk_size`` is None.
+
+    Returns:
+        :class:`Slice2D`: the loss ``(len(grid1), len(grid2))`` with non-finite values
+        masked to NaN (a ``RuntimeWarning`` says how many), and the metric on the same grid.
+        Cost: ``len(grid1) * len(grid2)`` loss evaluations.
 
     Raises:
         ValueError: bad grids or directions (see :func:`slice_1d`).

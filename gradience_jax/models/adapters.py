@@ -14,28 +14,26 @@ import jax
 from flax import nnx
 
 from gradience_jax.operators.ggn import SplitModel
+from gradience_jax.operators.heads import compose
 
 PyTree = Any
 
 
 class Adapted(NamedTuple):
-    """What the operators need: ``loss_fn(params, batch)``, ``model_fn(params, batch)``,
-    the ``params`` pytree and the ``head`` (``loss_fn = head(model_fn(...), batch)``).
+    """What the operators need: the loss, the model function, the params and the head.
+
+    Attributes:
+        loss_fn: ``loss_fn(params, batch) -> scalar``, equal to
+            ``head(model_fn(params, batch), batch)``.
+        model_fn: ``model_fn(params, batch) -> outputs``.
+        params: the parameter pytree.
+        head: ``head(outputs, batch) -> scalar`` loss.
     """
 
     loss_fn: Callable[[PyTree, PyTree], jax.Array]
     model_fn: Callable[[PyTree, PyTree], jax.Array]
     params: PyTree
     head: Callable
-
-
-@dataclasses.dataclass(frozen=True)
-class _Loss:
-    model_fn: Callable
-    head: Callable
-
-    def __call__(self, params, batch):
-        return self.head(self.model_fn(params, batch), batch)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -66,6 +64,14 @@ def from_nnx(model: nnx.Module, head: Callable, input_key: str = "inputs") -> Ad
 
     Models with ``features`` and ``readout`` methods (e.g. :class:`TinyTransformerLM`) get a
     :class:`~gradience_jax.SplitModel` as ``model_fn``, which ``ggn(vocab_chunk=...)`` needs.
+
+    Args:
+        model: the NNX module; its graph and non-``Param`` state are captured once.
+        head: ``head(outputs, batch) -> scalar`` loss on the model's outputs.
+        input_key: the key of the model inputs in ``batch``.
+
+    Returns:
+        :class:`Adapted` with hashable ``loss_fn`` / ``model_fn``.
     """
     graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
     rest = tuple(rest)
@@ -75,7 +81,7 @@ def from_nnx(model: nnx.Module, head: Callable, input_key: str = "inputs") -> Ad
         )
     else:
         model_fn = _NNXApply(graphdef, rest, input_key)
-    return Adapted(_Loss(model_fn, head), model_fn, params, head)
+    return Adapted(compose(model_fn, head), model_fn, params, head)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -90,13 +96,27 @@ class _LinenApply:
 def from_linen(
     module: Any, variables: PyTree, head: Callable, input_key: str = "inputs"
 ) -> Adapted:
-    """Adapt a Linen module with ``variables = module.init(...)``; params are
-    ``variables['params']`` (other collections are not supported here).
+    """Adapt a Linen module with ``variables = module.init(...)``; params are its ``'params'``.
+
+    Other variable collections are not supported here.
+
+    Args:
+        module: the Linen module.
+        variables: ``module.init(...)``, with the ``'params'`` collection only.
+        head: ``head(outputs, batch) -> scalar`` loss on the module's outputs.
+        input_key: the key of the model inputs in ``batch``.
+
+    Returns:
+        :class:`Adapted` with ``params = variables['params']``.
+
+    Raises:
+        ValueError: if ``variables`` holds collections other than ``'params'``.
     """
     extra = set(variables) - {"params"}
     if extra:
         raise ValueError(
-            f"from_linen supports only the 'params' collection; got extra collections {sorted(extra)}"
+            "from_linen supports only the 'params' collection; got extra collections "
+            f"{sorted(extra)}"
         )
     model_fn = _LinenApply(module, input_key)
-    return Adapted(_Loss(model_fn, head), model_fn, variables["params"], head)
+    return Adapted(compose(model_fn, head), model_fn, variables["params"], head)

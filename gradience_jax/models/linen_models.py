@@ -18,6 +18,7 @@ class LinenMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits ``(B, sizes[-1])`` of inputs ``(B, ...)`` (flattened to ``(B, sizes[0])``)."""
         x = x.reshape(x.shape[0], -1)
         n = len(self.sizes) - 1
         for i, width in enumerate(self.sizes[1:]):
@@ -28,7 +29,15 @@ class LinenMLP(nn.Module):
 
 
 def nnx_mlp_to_linen(nnx_params) -> dict:
-    """Copy an NNX :class:`MLP`'s ``nnx.State`` into the Linen twin's ``{'params': ...}``."""
+    """Copy an NNX :class:`MLP`'s ``nnx.State`` into the Linen twin's ``{'params': ...}``.
+
+    Args:
+        nnx_params: the MLP's ``nnx.State`` (``nnx.split(model, nnx.Param, ...)[1]``) or its
+            pure dict, with ``layers/{i}/{kernel,bias}``.
+
+    Returns:
+        ``{"params": {"Dense_i": {"kernel", "bias"}}}`` for :class:`LinenMLP`.
+    """
     pure = nnx_params.to_pure_dict() if hasattr(nnx_params, "to_pure_dict") else nnx_params
     layers = pure["layers"]
     return {

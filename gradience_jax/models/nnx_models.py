@@ -38,6 +38,7 @@ class MLP(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Outputs ``(B, sizes[-1])`` of inputs ``(B, ...)`` (flattened to ``(B, sizes[0])``)."""
         x = x.reshape(x.shape[0], -1)
         for layer in self.layers[:-1]:
             x = self.activation(layer(x))
@@ -83,6 +84,7 @@ class CNN(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """Logits ``(B, num_classes)`` of images ``(B, H, W, C)``."""
         for conv in self.convs:
             x = jax.nn.relu(conv(x))
             x = nnx.avg_pool(x, (2, 2), strides=(2, 2))
@@ -100,12 +102,24 @@ def dot_product_attention(
     module: nnx.Module | None = None,
     **unused,
 ) -> jax.Array:
-    """Softmax attention computed in the inputs' dtype (Flax's upcasts to float32, which
-    would cap float64 reference checks at float32 accuracy).
+    """Softmax attention computed in the inputs' dtype.
 
-    Shapes: ``query (..., T, H, Dh)``, ``key`` / ``value`` ``(..., S, H, Dh)``; returns
-    ``(..., T, H, Dh)``. With ``module`` given (``sow_weights=True``), the ``(..., H, T, S)``
-    weights are sown as ``nnx.Intermediate`` ``"attention_weights"``.
+    Flax's version upcasts to float32, which would cap float64 reference checks at float32
+    accuracy. With ``module`` given (``sow_weights=True``), the ``(..., H, T, S)`` weights are
+    sown as ``nnx.Intermediate`` ``"attention_weights"``.
+
+    Args:
+        query: ``(..., T, H, Dh)`` queries.
+        key: ``(..., S, H, Dh)`` keys.
+        value: ``(..., S, H, Dh)`` values.
+        bias: optional additive logit bias, broadcastable to ``(..., H, T, S)``.
+        mask: optional boolean mask (True: attend), broadcastable to ``(..., H, T, S)``.
+        is_causal: also mask keys after the query position (``s > t``).
+        module: the calling attention module, whose ``sow`` records the weights.
+        **unused: further Flax ``attention_fn`` arguments (dropout, precision, ...), ignored.
+
+    Returns:
+        ``(..., T, H, Dh)`` attention outputs, in the inputs' dtype.
     """
     depth = query.shape[-1]
     logits = jnp.einsum("...thd,...shd->...hts", query, key) / jnp.sqrt(depth).astype(query.dtype)
@@ -140,13 +154,16 @@ class Block(nnx.Module):
         self.fc2 = nnx.Linear(d_ff, d_model, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """The block applied to hidden states ``(B, T, d_model)`` (same shape out)."""
         x = x + self.attention(self.ln1(x), is_causal=True, deterministic=True)
         return x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x))))
 
 
 class TinyTransformerLM(nnx.Module):
-    """A decoder-only language model: token + position embeddings, ``num_layers`` blocks,
-    final layer norm and an untied output projection.
+    """A decoder-only language model with untied input and output embeddings.
+
+    Token + position embeddings, ``num_layers`` blocks, a final layer norm and an untied
+    output projection.
 
     ``features(tokens)`` gives the last hidden state ``(B, T, d_model)``; ``readout(h)`` the
     logits ``(B, T, vocab_size)``; ``__call__`` composes them (used by ``SplitModel`` and
@@ -178,13 +195,30 @@ class TinyTransformerLM(nnx.Module):
         self.unembed = nnx.Linear(d_model, vocab_size, **kw)
 
     def features(self, tokens: jax.Array) -> jax.Array:
+        """The last hidden state.
+
+        Args:
+            tokens: ``(B, T)`` integer token ids, ``T <= max_len``.
+
+        Returns:
+            ``(B, T, d_model)`` hidden states after the final layer norm.
+        """
         x = self.embed(tokens) + self.pos_embed(jnp.arange(tokens.shape[-1]))[None]
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
 
     def readout(self, hidden: jax.Array) -> jax.Array:
+        """The output projection.
+
+        Args:
+            hidden: ``(B, T, d_model)`` hidden states (from :meth:`features`).
+
+        Returns:
+            ``(B, T, vocab_size)`` logits.
+        """
         return self.unembed(hidden)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Logits ``(B, T, vocab_size)`` of tokens ``(B, T)``: ``readout(features(tokens))``."""
         return self.readout(self.features(tokens))

@@ -726,7 +726,8 @@ def fit_power_law_series(
     Args:
         x: abscissa (e.g. steps), shape (n,), positive in the fitted range.
         y: metric, shape (n,), positive in the fitted range.
-        x_min, x_max: optional fit range (inclusive) on ``x``.
+        x_min: optional lower end of the fit range on ``x`` (inclusive).
+        x_max: optional upper end of the fit range on ``x`` (inclusive).
 
     Returns:
         :class:`SeriesPowerLawFit`. Cost O(n).
@@ -892,7 +893,8 @@ def cross_correlation(
     random-walk-like series; lags keep their meaning).
 
     Args:
-        x, y: aligned series, shape (n,). Gaps: joint trim + interpolation.
+        x: the first series, shape (n,). Gaps: joint trim + interpolation.
+        y: the second series, aligned with ``x``, shape (n,).
         max_lag: largest |lag| in samples, ``0 <= max_lag <= n - 3`` (keep it well below
             ``n``: the overlap shrinks with the lag).
         detrend: ``"none"`` (mean only), ``"linear"`` or ``"difference"``.
@@ -971,7 +973,8 @@ def lead_lag(
     maximum over all lags makes the p-value account for the search over lags.
 
     Args:
-        x, y: aligned series, shape (n,).
+        x: the first series (the candidate leader), shape (n,).
+        y: the second series, aligned with ``x``, shape (n,).
         max_lag: largest |lag| in samples.
         num_surrogates: surrogates for the p-value (0: skip; ~199-999 typical; the
             smallest attainable p is ``1 / (num_surrogates + 1)``).

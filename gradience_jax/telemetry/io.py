@@ -211,7 +211,7 @@ def _reraise_path_error(exc: OSError, path: Path, action: str) -> OSError:
 
 
 def _last_newline_offset(fh: Any, size: int) -> int:
-    """Byte offset just past the last ``\\n`` of a binary file (0 if none)."""
+    r"""Byte offset just past the last ``\n`` of a binary file (0 if none)."""
     pos = size
     chunk = 1 << 16
     while pos > 0:
@@ -228,13 +228,17 @@ def _last_newline_offset(fh: Any, size: int) -> int:
 def _make_tensorboard_writer(logdir: str | os.PathLike) -> tuple[Any, str | None]:
     """A SummaryWriter from tensorboardX or torch.utils.tensorboard, or (None, None)."""
     try:
-        from tensorboardX import SummaryWriter  # type: ignore[import-not-found]
+        from tensorboardX import (  # type: ignore[import-not-found]  # noqa: PLC0415 - optional dependency
+            SummaryWriter,
+        )
 
         return SummaryWriter(str(logdir)), "tensorboardX"
     except ImportError:
         pass
     try:
-        from torch.utils.tensorboard import SummaryWriter  # type: ignore[import-not-found]
+        from torch.utils.tensorboard import (  # type: ignore[import-not-found]  # noqa: PLC0415 - optional dependency
+            SummaryWriter,
+        )
 
         return SummaryWriter(str(logdir)), "torch.utils.tensorboard"
     except ImportError:
@@ -274,9 +278,18 @@ class TelemetryWriter:
         ValueError: bad ``mode``; ``mode="a"`` on a file that is not a telemetry log.
 
     Example:
-        >>> with TelemetryWriter("run.jsonl", config={"lr": 0.1}, seed=0) as log:  # doctest: +SKIP
-        ...     for step in range(100):
-        ...         log.write(step, {"loss": loss, "lambda_max": lam})
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "run.jsonl"
+        >>> with TelemetryWriter(path, config={"lr": 0.1}, seed=0) as log:
+        ...     for step in range(3):
+        ...         _ = log.write(step, {"loss": 1.0 / (step + 1), "lambda_max": float("nan")})
+        >>> header, records = load_telemetry(path)
+        >>> header["config"], [r.step for r in records]
+        ({'lr': 0.1}, [0, 1, 2])
+        >>> records[1].metrics  # non-finite values are stored as null
+        {'loss': 0.5, 'lambda_max': None}
+        >>> import shutil
+        >>> shutil.rmtree(path.parent)
     """
 
     def __init__(
@@ -454,7 +467,12 @@ class TelemetryWriter:
             )
 
     def close(self, status: str = "ok", error: str | None = None) -> None:
-        """Write the ``{"kind": "end"}`` footer and close (idempotent)."""
+        """Write the ``{"kind": "end"}`` footer and close (idempotent).
+
+        Args:
+            status: the footer's ``"status"`` (``"ok"`` for a clean end, e.g. ``"error"``).
+            error: optional error message stored as the footer's ``"error"``.
+        """
         with self._lock:
             if self._closed:
                 return

@@ -54,9 +54,9 @@ _ARRAY_FIELDS = ("singular_values", "esd")
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class LayerSpectrum:
-    """Spectral report of one weight matrix (definitions in :mod:`gradience_jax.weights.metrics`
-    and this module's docstring).
+    """Spectral report of one weight matrix.
 
+    Definitions are in :mod:`gradience_jax.weights.metrics` and this module's docstring.
     Arrays: ``singular_values`` ``(M,)`` and ``esd`` ``(M,)`` (eigenvalues of
     ``W^T W / N``), both in descending order, float64 numpy. Optional fields are None when
     undefined; ``alpha_missing_reason`` explains a missing power-law fit and the
@@ -109,6 +109,9 @@ class LayerSpectrum:
 
         Args:
           include_arrays: include ``singular_values`` and ``esd`` as lists.
+
+        Returns:
+          ``{field: value}`` for every field.
         """
         out = {}
         for f in dataclasses.fields(self):
@@ -118,7 +121,15 @@ class LayerSpectrum:
         return out
 
     def to_json(self, include_arrays: bool = True, indent: int | None = None) -> str:
-        """``json.dumps(self.to_dict(include_arrays))``."""
+        """``json.dumps(self.to_dict(include_arrays))``.
+
+        Args:
+          include_arrays: include ``singular_values`` and ``esd`` as lists.
+          indent: ``json.dumps`` indentation (None: one line).
+
+        Returns:
+          The JSON text.
+        """
         return json.dumps(self.to_dict(include_arrays), indent=indent)
 
 

@@ -102,7 +102,8 @@ def core_metrics(
 
     Args:
       s: singular values in descending order, shape ``(m,)``.
-      n, m: the larger and smaller dimensions of the matrix (``n >= m``).
+      n: the larger dimension of the matrix (``n >= m``).
+      m: the smaller dimension of the matrix (the length of ``s``).
       rtol: numerical-rank tolerance relative to ``sigma_1``.
       tw_level: Tracy-Widom quantile level of the spike threshold.
       xp: ``numpy`` (host path) or ``jax.numpy`` (jittable path).

@@ -180,7 +180,8 @@ def tracy_widom_edge(
     ``W^T W / N`` is ~ ``sigma2 (mu + s * TW1) / N``.
 
     Args:
-      n_rows, n_cols: matrix dimensions (either order).
+      n_rows: first matrix dimension (either order: ``N = max``, ``M = min``).
+      n_cols: second matrix dimension.
       sigma2: entry variance (float or array).
       tw_level: TW1 quantile level, one of 0.90, 0.95, 0.99.
 

@@ -76,7 +76,9 @@ def randomization_baseline(
       matrix: 2-D array (or kernel with a reshape rule).
       key: ``jax.random`` key of the permutation (same key, same numbers): 128 bits drawn
         from it seed numpy's PCG64, which draws the permutation on the host.
-      reshape, path: as in ``layer_spectrum``.
+      reshape: ``"auto"``, ``"matrix"``, ``"leading"`` or ``"trailing"``, as in
+        ``layer_spectrum``.
+      path: the layer's path (used by ``reshape="auto"``), as in ``layer_spectrum``.
       tw_level: Tracy-Widom quantile level (0.90, 0.95, 0.99).
       singular_values: the matrix's singular values (descending) when already known, as
         in ``layer_spectrum``; saves one SVD.

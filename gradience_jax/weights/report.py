@@ -139,6 +139,9 @@ class WeightSpectraReport(Mapping):
 
         Args:
           include_arrays: also store every layer's singular values and ESD.
+
+        Returns:
+          The report dict (layers by path, skipped leaves with reasons, the summary).
         """
         return {
             "layers": {p: x.to_dict(include_arrays) for p, x in self.layers.items()},
@@ -147,7 +150,15 @@ class WeightSpectraReport(Mapping):
         }
 
     def to_json(self, include_arrays: bool = False, indent: int | None = 2) -> str:
-        """The report as a JSON string (NaN / Inf written as null)."""
+        """The report as a JSON string (NaN / Inf written as null).
+
+        Args:
+          include_arrays: also store every layer's singular values and ESD.
+          indent: ``json.dumps`` indentation (None: one line).
+
+        Returns:
+          The JSON text of :meth:`to_dict`.
+        """
         return json.dumps(self.to_dict(include_arrays), indent=indent)
 
     _COLUMNS = (
@@ -218,11 +229,18 @@ class WeightSpectraReport(Mapping):
         return "\n".join(lines)
 
     def to_table(self, plain: bool = False) -> Any:
-        """A ``rich.table.Table`` (or the plain-text table when ``plain`` or rich is absent)."""
+        """A ``rich.table.Table`` (or the plain-text table when ``plain`` or rich is absent).
+
+        Args:
+          plain: return :meth:`to_text` instead of a rich table.
+
+        Returns:
+          A ``rich.table.Table``, or a ``str``.
+        """
         if plain:
             return self.to_text()
         try:
-            from rich.table import Table
+            from rich.table import Table  # noqa: PLC0415 - rich for output only
         except ImportError:  # pragma: no cover - rich is a dependency
             return self.to_text()
         table = Table(title="weight spectra", caption=self._summary_line())
@@ -239,7 +257,7 @@ class WeightSpectraReport(Mapping):
 def _as_state(params: PyTree) -> PyTree:
     """An ``nnx.Module`` becomes its ``nnx.Param`` state; anything else is returned as is."""
     try:
-        from flax import nnx
+        from flax import nnx  # noqa: PLC0415 - flax only to unwrap NNX modules
     except ImportError:  # pragma: no cover
         return params
     if isinstance(params, nnx.Module):
@@ -273,7 +291,11 @@ def weight_spectra(
       per_head: also report every head of 3-D attention kernels as ``path/head_<h>``
         (``reshape_rule`` ``"head_in"`` / ``"head_out"``; left out of ``report.summary``).
       key: if given, run the randomisation baseline per layer (key folded with the index).
-      rtol, min_tail, tw_level: as in ``layer_spectrum``.
+      rtol: numerical-rank tolerance relative to ``sigma_1``, as in ``layer_spectrum``.
+      min_tail: smallest number of tail eigenvalues for a power-law fit, as in
+        ``layer_spectrum``.
+      tw_level: Tracy-Widom quantile level of the spike threshold (0.90, 0.95, 0.99), as
+        in ``layer_spectrum``.
 
     Returns:
       ``WeightSpectraReport``. Never raises for a bad leaf: it lands in ``report.skipped``.

@@ -190,10 +190,15 @@ def spectral_merge(
       restore the nuclear norm) and ``merged = base + (1 - t) tau_a' + t tau_b'``.
 
     Args:
-      a, b: ``(p, q)`` matrices.
+      a: the first ``(p, q)`` matrix.
+      b: the second ``(p, q)`` matrix.
       t: interpolation weight of ``b`` in [0, 1].
       base: optional common ancestor, ``(p, q)``.
-      rank, energy, tw_level: truncation of the task vectors (as ``spectral_truncate``).
+      rank: components kept per task vector (>= 0), as in ``spectral_truncate``.
+      energy: Frobenius energy fraction kept per task vector in (0, 1], as in
+        ``spectral_truncate``.
+      tw_level: Tracy-Widom level of the default MP rule (0.90, 0.95, 0.99), as in
+        ``spectral_truncate``.
 
     Returns:
       ``MergeResult`` (merged matrix in the dtype of ``a``, diagnostics as floats).
