@@ -293,7 +293,7 @@ def _memory_case(quick: bool):
 
 
 def _engine_program(op, reorth: str):
-    from gradience_jax.spectrum.eigsh import _start
+    from gradience_jax.spectrum.eigsh import start_vector
     from gradience_jax.spectrum.engine import run_engine
     from gradience_jax.spectrum.plan import flat_layout, make_plan
 
@@ -302,7 +302,7 @@ def _engine_program(op, reorth: str):
                           memory_budget_bytes=None, filter_ghosts=None, vectors=False,
                           true_residuals=False, chunk=None, basis_size=None, basis_dtype=None,
                           flat=flat_layout(op))
-    v0, key = _start(op, None, jax.random.key(0))
+    v0, key = start_vector(op, None, jax.random.key(0))
     return run_engine.lower(op, v0, key, 1e-10, cap, plan=plan).compile()
 
 

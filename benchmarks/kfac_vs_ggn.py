@@ -36,7 +36,7 @@ from flax import nnx  # noqa: E402
 import gradience_jax as gj  # noqa: E402
 from gradience_jax.geometry import compare_curvature  # noqa: E402
 from gradience_jax.models import CNN, MLP, TinyTransformerLM, from_nnx  # noqa: E402
-from gradience_jax.operators.base import _apply  # noqa: E402
+from gradience_jax.operators.base import apply  # noqa: E402
 from gradience_jax.operators.kfac import KFACCoverageWarning, kfac  # noqa: E402
 
 F64 = jnp.float64
@@ -91,8 +91,8 @@ def measure(name: str, ad, params, batch, point: str, fisher_type: str) -> dict:
         lambda: kfac(ad.model_fn, ad.head, params, batch, warn=False, **kw).operands, repeats=3
     )
     v = gj.tree.random_like(jax.random.key(2), params)
-    k_mv = median_time(lambda: _apply(K, v))
-    g_mv = median_time(lambda: _apply(G, v))
+    k_mv = median_time(lambda: apply(K, v))
+    g_mv = median_time(lambda: apply(G, v))
     cmp = compare_curvature(K, G, k=5, method="exact", dense_limit=K.n_params)
     return {
         "model": name,

@@ -25,7 +25,7 @@ from flax import nnx
 
 import gradience_jax as gj
 from gradience_jax.models import CNN, MLP, TinyTransformerLM, from_nnx
-from gradience_jax.operators.base import _apply
+from gradience_jax.operators.base import apply
 
 
 def median_time(fn, *args, repeats: int = 10) -> float:
@@ -78,7 +78,7 @@ def time_operators(quick: bool) -> list[dict]:
                                                 linearize=False),
         }
         for label, op in ops.items():
-            t = median_time(_apply, op, v, repeats=repeats)
+            t = median_time(apply, op, v, repeats=repeats)
             row[f"{label}_ms"] = 1e3 * t
             row[f"{label}_ratio"] = t / t_grad
         # linearised: bind once, many products (how Lanczos uses it)
@@ -94,7 +94,7 @@ def time_operators(quick: bool) -> list[dict]:
         row["hvp_linearized_per_product_ratio"] = (t10 / 10) / t_grad
         # op.linearized(): one linearisation at this point, then standalone products
         lin_op = ops["hvp"].linearized()
-        t_lin = median_time(_apply, lin_op, v, repeats=repeats)
+        t_lin = median_time(apply, lin_op, v, repeats=repeats)
         row["hvp_linearized_op_ms"] = 1e3 * t_lin
         row["hvp_linearized_op_ratio"] = t_lin / t_grad
         rows.append(row)
@@ -124,7 +124,7 @@ def memory_rows(quick: bool) -> list[dict]:
                                    linearize=False, check=False),
         }
         for label, op in ops.items():
-            compiled = _apply.lower(op, shape).compile()
+            compiled = apply.lower(op, shape).compile()
             row[f"{label}_temp_MiB"] = temp_bytes(compiled) / 2**20
         rows.append(row)
     return rows

@@ -42,7 +42,7 @@ def worker(impl: str, sizes: list[int]) -> list[dict]:
     import gradience_jax as gj
     from benchmarks import peers
     from gradience_jax.models import TinyTransformerLM, from_nnx
-    from gradience_jax.operators.base import _apply
+    from gradience_jax.operators.base import apply
 
     model = TinyTransformerLM(vocab_size=VOCAB, d_model=D_MODEL, num_heads=2, num_layers=1,
                               max_len=512, rngs=nnx.Rngs(0))
@@ -75,7 +75,7 @@ def worker(impl: str, sizes: list[int]) -> list[dict]:
                 else:
                     op = gj.ggn(model_fn, head, params, batch, vocab_chunk=512, linearize=False,
                                 check=False)
-                fn = _apply.lower(op, v).compile()
+                fn = apply.lower(op, v).compile()
                 call = lambda fn=fn, op=op: fn(op, v)  # noqa: E731
             row["xla_temp_MiB"] = peers.temp_bytes(fn) / 2**20
             block = jax.block_until_ready

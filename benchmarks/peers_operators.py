@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 import gradience_jax as gj  # noqa: E402
 from benchmarks import peers  # noqa: E402
 from benchmarks.peers import NOT_APPLICABLE, NOT_INSTALLED  # noqa: E402
-from gradience_jax.operators.base import _apply  # noqa: E402
+from gradience_jax.operators.base import apply  # noqa: E402
 
 PRODUCTS = ("grad", "HVP", "HVP (amortised)", "GGN-vp", "EF-vp", "per-example grads")
 IMPLS = ("autograd", "torch.func", "curvlinops", "BackPACK", "Python loop (torch)",
@@ -61,7 +61,7 @@ def ours_timings(adapted, batch, repeats: int) -> dict[str, float]:
         "EF-vp": gj.empirical_fisher(loss_fn, params, batch, mode="streaming", linearize=False),
     }
     for label, op in ops.items():
-        out[label] = peers.median_time(lambda op=op: _apply(op, v), repeats, block=True)
+        out[label] = peers.median_time(lambda op=op: apply(op, v), repeats, block=True)
     lin = gj.hessian(loss_fn, params, batch, linearize=True)
 
     @jax.jit
@@ -73,7 +73,7 @@ def ours_timings(adapted, batch, repeats: int) -> dict[str, float]:
                                                max(2, repeats // 2), block=True) / 10
     # op.linearized(): linearised once at this point, each standalone product is tangent work
     lin_op = gj.hessian(loss_fn, params, batch).linearized()
-    out["HVP (linearized())"] = peers.median_time(lambda: _apply(lin_op, v), repeats, block=True)
+    out["HVP (linearized())"] = peers.median_time(lambda: apply(lin_op, v), repeats, block=True)
     peg = jax.jit(gj.per_example_grads, static_argnums=0)
     out["per-example grads"] = peers.median_time(lambda: peg(loss_fn, params, batch), repeats,
                                                  block=True)

@@ -23,14 +23,14 @@ import numpy as np
 
 from gradience_jax import tree as tu
 from gradience_jax.lanczos import (
-    _scalar_dtype,
-    _to_like,
-    _to_work,
-    _zeros_work,
     check_reorth,
     lanczos_init,
     lanczos_run,
     random_vector,
+    scalar_dtype,
+    to_like,
+    to_work,
+    zeros_work,
 )
 from gradience_jax.operators.base import LinearOperator
 
@@ -90,7 +90,7 @@ def _probe(key: jax.Array, like: PyTree, distribution: str) -> PyTree:
 
 
 def _apply(mv, like, v):
-    return _to_work(mv(_to_like(v, like)))
+    return to_work(mv(to_like(v, like)))
 
 
 def _summary(samples: jax.Array) -> TraceEstimate:
@@ -171,7 +171,8 @@ def trace_of_square(
 
 def _orthonormalize(stack: PyTree, eps: float) -> PyTree:
     """Rows of ``stack`` -> an orthonormal set spanning them (numerically dependent rows
-    become zero). Eigen-decomposition of the Gram matrix, applied twice for stability."""
+    become zero). Eigen-decomposition of the Gram matrix, applied twice for stability.
+    """
     for _ in range(2):
         g = tu.stacked_gram(stack)
         lam, vec = jnp.linalg.eigh(g)
@@ -193,7 +194,7 @@ def _hutchpp_jit(op, key, num_matvecs, distribution, batch_size):
     k_s, k_g = jax.random.split(key)
     s_stack = jax.vmap(lambda kk: _probe(kk, like, distribution))(jax.random.split(k_s, k))
     y = jax.lax.map(lambda v: _apply(mv, like, v), s_stack, batch_size=batch_size)
-    eps = float(jnp.finfo(_scalar_dtype(like)).eps)
+    eps = float(jnp.finfo(scalar_dtype(like)).eps)
     q = _orthonormalize(y, eps)
     low = jnp.sum(jax.lax.map(lambda v: tu.vdot(v, _apply(mv, like, v)), q, batch_size=batch_size))
 
@@ -253,7 +254,7 @@ def _diagonal_jit(op, key, num_samples, distribution):
         den = jax.tree_util.tree_map(lambda d, a: d + a * a, den, v)
         return (num, den), None
 
-    zeros = _zeros_work(like)
+    zeros = zeros_work(like)
     (num, den), _ = jax.lax.scan(body, (zeros, zeros), jax.random.split(key, num_samples))
     return jax.tree_util.tree_map(lambda n_, d: n_ / d, num, den)
 
@@ -296,7 +297,8 @@ class SpectralDensity(NamedTuple):
 
     def evaluate(self, grid: Any, sigma: float) -> jax.Array:
         """Density on ``grid`` with Gaussian broadening of width ``sigma``:
-        ``phi(t) = mean_probes sum_j w_j N(t; theta_j, sigma^2)`` (integrates to 1)."""
+        ``phi(t) = mean_probes sum_j w_j N(t; theta_j, sigma^2)`` (integrates to 1).
+        """
         t = jnp.asarray(grid)
         z = (t[..., None, None] - self.nodes) / sigma
         kern = jnp.exp(-0.5 * z * z) / (sigma * jnp.sqrt(2.0 * jnp.pi))

@@ -25,7 +25,8 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +50,15 @@ __all__ = [
     "lanczos",
     "lanczos_init",
     "lanczos_run",
+    "make_step",
     "random_vector",
+    "reorth_passes",
     "restart_vector",
+    "safe_normalize",
+    "scalar_dtype",
+    "to_like",
+    "to_work",
+    "zeros_work",
 ]
 
 
@@ -107,22 +115,22 @@ def work_dtype(dtype: Any) -> jnp.dtype:
     return tu.accumulation_dtype(dtype)
 
 
-def _to_work(v: PyTree) -> PyTree:
+def to_work(v: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, work_dtype(jnp.result_type(x))), v)
 
 
-def _to_like(v: PyTree, like: PyTree) -> PyTree:
+def to_like(v: PyTree, like: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda x, s: x.astype(s.dtype), v, like)
 
 
-def _zeros_work(like: PyTree, rows: int | None = None) -> PyTree:
+def zeros_work(like: PyTree, rows: int | None = None) -> PyTree:
     lead = () if rows is None else (rows,)
     return jax.tree_util.tree_map(
         lambda s: jnp.zeros(lead + tuple(s.shape), work_dtype(s.dtype)), like
     )
 
 
-def _scalar_dtype(like: PyTree) -> jnp.dtype:
+def scalar_dtype(like: PyTree) -> jnp.dtype:
     dts = [work_dtype(s.dtype) for s in jax.tree_util.tree_leaves(like)]
     return tu.promote_dtypes(*dts) if dts else jnp.dtype(jnp.float32)
 
@@ -170,7 +178,7 @@ def _get_row(basis: PyTree, row: jax.Array) -> PyTree:
     )
 
 
-def _safe_normalize(v: PyTree) -> tuple[PyTree, jax.Array]:
+def safe_normalize(v: PyTree) -> tuple[PyTree, jax.Array]:
     nrm = tu.norm(v)
     tiny = jnp.finfo(nrm.dtype).tiny
     return tu.scale(1.0 / jnp.maximum(nrm, tiny), v), nrm
@@ -294,18 +302,18 @@ def lanczos_init(
     nwin = check_reorth(reorth, window)
     nrows = {"full": capacity if rows is None else rows, "window": nwin, "none": 0}[reorth]
     key = check_key(key)
-    sdt = _scalar_dtype(like)
-    v = _to_work(v0)
-    q, nrm = _safe_normalize(v)
-    fallback, _ = _safe_normalize(restart_vector(_zeros_work(like), key, jnp.asarray(-1)))
+    sdt = scalar_dtype(like)
+    v = to_work(v0)
+    q, nrm = safe_normalize(v)
+    fallback, _ = safe_normalize(restart_vector(zeros_work(like), key, jnp.asarray(-1)))
     q = jax.tree_util.tree_map(lambda a, b: jnp.where(nrm > 0, a, b), q, fallback)
     zeros_m = jnp.zeros((capacity,), sdt)
     return LanczosState(
         alphas=zeros_m,
         betas=zeros_m,
-        basis=_zeros_work(like, nrows),
+        basis=zeros_work(like, nrows),
         q=q,
-        q_prev=_zeros_work(like),
+        q_prev=zeros_work(like),
         beta=jnp.zeros((), sdt),
         step=jnp.zeros((), jnp.int32),
         breakdowns=jnp.zeros((capacity,), bool),
@@ -320,7 +328,8 @@ def lanczos_init(
 def restart_vector(like: PyTree, key: jax.Array, j: jax.Array) -> PyTree:
     """A pseudo-random vector for a breakdown restart (cheap elementwise hash of the leaf
     index, the iteration and the key; no PRNG kernel in the scan body, which keeps compile
-    times low). Entries are roughly uniform on ``[-0.5, 0.5)``."""
+    times low). Entries are roughly uniform on ``[-0.5, 0.5)``.
+    """
     seed = jnp.sum(jax.random.key_data(key).astype(jnp.float32) % 9973.0)
     leaves, treedef = jax.tree_util.tree_flatten(like)
     out = []
@@ -333,29 +342,17 @@ def restart_vector(like: PyTree, key: jax.Array, j: jax.Array) -> PyTree:
 
 
 def random_vector(key: jax.Array, like: PyTree, distribution: str = "normal") -> PyTree:
-    """A random vector in the work dtype: ONE flat draw of all ``n`` entries split into
-    leaves (a per-leaf draw compiles one PRNG kernel per leaf, which is slow to compile for
-    models with many leaves). ``"normal"`` or ``"rademacher"``."""
-    leaves, treedef = jax.tree_util.tree_flatten(like)
-    sizes = [int(np.prod(x.shape)) for x in leaves]
-    dtype = _scalar_dtype(like)
-    n = sum(sizes)
-    if distribution == "normal":
-        flat = jax.random.normal(key, (n,), dtype)
-    elif distribution == "rademacher":
-        flat = jax.random.rademacher(key, (n,), dtype)
-    else:
-        raise ValueError(f"distribution must be 'normal' or 'rademacher', got {distribution!r}")
-    out, start = [], 0
-    for x, size in zip(leaves, sizes):
-        out.append(flat[start : start + size].reshape(x.shape).astype(work_dtype(x.dtype)))
-        start += size
-    return jax.tree_util.tree_unflatten(treedef, out)
+    """A random vector in the work dtype: :func:`gradience_jax.tree.random_like` (one flat
+    draw in the promoted work dtype), each leaf in its work dtype. Same key, same numbers
+    as ``tree.random_like(key, like, distribution)``."""
+    v = tu.random_like(key, like, distribution, dtype=scalar_dtype(like))
+    return jax.tree_util.tree_map(lambda x, s: x.astype(work_dtype(s.dtype)), v, like)
 
 
 def host_random_vector(key: jax.Array, like: PyTree) -> PyTree:
     """A standard normal vector drawn on the host (numpy, seeded by ``key``'s data): no PRNG
-    kernel to compile. Same key, same vector."""
+    kernel to compile. Same key, same vector.
+    """
     seed = [int(x) for x in np.asarray(jax.random.key_data(key)).ravel()]
     rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree_util.tree_flatten(like)
@@ -382,7 +379,7 @@ def _orth_step(w: PyTree, basis: PyTree, q: PyTree, passes: int) -> PyTree:
     return w
 
 
-def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_tol: float):
+def make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_tol: float):
     """One Lanczos iteration ``state -> state`` (a closure over the bound matvec).
 
     Live parameter-sized vectors: ``q``, ``q_prev``, ``A q`` / ``w`` and the stored rows.
@@ -397,7 +394,7 @@ def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_t
                 r = tu.sub(r, tu.scale(tu.vdot(q_prev, r), q_prev))
         else:  # the stored rows hold q_{j-1} (and older); q_j is added explicitly
             r = _orth_step(r, basis, q, 2)
-        return _safe_normalize(r)[0]
+        return safe_normalize(r)[0]
 
     def proceed(args):
         w, beta = args[4], args[6]
@@ -406,7 +403,7 @@ def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_t
     def step(state: LanczosState) -> LanczosState:
         j = state.step
         q, q_prev = state.q, state.q_prev
-        aq = _to_work(mv(_to_like(q, like)))
+        aq = to_work(mv(to_like(q, like)))
         alpha = tu.vdot(q, aq)
         asym = jnp.abs(tu.vdot(q_prev, aq) - state.beta)
         w = jax.tree_util.tree_map(
@@ -456,13 +453,13 @@ def _make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_t
     return step
 
 
-def _passes(reorth: str) -> int:
+def reorth_passes(reorth: str) -> int:
     return {"full": 2, "window": 1, "none": 0}[reorth]
 
 
 def default_breakdown_tol(like: PyTree) -> float:
     """Relative threshold on ``beta_j / ||T||`` below which the recurrence restarts."""
-    return float(BREAKDOWN_EPS_FACTOR * jnp.finfo(_scalar_dtype(like)).eps)
+    return float(BREAKDOWN_EPS_FACTOR * jnp.finfo(scalar_dtype(like)).eps)
 
 
 def lanczos_run(
@@ -488,7 +485,7 @@ def lanczos_run(
     """
     like = op.params_like
     tol = default_breakdown_tol(like) if breakdown_tol is None else breakdown_tol
-    step = _make_step(op.bind(), like, reorth, _passes(reorth), tol)
+    step = make_step(op.bind(), like, reorth, reorth_passes(reorth), tol)
     if ritz_coeffs is None:
         def body(s, _):
             return step(s), None
@@ -571,3 +568,13 @@ def lanczos(
     if win is None and reorth == "window":
         win = DEFAULT_WINDOW
     return _lanczos_jit(op, v0, key, int(num_iters), reorth, win, breakdown_tol)
+
+
+# old private names (kept for code written against them)
+_to_work = to_work
+_to_like = to_like
+_zeros_work = zeros_work
+_scalar_dtype = scalar_dtype
+_safe_normalize = safe_normalize
+_make_step = make_step
+_passes = reorth_passes

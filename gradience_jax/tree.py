@@ -13,7 +13,8 @@ weak Python scalars included), so results are the same whether or not
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -149,19 +150,30 @@ def random_like(
     key: jax.Array,
     a: PyTree,
     distribution: Literal["normal", "rademacher"] = "normal",
+    dtype: Any = None,
 ) -> PyTree:
-    """A random vector shaped like ``a`` (one key split per leaf).
+    """A random vector shaped like ``a``: the one probe policy of the package.
+
+    Same key, same vector everywhere: the estimators, Fisher geometry, the landscape and the
+    Lanczos probes all draw through this function. All ``n`` entries come from ONE flat
+    draw (a per-leaf draw compiles one PRNG kernel per leaf, slow for many-leaf models),
+    split into the leaves in ``tree_flatten`` order.
 
     Args:
         key: a ``jax.random`` key.
         a: template pytree (arrays or ``jax.ShapeDtypeStruct``).
         distribution: ``"normal"`` (standard Gaussian) or ``"rademacher"`` (+-1).
+        dtype: dtype of the draw and of every output leaf; default the promoted
+            accumulation dtype of the leaves (float32 or wider), cast back to each leaf's
+            own dtype.
 
     Returns:
-        A pytree with ``a``'s structure, shapes and (floating) dtypes.
+        A pytree with ``a``'s structure and shapes; leaves in ``dtype`` when given, else in
+        their own (floating) dtypes. Cost: one PRNG draw of ``n`` numbers.
+
+    Raises:
+        ValueError: an unknown ``distribution``.
     """
-    leaves, treedef = jax.tree_util.tree_flatten(a)
-    keys = jax.random.split(key, max(len(leaves), 1))
     if distribution == "normal":
         draw = jax.random.normal
     elif distribution == "rademacher":
@@ -170,7 +182,17 @@ def random_like(
         raise ValueError(
             f"distribution must be 'normal' or 'rademacher', got {distribution!r}"
         )
-    out = [draw(k, tuple(x.shape), dtype=x.dtype) for k, x in zip(keys, leaves)]
+    leaves, treedef = jax.tree_util.tree_flatten(a)
+    sizes = [int(np.prod(x.shape)) for x in leaves]
+    acc = [accumulation_dtype(x.dtype) for x in leaves]
+    draw_dtype = (jnp.dtype(dtype) if dtype is not None
+                  else promote_dtypes(*acc) if acc else jnp.dtype(jnp.float32))
+    flat = draw(key, (sum(sizes),), dtype=draw_dtype)
+    out, start = [], 0
+    for x, size in zip(leaves, sizes):
+        piece = flat[start:start + size].reshape(tuple(x.shape))
+        out.append(piece if dtype is not None else piece.astype(x.dtype))
+        start += size
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

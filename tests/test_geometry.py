@@ -168,3 +168,15 @@ def test_cg_lives_in_solvers_and_geometry_reexports_it():
 
     assert geo.conjugate_gradient is solvers.conjugate_gradient
     assert geo.CGResult is solvers.CGResult
+
+
+def test_same_key_same_probes_in_geometry_and_estimators(case):
+    _, _, ops, _, _ = case
+    op, key = ops["ggn"], jax.random.key(5)
+    geo_tr = geo.fisher_trace(op, key, num_samples=12, method="matrix-free")
+    est = gj.hutchinson_trace(op, key, num_samples=12)
+    sq = gj.trace_of_square(op, key, num_samples=12)
+    assert geo_tr.trace == pytest.approx(float(est.estimate), rel=1e-12)
+    assert geo_tr.trace_sq == pytest.approx(float(sq.estimate), rel=1e-12)
+    other = gj.hutchinson_trace(op, jax.random.key(6), num_samples=12)
+    assert float(other.estimate) != pytest.approx(float(est.estimate), rel=1e-12)

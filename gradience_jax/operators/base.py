@@ -15,7 +15,8 @@ once and reuse the closure.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +108,7 @@ class LinearOperator:
         """The matvec closure; call inside a trace and reuse it for many products."""
         return self.prepare(self.operands)
 
-    def linearized(self) -> "LinearOperator":
+    def linearized(self) -> LinearOperator:
         """The same operator with its point-dependent work done once, now.
 
         ``jax.linearize`` of the matvec at ``v = 0`` partially evaluates it: everything that
@@ -132,7 +133,7 @@ class LinearOperator:
         """``A v`` for a pytree ``v`` shaped like ``params_like``."""
         if not is_traced(v):
             check_like(v, self.params_like, "v", f"the {self.name} operator's params")
-        return _apply(self, v)
+        return apply(self, v)
 
     def __matmul__(self, v: PyTree) -> PyTree:
         return self.matvec(v)
@@ -140,18 +141,18 @@ class LinearOperator:
     def __call__(self, v: PyTree) -> PyTree:
         return self.matvec(v)
 
-    def __add__(self, other: "LinearOperator") -> "LinearOperator":
+    def __add__(self, other: LinearOperator) -> LinearOperator:
         return add(self, other)
 
-    def __sub__(self, other: "LinearOperator") -> "LinearOperator":
+    def __sub__(self, other: LinearOperator) -> LinearOperator:
         return add(self, scale(other, -1.0))
 
-    def __mul__(self, alpha: Any) -> "LinearOperator":
+    def __mul__(self, alpha: Any) -> LinearOperator:
         return scale(self, alpha)
 
     __rmul__ = __mul__
 
-    def __neg__(self) -> "LinearOperator":
+    def __neg__(self) -> LinearOperator:
         return scale(self, -1.0)
 
     def __repr__(self) -> str:
@@ -177,8 +178,20 @@ class LinearOperator:
 
 
 @jax.jit
-def _apply(op: LinearOperator, v: PyTree) -> PyTree:
+def apply(op: LinearOperator, v: PyTree) -> PyTree:
+    """``op @ v`` as one jitted program without the argument checks (benchmarks, loops).
+
+    Args:
+        op: the operator (a pytree: new params of the same shapes reuse the program).
+        v: a vector like ``op.params_like``.
+
+    Returns:
+        ``A v``, a pytree like ``v``. Cost: one product.
+    """
     return op.bind()(v)
+
+
+_apply = apply  # the old private name
 
 
 @jax.jit
@@ -345,6 +358,7 @@ def identity(params_like: PyTree) -> LinearOperator:
 __all__ = [
     "LinearOperator",
     "add",
+    "apply",
     "damped",
     "from_dense",
     "from_matvec",

@@ -16,7 +16,8 @@ the GGN of the matching head (softmax CE for ``"categorical"``, MSE for ``"gauss
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

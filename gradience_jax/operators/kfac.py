@@ -93,7 +93,8 @@ import dataclasses
 import functools
 import warnings
 from collections import Counter
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -277,7 +278,7 @@ class _Chain:
     eqns: tuple = ()
     bias_only: bool = False
 
-    def then(self, eqn: Any) -> "_Chain":
+    def then(self, eqn: Any) -> _Chain:
         bias_only = self.bias_only or eqn.primitive.name in _BIAS_TRANSPARENT
         return _Chain(self.leaf, self.eqns + (eqn,), bias_only)
 
@@ -379,7 +380,7 @@ def _scan_jaxpr(jaxpr: Any, chains: dict, prefix: tuple, acc: _Scan) -> None:
             acc.use(chains[v].leaf, "returned as an output (no layer consumes it)")
 
 
-def _match_layer(eqn: Any, site: tuple, ins: list) -> "_Tag | str":
+def _match_layer(eqn: Any, site: tuple, ins: list) -> _Tag | str:
     """A :class:`_Tag` when ``eqn`` is a supported layer, else the reason it is not."""
     name = eqn.primitive.name
     if name == "dot_general":
@@ -397,7 +398,7 @@ def _match_layer(eqn: Any, site: tuple, ins: list) -> "_Tag | str":
     return f"used by `{name}`{hint}, not a Dense / Conv / Embed pattern"
 
 
-def _kernel_chain(ins: list, index: int) -> "_Chain | str":
+def _kernel_chain(ins: list, index: int) -> _Chain | str:
     c = ins[index]
     if c is None:
         return "no parameter operand"
@@ -408,7 +409,7 @@ def _kernel_chain(ins: list, index: int) -> "_Chain | str":
     return c
 
 
-def _match_dense(eqn: Any, site: tuple, ins: list) -> "_Tag | str":
+def _match_dense(eqn: Any, site: tuple, ins: list) -> _Tag | str:
     ki = 1 if ins[1] is not None else 0
     c = _kernel_chain(ins, ki)
     if isinstance(c, str):
@@ -438,7 +439,7 @@ def _match_dense(eqn: Any, site: tuple, ins: list) -> "_Tag | str":
     )
 
 
-def _match_conv(eqn: Any, site: tuple, ins: list) -> "_Tag | str":
+def _match_conv(eqn: Any, site: tuple, ins: list) -> _Tag | str:
     c = _kernel_chain(ins, 1)
     if isinstance(c, str):
         return f"used by `conv_general_dilated`: {c}"
@@ -468,7 +469,7 @@ def _match_conv(eqn: Any, site: tuple, ins: list) -> "_Tag | str":
     )
 
 
-def _match_embed(eqn: Any, site: tuple, ins: list) -> "_Tag | str":
+def _match_embed(eqn: Any, site: tuple, ins: list) -> _Tag | str:
     c = _kernel_chain(ins, 0)
     if isinstance(c, str):
         return f"used by `gather`: {c}"
@@ -664,7 +665,8 @@ _MAX_PLANS = 32
 
 def _get_plan(model_fn: Callable, params: PyTree, batch: PyTree) -> _Plan:
     """The layer plan of ``model_fn`` for these parameter / example shapes (cached, so
-    repeated ``kfac`` calls at new parameter values reuse the compiled factor pass)."""
+    repeated ``kfac`` calls at new parameter values reuse the compiled factor pass).
+    """
     key = (model_fn, _spec_key(params, False), _spec_key(batch, True))
     try:
         hash(key)
@@ -759,7 +761,8 @@ class _Config:
 
 def _cotangents(cfg: _Config, outputs: jax.Array, batch: PyTree, key) -> jax.Array:
     """Output-space vectors ``u_k`` ``(K, N, *rest, C)``: ``sum_k J^T u_k u_k^T J`` is the
-    (GGN / MC / empirical) Fisher."""
+    (GGN / MC / empirical) Fisher.
+    """
     head = cfg.head
     n = outputs.shape[0]
     if cfg.fisher_type == "empirical":
@@ -788,7 +791,8 @@ def _cotangents(cfg: _Config, outputs: jax.Array, batch: PyTree, key) -> jax.Arr
 
 class KroneckerFactors(NamedTuple):
     """Eigendecomposed factors of one block: ``A = Q_A diag(l_A) Q_A^T`` (``Q_A = None``:
-    ``A`` is diagonal, as for embeddings) and ``B = Q_B diag(l_B) Q_B^T``."""
+    ``A`` is diagonal, as for embeddings) and ``B = Q_B diag(l_B) Q_B^T``.
+    """
 
     a_evals: jax.Array
     a_evecs: jax.Array | None

@@ -31,7 +31,8 @@ Public names: :func:`build`, :func:`names`, :func:`canonical_name`, :func:`optio
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,8 @@ from gradience_jax.operators.heads import Head
 from gradience_jax.spectrum.eigsh import eigsh
 from gradience_jax.spectrum.plan import (
     check_int as _check_int,
+)
+from gradience_jax.spectrum.plan import (
     default_basis_size,
     default_memory_budget,
     row_bytes,

@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradience_jax._validate import check_key
 from gradience_jax.lanczos import (
-    _scalar_dtype,
     check_operator_output,
     check_vector,
     host_random_vector,
     random_vector,
+    scalar_dtype,
 )
-from gradience_jax._validate import check_key
 from gradience_jax.operators.base import LinearOperator
 from gradience_jax.spectrum.engine import (
     ASYMMETRIC,
@@ -41,11 +41,30 @@ PyTree = Any
 #: operators with at most this many parameters are solved densely by ``top_eigenpairs``
 DENSE_LIMIT = 2000
 
-__all__ = ["DENSE_LIMIT", "Eigenpairs", "FastEigshResult", "eigsh", "eigsh_fast", "top_eigenpairs"]
+__all__ = [
+    "DENSE_LIMIT",
+    "Eigenpairs",
+    "FastEigshResult",
+    "eigsh",
+    "eigsh_fast",
+    "start_vector",
+    "top_eigenpairs",
+]
 
 
-def _start(op: LinearOperator, v0: PyTree | None, key: jax.Array) -> tuple[PyTree, jax.Array]:
-    """Start vector (host-drawn normal from ``fold_in(key, 0)`` unless given) and restart key."""
+def start_vector(op: LinearOperator, v0: PyTree | None, key: jax.Array,
+                 ) -> tuple[PyTree, jax.Array]:
+    """The Krylov start vector of ``eigsh`` and the key of its restarts.
+
+    Args:
+        op: the operator (its ``params_like`` shapes the vector).
+        v0: a given start vector, returned as it is; ``None`` draws one.
+        key: the run's key.
+
+    Returns:
+        ``(v0, restart_key)``: a standard normal vector drawn on the host from
+        ``fold_in(key, 0)`` (no PRNG kernel to compile) unless given, and ``fold_in(key, 1)``.
+    """
     if v0 is None:
         v0 = host_random_vector(jax.random.fold_in(key, 0), op.params_like)
     return v0, jax.random.fold_in(key, 1)
@@ -173,7 +192,7 @@ def eigsh(
     check_operator_output(op, like)
     if v0 is not None:
         check_vector(v0, like, "v0", f"the {op.name} operator's params")
-    v0, key_r = _start(op, v0, key)
+    v0, key_r = start_vector(op, v0, key)
     out = run_engine(op, v0, key_r, float(tol), cap, plan=plan)
     return _finish(op, plan, cap, out, tol=float(tol), seed=seed, t_start=t_start)
 
@@ -367,7 +386,7 @@ def eigsh_fast(
     if v0 is None:
         v0 = random_vector(jax.random.fold_in(key, 0), op.params_like, "normal")
     out = run_engine_traced(op, v0, jax.random.fold_in(key, 1), tol, cap, plan)
-    sdt = _scalar_dtype(op.params_like)  # the work dtype, as the vectors (x64 or not)
+    sdt = scalar_dtype(op.params_like)  # the work dtype, as the vectors (x64 or not)
     values, bounds = out.values.astype(sdt), out.bounds.astype(sdt)
     conv, vecs = out.conv, out.vectors
     if which == "BE":  # ascending, as eigsh
@@ -387,7 +406,8 @@ def eigsh_fast(
 
 class Eigenpairs(NamedTuple):
     """``values (k,)`` in the order of ``which``, ``vectors`` a pytree stack or ``None``,
-    ``method``: ``"dense"`` or ``"lanczos"``."""
+    ``method``: ``"dense"`` or ``"lanczos"``.
+    """
 
     values: np.ndarray
     vectors: PyTree | None
@@ -442,7 +462,7 @@ def top_eigenpairs(
         idx = select(evals, int(k), which)
         vectors = None
         if return_eigenvectors:
-            dt = _scalar_dtype(op.params_like)
+            dt = scalar_dtype(op.params_like)
             zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), op.params_like)
             vectors = tu.stack([tu.unravel_like(jnp.asarray(evecs[:, i], dt), zeros) for i in idx])
         return Eigenpairs(evals[idx], vectors, "dense")

@@ -29,7 +29,8 @@ stored rows + ~4 (the rotation at a restart is done leaf by leaf); ``"window"``:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,15 +39,15 @@ import numpy as np
 from gradience_jax import tree as tu
 from gradience_jax.lanczos import (
     LanczosState,
-    _make_step,
-    _passes,
-    _safe_normalize,
-    _scalar_dtype,
-    _to_like,
-    _to_work,
-    _zeros_work,
     lanczos_init,
+    make_step,
+    reorth_passes,
     restart_vector,
+    safe_normalize,
+    scalar_dtype,
+    to_like,
+    to_work,
+    zeros_work,
 )
 from gradience_jax.spectrum.ritz import (
     converged_mask,
@@ -151,8 +152,9 @@ class EngineOut(NamedTuple):
 
 
 def small_dtype() -> jnp.dtype:
-    """dtype of the projected matrix: float64 when ``jax_enable_x64`` is on, else float32
-    (then the eigenproblem itself is still solved in float64, on the host)."""
+    """Dtype of the projected matrix: float64 when ``jax_enable_x64`` is on, else float32
+    (then the eigenproblem itself is still solved in float64, on the host).
+    """
     return jnp.dtype(jnp.float64) if jax.config.jax_enable_x64 else jnp.dtype(jnp.float32)
 
 
@@ -207,11 +209,11 @@ def _unit_stack(vecs: PyTree) -> PyTree:
 
 def _true_residuals(mv: Callable, like: PyTree, vecs: PyTree, values: jax.Array) -> jax.Array:
     """``||A y_i - theta_i y_i||`` for a stack of vectors (``lax.map``: one at a time)."""
-    sdt = _scalar_dtype(like)
+    sdt = scalar_dtype(like)
 
     def one(args):
         y, lam = args
-        ay = _to_work(mv(_to_like(y, like)))
+        ay = to_work(mv(to_like(y, like)))
         return tu.norm(tu.sub(ay, tu.scale(lam.astype(sdt), y)))
 
     return jax.lax.map(one, (vecs, values))
@@ -219,8 +221,8 @@ def _true_residuals(mv: Callable, like: PyTree, vecs: PyTree, values: jax.Array)
 
 def _start_vector(v0: PyTree, key: jax.Array, like: PyTree) -> PyTree:
     """``v0 / ||v0||`` in the work dtype; a zero ``v0`` becomes a pseudo-random vector."""
-    q, nrm = _safe_normalize(_to_work(v0))
-    fallback, _ = _safe_normalize(restart_vector(_zeros_work(like), key, jnp.asarray(-1)))
+    q, nrm = safe_normalize(to_work(v0))
+    fallback, _ = safe_normalize(restart_vector(zeros_work(like), key, jnp.asarray(-1)))
     return jax.tree_util.tree_map(lambda a, b: jnp.where(nrm > 0, a, b), q, fallback)
 
 
@@ -255,7 +257,8 @@ def keep_count(plan: Plan) -> int:
 
     Measured on the clustered MLP Hessian (k=10, m=30): 1/3 .. 1/2 of the free rows need the
     fewest matvecs (105, about ARPACK's); keeping more restarts more often for the same
-    matvecs."""
+    matvecs.
+    """
     m, k = plan.basis_size, plan.k
     return int(min(max(k + (m - k) // 3, k), max(m - 2, k)))
 
@@ -359,11 +362,11 @@ def _expand(c: _Cycle, mv: Callable, like: PyTree, plan: Plan) -> _Cycle:
     """One Lanczos step: ``A v_j``, Gram-Schmidt against rows ``<= j``, row ``j + 1``."""
     m = plan.basis_size
     tdt = c.tmat.dtype
-    sdt = _scalar_dtype(like)
+    sdt = scalar_dtype(like)
     j = c.j
     rows = jnp.arange(m + 1, dtype=jnp.result_type(j))
     v = _row(c.basis, j, like)
-    aq = _to_work(mv(_to_like(v, like)))
+    aq = to_work(mv(to_like(v, like)))
     alpha0 = tu.vdot(v, aq)
     local = (j > c.l) & (j > 0)  # tridiagonal coupling to row j - 1 (not the arrowhead row)
     jm1 = jnp.maximum(j - 1, 0)
@@ -406,7 +409,8 @@ def _expand(c: _Cycle, mv: Callable, like: PyTree, plan: Plan) -> _Cycle:
 
 def _ritz(c: _Cycle, plan: Plan, tol: jax.Array):
     """Ritz analysis of the rows filled so far (float64 small eigensolve): Ritz values in
-    order of score, residual bounds and convergence of the ``k`` wanted ones."""
+    order of score, residual bounds and convergence of the ``k`` wanted ones.
+    """
     m, k = plan.basis_size, plan.k
     tdt = c.tmat.dtype
     filled = c.j
@@ -436,7 +440,8 @@ def _converged_now(c: _Cycle, plan: Plan, tol: jax.Array) -> jax.Array:
 def _analyse_and_rotate(c: _Cycle, plan: Plan, tol: jax.Array, max_matvecs: jax.Array,
                         like: PyTree) -> _Cycle:
     """Solve the projected problem, decide convergence, rotate the kept rows to the Ritz
-    vectors (most wanted first) and set up the next cycle's arrowhead."""
+    vectors (most wanted first) and set up the next cycle's arrowhead.
+    """
     k = plan.k
     keep = keep_count(plan)
     filled = c.j
@@ -467,7 +472,7 @@ def _thick_restart(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
     like = op.params_like
     mv = op.bind()
     m, k = plan.basis_size, plan.k
-    sdt = _scalar_dtype(like)
+    sdt = scalar_dtype(like)
     tdt = small_dtype()
     bdt = None if plan.basis_dtype is None else jnp.dtype(plan.basis_dtype)
     basis = jax.tree_util.tree_map(
@@ -545,7 +550,8 @@ class _Plain(NamedTuple):
 def _host_check(plan: Plan):
     """A host function ``(alphas, betas, dropped, steps, anorm, tol) -> analysis`` for
     ``jax.pure_callback``: float64 Ritz values of ``T`` with ghost filtering, the ``k``
-    wanted ones (most wanted first), their bounds and ``T``-eigenvectors."""
+    wanted ones (most wanted first), their bounds and ``T``-eigenvectors.
+    """
     k, cap = plan.k, plan.capacity
 
     def check(alphas, betas, dropped, steps, anorm, tol):
@@ -585,7 +591,7 @@ def _plain(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
     mv = op.bind()
     k, cap = plan.k, plan.capacity
     state = lanczos_init(op, v0, cap, plan.reorth, plan.window, key=key)
-    step = _make_step(mv, like, plan.reorth, _passes(plan.reorth), plan.breakdown_tol)
+    step = make_step(mv, like, plan.reorth, reorth_passes(plan.reorth), plan.breakdown_tol)
     sdt = state.alphas.dtype
     max_matvecs = jnp.minimum(jnp.asarray(max_matvecs, jnp.int32), cap)
     p = _Plain(state, jnp.asarray(RUNNING, jnp.int32), jnp.zeros((), sdt), jnp.zeros((k,), sdt),
@@ -637,9 +643,9 @@ def _plain(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
 def _second_pass(op, v0, key, coeffs, first: LanczosState, plan: Plan):
     """Regenerate the Lanczos vectors from ``v0`` and accumulate ``Y = Q coeffs``."""
     like = op.params_like
-    step = _make_step(op.bind(), like, plan.reorth, _passes(plan.reorth), plan.breakdown_tol)
+    step = make_step(op.bind(), like, plan.reorth, reorth_passes(plan.reorth), plan.breakdown_tol)
     st = lanczos_init(op, v0, plan.capacity, plan.reorth, plan.window, key=key)
-    acc = _zeros_work(like, plan.k)
+    acc = zeros_work(like, plan.k)
 
     def body(_, carry):
         s, acc = carry
@@ -667,7 +673,7 @@ class _FlatOperator:
         self._op = op
         self.leaves_like, self.treedef = jax.tree_util.tree_flatten(op.params_like)
         self.sizes = [int(np.prod(s.shape)) for s in self.leaves_like]
-        self.dtype = _scalar_dtype(op.params_like)
+        self.dtype = scalar_dtype(op.params_like)
         self.params_like = jax.ShapeDtypeStruct((sum(self.sizes),), self.dtype)
 
     def ravel(self, tree: PyTree) -> jax.Array:
@@ -685,13 +691,13 @@ class _FlatOperator:
 
     def bind(self) -> Callable:
         mv = self._op.bind()
-        return lambda x: self.ravel(mv(_to_like(self.unravel(x), self._op.params_like)))
+        return lambda x: self.ravel(mv(to_like(self.unravel(x), self._op.params_like)))
 
 
 def _run(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
     if plan.flat:
         flat = _FlatOperator(op)
-        out = _run_layout(flat, flat.ravel(_to_work(v0)), key, tol, max_matvecs, plan)
+        out = _run_layout(flat, flat.ravel(to_work(v0)), key, tol, max_matvecs, plan)
         if out.vectors is None:
             return out
         return out._replace(vectors=flat.unravel(out.vectors, (plan.k,)))

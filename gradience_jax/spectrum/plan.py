@@ -1,5 +1,6 @@
 """Arguments and plan of an ``eigsh`` run: every check at the boundary, one static
-:class:`~gradience_jax.spectrum.engine.Plan` out."""
+:class:`~gradience_jax.spectrum.engine.Plan` out.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import numpy as np
 
 from gradience_jax import tree as tu
 from gradience_jax.lanczos import (
-    _scalar_dtype,
     check_reorth,
     default_breakdown_tol,
+    scalar_dtype,
 )
 from gradience_jax.operators.base import LinearOperator
 from gradience_jax.spectrum.engine import Plan
@@ -61,7 +62,8 @@ def row_bytes(like: PyTree, dtype: Any = None) -> int:
 
 def default_basis_size(k: int) -> int:
     """``max(2k + 10, 30)`` rows: room for the ``k`` wanted pairs, as many kept neighbours
-    and enough new directions per cycle."""
+    and enough new directions per cycle.
+    """
     return max(2 * k + 10, MIN_BASIS_SIZE)
 
 
@@ -72,7 +74,8 @@ def small_solver() -> str:
 
 def _capacity(cap: int) -> int:
     """``alphas`` / ``betas`` buffer length: the next power of two >= ``cap`` (>= 32), so
-    nearby caps share one program."""
+    nearby caps share one program.
+    """
     return max(32, 1 << (max(cap, 1) - 1).bit_length())
 
 
@@ -163,7 +166,7 @@ def make_plan(
         if max_iters < k:
             raise ValueError(f"max_iters={max_iters} must be >= k={k}")
     filter_ghosts = (reorth != "full") if filter_ghosts is None else bool(filter_ghosts)
-    sdt = _scalar_dtype(like)
+    sdt = scalar_dtype(like)
     eps_work = float(jnp.finfo(sdt).eps)
     eps_op = float(jnp.finfo(op.dtype).eps) if jnp.issubdtype(op.dtype, jnp.floating) else eps_work
     # a broken (non-symmetric) matvec stops the run; asymmetry between sqrt(eps) and this is

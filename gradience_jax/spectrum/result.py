@@ -1,5 +1,6 @@
 """``SpectrumResult`` (eigenvalues with every diagnostic) and the quality checks behind its
-warnings."""
+warnings.
+"""
 
 from __future__ import annotations
 
@@ -103,7 +104,8 @@ class SpectrumResult:
     @property
     def ritz_effective_rank(self) -> float:
         """``exp(entropy(p))``, ``p = lambda / sum(lambda)`` over the positive computed values
-        (Roy & Vetterli 2007); between 1 and ``k``."""
+        (Roy & Vetterli 2007); between 1 and ``k``.
+        """
         lam = self.eigenvalues[self.eigenvalues > 0]
         if lam.size == 0:
             return 0.0

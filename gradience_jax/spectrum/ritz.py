@@ -72,7 +72,8 @@ def tridiagonal(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
 def _eigh_tridiagonal(d: np.ndarray, e: np.ndarray, vectors: bool = True):
     """Eigenpairs of the symmetric tridiagonal ``(d, e)`` (LAPACK stemr via scipy, float64).
 
-    Much faster than a dense ``eigh`` for long runs (``O(m^2)``)."""
+    Much faster than a dense ``eigh`` for long runs (``O(m^2)``).
+    """
     m = len(d)
     if m == 0:
         return np.zeros(0), np.zeros((0, 0))
@@ -230,7 +231,8 @@ def converged_mask(values: np.ndarray, bounds: np.ndarray, tol: float, anorm: fl
 def which_scores(theta: jax.Array, valid: jax.Array, which: str) -> jax.Array:
     """A score per Ritz value: the ``k`` wanted ones are the ``k`` highest (``-inf`` where
     not ``valid``). ``"BE"`` alternates ends (largest, smallest, 2nd largest, ...), so its
-    top ``k`` are ``k - k // 2`` largest and ``k // 2`` smallest, as :func:`select`."""
+    top ``k`` are ``k - k // 2`` largest and ``k // 2`` smallest, as :func:`select`.
+    """
     neg = jnp.full_like(theta, -jnp.inf)
     if which == "LA":
         s = theta
