@@ -23,8 +23,9 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # PyTorch's OpenMP threads spin-wait by default; on a shared (oversubscribed) CPU that makes
 # 2-thread torch ~30x slower (measured here: 424 ms vs 14 ms for one MLP gradient). Passive
@@ -37,7 +38,6 @@ if str(_HERE.parent) not in sys.path:
     sys.path.insert(0, str(_HERE.parent))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 

@@ -122,7 +122,6 @@ def worker(impl: str, sizes: list[int]) -> list[dict]:
 
 
 def run(quick: bool) -> dict:
-    from benchmarks import peers
 
     sizes = [512, 2048] if quick else [512, 2048, 4096]
     impls = QUICK_IMPLS if quick else OURS + THEIRS

@@ -37,7 +37,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 import gradience_jax as gj  # noqa: E402
 from benchmarks import peers  # noqa: E402

@@ -316,7 +316,7 @@ def _operators_section(d: dict | None) -> list[str]:
     mem = [{"B*T": r["B*T"], "grad MiB": r["grad_temp_MiB"], "HVP MiB": r["hvp_temp_MiB"],
             "GGN-vp MiB": r["ggn_temp_MiB"], "GGN-vp vocab_chunk=512 MiB": r["ggn_chunk512_temp_MiB"]}
            for r in d["memory"]]
-    return [f"\n## Operators vs the gradient (`operators.py`" + (" --quick" if d.get("quick")
+    return ["\n## Operators vs the gradient (`operators.py`" + (" --quick" if d.get("quick")
                                                                  else "") + ")\n",
             f"_run {d.get('date')}, load average {load[0]:.1f}._\n\n" if load else "",
             "Median over 20 calls after warm-up, one call per product unless marked (the "
@@ -333,7 +333,7 @@ def _lanczos_section(d: dict | None) -> list[str]:
 
     if not d:
         return []
-    out = [f"\n## Lanczos overhead and accuracy (`lanczos.py`" + (" --quick" if d.get("quick")
+    out = ["\n## Lanczos overhead and accuracy (`lanczos.py`" + (" --quick" if d.get("quick")
                                                                   else "") + ")\n"]
     if d.get("overhead"):
         rows = [{"P": f"{r['n_params']:,}", "B": r["batch"], "iterations": r["iterations"],
@@ -376,7 +376,7 @@ def _clustered_section(d: dict | None) -> list[str]:
              "warm s": r.get("warm_s", ""), "first call s": r.get("first_call_s", ""),
              "compile s": r.get("compile_s", ""), "max rel err": r.get("max_rel_error", ""),
              "note": r.get("reached", "")} for r in d["rows"]]
-    out = [f"\n## Top-10 Hessian eigenvalues, clustered (`eigsh_clustered.py`"
+    out = ["\n## Top-10 Hessian eigenvalues, clustered (`eigsh_clustered.py`"
            + (" --quick" if d.get("quick") else "") + ")\n", _machine_line(d.get("machine")),
            f"MLP {'-'.join(map(str, d['sizes']))} tanh at init, P={d['n_params']:,}, "
            f"B={d['batch']}; reference (float64 ARPACK) "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +96,7 @@ def _transformer(dtype):
 MODELS = {"mlp": _mlp, "seed": _seed, "cnn": _cnn, "transformer": _transformer}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model_case(name: str, dtype_name: str = "float64"):
     """``(Adapted, batch)``. The float64 case holds the float32 case's weights and batch,
     upcast, so one float64 reference serves both precisions."""

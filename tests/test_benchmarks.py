@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import json_numbers
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,6 @@ import pytest
 from helpers import strict_dtype_promotion, tree_dense_op
 from jax.flatten_util import ravel_pytree
 
-import gradience_jax as gj
 from gradience_jax.estimators import (
     diagonal,
     hutchinson_trace,
@@ -17,7 +16,6 @@ from gradience_jax.estimators import (
     spectral_density,
     trace_of_square,
 )
-from gradience_jax.operators.base import LinearOperator
 
 strict_promotion = pytest.fixture(autouse=True, scope="module")(strict_dtype_promotion)
 

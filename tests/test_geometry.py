@@ -7,12 +7,11 @@ import json
 import jax
 import numpy as np
 import pytest
+from helpers import model_case, rel_err
 
 import gradience_jax as gj
 from gradience_jax import geometry as geo
 from gradience_jax.operators.kfac import kfac
-
-from helpers import model_case, rel_err
 
 LAM = 1e-2
 

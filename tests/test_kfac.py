@@ -361,7 +361,7 @@ def test_linen_twin_gives_the_same_operator():
     K_lin = kfac(lin.model_fn, lin.head, lin.params, batch, check=False)
     d_nnx = {layer.name.split("/")[-1]: layer for layer in K_nnx.coverage.layers}
     assert [x.kind for x in K_lin.coverage.layers] == ["dense", "dense"]
-    for (name_l, (a_l, b_l)), (name_n, (a_n, b_n)) in zip(
+    for (_name_l, (a_l, b_l)), (_name_n, (a_n, b_n)) in zip(
         sorted(K_lin.kronecker_factors().items()), sorted(K_nnx.kronecker_factors().items())
     ):
         np.testing.assert_allclose(a_l, a_n, rtol=1e-12, atol=1e-14)

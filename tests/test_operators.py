@@ -45,7 +45,7 @@ def build(kind, adapted, batch, linearize):
     raise AssertionError(kind)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(kind, model):
     (loss_fn, model_fn, params, head), batch = model_case(model, "float64")
     if kind == "hessian":

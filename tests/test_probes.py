@@ -20,7 +20,7 @@ from gradience_jax.models import MLP, from_nnx
 from gradience_jax.operators.fisher import per_example_grads
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case():
     """A float64 tanh MLP 4-8-3 (67 parameters) on 32 points of 3 Gaussian blobs."""
     model = MLP([4, 8, 3], activation=jnp.tanh, param_dtype=jnp.float64, rngs=nnx.Rngs(0))

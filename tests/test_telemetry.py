@@ -88,8 +88,8 @@ class TestWriterReader:
         assert md["seed"] == 1234
         assert md["metadata"] == {"experiment": "protocol-B", "tags": ["grokking"], "n": 3}
         assert md["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
-        import jax
         import flax
+        import jax
 
         assert md["versions"]["jax"] == jax.__version__
         assert md["versions"]["flax"] == flax.__version__

@@ -46,7 +46,7 @@ def _hutchinson():
             or __import__("gradience_jax.estimators").estimators.hutchinson_trace)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def case(name: str):
     """``(adapted, batch, TorchModel)``: tiny float32 models, identical weights."""
     head = gj.heads.softmax_cross_entropy()
@@ -206,7 +206,7 @@ def test_per_example_grads_and_ef_match_torch(name):
 # -- eigenvalues and traces -----------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dense_spectrum(name: str):
     adapted, batch, _ = case(name)
     h = gj.hessian(adapted.loss_fn, adapted.params, batch).to_dense()

@@ -726,8 +726,16 @@ OLD_NAMES = (  # the names of the old single-module weights.py that others impor
 
 def test_old_import_paths():
     import gradience_jax
-    from gradience_jax.weights import layer, metrics, power_law, random_matrix, report
-    from gradience_jax.weights import randomization, reshape, surgery
+    from gradience_jax.weights import (
+        layer,
+        metrics,
+        power_law,
+        random_matrix,
+        randomization,
+        report,
+        reshape,
+        surgery,
+    )
 
     for name in OLD_NAMES:
         assert getattr(gradience_jax.weights, name) is getattr(gw, name), name
