@@ -125,13 +125,10 @@ def attention_params(source: Any, layer: str | None = None) -> AttentionParams:
     Raises:
         ValueError: if the kernels are not found or have inconsistent shapes.
     """
-    try:
-        from flax import nnx  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415 - flax only to unwrap NNX modules
 
-        if isinstance(source, nnx.Module):
-            source = nnx.state(source, nnx.Param)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(source, nnx.Module):
+        source = nnx.state(source, nnx.Param)
     flat = _flat_params(source)
     prefix = "" if not layer else layer.rstrip("/") + "/"
     flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}

@@ -239,10 +239,7 @@ class WeightSpectraReport(Mapping):
         """
         if plain:
             return self.to_text()
-        try:
-            from rich.table import Table  # noqa: PLC0415 - rich for output only
-        except ImportError:  # pragma: no cover - rich is a dependency
-            return self.to_text()
+        from rich.table import Table  # noqa: PLC0415 - rich for output only
         table = Table(title="weight spectra", caption=self._summary_line())
         for c in self._COLUMNS:
             table.add_column(c, justify="left" if c in ("layer", "verdict") else "right")
@@ -256,10 +253,7 @@ class WeightSpectraReport(Mapping):
 
 def _as_state(params: PyTree) -> PyTree:
     """An ``nnx.Module`` becomes its ``nnx.Param`` state; anything else is returned as is."""
-    try:
-        from flax import nnx  # noqa: PLC0415 - flax only to unwrap NNX modules
-    except ImportError:  # pragma: no cover
-        return params
+    from flax import nnx  # noqa: PLC0415 - flax only to unwrap NNX modules
     if isinstance(params, nnx.Module):
         return nnx.state(params, nnx.Param)
     return params
