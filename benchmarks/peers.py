@@ -97,19 +97,8 @@ def curvlinops_arpack(cl, tm, x, y, k: int, which: str, tol: float) -> tuple[np.
 
 
 def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "jax": jax.__version__,
-           "jaxlib": importlib.metadata.version("jaxlib"),
-           "flax": importlib.metadata.version("flax"), "gradience_jax": gj.__version__}
-    for dist in PEERS:
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = NOT_INSTALLED
-    try:
-        out["scipy"] = importlib.metadata.version("scipy")
-    except importlib.metadata.PackageNotFoundError:
-        out["scipy"] = NOT_INSTALLED
-    return out
+    """Versions of the numeric stack and of every peer (``gradience_jax.environment``)."""
+    return gj.environment.versions(("jax", "jaxlib", "flax", *PEERS, "scipy"))
 
 
 def machine() -> dict[str, Any]:
