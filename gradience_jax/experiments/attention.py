@@ -26,6 +26,7 @@ from flax import nnx
 
 from gradience_jax import data as gdata
 from gradience_jax import tree as tu
+from gradience_jax._validate import check_key
 from gradience_jax.attention import (
     AttentionGeometry,
     AttentionParams,
@@ -104,7 +105,7 @@ def attention_geometry_experiment(
     restricted to the attention parameters and a 2-D loss slice in those parameters.
 
     Args:
-        key: ``jax.random`` key (default ``jax.random.key(7)``).
+        key: ``jax.random`` key (default ``jax.random.key(42)``, the one default seed).
         vocab_size: vocabulary size of the LM.
         d_model: model width (one block, ``d_ff = 2 d_model``).
         num_heads: attention heads.
@@ -119,7 +120,7 @@ def attention_geometry_experiment(
     Returns:
         :class:`AttentionGeometryResult`. Quick settings: :data:`ATTENTION_GEOMETRY_FAST`.
     """
-    key = key if key is not None else jax.random.key(7)
+    key = check_key(key)
     k_model, k_data, k_train, k_dir = jax.random.split(key, 4)
     model = _tiny_lm(k_model, vocab_size, d_model, num_heads, seq_len)
     batch = gdata.token_sequences(k_data, n=num_train, seq_len=seq_len, vocab_size=vocab_size)
@@ -203,7 +204,7 @@ def attention_dynamics_experiment(
     from the previous tokens' embeddings, attention changes little).
 
     Args:
-        key: ``jax.random`` key (default ``jax.random.key(11)``).
+        key: ``jax.random`` key (default ``jax.random.key(42)``, the one default seed).
         task: one of :data:`TASKS`.
         vocab_size: vocabulary size of the LM.
         d_model: model width (one block, ``d_ff = 2 d_model``).
@@ -225,7 +226,7 @@ def attention_dynamics_experiment(
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    key = key if key is not None else jax.random.key(11)
+    key = check_key(key)
     k_model, k_data, k_eval, k_train = jax.random.split(key, 4)
     model = _tiny_lm(k_model, vocab_size, d_model, num_heads, seq_len)
     make = _copy_first_data if task == "copy_first" else (

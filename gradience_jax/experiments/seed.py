@@ -26,6 +26,7 @@ from flax import nnx
 
 from gradience_jax import data as gdata
 from gradience_jax import tree as tu
+from gradience_jax._validate import check_key
 from gradience_jax.experiments.training import TrainResult, sam_optimizer, train_scan
 from gradience_jax.landscape.common import DENSE_LIMIT, PyTree, check_direction, static_callable
 from gradience_jax.landscape.connectivity import BezierResult, bezier_connect, interpolate
@@ -106,7 +107,7 @@ def pseudo_spectral_experiment(
     few seconds on a CPU).
 
     Args:
-        key: ``jax.random`` key (default ``jax.random.key(42)``).
+        key: ``jax.random`` key (default ``jax.random.key(42)``, the one default seed).
         num_train: training examples.
         hidden: hidden units of the seed MLP.
         num_steps: steps of the full-batch SGD run
@@ -122,7 +123,7 @@ def pseudo_spectral_experiment(
     Raises:
         ValueError: ``num_steps`` not a multiple of ``record_every``.
     """
-    key = key if key is not None else jax.random.key(42)
+    key = check_key(key)
     k_data, k_init, k_train = jax.random.split(key, 3)
     dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     model = SeedMLP(hidden=hidden, param_dtype=dtype,
@@ -256,7 +257,7 @@ def sharp_vs_flat_experiment(
     assumed.
 
     Args:
-        key: ``jax.random`` key (default ``jax.random.key(0)``).
+        key: ``jax.random`` key (default ``jax.random.key(42)``, the one default seed).
         methods: a non-empty subset of :data:`METHODS`, trained in this order.
         hidden: hidden layer widths of the tanh MLP.
         num_train: training examples.
@@ -285,7 +286,7 @@ def sharp_vs_flat_experiment(
     if unknown or not methods:
         raise ValueError(f"methods must be a non-empty subset of {sorted(METHODS)}, "
                          f"got {list(methods)}")
-    key = key if key is not None else jax.random.key(0)
+    key = check_key(key)
     k_data, k_init, k_train, k_dir, k_bez, k_noise = jax.random.split(key, 6)
     k_tr, k_te = jax.random.split(k_data)
     train_data = gdata.seed_regression(k_tr, n=num_train, noise=label_noise)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import check_batch, check_params
+from gradience_jax._validate import check_batch, check_key, check_params
 from gradience_jax.landscape.common import DENSE_LIMIT, LossFn, PyTree, static_callable
 from gradience_jax.landscape.eigen import small_hessian_eigh, top_eigenpairs
 from gradience_jax.operators.hessian import hessian
@@ -90,7 +90,8 @@ def trace_sharpness(
         loss_fn: ``loss_fn(params, batch) -> scalar``.
         params: the point (pytree) at which the loss is measured.
         batch: the data passed to ``loss_fn``.
-        key: Hutchinson probe key (default ``jax.random.key(0)``; large models only).
+        key: Hutchinson probe key (large models only; default ``jax.random.key(42)``, the one
+            default seed).
         num_samples: Hutchinson probes.
         dense_limit: at most this many parameters: exact (sum of the dense eigenvalues).
 
@@ -105,7 +106,7 @@ def trace_sharpness(
     op = hessian(loss_fn, params, batch)
     from gradience_jax.estimators import hutchinson_trace  # noqa: PLC0415
 
-    key = key if key is not None else jax.random.key(0)
+    key = check_key(key)
     return float(hutchinson_trace(op, key, num_samples=num_samples).estimate)
 
 
@@ -376,7 +377,7 @@ def sharpness_report(
         evals = small_hessian_eigh(loss_fn, params, batch)[0]
         lmax, lmin, tr = float(evals[-1]), float(evals[0]), float(evals.sum())
     else:
-        k1, k2 = jax.random.split(key if key is not None else jax.random.key(0))
+        k1, k2 = jax.random.split(check_key(key))
         op = hessian(loss_fn, params, batch)
         lmax = float(top_eigenpairs(op, 1, key=k1, dense_limit=dense_limit,
                                     return_eigenvectors=False).eigenvalues[0])

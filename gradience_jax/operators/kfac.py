@@ -103,6 +103,7 @@ from jax.extend import core as jex
 
 from gradience_jax._validate import (
     check_batch,
+    check_key,
     check_loss_at_point,
     check_params,
     check_scalar_fn,
@@ -1131,7 +1132,7 @@ def kfac(
     cfg = _Config(_hashable(head), fisher_type, kfac_approx,
                   int(num_samples) if fisher_type == "mc" else 1)
     if key is None:
-        key = jax.random.key(0)
+        key = check_key(None)
     factors = _compute_factors(plan, cfg, params, batch, key)
     return KFACOperator(_KFACPrepare(plan), (factors,), params, coverage=plan.coverage,
                         is_psd=True, name="kfac")
