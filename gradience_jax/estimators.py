@@ -10,6 +10,10 @@ References:
     M. Hutchinson (1990); R. Meyer, C. Musco, C. Musco, D. Woodruff (2021) "Hutch++";
     C. Bekas, E. Kokiopoulou, Y. Saad (2007) diagonal estimation; S. Ubaru, J. Chen, Y. Saad
     (2017) stochastic Lanczos quadrature; B. Ghorbani, S. Krishnan, Y. Xiao (2019).
+
+Supported names: ``SpectralDensity``, ``TraceEstimate``, ``diagonal``, ``hutchinson_trace``,
+``hutchpp_trace``, ``spectral_density``, ``trace_of_square`` (the ``__all__`` list), and the
+constants ``DISTRIBUTIONS`` and ``SLQ_BASIS_BUDGET_BYTES``.
 """
 
 from __future__ import annotations
@@ -141,7 +145,16 @@ def hutchinson_trace(
         batch_size: probes per vectorised batch (``None``: one at a time).
 
     Returns:
-        :class:`TraceEstimate` (``.estimate``, ``.stderr``, ``.samples``).
+        :class:`TraceEstimate` (``.estimate``, ``.stderr``, ``.samples`` of shape
+        ``(num_samples,)``).
+
+    Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`.
+        ValueError: ``num_samples < 1`` or an unknown ``distribution``.
+
+    References:
+        M. Hutchinson (1990), "A stochastic estimator of the trace of the influence matrix
+        for Laplacian smoothing splines".
     """
     _check_op(op)
     num_samples = _check_count("num_samples", num_samples)
@@ -160,6 +173,21 @@ def trace_of_square(
 
     Cost: ``num_samples`` matvecs. Used for ``tr(F^2)`` and participation ratios
     ``tr(A)^2 / tr(A^2)``.
+
+    Args:
+        op: symmetric :class:`LinearOperator`.
+        key: PRNG key.
+        num_samples: number of probes (static).
+        distribution: ``"rademacher"`` or ``"normal"``.
+        batch_size: probes per vectorised batch (``None``: one at a time).
+
+    Returns:
+        :class:`TraceEstimate` of ``tr(A^2)`` (``.samples``: ``(num_samples,)`` values
+        ``||A v_i||^2``).
+
+    Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`.
+        ValueError: ``num_samples < 1`` or an unknown ``distribution``.
     """
     _check_op(op)
     num_samples = _check_count("num_samples", num_samples)
@@ -170,8 +198,9 @@ def trace_of_square(
 
 
 def _orthonormalize(stack: PyTree, eps: float) -> PyTree:
-    """Rows of ``stack`` -> an orthonormal set spanning them (numerically dependent rows
-    become zero). Eigen-decomposition of the Gram matrix, applied twice for stability.
+    """Rows of ``stack`` -> an orthonormal set spanning them (dependent rows become zero).
+
+    Eigen-decomposition of the Gram matrix, applied twice for stability.
     """
     for _ in range(2):
         g = tu.stacked_gram(stack)
@@ -180,7 +209,7 @@ def _orthonormalize(stack: PyTree, eps: float) -> PyTree:
         inv = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
         coef = (vec * inv[None, :]).T  # (k, k): new_i = sum_j coef[i, j] old_j
         stack = jax.tree_util.tree_map(
-            lambda x: jnp.tensordot(coef.astype(x.dtype), x, axes=1), stack
+            lambda x, coef=coef: jnp.tensordot(coef.astype(x.dtype), x, axes=1), stack
         )
     return stack
 
@@ -217,21 +246,33 @@ def hutchpp_trace(
     *,
     batch_size: int | None = None,
 ) -> TraceEstimate:
-    """Hutch++ (Meyer et al. 2021): exact trace on a sketched top subspace plus Hutchinson
-    on the deflated rest; error ``O(1/m)`` instead of ``O(1/sqrt(m))`` for decaying spectra.
+    """Hutch++ (Meyer et al. 2021): exact trace on a sketched subspace, Hutchinson on the rest.
 
-    The budget splits as ``k = m // 3`` sketch matvecs, ``k`` for ``tr(Q^T A Q)`` and
-    ``m - 2k`` residual probes. Memory: ``2k`` vectors.
+    The trace of ``Q^T A Q`` on a sketched top subspace ``Q`` is exact; Hutchinson
+    estimates the deflated rest. Error ``O(1/m)`` instead of ``O(1/sqrt(m))`` for decaying
+    spectra.
+
+    Cost: ``m`` matvecs. The budget splits as ``k = m // 3`` sketch matvecs, ``k`` for
+    ``tr(Q^T A Q)`` and ``m - 2k`` residual probes. Memory: ``2k`` vectors.
 
     Args:
         op: symmetric operator.
         key: PRNG key.
         num_matvecs: total matvec budget ``m >= 3`` (static).
-        distribution: probe distribution.
-        batch_size: probes per vectorised batch.
+        distribution: probe distribution, ``"rademacher"`` or ``"normal"``.
+        batch_size: probes per vectorised batch (``None``: one at a time).
 
     Returns:
-        :class:`TraceEstimate`; ``stderr`` is that of the residual Hutchinson part.
+        :class:`TraceEstimate`; ``.samples`` ``(m - 2k,)`` (the low-rank part plus each
+        residual probe); ``stderr`` is that of the residual Hutchinson part.
+
+    Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`.
+        ValueError: ``num_matvecs < 3`` or an unknown ``distribution``.
+
+    References:
+        R. Meyer, C. Musco, C. Musco, D. Woodruff (2021), "Hutch++: Optimal Stochastic Trace
+        Estimation".
     """
     _check_op(op)
     num_matvecs = _check_count("num_matvecs", num_matvecs, 3)
@@ -270,8 +311,22 @@ def diagonal(
     With Rademacher probes the denominator is ``num_samples`` and the estimate is unbiased.
     Cost: ``num_samples`` matvecs; memory two params-sized accumulators.
 
+    Args:
+        op: symmetric :class:`LinearOperator`.
+        key: PRNG key.
+        num_samples: number of probes (static).
+        distribution: ``"rademacher"`` or ``"normal"``.
+
     Returns:
         A pytree like the params (float32 or wider leaves).
+
+    Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`.
+        ValueError: ``num_samples < 1`` or an unknown ``distribution``.
+
+    References:
+        C. Bekas, E. Kokiopoulou, Y. Saad (2007), "An estimator for the diagonal of a
+        matrix".
     """
     _check_op(op)
     num_samples = _check_count("num_samples", num_samples)
@@ -282,8 +337,9 @@ def diagonal(
 
 
 class SpectralDensity(NamedTuple):
-    """Stochastic Lanczos quadrature: per probe, Gauss nodes and weights of the spectral
-    measure ``mu_v = sum_i (v^T u_i)^2 delta_{lambda_i}``.
+    """Stochastic Lanczos quadrature: per probe, Gauss nodes and weights of a spectral measure.
+
+    The measure of probe ``v`` is ``mu_v = sum_i (v^T u_i)^2 delta_{lambda_i}``.
 
     Attributes:
         nodes: ``(num_probes, num_iters)`` Ritz values of each probe's ``T``.
@@ -296,8 +352,17 @@ class SpectralDensity(NamedTuple):
     n_params: Any
 
     def evaluate(self, grid: Any, sigma: float) -> jax.Array:
-        """Density on ``grid`` with Gaussian broadening of width ``sigma``:
+        """Density on ``grid`` with Gaussian broadening of width ``sigma``.
+
         ``phi(t) = mean_probes sum_j w_j N(t; theta_j, sigma^2)`` (integrates to 1).
+
+        Args:
+            grid: points ``t``, any shape.
+            sigma: width of the Gaussian kernel (``> 0``).
+
+        Returns:
+            The density at each point, shaped like ``grid``. Cost
+            ``O(|grid| x num_probes x num_iters)``.
         """
         t = jnp.asarray(grid)
         z = (t[..., None, None] - self.nodes) / sigma
@@ -305,7 +370,14 @@ class SpectralDensity(NamedTuple):
         return jnp.mean(jnp.sum(self.weights * kern, axis=-1), axis=-1)
 
     def moment(self, p: int) -> jax.Array:
-        """``tr(A^p) / n`` estimated by the quadrature."""
+        """``tr(A^p) / n`` estimated by the quadrature.
+
+        Args:
+            p: the moment's order.
+
+        Returns:
+            A scalar, ``mean_probes sum_j w_j theta_j^p``.
+        """
         return jnp.mean(jnp.sum(self.weights * self.nodes**p, axis=-1))
 
     def trace(self) -> jax.Array:
@@ -367,8 +439,13 @@ def spectral_density(
         window: ring-buffer size for ``"window"``.
 
     Returns:
-        :class:`SpectralDensity` (``.nodes``, ``.weights``, ``.evaluate(grid, sigma)``,
-        ``.trace()``).
+        :class:`SpectralDensity` (``.nodes`` and ``.weights`` ``(num_probes, num_iters)``,
+        ``.evaluate(grid, sigma)``, ``.trace()``).
+
+    Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`.
+        ValueError: ``num_probes`` / ``num_iters`` below 1, a bad ``reorth`` / ``window``, or
+            ``reorth="full"`` with ``num_iters > n_params``.
     """
     _check_op(op)
     num_probes = _check_count("num_probes", num_probes)

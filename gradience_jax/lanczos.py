@@ -20,6 +20,13 @@ References:
     C. Lanczos (1950); C. C. Paige (1976) on loss of orthogonality; L. Giraud, J. Langou,
     M. Rozloznik (2005) "twice is enough" for classical Gram-Schmidt; K. Wu & H. Simon
     (2000) thick-restart Lanczos.
+
+Supported names: ``DEFAULT_WINDOW``, ``LanczosState``, ``REORTH_MODES``, ``lanczos``,
+``lanczos_init``, ``lanczos_run``, ``make_step``, ``random_vector``, ``reorth_passes``,
+``restart_vector``, ``safe_normalize``, ``scalar_dtype``, ``to_like``, ``to_work``,
+``zeros_work`` (the ``__all__`` list). The other public-looking helpers (``check_reorth``,
+``check_vector``, ``host_random_vector``, ...) serve :mod:`gradience_jax.spectrum` and
+:mod:`gradience_jax.estimators`; the underscored aliases at the end are old private names.
 """
 
 from __future__ import annotations
@@ -111,19 +118,52 @@ class LanczosState(NamedTuple):
 
 
 def work_dtype(dtype: Any) -> jnp.dtype:
-    """Dtype of stored Lanczos vectors for leaves of ``dtype``: float32 or wider."""
+    """Dtype of stored Lanczos vectors for leaves of ``dtype``: float32 or wider.
+
+    Args:
+        dtype: a leaf dtype.
+
+    Returns:
+        :func:`gradience_jax.tree.accumulation_dtype` of ``dtype``.
+    """
     return tu.accumulation_dtype(dtype)
 
 
 def to_work(v: PyTree) -> PyTree:
+    """``v`` with every leaf cast to its work dtype (:func:`work_dtype`: float32 or wider).
+
+    Args:
+        v: pytree vector.
+
+    Returns:
+        A pytree like ``v`` in the work dtypes.
+    """
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, work_dtype(jnp.result_type(x))), v)
 
 
 def to_like(v: PyTree, like: PyTree) -> PyTree:
+    """Cast every leaf of ``v`` to the dtype of the matching leaf of ``like``.
+
+    Args:
+        v: pytree vector.
+        like: template pytree (arrays or ``jax.ShapeDtypeStruct``) with ``v``'s structure.
+
+    Returns:
+        A pytree like ``v`` in ``like``'s dtypes (e.g. the operator's, before a matvec).
+    """
     return jax.tree_util.tree_map(lambda x, s: x.astype(s.dtype), v, like)
 
 
 def zeros_work(like: PyTree, rows: int | None = None) -> PyTree:
+    """Zeros shaped like ``like`` in the work dtypes, optionally with a leading row axis.
+
+    Args:
+        like: template pytree (arrays or ``jax.ShapeDtypeStruct``).
+        rows: ``None`` for one vector, else the number of stacked rows.
+
+    Returns:
+        A pytree with leaves ``leaf.shape`` or ``(rows, *leaf.shape)``.
+    """
     lead = () if rows is None else (rows,)
     return jax.tree_util.tree_map(
         lambda s: jnp.zeros(lead + tuple(s.shape), work_dtype(s.dtype)), like
@@ -131,12 +171,28 @@ def zeros_work(like: PyTree, rows: int | None = None) -> PyTree:
 
 
 def scalar_dtype(like: PyTree) -> jnp.dtype:
+    """Dtype of the Lanczos scalars (``alphas``, ``betas``, dot products) for ``like``.
+
+    Args:
+        like: template pytree (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+        The promoted work dtype of the leaves (float32 for a pytree without leaves).
+    """
     dts = [work_dtype(s.dtype) for s in jax.tree_util.tree_leaves(like)]
     return tu.promote_dtypes(*dts) if dts else jnp.dtype(jnp.float32)
 
 
 def basis_dot(basis: PyTree, w: PyTree) -> jax.Array:
-    """``B^T w``: one inner product per stored row, ``(rows,)`` (one tensordot per leaf)."""
+    """``B^T w``: one inner product per stored row, ``(rows,)`` (one tensordot per leaf).
+
+    Args:
+        basis: stacked pytree, leaves ``(rows, *leaf.shape)``.
+        w: pytree vector like one row.
+
+    Returns:
+        ``(rows,)`` array in the promoted dtype of the per-leaf products. Cost ``rows x P``.
+    """
     parts = jax.tree_util.tree_map(
         lambda b, x: jnp.tensordot(b, x.astype(b.dtype), axes=x.ndim), basis, w
     )
@@ -146,7 +202,15 @@ def basis_dot(basis: PyTree, w: PyTree) -> jax.Array:
 
 
 def basis_combine(basis: PyTree, coeffs: jax.Array) -> PyTree:
-    """``B c``: the linear combination ``sum_i c_i b_i`` of the stored rows."""
+    """``B c``: the linear combination ``sum_i c_i b_i`` of the stored rows.
+
+    Args:
+        basis: stacked pytree, leaves ``(rows, *leaf.shape)``.
+        coeffs: ``(rows,)`` coefficients.
+
+    Returns:
+        A pytree like one row, in the basis dtypes. Cost ``rows x P``.
+    """
     return jax.tree_util.tree_map(
         lambda b: jnp.tensordot(coeffs.astype(b.dtype), b, axes=1), basis
     )
@@ -158,7 +222,17 @@ def _basis_rows(basis: PyTree) -> int:
 
 
 def orthogonalize(w: PyTree, basis: PyTree, passes: int) -> PyTree:
-    """Block classical Gram-Schmidt: ``passes`` times ``w <- w - B (B^T w)``."""
+    """Block classical Gram-Schmidt: ``passes`` times ``w <- w - B (B^T w)``.
+
+    Args:
+        w: pytree vector like one row.
+        basis: stacked pytree, leaves ``(rows, *leaf.shape)`` (orthonormal rows).
+        passes: number of passes (static; 2 for "twice is enough").
+
+    Returns:
+        ``w`` with its components along the rows removed (``w`` itself when ``rows == 0``).
+        Cost ``2 x passes x rows x P``.
+    """
     if _basis_rows(basis) == 0:
         return w
     for _ in range(passes):
@@ -179,6 +253,15 @@ def _get_row(basis: PyTree, row: jax.Array) -> PyTree:
 
 
 def safe_normalize(v: PyTree) -> tuple[PyTree, jax.Array]:
+    """``v / ||v||`` without a division by zero, and ``||v||``.
+
+    Args:
+        v: pytree vector.
+
+    Returns:
+        ``(unit, norm)``: ``v`` scaled by ``1 / max(||v||, tiny)`` (a zero ``v`` stays zero)
+        and the scalar norm (float32 or wider).
+    """
     nrm = tu.norm(v)
     tiny = jnp.finfo(nrm.dtype).tiny
     return tu.scale(1.0 / jnp.maximum(nrm, tiny), v), nrm
@@ -188,7 +271,18 @@ def safe_normalize(v: PyTree) -> tuple[PyTree, jax.Array]:
 
 
 def check_reorth(reorth: str, window: int | None) -> int:
-    """Validate ``reorth`` / ``window``; returns the number of stored rows per mode."""
+    """Validate ``reorth`` / ``window`` and give the ring-buffer size.
+
+    Args:
+        reorth: ``"full"``, ``"window"`` or ``"none"``.
+        window: ring-buffer rows for ``"window"`` (``None``: :data:`DEFAULT_WINDOW`).
+
+    Returns:
+        The window for ``"window"``, 0 for the other modes.
+
+    Raises:
+        ValueError: an unknown ``reorth``, or a ``window`` that is not an integer >= 2.
+    """
     if reorth not in REORTH_MODES:
         raise ValueError(f"reorth must be one of {REORTH_MODES}, got {reorth!r}")
     if reorth == "window":
@@ -201,7 +295,17 @@ def check_reorth(reorth: str, window: int | None) -> int:
 
 
 def check_vector(v: PyTree, like: PyTree, name: str, like_name: str) -> None:
-    """``v`` must have the pytree structure and leaf shapes of ``like`` (dtypes may differ)."""
+    """``v`` must have the pytree structure and leaf shapes of ``like`` (dtypes may differ).
+
+    Args:
+        v: the vector to check.
+        like: template pytree (arrays or ``jax.ShapeDtypeStruct``).
+        name: ``v``'s name, for the message.
+        like_name: ``like``'s name, for the message.
+
+    Raises:
+        ValueError: a different structure, or the first leaf of a different shape (by path).
+    """
     v_def, l_def = jax.tree_util.tree_structure(v), jax.tree_util.tree_structure(like)
     if v_def != l_def:
         raise ValueError(
@@ -225,6 +329,10 @@ def check_operator_output(op: LinearOperator, v: PyTree) -> None:
 
     Checked by shape inference (no FLOPs) once per operator kind and operand shapes: the
     abstract trace of a model can take a good fraction of a second.
+
+    Args:
+        op: the operator.
+        v: a vector like ``op.params_like`` (arrays or ``jax.ShapeDtypeStruct``).
 
     Raises:
         ValueError: naming the mismatch.
@@ -297,6 +405,14 @@ def lanczos_init(
         window: ring-buffer rows for ``"window"``.
         key: PRNG key for breakdown restarts (default ``jax.random.key(42)``, the one default seed).
         rows: stored basis rows for ``"full"`` (default ``capacity``).
+
+    Returns:
+        A :class:`LanczosState` with ``step = 0``: zero buffers of length ``capacity`` and a
+        zero basis of ``rows`` (``"full"``), ``window`` (``"window"``) or no rows.
+
+    Raises:
+        ValueError: a bad ``reorth`` / ``window``, or a batch of keys.
+        TypeError: ``key`` is not a PRNG key.
     """
     like = op.params_like
     nwin = check_reorth(reorth, window)
@@ -326,9 +442,19 @@ def lanczos_init(
 
 
 def restart_vector(like: PyTree, key: jax.Array, j: jax.Array) -> PyTree:
-    """A pseudo-random vector for a breakdown restart (cheap elementwise hash of the leaf
-    index, the iteration and the key; no PRNG kernel in the scan body, which keeps compile
-    times low). Entries are roughly uniform on ``[-0.5, 0.5)``.
+    """A pseudo-random vector for a breakdown restart, drawn without a PRNG kernel.
+
+    Each entry is a cheap elementwise hash of the leaf index, the iteration and the key (no
+    PRNG kernel in the scan body, which keeps compile times low). Entries are roughly
+    uniform on ``[-0.5, 0.5)``.
+
+    Args:
+        like: template pytree of arrays; the entries take its leaf shapes and dtypes.
+        key: ``jax.random`` key.
+        j: int scalar, the iteration (``-1`` for the fallback of a zero start vector).
+
+    Returns:
+        A pytree like ``like`` (not normalised). Cost ``O(P)`` elementwise.
     """
     seed = jnp.sum(jax.random.key_data(key).astype(jnp.float32) % 9973.0)
     leaves, treedef = jax.tree_util.tree_flatten(like)
@@ -342,16 +468,38 @@ def restart_vector(like: PyTree, key: jax.Array, j: jax.Array) -> PyTree:
 
 
 def random_vector(key: jax.Array, like: PyTree, distribution: str = "normal") -> PyTree:
-    """A random vector in the work dtype: :func:`gradience_jax.tree.random_like` (one flat
-    draw in the promoted work dtype), each leaf in its work dtype. Same key, same numbers
-    as ``tree.random_like(key, like, distribution)``."""
+    """A random vector in the work dtype, drawn by :func:`gradience_jax.tree.random_like`.
+
+    One flat draw in the promoted work dtype, each leaf then cast to its work dtype. Same
+    key, same numbers as ``tree.random_like(key, like, distribution)``.
+
+    Args:
+        key: ``jax.random`` key.
+        like: template pytree (arrays or ``jax.ShapeDtypeStruct``).
+        distribution: ``"normal"`` or ``"rademacher"``.
+
+    Returns:
+        A pytree shaped like ``like``, leaves in their work dtypes. Cost: one PRNG draw of
+        ``P`` numbers.
+
+    Raises:
+        ValueError: an unknown ``distribution``.
+    """
     v = tu.random_like(key, like, distribution, dtype=scalar_dtype(like))
     return jax.tree_util.tree_map(lambda x, s: x.astype(work_dtype(s.dtype)), v, like)
 
 
 def host_random_vector(key: jax.Array, like: PyTree) -> PyTree:
-    """A standard normal vector drawn on the host (numpy, seeded by ``key``'s data): no PRNG
-    kernel to compile. Same key, same vector.
+    """A standard normal vector drawn on the host: no PRNG kernel to compile.
+
+    numpy's generator is seeded by ``key``'s data, so the same key gives the same vector.
+
+    Args:
+        key: ``jax.random`` key.
+        like: template pytree (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+        A pytree shaped like ``like``, leaves in their work dtypes (float32 or wider).
     """
     seed = [int(x) for x in np.asarray(jax.random.key_data(key)).ravel()]
     rng = np.random.default_rng(seed)
@@ -374,7 +522,7 @@ def _orth_step(w: PyTree, basis: PyTree, q: PyTree, passes: int) -> PyTree:
         c = tu.vdot(q, w)
         corr = basis_combine(basis, h)
         w = jax.tree_util.tree_map(
-            lambda x, y, z: x - y - c.astype(x.dtype) * z, w, corr, q
+            lambda x, y, z, c=c: x - y - c.astype(x.dtype) * z, w, corr, q
         )
     return w
 
@@ -383,6 +531,17 @@ def make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_to
     """One Lanczos iteration ``state -> state`` (a closure over the bound matvec).
 
     Live parameter-sized vectors: ``q``, ``q_prev``, ``A q`` / ``w`` and the stored rows.
+
+    Args:
+        mv: the bound matvec (``op.bind()``), applied to vectors in ``like``'s dtypes.
+        like: the operator's ``params_like``.
+        reorth: ``"full"``, ``"window"`` or ``"none"``.
+        passes: block Gram-Schmidt passes per iteration (:func:`reorth_passes`).
+        breakdown_tol: restart when ``beta_j <= breakdown_tol * ||T||``.
+
+    Returns:
+        ``step(state: LanczosState) -> LanczosState`` (jittable). Cost per call: one matvec
+        plus ``2 x passes x rows x P`` for re-orthogonalisation.
     """
 
     def restart(args):
@@ -454,11 +613,29 @@ def make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_to
 
 
 def reorth_passes(reorth: str) -> int:
+    """Block Gram-Schmidt passes per iteration for a re-orthogonalisation mode.
+
+    Args:
+        reorth: ``"full"``, ``"window"`` or ``"none"``.
+
+    Returns:
+        2 for ``"full"`` ("twice is enough"), 1 for ``"window"``, 0 for ``"none"``.
+
+    Raises:
+        KeyError: an unknown ``reorth`` (validate it with :func:`check_reorth` first).
+    """
     return {"full": 2, "window": 1, "none": 0}[reorth]
 
 
 def default_breakdown_tol(like: PyTree) -> float:
-    """Relative threshold on ``beta_j / ||T||`` below which the recurrence restarts."""
+    """Relative threshold on ``beta_j / ||T||`` below which the recurrence restarts.
+
+    Args:
+        like: template pytree (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+        ``BREAKDOWN_EPS_FACTOR`` times the machine epsilon of :func:`scalar_dtype`.
+    """
     return float(BREAKDOWN_EPS_FACTOR * jnp.finfo(scalar_dtype(like)).eps)
 
 
@@ -479,6 +656,20 @@ def lanczos_run(
     With ``ritz_coeffs`` (shape ``(capacity, k)``) the pass also accumulates
     ``ritz_acc += sum_j ritz_coeffs[j] q_j`` (a pytree stack of ``k`` vectors): the second
     pass that regenerates the Lanczos vectors to form Ritz vectors without storing them.
+
+    Args:
+        op: the symmetric :class:`LinearOperator` the state was initialised for.
+        state: a :class:`LanczosState` (from :func:`lanczos_init` or an earlier run).
+        num_steps: iterations to run (static; the buffers hold ``capacity`` steps in all).
+        reorth: the mode the state was initialised with.
+        ritz_coeffs: ``(capacity, k)`` Ritz coefficients of a first pass, or ``None``.
+        ritz_acc: pytree stack, leaves ``(k, *leaf.shape)``, the accumulator (with
+            ``ritz_coeffs``).
+        breakdown_tol: relative breakdown threshold (default
+            :func:`default_breakdown_tol`).
+
+    Cost: ``num_steps`` matvecs plus the re-orthogonalisation of :func:`make_step`
+    (``+ k x P`` per step with ``ritz_coeffs``).
 
     Returns:
         The new state, or ``(state, ritz_acc)`` when ``ritz_coeffs`` is given.
@@ -540,15 +731,22 @@ def lanczos(
         A :class:`LanczosState`; ``T = tridiag(betas[:-1], alphas, betas[:-1])``.
 
     Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`, or ``key`` is not a PRNG key.
         ValueError: bad ``num_iters`` / ``reorth`` / ``window``, a matvec whose output pytree
             does not match the params, ``reorth="full"`` with ``num_iters > n_params``.
 
-    >>> import jax.numpy as jnp, gradience_jax as gj
-    >>> op = gj.from_dense(jnp.diag(jnp.arange(1.0, 6.0)))
-    >>> st = lanczos(op, jnp.ones(5), 5, reorth="full")
-    >>> float(jnp.max(jnp.linalg.eigvalsh(jnp.diag(st.alphas) + jnp.diag(st.betas[:-1], 1)
-    ...     + jnp.diag(st.betas[:-1], -1))))  # doctest: +ELLIPSIS
-    5.0...
+    References:
+        C. Lanczos (1950); C. C. Paige (1976) on loss of orthogonality; Giraud, Langou &
+        Rozloznik (2005) for the two classical Gram-Schmidt passes of ``"full"``.
+
+    Example:
+        >>> import jax.numpy as jnp, gradience_jax as gj
+        >>> op = gj.from_dense(jnp.diag(jnp.arange(1.0, 6.0)))
+        >>> st = lanczos(op, jnp.ones(5), 5, reorth="full")
+        >>> t = (jnp.diag(st.alphas) + jnp.diag(st.betas[:-1], 1)
+        ...      + jnp.diag(st.betas[:-1], -1))
+        >>> round(float(jnp.max(jnp.linalg.eigvalsh(t))), 4)
+        5.0
     """
     if not isinstance(op, LinearOperator):
         raise TypeError(f"op must be a gradience_jax.LinearOperator, got {type(op).__name__}")

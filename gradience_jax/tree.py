@@ -8,6 +8,11 @@ sharded. Reductions (``vdot``, ``norm``) accumulate in float32 or wider.
 Dtypes: every function promotes explicitly (:func:`promote_dtypes`, JAX's standard rules,
 weak Python scalars included), so results are the same whether or not
 ``jax.numpy_dtype_promotion("strict")`` is on.
+
+Supported names: ``accumulation_dtype``, ``add``, ``axpy``, ``leaf_paths``, ``norm``,
+``path_str``, ``promote_dtypes``, ``random_like``, ``ravel``, ``scale``, ``size``, ``stack``,
+``stacked_gram``, ``sub``, ``unravel_like``, ``unstack``, ``vdot``, ``zeros_like`` (the
+``__all__`` list); ``PyTree`` is the type alias used in signatures.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ __all__ = [
     "add",
     "axpy",
     "leaf_paths",
+    "map_with_path",
     "norm",
     "path_str",
     "promote_dtypes",
@@ -95,8 +101,13 @@ def _promoted(op: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
 def vdot(a: PyTree, b: PyTree) -> jax.Array:
     """Inner product ``<a, b>`` summed over all leaves, accumulated in float32 or wider.
 
+    Args:
+        a: pytree vector.
+        b: pytree vector with the structure and leaf shapes of ``a``.
+
     Returns:
-        A scalar array of dtype ``max(float32, leaf dtypes)``.
+        A scalar array of dtype ``max(float32, leaf dtypes)`` (the real part for complex
+        leaves). Cost: ``O(P)``, one ``vdot`` per leaf.
     """
     acc = _tree_dtype(a)
     parts = jax.tree_util.tree_map(
@@ -108,27 +119,67 @@ def vdot(a: PyTree, b: PyTree) -> jax.Array:
 
 
 def norm(a: PyTree) -> jax.Array:
-    """Euclidean norm of a pytree vector (float32 or wider)."""
+    """Euclidean norm of a pytree vector (float32 or wider).
+
+    Args:
+        a: pytree vector.
+
+    Returns:
+        A scalar array ``sqrt(<a, a>)`` in the dtype of :func:`vdot`. Cost: ``O(P)``.
+    """
     return jnp.sqrt(vdot(a, a))
 
 
 def add(a: PyTree, b: PyTree) -> PyTree:
-    """``a + b`` leaf-wise (leaves of different dtypes promote as :func:`promote_dtypes`)."""
+    """``a + b`` leaf-wise (leaves of different dtypes promote as :func:`promote_dtypes`).
+
+    Args:
+        a: pytree vector.
+        b: pytree vector with the structure and leaf shapes of ``a``.
+
+    Returns:
+        A pytree like ``a`` with each leaf in the promoted dtype of the pair.
+    """
     return jax.tree_util.tree_map(functools.partial(_promoted, jnp.add), a, b)
 
 
 def sub(a: PyTree, b: PyTree) -> PyTree:
-    """``a - b`` leaf-wise (leaves of different dtypes promote as :func:`promote_dtypes`)."""
+    """``a - b`` leaf-wise (leaves of different dtypes promote as :func:`promote_dtypes`).
+
+    Args:
+        a: pytree vector.
+        b: pytree vector with the structure and leaf shapes of ``a``.
+
+    Returns:
+        A pytree like ``a`` with each leaf in the promoted dtype of the pair.
+    """
     return jax.tree_util.tree_map(functools.partial(_promoted, jnp.subtract), a, b)
 
 
 def scale(alpha: Any, a: PyTree) -> PyTree:
-    """``alpha * a``; the product is formed in the promoted dtype, then cast to each leaf's."""
+    """``alpha * a``; the product is formed in the promoted dtype, then cast to each leaf's.
+
+    Args:
+        alpha: a scalar (Python number or scalar array).
+        a: pytree vector.
+
+    Returns:
+        A pytree like ``a``, each leaf in its own dtype.
+    """
     return jax.tree_util.tree_map(lambda x: _promoted(jnp.multiply, alpha, x).astype(x.dtype), a)
 
 
 def axpy(alpha: Any, x: PyTree, y: PyTree) -> PyTree:
-    """``alpha * x + y`` leaf-wise, keeping ``y``'s dtypes (promoted arithmetic, then cast)."""
+    """``alpha * x + y`` leaf-wise, keeping ``y``'s dtypes (promoted arithmetic, then cast).
+
+    Args:
+        alpha: a scalar (Python number or scalar array).
+        x: pytree vector.
+        y: pytree vector with the structure and leaf shapes of ``x``.
+
+    Returns:
+        A pytree like ``y``, each leaf in ``y``'s dtype.
+    """
     return jax.tree_util.tree_map(
         lambda xi, yi: _promoted(jnp.add, _promoted(jnp.multiply, alpha, xi), yi).astype(yi.dtype),
         x,
@@ -137,12 +188,26 @@ def axpy(alpha: Any, x: PyTree, y: PyTree) -> PyTree:
 
 
 def zeros_like(a: PyTree) -> PyTree:
-    """A zero vector with the structure, shapes and dtypes of ``a``."""
+    """A zero vector with the structure, shapes and dtypes of ``a``.
+
+    Args:
+        a: template pytree of arrays.
+
+    Returns:
+        A pytree of zeros like ``a``.
+    """
     return jax.tree_util.tree_map(jnp.zeros_like, a)
 
 
 def size(a: PyTree) -> int:
-    """Total number of scalar entries over all leaves (static)."""
+    """Total number of scalar entries over all leaves (static).
+
+    Args:
+        a: pytree of arrays or ``jax.ShapeDtypeStruct``.
+
+    Returns:
+        ``P``, the sum of the leaves' sizes, as a Python ``int``.
+    """
     return int(sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(a)))
 
 
@@ -197,12 +262,26 @@ def random_like(
 
 
 def stack(trees: Sequence[PyTree]) -> PyTree:
-    """Stack a sequence of same-structured pytrees along a new leading axis."""
+    """Stack a sequence of same-structured pytrees along a new leading axis.
+
+    Args:
+        trees: ``n`` pytrees with the same structure and leaf shapes.
+
+    Returns:
+        A pytree whose leaves have shape ``(n, *leaf.shape)``.
+    """
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def unstack(tree: PyTree) -> list[PyTree]:
-    """Inverse of :func:`stack`: split the leading axis into a list of pytrees."""
+    """Inverse of :func:`stack`: split the leading axis into a list of pytrees.
+
+    Args:
+        tree: stacked pytree, every leaf with leading axis ``n``.
+
+    Returns:
+        A list of ``n`` pytrees (empty for a pytree without leaves).
+    """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     if not leaves:
         return []
@@ -240,6 +319,9 @@ def ravel(a: PyTree) -> jax.Array:
 
     Leaves are cast to their :func:`promote_dtypes` first (as ``jax.flatten_util``'s
     ``ravel_pytree`` does), in ``tree_leaves`` order.
+
+    Args:
+        a: pytree of arrays.
 
     Returns:
         ``(size(a),)`` array.
@@ -293,7 +375,14 @@ def _key_str(k: Any) -> str:
 
 
 def path_str(path: Sequence[Any]) -> str:
-    """A key path as a ``"/"``-joined string; NNX's trailing ``.value`` is dropped."""
+    """A key path as a ``"/"``-joined string; NNX's trailing ``.value`` is dropped.
+
+    Args:
+        path: a ``jax.tree_util`` key path (dict, attribute, sequence or flattened keys).
+
+    Returns:
+        The path string, e.g. ``"blocks/0/attention/query/kernel"``.
+    """
     parts = list(path)
     if parts and isinstance(parts[-1], jax.tree_util.GetAttrKey) and parts[-1].name == "value":
         parts = parts[:-1]
@@ -301,10 +390,25 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def leaf_paths(a: PyTree) -> list[str]:
-    """The ``"/"``-joined path of every leaf, in ``tree_leaves`` order."""
+    """The ``"/"``-joined path of every leaf, in ``tree_leaves`` order.
+
+    Args:
+        a: pytree.
+
+    Returns:
+        One :func:`path_str` per leaf.
+    """
     return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(a)[0]]
 
 
 def map_with_path(fn: Callable[[str, Any], Any], a: PyTree) -> PyTree:
-    """``tree_map`` whose function also receives the leaf's ``"/"``-joined path."""
+    """``tree_map`` whose function also receives the leaf's ``"/"``-joined path.
+
+    Args:
+        fn: ``fn(path, leaf) -> new leaf``, ``path`` as :func:`path_str`.
+        a: pytree.
+
+    Returns:
+        A pytree with ``a``'s structure and ``fn``'s leaves.
+    """
     return jax.tree_util.tree_map_with_path(lambda p, x: fn(path_str(p), x), a)

@@ -1,4 +1,9 @@
-"""Shared pieces of the operator factories: linearisation policy and J^T M J products."""
+"""Shared pieces of the operator factories: linearisation policy and J^T M J products.
+
+Supported names: none for users (a private module of :mod:`gradience_jax.operators`, no
+``__all__``). ``hessian``, ``ggn`` and ``fisher`` use ``LINEARIZE_BUDGET_BYTES``,
+``residual_bytes``, ``resolve_linearize`` and ``jtmj_matvec``.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,15 @@ LINEARIZE_BUDGET_BYTES = 2 * 1024**3
 
 
 def residual_bytes(fn: Callable[[PyTree], Any], params: PyTree) -> int:
-    """Bytes of the residuals a linearisation of ``fn`` at ``params`` stores (shape inference)."""
+    """Bytes of the residuals a linearisation of ``fn`` at ``params`` stores (shape inference).
+
+    Args:
+        fn: ``fn(params) -> outputs``.
+        params: the linearisation point (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+        The total bytes of the ``jax.vjp`` residuals; no FLOPs are spent (``eval_shape``).
+    """
     vjp_fn = jax.eval_shape(lambda p: jax.vjp(fn, p)[1], params)
     return int(
         sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(vjp_fn))
@@ -27,7 +40,20 @@ def residual_bytes(fn: Callable[[PyTree], Any], params: PyTree) -> int:
 def resolve_linearize(
     linearize: bool | str, fn: Callable[[PyTree], Any], params: PyTree
 ) -> bool:
-    """``True`` / ``False`` as given; ``"auto"``: linearise when the residuals fit the budget."""
+    """``True`` / ``False`` as given; ``"auto"``: linearise when the residuals fit the budget.
+
+    Args:
+        linearize: ``True``, ``False`` or ``"auto"``.
+        fn: the function that would be linearised (``fn(params) -> outputs``).
+        params: the linearisation point.
+
+    Returns:
+        Whether to linearise: for ``"auto"``, ``residual_bytes(fn, params) <=
+        LINEARIZE_BUDGET_BYTES`` (``False`` when ``params`` are traced).
+
+    Raises:
+        ValueError: ``linearize`` is none of the three.
+    """
     if linearize is True or linearize is False:
         return linearize
     if linearize != "auto":
@@ -48,6 +74,15 @@ def jtmj_matvec(
     ``out_map(outputs)`` returns the output-space map ``M`` (e.g. a head's Hessian).
     Linearised: ``jax.linearize`` once, transpose the stored linear map for ``J^T``.
     Otherwise each product pays one ``jax.jvp`` and one ``jax.vjp``.
+
+    Args:
+        fn: ``fn(params) -> outputs`` whose Jacobian is ``J``.
+        params: the point.
+        out_map: ``out_map(outputs) -> M``, ``M`` a map on output-shaped arrays.
+        linearize: linearise once (memory: the residuals) or recompute per product.
+
+    Returns:
+        The matvec ``v -> J^T M(J v)`` on pytrees shaped like ``params``.
     """
     if linearize:
         outputs, jvp = jax.linearize(fn, params)

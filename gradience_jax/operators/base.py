@@ -10,6 +10,10 @@ the same shapes.
 operators do their one-off work there (``jax.linearize``), so algorithms that apply the
 operator many times in one compiled program (Lanczos, SLQ, CG) call :meth:`LinearOperator.bind`
 once and reuse the closure.
+
+Supported names: ``LinearOperator``, ``add``, ``apply``, ``damped``, ``from_dense``,
+``from_matvec``, ``identity``, ``scale`` (the ``__all__`` list), and ``Matvec`` /
+``DEFAULT_MAX_DENSE_PARAMS``. ``_apply`` is the old private name of ``apply``.
 """
 
 from __future__ import annotations
@@ -76,10 +80,24 @@ class LinearOperator:
 
     # -- pytree protocol ------------------------------------------------------------------
     def tree_flatten(self):
+        """Pytree protocol: the operands are the children, the rest is static aux data.
+
+        Returns:
+            ``((operands,), (prepare, spec, is_psd, name))``.
+        """
         return (self.operands,), (self.prepare, self._spec, self.is_psd, self.name)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
+        """Pytree protocol: rebuild the operator from :meth:`tree_flatten`'s output.
+
+        Args:
+            aux: ``(prepare, spec, is_psd, name)``.
+            children: ``(operands,)``.
+
+        Returns:
+            A :class:`LinearOperator` (or the subclass) with these operands.
+        """
         prepare, spec, is_psd, name = aux
         return cls(prepare, children[0], None, is_psd=is_psd, name=name, _spec=spec)
 
@@ -96,6 +114,7 @@ class LinearOperator:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """``(n_params, n_params)``, the shape of the dense matrix."""
         return (self.n_params, self.n_params)
 
     @property
@@ -130,7 +149,19 @@ class LinearOperator:
                               is_psd=self.is_psd, name=self.name, _spec=self._spec)
 
     def matvec(self, v: PyTree) -> PyTree:
-        """``A v`` for a pytree ``v`` shaped like ``params_like``."""
+        """``A v`` for a pytree ``v`` shaped like ``params_like``.
+
+        Args:
+            v: a vector like ``params_like`` (checked unless traced).
+
+        Returns:
+            ``A v``, a pytree like ``v``. Cost: one product (jitted, compiled once per
+            operator kind and shapes).
+
+        Raises:
+            ValueError: ``v`` has another structure or leaf shapes.
+            TypeError: ``v`` has other leaf dtypes.
+        """
         if not is_traced(v):
             check_like(v, self.params_like, "v", f"the {self.name} operator's params")
         return apply(self, v)
@@ -139,6 +170,14 @@ class LinearOperator:
         return self.matvec(v)
 
     def __call__(self, v: PyTree) -> PyTree:
+        """``A v``, the same as :meth:`matvec`.
+
+        Args:
+            v: a vector like ``params_like``.
+
+        Returns:
+            ``A v``, a pytree like ``v``.
+        """
         return self.matvec(v)
 
     def __add__(self, other: LinearOperator) -> LinearOperator:
@@ -163,6 +202,13 @@ class LinearOperator:
 
     def to_dense(self, max_params: int = DEFAULT_MAX_DENSE_PARAMS) -> jax.Array:
         """The dense ``(n, n)`` matrix in ``tree.ravel`` order (tests and small models only).
+
+        Args:
+            max_params: the largest ``n`` allowed.
+
+        Returns:
+            ``(n, n)`` array in the promoted dtype of the leaves. Cost: ``n`` products
+            (vectorised), ``n^2`` memory.
 
         Raises:
             ValueError: if ``n_params > max_params`` (the matrix would need
@@ -232,7 +278,17 @@ class _DensePrepare:
 def from_dense(matrix: Any, *, is_psd: bool | None = None, name: str = "dense") -> LinearOperator:
     """A ``LinearOperator`` on 1-D vectors from a symmetric ``(n, n)`` matrix.
 
-    ``is_psd=None`` decides by the smallest eigenvalue (eager matrices only).
+    Args:
+        matrix: symmetric ``(n, n)`` array (an operand: new values reuse the program).
+        is_psd: PSD flag; ``None`` decides by the smallest eigenvalue (eager matrices only:
+            one float64 ``eigvalsh`` on the host, ``O(n^3)``).
+        name: the operator's label.
+
+    Returns:
+        A :class:`LinearOperator` on ``(n,)`` vectors; a product costs ``O(n^2)``.
+
+    Raises:
+        ValueError: ``matrix`` is not square 2-D.
     """
     matrix = jnp.asarray(matrix)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
@@ -259,7 +315,17 @@ def from_matvec(
     is_psd: bool = False,
     name: str = "custom",
 ) -> LinearOperator:
-    """Wrap a user matvec ``v -> A v`` (arrays it closes over become compile-time constants)."""
+    """Wrap a user matvec ``v -> A v`` (arrays it closes over become compile-time constants).
+
+    Args:
+        matvec: ``v -> A v`` on pytrees like ``params_like`` (symmetric ``A``).
+        params_like: template pytree (arrays or ``jax.ShapeDtypeStruct``).
+        is_psd: whether ``A`` is positive semi-definite.
+        name: the operator's label.
+
+    Returns:
+        A :class:`LinearOperator` whose products cost one call of ``matvec``.
+    """
     return LinearOperator(_CallablePrepare(matvec), (), params_like, is_psd=is_psd, name=name)
 
 
@@ -275,7 +341,19 @@ class _SumPrepare:
 
 
 def add(a: LinearOperator, b: LinearOperator) -> LinearOperator:
-    """The operator ``a + b`` (vectors must have the same structure)."""
+    """The operator ``a + b`` (vectors must have the same structure).
+
+    Args:
+        a: a :class:`LinearOperator`.
+        b: a :class:`LinearOperator` over the same parameter tree.
+
+    Returns:
+        A :class:`LinearOperator`, PSD when both are; a product costs one of each.
+
+    Raises:
+        TypeError: an argument is not a :class:`LinearOperator`.
+        ValueError: the operators act on different parameter trees.
+    """
     if not isinstance(b, LinearOperator) or not isinstance(a, LinearOperator):
         raise TypeError("can only add a LinearOperator to another LinearOperator")
     if a._spec != b._spec:
@@ -307,7 +385,19 @@ def _nonnegative(alpha: Any) -> bool:
 
 
 def scale(op: LinearOperator, alpha: Any) -> LinearOperator:
-    """The operator ``alpha * op`` (``alpha`` is an operand: new values reuse the program)."""
+    """The operator ``alpha * op`` (``alpha`` is an operand: new values reuse the program).
+
+    Args:
+        op: a :class:`LinearOperator`.
+        alpha: a scalar.
+
+    Returns:
+        A :class:`LinearOperator`, PSD when ``op`` is and ``alpha >= 0`` (eager ``alpha``);
+        a product costs one product of ``op``.
+
+    Raises:
+        ValueError: ``alpha`` is not a scalar.
+    """
     alpha = jnp.asarray(alpha)
     if alpha.ndim != 0:
         raise ValueError(f"alpha must be a scalar, got shape {alpha.shape}")
@@ -332,6 +422,14 @@ class _DampedPrepare:
 def damped(op: LinearOperator, lam: Any) -> LinearOperator:
     """The operator ``op + lam * I`` (Tikhonov damping).
 
+    Args:
+        op: a :class:`LinearOperator`.
+        lam: scalar damping (an operand: new values reuse the program).
+
+    Returns:
+        A :class:`LinearOperator` named ``"damped(<name>)"``, PSD when ``op`` is and
+        ``lam >= 0`` (eager ``lam``); a product costs one product of ``op`` plus ``O(P)``.
+
     Raises:
         ValueError: if ``lam`` is not a finite scalar.
     """
@@ -351,7 +449,14 @@ def damped(op: LinearOperator, lam: Any) -> LinearOperator:
 
 
 def identity(params_like: PyTree) -> LinearOperator:
-    """The identity on vectors shaped like ``params_like``."""
+    """The identity on vectors shaped like ``params_like``.
+
+    Args:
+        params_like: template pytree (arrays or ``jax.ShapeDtypeStruct``).
+
+    Returns:
+        A PSD :class:`LinearOperator` named ``"identity"``.
+    """
     return from_matvec(lambda v: v, params_like, is_psd=True, name="identity")
 
 

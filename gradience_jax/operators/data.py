@@ -1,4 +1,7 @@
-"""Dataset-level operators: the batch-size-weighted mean of an operator over batches."""
+"""Dataset-level operators: the batch-size-weighted mean of an operator over batches.
+
+Supported names: ``dataset_operator`` (re-exported as ``gradience_jax.dataset_operator``).
+"""
 
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ class _DatasetPrepare:
             acc = tu.zeros_like(v)
             for prepare, (stacked, weights) in zip(self.prepares, groups):
 
-                def step(carry, xs):
+                def step(carry, xs, prepare=prepare):
                     ops_i, w_i = xs
                     out = prepare(ops_i)(v)
                     return tu.axpy(w_i / total, out, carry), None
@@ -54,6 +57,24 @@ def dataset_operator(
 
     Weighting by batch size makes the result equal the operator on the concatenated data
     for losses that are means over examples.
+
+    Args:
+        make_op: an operator factory taking ``(fn, params=..., batch=..., **kwargs)``, e.g.
+            :func:`gradience_jax.hessian`, :func:`gradience_jax.ggn`.
+        fn: the factory's first argument (``loss_fn`` or ``model_fn``).
+        params: parameter pytree (the same for every batch).
+        batches: an iterable of batch pytrees, each with a shared leading batch axis ``N_b``.
+        **kwargs: further factory arguments (``head=...``, ``key=...``, ...);
+            ``linearize`` defaults to ``False`` here.
+
+    Returns:
+        A :class:`LinearOperator` named ``"dataset(<name>, <B> batches)"``, PSD when every
+        batch operator is. Construction builds (and checks) one operator per batch; a
+        product costs one product per batch, scanned per group of equal shapes.
+
+    Raises:
+        ValueError: ``batches`` is empty or a batch is malformed; the factory's own errors
+            pass through.
     """
     ops, sizes = [], []
     for i, b in enumerate(batches):

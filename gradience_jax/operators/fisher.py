@@ -11,6 +11,9 @@ Monte-Carlo Fisher (type-2 / sampled labels): ``F v = J^T M J v`` with ``M`` the
 over ``num_samples`` draws of ``g_s g_s^T`` per token, ``g_s`` the output-space gradient for a
 label sampled from the model's predictive distribution (Martens 2014). Its expectation is
 the GGN of the matching head (softmax CE for ``"categorical"``, MSE for ``"gaussian"``).
+
+Supported names (the module has no ``__all__``): ``empirical_fisher``, ``mc_fisher``,
+``per_example_grads``, ``per_example_losses``, ``CACHE_BUDGET_BYTES``, ``CHUNK_BYTES``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,16 @@ CACHE_BUDGET_BYTES = 1024**3
 
 
 def per_example_losses(loss_fn: Callable, params: PyTree, batch: PyTree) -> jax.Array:
-    """``(N,)`` losses, each example fed to ``loss_fn`` as a batch of one (``vmap``)."""
+    """``(N,)`` losses, each example fed to ``loss_fn`` as a batch of one (``vmap``).
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss.
+        params: parameter pytree.
+        batch: pytree with a shared leading batch axis ``N``.
+
+    Returns:
+        ``(N,)`` array of per-example losses. Cost: one vectorised forward pass.
+    """
     one = lambda ex: loss_fn(params, jax.tree_util.tree_map(lambda x: x[None], ex))  # noqa: E731
     return jax.vmap(one)(batch)
 
@@ -61,6 +73,16 @@ def per_example_grads(
     about :data:`CHUNK_BYTES`. Measured on CPU for an MLP with P = 269k: one ``vmap`` over
     512 examples took 558 ms, chunks of 16 took 298 ms (XLA builds a large ``vmap``-ed
     outer product in a transposed layout and copies it).
+
+    Args:
+        loss_fn: ``loss_fn(params, batch) -> scalar`` mean loss.
+        params: parameter pytree.
+        batch: pytree with a shared leading batch axis ``N``.
+        chunk_size: examples per vectorised chunk (``None``: chosen as above).
+
+    Returns:
+        A pytree like ``params`` with leaves ``(N, *leaf.shape)``. Cost: ``N`` gradients
+        (vectorised), ``N x P`` memory.
     """
 
     def one(p, ex):
@@ -149,7 +171,19 @@ def empirical_fisher(
         check: raise on a non-finite loss / gradient at the point.
 
     Returns:
-        A PSD :class:`LinearOperator`.
+        A PSD :class:`LinearOperator` named ``"empirical_fisher"``. Cost: ``"cached"``:
+        construction ``N`` gradients and ``N x P`` memory, a product two ``(N, P)``
+        contractions; ``"streaming"``: a product one ``jvp`` and one ``vjp`` of the
+        per-example losses.
+
+    Raises:
+        TypeError: integer / non-array parameter leaves, non-float loss.
+        ValueError: a bad ``mode`` / ``linearize``, non-scalar loss, inconsistent batch axes.
+        FloatingPointError: non-finite loss or gradient at the point (``check=True``).
+
+    References:
+        F. Kunstner, L. Balles, P. Hennig (2019), "Limitations of the Empirical Fisher
+        Approximation for Natural Gradient Descent".
     """
     check_params(params)
     n = check_batch(batch)
@@ -165,7 +199,9 @@ def empirical_fisher(
         mode = "cached" if nbytes <= CACHE_BUDGET_BYTES else "streaming"
     if mode == "cached":
         grads = _cache_grads(_FnHolder(loss_fn), params, batch)
-        return LinearOperator(_CachedEFPrepare(), (grads,), params, is_psd=True, name="empirical_fisher")
+        return LinearOperator(
+            _CachedEFPrepare(), (grads,), params, is_psd=True, name="empirical_fisher"
+        )
     lin = resolve_linearize(linearize, lambda p: per_example_losses(loss_fn, p, batch), params)
     return LinearOperator(
         _StreamingEFPrepare(loss_fn, lin), (params, batch), params, is_psd=True,
@@ -216,18 +252,35 @@ def mc_fisher(
 ) -> LinearOperator:
     """Monte-Carlo Fisher with labels sampled from the model (type-2 Fisher).
 
+    Matvec cost: one ``jvp`` and one ``vjp`` through ``model_fn`` plus ``O(num_samples x
+    |outputs|)`` in output space (the sampled gradients, ``(num_samples, *lead, C)``).
+
     Args:
         model_fn: ``model_fn(params, batch) -> outputs`` ``(*lead, C)``: logits for
             ``"categorical"``, predictions for ``"gaussian"``.
-        params, batch: the evaluation point.
+        params: parameter pytree (the evaluation point).
+        batch: pytree with a shared leading batch axis.
         key: ``jax.random`` key for the label samples (same key, same operator).
         likelihood: ``"categorical"`` (softmax) or ``"gaussian"`` (MSE, unit-free
             ``torch.nn.MSELoss`` scaling, see :mod:`gradience_jax.heads`).
         num_samples: label samples per token.
         head: optional built-in head overriding ``likelihood`` (e.g. to pass a mask key).
+        linearize: ``True``, ``False`` or ``"auto"`` (see :func:`gradience_jax.hessian`).
+        check: evaluate ``model_fn`` once and raise on non-finite outputs.
 
     Returns:
-        A PSD :class:`LinearOperator` whose expectation over keys is the GGN.
+        A PSD :class:`LinearOperator` named ``"mc_fisher"`` whose expectation over keys is
+        the GGN.
+
+    Raises:
+        ValueError: ``num_samples < 1``, an unknown ``likelihood``, a head that is not a
+            built-in :class:`Head`, outputs without a trailing class axis, a bad batch or
+            ``linearize``.
+        TypeError: integer / non-array parameter leaves.
+        FloatingPointError: non-finite outputs at the point (``check=True``).
+
+    References:
+        J. Martens (2014), "New Insights and Perspectives on the Natural Gradient Method".
     """
     check_params(params)
     check_batch(batch)

@@ -12,6 +12,9 @@ model's output projection). Then the readout and the head run over chunks of
 ``(vocab_chunk, V)`` whatever ``B * T`` is. Supported shapes: any model whose outputs are a
 position-wise function of its last hidden state (Dense / DenseGeneral readout, tied or untied
 embeddings); the head must be a built-in head (per-token Hessian).
+
+Supported names (the module has no ``__all__``): ``ggn``, ``SplitModel``. ``_composed_loss``
+is a deprecated alias of :func:`gradience_jax.operators.heads.compose`.
 """
 
 from __future__ import annotations
@@ -46,6 +49,15 @@ class SplitModel:
     readout: Callable[[PyTree, jax.Array], jax.Array]
 
     def __call__(self, params: PyTree, batch: PyTree) -> jax.Array:
+        """The model's outputs ``readout(params, features(params, batch))``.
+
+        Args:
+            params: parameter pytree.
+            batch: the batch.
+
+        Returns:
+            ``(*lead, V)`` outputs.
+        """
         return self.readout(params, self.features(params, batch))
 
 
@@ -135,7 +147,8 @@ def ggn(
 
     Matvec cost: one forward-mode and one reverse-mode pass through ``model_fn`` plus the
     head's analytic Hessian (softmax CE: ``p*u - p*sum(p*u)`` per token). For softmax
-    cross-entropy ``G`` equals the true Fisher information.
+    cross-entropy ``G`` equals the true Fisher information. With ``vocab_chunk`` the
+    readout's temporaries are ``(vocab_chunk, V)`` instead of ``(tokens, V)``.
 
     Args:
         model_fn: ``model_fn(params, batch) -> outputs`` of shape ``(*lead, C)``.
@@ -149,7 +162,19 @@ def ggn(
         check: evaluate the loss and its gradient once and raise on non-finite values.
 
     Returns:
-        A symmetric PSD :class:`LinearOperator` (PSD whenever the head is convex).
+        A symmetric PSD :class:`LinearOperator` named ``"ggn"`` (PSD whenever the head is
+        convex: a built-in head, or one with ``is_convex = True``).
+
+    Raises:
+        ValueError: non-scalar loss, inconsistent batch axes, a bad ``linearize``; with
+            ``vocab_chunk``: a ``model_fn`` that is not a :class:`SplitModel`, a head that is
+            not built in, or ``vocab_chunk < 1``.
+        TypeError: integer / non-array parameter leaves, non-float loss.
+        FloatingPointError: non-finite loss or gradient at the point (``check=True``).
+
+    References:
+        N. Schraudolph (2002), "Fast Curvature Matrix-Vector Products for Second-Order
+        Gradient Descent".
     """
     check_params(params)
     check_batch(batch)

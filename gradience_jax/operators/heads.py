@@ -17,11 +17,11 @@ Built-ins:
 the per-token gradient of the unnormalised loss w.r.t. outputs, whose outer product has
 expectation equal to the per-token Hessian (the Fisher identity used by ``mc_fisher``).
 
-Public names: :class:`Head` (base class of the built-ins; subclass it for a new head with
-an analytic Hessian), :func:`compose` (``loss_fn`` from ``model_fn`` and a head),
-:class:`SoftmaxCrossEntropy`, :class:`MeanSquaredError`, :func:`softmax_cross_entropy`,
-:func:`mse`, :func:`output_hvp`, :func:`likelihood_head`. ``_Head`` is a deprecated alias
-of :class:`Head`.
+Supported names (the ``__all__`` list): :class:`Head` (base class of the built-ins; subclass
+it for a new head with an analytic Hessian), :func:`compose` (``loss_fn`` from ``model_fn``
+and a head), :class:`SoftmaxCrossEntropy`, :class:`MeanSquaredError`,
+:func:`softmax_cross_entropy`, :func:`mse`, :func:`output_hvp`, :func:`likelihood_head`.
+``_Head`` is a deprecated alias of :class:`Head`.
 """
 
 from __future__ import annotations
@@ -104,12 +104,25 @@ class Head:
         raise NotImplementedError
 
     def scale_per_token(self, num_classes: int) -> int:
-        """Normaliser factor per unit of token weight (1; ``C`` for MSE)."""
+        """Normaliser factor per unit of token weight (1; ``C`` for MSE).
+
+        Args:
+            num_classes: ``C``, the size of the outputs' last axis.
+
+        Returns:
+            The factor (1 here).
+        """
         return 1
 
     # -- shared reductions ----------------------------------------------------------------
     def targets(self, batch: PyTree) -> Any:
         """``batch[targets_key]`` (``None`` when ``targets_key`` is ``None``).
+
+        Args:
+            batch: the batch.
+
+        Returns:
+            The targets, as stored in the batch.
 
         Raises:
             ValueError: the batch has no such key (the message lists the batch's keys).
@@ -149,11 +162,26 @@ class Head:
         return mask.astype(dtype)
 
     def normalizer(self, weights: jax.Array, num_classes: int) -> jax.Array:
-        """``Z = max(sum_t w_t, 1) * scale_per_token(C)`` (a scalar in the weights' dtype)."""
+        """``Z = max(sum_t w_t, 1) * scale_per_token(C)`` (a scalar in the weights' dtype).
+
+        Args:
+            weights: ``(*lead,)`` token weights.
+            num_classes: ``C``.
+
+        Returns:
+            The scalar normaliser ``Z``.
+        """
         return jnp.maximum(weights.sum(), 1.0) * self.scale_per_token(num_classes)
 
     def __call__(self, outputs: jax.Array, batch: PyTree) -> jax.Array:
         """The loss ``sum_t w_t l_t / Z`` (a scalar in the outputs' dtype).
+
+        Args:
+            outputs: ``(*lead, C)`` model outputs.
+            batch: the batch (targets, mask).
+
+        Returns:
+            The scalar loss.
 
         Raises:
             ValueError: outputs without a trailing class axis, missing / misshaped targets
@@ -165,7 +193,20 @@ class Head:
         return (w * losses).sum() / self.normalizer(w, outputs.shape[-1])
 
     def hvp(self, outputs: jax.Array, batch: PyTree, u: jax.Array) -> jax.Array:
-        """Hessian of ``head(., batch)`` at ``outputs`` applied to ``u`` (shape of outputs)."""
+        """Hessian of ``head(., batch)`` at ``outputs`` applied to ``u`` (shape of outputs).
+
+        Args:
+            outputs: ``(*lead, C)`` model outputs.
+            batch: the batch (targets, mask).
+            u: ``(*lead, C)`` output-space direction.
+
+        Returns:
+            ``H u`` in ``u``'s dtype: the weighted, normalised :meth:`token_hvp`. Cost
+            ``O(|outputs|)``.
+
+        Raises:
+            ValueError: as :meth:`__call__`.
+        """
         lead = _lead_shape(outputs)
         w = self.weights(batch, lead, outputs.dtype)
         hu = self.token_hvp(outputs, self.targets(batch), u)
@@ -187,6 +228,18 @@ class SoftmaxCrossEntropy(Head):
     """Softmax cross-entropy on logits ``(*lead, C)``."""
 
     def token_loss(self, outputs, targets):
+        """Per-token cross-entropy ``-log p_label`` (or ``-sum_c y_c log p_c`` for soft targets).
+
+        Args:
+            outputs: ``(*lead, C)`` logits.
+            targets: integer labels ``(*lead,)`` or one-hot / soft targets ``(*lead, C)``.
+
+        Returns:
+            ``(*lead,)`` losses.
+
+        Raises:
+            ValueError: targets of another shape.
+        """
         logp = jax.nn.log_softmax(outputs, axis=-1)
         if _is_integer_labels(outputs, targets):
             if targets.shape != outputs.shape[:-1]:
@@ -201,6 +254,16 @@ class SoftmaxCrossEntropy(Head):
         return -(targets * logp).sum(-1)
 
     def token_hvp(self, outputs, targets, u):
+        """Per-token ``s (diag(p) - p p^T) u`` with ``s = sum_c y_c`` (1 for integer labels).
+
+        Args:
+            outputs: ``(*lead, C)`` logits.
+            targets: the targets (only their sums are read, for soft targets), or ``None``.
+            u: ``(*lead, C)`` output-space direction.
+
+        Returns:
+            ``(*lead, C)``. Cost ``O(|outputs|)``.
+        """
         p = jax.nn.softmax(outputs, axis=-1)
         hu = p * u - p * (p * u).sum(-1, keepdims=True)
         if targets is not None and not _is_integer_labels(outputs, targets):
@@ -208,6 +271,15 @@ class SoftmaxCrossEntropy(Head):
         return hu
 
     def token_sample_grad(self, outputs, key):
+        """``p - e_y`` per token for labels ``y`` sampled from ``softmax(outputs)``.
+
+        Args:
+            outputs: ``(*lead, C)`` logits.
+            key: ``jax.random`` key.
+
+        Returns:
+            ``(*lead, C)`` gradients of the sampled labels' losses w.r.t. the logits.
+        """
         p = jax.nn.softmax(outputs, axis=-1)
         labels = jax.random.categorical(key, outputs, axis=-1)
         return p - jax.nn.one_hot(labels, outputs.shape[-1], dtype=outputs.dtype)
@@ -218,31 +290,87 @@ class MeanSquaredError(Head):
     """Mean squared error over all output elements (``torch.nn.MSELoss`` convention)."""
 
     def token_loss(self, outputs, targets):
+        """Per-token squared error ``sum_c (f_c - y_c)^2``.
+
+        Args:
+            outputs: ``(*lead, C)`` predictions.
+            targets: ``(*lead, C)`` targets.
+
+        Returns:
+            ``(*lead,)`` losses.
+
+        Raises:
+            ValueError: targets of another shape.
+        """
         if targets.shape != outputs.shape:
             raise ValueError(f"targets have shape {targets.shape}, outputs {outputs.shape}")
         return ((outputs - targets) ** 2).sum(-1)
 
     def token_hvp(self, outputs, targets, u):
+        """Per-token Hessian ``2 I`` applied to ``u``.
+
+        Args:
+            outputs: ``(*lead, C)`` predictions (unused: the Hessian is constant).
+            targets: the targets (unused).
+            u: ``(*lead, C)`` output-space direction.
+
+        Returns:
+            ``2 u``.
+        """
         return 2.0 * u
 
     def token_sample_grad(self, outputs, key):
+        """``-sqrt(2) eps`` per output, ``eps ~ N(0, 1)``: the gradient for ``y ~ N(f, 1/2)``.
+
+        Args:
+            outputs: ``(*lead, C)`` predictions.
+            key: ``jax.random`` key.
+
+        Returns:
+            ``(*lead, C)`` in the outputs' dtype.
+        """
         # y ~ N(f, 1/2) is the likelihood whose NLL is (f - y)^2 + const; grad = -sqrt(2) eps.
         eps = jax.random.normal(key, outputs.shape, outputs.dtype)
         return -jnp.sqrt(2.0).astype(outputs.dtype) * eps
 
     def scale_per_token(self, num_classes: int) -> int:
+        """``C``: the mean runs over all output elements (``torch.nn.MSELoss``).
+
+        Args:
+            num_classes: ``C``, the number of output features.
+
+        Returns:
+            ``num_classes``.
+        """
         return num_classes
 
 
 def softmax_cross_entropy(
     labels_key: str | None = "labels", mask_key: str | None = None
 ) -> SoftmaxCrossEntropy:
-    """Softmax cross-entropy head reading ``batch[labels_key]`` (and an optional mask)."""
+    """Softmax cross-entropy head reading ``batch[labels_key]`` (and an optional mask).
+
+    Args:
+        labels_key: key of the integer labels ``(*lead,)`` or soft targets ``(*lead, C)``
+            (``None``: no targets, e.g. for ``mc_fisher``).
+        mask_key: key of a ``(*lead,)`` token-weight mask, or ``None``.
+
+    Returns:
+        A :class:`SoftmaxCrossEntropy` head.
+    """
     return SoftmaxCrossEntropy(labels_key, mask_key)
 
 
 def mse(targets_key: str | None = "targets", mask_key: str | None = None) -> MeanSquaredError:
-    """Mean-squared-error head reading ``batch[targets_key]`` (and an optional mask)."""
+    """Mean-squared-error head reading ``batch[targets_key]`` (and an optional mask).
+
+    Args:
+        targets_key: key of the ``(*lead, C)`` targets (``None``: no targets).
+        mask_key: key of a ``(*lead,)`` token-weight mask, or ``None``.
+
+    Returns:
+        A :class:`MeanSquaredError` head.
+    """
     return MeanSquaredError(targets_key, mask_key)
 
 

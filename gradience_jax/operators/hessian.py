@@ -1,4 +1,7 @@
-"""The Hessian of the loss as a matrix-free operator: ``jax.jvp`` over ``jax.grad``."""
+"""The Hessian of the loss as a matrix-free operator: ``jax.jvp`` over ``jax.grad``.
+
+Supported names (the module has no ``__all__``): ``hessian``.
+"""
 
 from __future__ import annotations
 

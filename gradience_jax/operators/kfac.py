@@ -85,6 +85,10 @@ unfoldable biases, grouped convolutions, weight tying, parameters inside control
 unused parameters). Uncovered parameters get a zero block (so ``K.inverse(damping)`` acts
 there as ``damping^power I``). The report is also emitted once as a
 :class:`KFACCoverageWarning`.
+
+Supported names: ``FISHER_TYPES``, ``KFACCoverage``, ``KFACCoverageWarning``, ``KFACLayer``,
+``KFACOperator``, ``KroneckerFactors``, ``kfac``, ``kfac_inverse`` (the ``__all__`` list);
+``KFAC_APPROX`` lists the ``kfac_approx`` choices.
 """
 
 from __future__ import annotations
@@ -163,6 +167,7 @@ class KFACLayer:
 
     @property
     def paths(self) -> tuple[str, ...]:
+        """The leaves of this block: ``(kernel,)`` or ``(kernel, bias)``."""
         return (self.kernel,) if self.bias is None else (self.kernel, self.bias)
 
 
@@ -189,6 +194,7 @@ class KFACCoverage:
 
     @property
     def uncovered_paths(self) -> tuple[str, ...]:
+        """Paths of all leaves without a K-FAC block (reasons in ``uncovered``)."""
         return tuple(p for p, _ in self.uncovered)
 
     @property
@@ -665,8 +671,10 @@ _MAX_PLANS = 32
 
 
 def _get_plan(model_fn: Callable, params: PyTree, batch: PyTree) -> _Plan:
-    """The layer plan of ``model_fn`` for these parameter / example shapes (cached, so
-    repeated ``kfac`` calls at new parameter values reuse the compiled factor pass).
+    """The layer plan of ``model_fn`` for these parameter / example shapes (cached).
+
+    The cache lets repeated ``kfac`` calls at new parameter values reuse the compiled factor
+    pass.
     """
     key = (model_fn, _spec_key(params, False), _spec_key(batch, True))
     try:
@@ -761,8 +769,9 @@ class _Config:
 
 
 def _cotangents(cfg: _Config, outputs: jax.Array, batch: PyTree, key) -> jax.Array:
-    """Output-space vectors ``u_k`` ``(K, N, *rest, C)``: ``sum_k J^T u_k u_k^T J`` is the
-    (GGN / MC / empirical) Fisher.
+    """Output-space vectors ``u_k`` ``(K, N, *rest, C)`` whose ``J^T u u^T J`` sum is the Fisher.
+
+    ``sum_k J^T u_k u_k^T J`` is the (GGN / MC / empirical) Fisher.
     """
     head = cfg.head
     n = outputs.shape[0]
@@ -791,8 +800,15 @@ def _cotangents(cfg: _Config, outputs: jax.Array, batch: PyTree, key) -> jax.Arr
 
 
 class KroneckerFactors(NamedTuple):
-    """Eigendecomposed factors of one block: ``A = Q_A diag(l_A) Q_A^T`` (``Q_A = None``:
-    ``A`` is diagonal, as for embeddings) and ``B = Q_B diag(l_B) Q_B^T``.
+    """Eigendecomposed factors of one block: ``A = Q_A diag(l_A) Q_A^T`` and ``B`` alike.
+
+    ``B = Q_B diag(l_B) Q_B^T``; ``Q_A = None``: ``A`` is diagonal, as for embeddings.
+
+    Attributes:
+        a_evals: ``(d_in (+1),)`` eigenvalues of ``A`` (clipped at 0).
+        a_evecs: ``(d_in (+1), d_in (+1))`` eigenvectors of ``A`` (columns), or ``None``.
+        b_evals: ``(d_out,)`` eigenvalues of ``B`` (clipped at 0).
+        b_evecs: ``(d_out, d_out)`` eigenvectors of ``B`` (columns).
     """
 
     a_evals: jax.Array
@@ -978,16 +994,31 @@ class KFACOperator(LinearOperator):
         self.coverage = coverage
 
     def tree_flatten(self):
+        """Pytree protocol: as :meth:`LinearOperator.tree_flatten`, plus the coverage.
+
+        Returns:
+            ``((operands,), (prepare, spec, is_psd, name, coverage))``.
+        """
         return (self.operands,), (self.prepare, self._spec, self.is_psd, self.name, self.coverage)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
+        """Pytree protocol: rebuild the operator from :meth:`tree_flatten`'s output.
+
+        Args:
+            aux: ``(prepare, spec, is_psd, name, coverage)``.
+            children: ``(operands,)``.
+
+        Returns:
+            A :class:`KFACOperator`.
+        """
         prepare, spec, is_psd, name, coverage = aux
         return cls(prepare, children[0], None, coverage=coverage, is_psd=is_psd, name=name,
                    _spec=spec)
 
     @property
     def factors(self) -> dict[str, KroneckerFactors]:
+        """``{layer name: KroneckerFactors}`` in the order of ``coverage.layers``."""
         return {layer.name: f for layer, f in zip(self.prepare.plan.layers, self.operands[0])}
 
     def kronecker_factors(self) -> dict[str, tuple[jax.Array, jax.Array]]:
@@ -995,6 +1026,10 @@ class KFACOperator(LinearOperator):
 
         ``A`` has a trailing row / column for a folded bias; the block acts on the
         ``(d_in (+1), d_out)`` matrix ``[W; b]`` as ``V -> A V B``.
+
+        Returns:
+            ``{layer name: (A, B)}``, ``A`` ``(d_in (+1), d_in (+1))`` and ``B``
+            ``(d_out, d_out)``. Cost ``O(d_in^3 + d_out^3)`` per layer.
         """
         out = {}
         for name, f in self.factors.items():
@@ -1003,7 +1038,18 @@ class KFACOperator(LinearOperator):
         return out
 
     def inverse(self, damping: Any, power: float = -1.0) -> LinearOperator:
-        """``(K + damping I)^power`` (see :func:`kfac_inverse`)."""
+        """``(K + damping I)^power`` (see :func:`kfac_inverse`).
+
+        Args:
+            damping: scalar ``>= 0``; ``> 0`` for a negative ``power``.
+            power: static exponent (``-1`` inverse, ``-0.5`` inverse square root).
+
+        Returns:
+            A PSD :class:`LinearOperator`; a product costs as much as a K-FAC product.
+
+        Raises:
+            ValueError: as :func:`kfac_inverse`.
+        """
         return kfac_inverse(self, damping, power)
 
     def __repr__(self) -> str:

@@ -24,8 +24,8 @@ whose likelihood is sampled (it overrides the ``likelihood`` option; its targets
 read). ``kfac`` uses ``key`` for ``fisher_type="mc"``. Deterministic operators ignore ``key``,
 so one call site can pass the same arguments for every name.
 
-Public names: :func:`build`, :func:`names`, :func:`canonical_name`, :func:`options`,
-:data:`ALIASES`.
+Supported names (the ``__all__`` list): :func:`build`, :func:`names`, :func:`canonical_name`,
+:func:`options`, :data:`ALIASES`.
 """
 
 from __future__ import annotations

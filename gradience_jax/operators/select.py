@@ -1,4 +1,7 @@
-"""Restrict an operator to a subset of parameters: the principal sub-block ``P^T A P``."""
+"""Restrict an operator to a subset of parameters: the principal sub-block ``P^T A P``.
+
+Supported names (the module has no ``__all__``): ``params_filter``.
+"""
 
 from __future__ import annotations
 

@@ -13,7 +13,10 @@ Files follow the phases of a run:
   ``top_eigenpairs`` (the one dense fallback for tiny operators);
 * :mod:`.compute` -- ``compute_spectrum`` and :class:`LanczosConfig`.
 
-Supported names: those in ``__all__``.
+Supported names (the ``__all__`` list): ``DENSE_LIMIT``, ``Eigenpairs``, ``FastEigshResult``,
+``LanczosConfig``, ``OPERATORS``, ``RitzValues``, ``SpectrumResult``, ``WHICH``,
+``compute_spectrum``, ``default_memory_budget``, ``eigsh``, ``eigsh_fast``, ``ritz_values``,
+``top_eigenpairs``.
 """
 
 from gradience_jax.spectrum.compute import OPERATORS, LanczosConfig, compute_spectrum

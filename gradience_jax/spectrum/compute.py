@@ -1,4 +1,8 @@
-"""``compute_spectrum``: build a curvature operator by name and run :func:`eigsh` on it."""
+"""``compute_spectrum``: build a curvature operator by name and run :func:`eigsh` on it.
+
+Supported names: ``LanczosConfig``, ``OPERATORS``, ``compute_spectrum`` (the ``__all__``
+list), and ``REGULARIZATION_MODES`` (the ``regularization_mode`` choices).
+"""
 
 from __future__ import annotations
 
@@ -128,6 +132,12 @@ def compute_spectrum(
     need it); GGN / Fisher run in the model dtype. Lanczos vectors, dot products and norms
     are float32 or wider; the tridiagonal eigenproblem is float64.
 
+    Cost: building the operator (the factory's checks: one loss and gradient evaluation;
+    ``"kfac"``: its factors) plus :func:`eigsh`'s, at most ``max(config.max_iters, k)``
+    matvecs. Memory: the thick-restart basis (``"full"``, within
+    ``config.memory_budget_bytes``), ``reorth_window`` rows (``"window"``) or none
+    (``"none"``), plus a few parameter-sized vectors.
+
     Args:
         loss_fn: ``loss_fn(params, batch) -> scalar`` (hessian, empirical_fisher).
         params: parameter pytree.
@@ -135,16 +145,25 @@ def compute_spectrum(
         operator: ``"hessian"``, ``"ggn"``, ``"empirical_fisher"`` (alias ``"ef"``),
             ``"mc_fisher"``, ``"kfac"``, or a ready :class:`LinearOperator`.
         config: :class:`LanczosConfig` (default ``LanczosConfig()``).
-        model_fn, head: ``loss = head(model_fn(params, batch), batch)`` for ggn /
-            mc_fisher / kfac (hessian / empirical_fisher compose them when ``loss_fn`` is
-            ``None``). The operator is built by :func:`gradience_jax.operators.registry.build`;
-            for mc_fisher a built-in head's likelihood is sampled (other heads: categorical).
+        model_fn: ``model_fn(params, batch) -> outputs (*lead, C)``, with ``head``
+            ``loss = head(model_fn(params, batch), batch)``, for ggn / mc_fisher / kfac
+            (hessian / empirical_fisher compose the two when ``loss_fn`` is ``None``). The
+            operator is built by :func:`gradience_jax.operators.registry.build`.
+        head: ``head(outputs, batch) -> scalar`` (see ``model_fn``); for mc_fisher a
+            built-in head's likelihood is sampled (other heads: categorical).
 
     Returns:
-        :class:`SpectrumResult`.
+        :class:`SpectrumResult`: ``eigenvalues`` ``(k,)`` in the order of ``config.which``
+        (plus the regularisation shift), ``eigenvectors`` a pytree stack when asked for.
 
     Raises:
-        ValueError: unknown operator, missing model_fn / head, bad config, non-finite values.
+        TypeError: ``config`` is not a :class:`LanczosConfig`.
+        ValueError: unknown operator, missing model_fn / head, bad config, ``k > n_params``,
+            non-finite values.
+        FloatingPointError: non-finite loss or gradient at the point (the factory's check).
+
+    References:
+        K. Wu & H. Simon (2000), thick-restart Lanczos (the engine of :func:`eigsh`).
     """
     t0 = time.perf_counter()
     cfg = LanczosConfig() if config is None else config

@@ -1,10 +1,16 @@
-"""``eigsh`` (checked, every diagnostic), ``eigsh_fast`` (jittable) and ``top_eigenpairs``
-(with the one dense fallback for tiny operators): all three run the one engine of
-:mod:`gradience_jax.spectrum.engine`.
+"""``eigsh`` (checked), ``eigsh_fast`` (jittable), ``top_eigenpairs``: one engine behind all three.
+
+``eigsh`` is checked and reports every diagnostic, ``eigsh_fast`` is jittable and
+``top_eigenpairs`` has the one dense fallback for tiny operators; all three run the one
+engine of :mod:`gradience_jax.spectrum.engine`.
 
 ``eigsh`` reads as plan -> run -> finish: :func:`~gradience_jax.spectrum.plan.make_plan`
 checks the arguments and fixes the static plan, one compiled program runs the whole
 restarted Lanczos on device, and the host turns its arrays into a :class:`SpectrumResult`.
+
+Supported names: ``DENSE_LIMIT``, ``Eigenpairs``, ``FastEigshResult``, ``eigsh``,
+``eigsh_fast``, ``start_vector``, ``top_eigenpairs`` (the ``__all__`` list), and ``LAYOUTS``
+(the ``layout`` choices of ``eigsh``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradience_jax import tree as tu
 from gradience_jax._validate import check_key
 from gradience_jax.lanczos import (
     check_operator_output,
@@ -176,6 +183,11 @@ def eigsh(
             ``basis_size`` / ``basis_dtype``, a matvec whose output does not match the
             params, non-finite matvec values or a non-symmetric operator (both stop the run
             early).
+
+    References:
+        K. Wu & H. Simon (2000), "Thick-Restart Lanczos Method for Large Symmetric
+        Eigenvalue Problems"; J. Cullum & R. Willoughby (1985), *Lanczos Algorithms for
+        Large Symmetric Eigenvalue Computations* (the ghost filter).
     """
     t_start = time.perf_counter()
     want_vecs = bool(return_eigenvectors)
@@ -233,7 +245,8 @@ def _finish(op: LinearOperator, plan: Plan, cap: int, out, *, tol: float, seed: 
     ghost_flags = None
     if plan.reorth != "full":
         chk = ritz_values(
-            np.asarray(host.alphas, np.float64)[:matvecs], np.asarray(host.betas, np.float64)[:matvecs],
+            np.asarray(host.alphas, np.float64)[:matvecs],
+            np.asarray(host.betas, np.float64)[:matvecs],
             filter_ghosts=True, eps_work=plan.eps_work, anorm=anorm,
             dropped=np.asarray(host.dropped, np.float64)[:matvecs],
         )
@@ -368,6 +381,7 @@ def eigsh_fast(
         :class:`FastEigshResult`.
 
     Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`, or ``key`` is not a PRNG key.
         ValueError: bad ``k`` / ``num_iters`` / ``which`` / ``reorth`` / ``window``.
     """
     if not isinstance(op, LinearOperator):
@@ -405,8 +419,12 @@ def eigsh_fast(
 
 
 class Eigenpairs(NamedTuple):
-    """``values (k,)`` in the order of ``which``, ``vectors`` a pytree stack or ``None``,
-    ``method``: ``"dense"`` or ``"lanczos"``.
+    """Eigenpairs out of :func:`top_eigenpairs`.
+
+    Attributes:
+        values: ``(k,)`` float64 eigenvalues in the order of ``which``.
+        vectors: a pytree stack (leaves ``(k, *leaf.shape)``, unit norm) or ``None``.
+        method: ``"dense"`` or ``"lanczos"``.
     """
 
     values: np.ndarray
@@ -424,14 +442,17 @@ def top_eigenpairs(
     return_eigenvectors: bool = True,
     **eigsh_kwargs: Any,
 ) -> Eigenpairs:
-    """``k`` extreme eigenpairs: dense float64 ``eigh`` when ``n_params <= dense_limit``
-    (exact), otherwise :func:`eigsh` with its defaults (thick-restart Lanczos).
+    """``k`` extreme eigenpairs: dense float64 ``eigh`` for small operators, else :func:`eigsh`.
+
+    Dense (exact) when ``n_params <= dense_limit``, otherwise :func:`eigsh` with its
+    defaults (thick-restart Lanczos).
 
     Args:
         op: symmetric operator.
         k: number of eigenpairs, ``1 <= k <= n_params``.
         which: ``"LA"``, ``"SA"``, ``"BE"`` or ``"LM"`` (output order as :func:`eigsh`).
-        key: PRNG key of the Lanczos start vector (default ``jax.random.key(42)``, the one default seed).
+        key: PRNG key of the Lanczos start vector (default ``jax.random.key(42)``, the one
+            default seed).
         dense_limit: largest dimension solved densely (``to_dense()`` + ``eigh``: ``n^2``
             memory, ``n`` matvecs).
         return_eigenvectors: also return unit eigenvectors (pytree stack, leading axis k).
@@ -441,6 +462,7 @@ def top_eigenpairs(
         :class:`Eigenpairs`.
 
     Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`.
         ValueError: bad ``k`` / ``which`` / ``dense_limit``, non-finite operator entries, or
             what :func:`eigsh` raises.
     """
@@ -453,8 +475,6 @@ def top_eigenpairs(
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     dense_limit = check_int("dense_limit", dense_limit, 0)
     if n <= dense_limit:
-        from gradience_jax import tree as tu
-
         dense = np.asarray(op.to_dense(), np.float64)
         if not np.all(np.isfinite(dense)):
             raise ValueError(f"the {op.name} operator has non-finite entries (NaN / Inf)")

@@ -25,6 +25,13 @@ not recompile.
 Memory (parameter-sized vectors, work dtype unless ``basis_dtype``): ``"full"``: ``m + 1``
 stored rows + ~4 (the rotation at a restart is done leaf by leaf); ``"window"``:
 ``window`` rows + ~4; ``"none"``: ~4; plus ``k`` for eigenvectors.
+
+Supported names: none for users (the module has no ``__all__``; call
+:func:`~gradience_jax.spectrum.eigsh` or :func:`~gradience_jax.spectrum.eigsh_fast`). The
+other spectrum modules, the tests and the benchmarks use ``Plan``, ``EngineOut``,
+``run_engine``, ``run_engine_traced``, ``rotate_rows``, ``keep_count``, ``small_dtype``,
+the status codes (``RUNNING``, ``CONVERGED``, ``BUDGET``, ``NONFINITE``, ``ASYMMETRIC``,
+``STATUS_NAMES``) and the constants ``DGKS_ETA``, ``ROTATE_BLOCK``, ``CHECK_EVERY``.
 """
 
 from __future__ import annotations
@@ -152,8 +159,12 @@ class EngineOut(NamedTuple):
 
 
 def small_dtype() -> jnp.dtype:
-    """Dtype of the projected matrix: float64 when ``jax_enable_x64`` is on, else float32
-    (then the eigenproblem itself is still solved in float64, on the host).
+    """Dtype of the projected matrix: float64 when ``jax_enable_x64`` is on, else float32.
+
+    With float32 the eigenproblem itself is still solved in float64, on the host.
+
+    Returns:
+        ``float64`` or ``float32``.
     """
     return jnp.dtype(jnp.float64) if jax.config.jax_enable_x64 else jnp.dtype(jnp.float32)
 
@@ -235,7 +246,7 @@ class _Cycle(NamedTuple):
     basis: PyTree  # leaves (m + 1, *shape): rows 0..j filled, row j the current vector
     tmat: jax.Array  # (m + 1, m + 1) projected matrix of this cycle
     j: jax.Array  # int32: index of the current vector (rows filled = j after a step)
-    l: jax.Array  # int32: kept Ritz vectors at the start of this cycle
+    kept: jax.Array  # int32: kept Ritz vectors (``l``) at the start of this cycle
     matvecs: jax.Array
     restarts: jax.Array
     breakdowns: jax.Array
@@ -251,13 +262,21 @@ class _Cycle(NamedTuple):
 
 
 def keep_count(plan: Plan) -> int:
-    """Ritz vectors kept at a thick restart (static): the ``k`` wanted plus about a third of
-    the free rows, leaving at least two new rows per cycle. Converged wanted pairs are among
-    them by construction (they are the best-scored), so they stay locked in the basis.
+    """Ritz vectors kept at a thick restart (static): the ``k`` wanted plus a third of the rest.
+
+    The ``k`` wanted plus about a third of the free rows, leaving at least two new rows per
+    cycle. Converged wanted pairs are among them by construction (they are the best-scored),
+    so they stay locked in the basis.
 
     Measured on the clustered MLP Hessian (k=10, m=30): 1/3 .. 1/2 of the free rows need the
     fewest matvecs (105, about ARPACK's); keeping more restarts more often for the same
     matvecs.
+
+    Args:
+        plan: the engine plan (``basis_size`` ``m`` and ``k``).
+
+    Returns:
+        ``min(max(k + (m - k) // 3, k), max(m - 2, k))``.
     """
     m, k = plan.basis_size, plan.k
     return int(min(max(k + (m - k) // 3, k), max(m - 2, k)))
@@ -265,10 +284,12 @@ def keep_count(plan: Plan) -> int:
 
 def _gram_schmidt(w: PyTree, basis: PyTree, upto: jax.Array, sdt, fresh: Callable,
                   breakdown: Callable) -> tuple[PyTree, jax.Array, jax.Array, jax.Array]:
-    """Classical Gram-Schmidt of ``w`` against the rows ``upto``, one pass at a time in a
-    ``while_loop`` (one copy of the code in the program): a second pass when the first
-    kept less than ``DGKS_ETA`` of the norm (DGKS 1976). If the result is a breakdown
-    (``breakdown(norm)``), ``w`` is replaced once by ``fresh()`` and orthogonalised twice.
+    """Classical Gram-Schmidt of ``w`` against the rows ``upto``, one pass at a time.
+
+    The passes run in a ``while_loop`` (one copy of the code in the program): a second pass
+    when the first kept less than ``DGKS_ETA`` of the norm (DGKS 1976). If the result is a
+    breakdown (``breakdown(norm)``), ``w`` is replaced once by ``fresh()`` and
+    orthogonalised twice.
 
     The basis travels through the loop's carry and comes back: the caller writes its next row
     into the returned buffer, so XLA needs no copy of the basis to keep the loop's reads and
@@ -324,8 +345,9 @@ ROTATE_BLOCK = 1 << 16
 
 def rotate_rows(b: jax.Array, coeff: jax.Array, keep: int,
                 residual: jax.Array | int | None = None) -> jax.Array:
-    """``b[:keep] <- coeff^T b`` and ``b[keep] <- b[residual]`` for a stacked basis ``b`` of
-    ``m + 1`` rows, in place: the columns are rotated in blocks (``lax.fori_loop``) of at
+    """``b[:keep] <- coeff^T b`` and ``b[keep] <- b[residual]`` for a stacked basis, in place.
+
+    ``b`` has ``m + 1`` rows. The columns are rotated in blocks (``lax.fori_loop``) of at
     most ``size / (4 (m + 1))`` columns, so the temporaries (the block and its rotation)
     stay below half a parameter-sized vector instead of ``keep`` rows.
 
@@ -335,6 +357,9 @@ def rotate_rows(b: jax.Array, coeff: jax.Array, keep: int,
         keep: static number of rows to rotate.
         residual: row of the residual vector (default ``m``; fewer when a cycle stopped
             early).
+
+    Returns:
+        The rotated leaf, shape and dtype of ``b``. Cost ``2 (m + 1) keep x size`` flops.
     """
     rows = b.shape[0]
     shape = b.shape
@@ -368,7 +393,7 @@ def _expand(c: _Cycle, mv: Callable, like: PyTree, plan: Plan) -> _Cycle:
     v = _row(c.basis, j, like)
     aq = to_work(mv(to_like(v, like)))
     alpha0 = tu.vdot(v, aq)
-    local = (j > c.l) & (j > 0)  # tridiagonal coupling to row j - 1 (not the arrowhead row)
+    local = (j > c.kept) & (j > 0)  # tridiagonal coupling to row j - 1 (not the arrowhead row)
     jm1 = jnp.maximum(j - 1, 0)
     b_prev = jnp.where(local, c.tmat[j, jm1], jnp.zeros((), tdt)).astype(sdt)
     v_prev = _row(c.basis, jm1, like)
@@ -383,7 +408,7 @@ def _expand(c: _Cycle, mv: Callable, like: PyTree, plan: Plan) -> _Cycle:
     )
     # what h1 should be for a symmetric A: the arrowhead couplings right after a restart
     # (sigma_i = <y_i, A v_l>), zeros otherwise; the excess is the measured asymmetry
-    expected = jnp.where((j == c.l) & (rows < j), c.tmat[j], jnp.zeros((), tdt)).astype(sdt)
+    expected = jnp.where((j == c.kept) & (rows < j), c.tmat[j], jnp.zeros((), tdt)).astype(sdt)
     asym = jnp.max(jnp.where(rows < j, jnp.abs(h1 - expected), jnp.zeros((), sdt)))
     alpha = alpha0 + h[j]
     beta = tu.norm(w)
@@ -408,8 +433,10 @@ def _expand(c: _Cycle, mv: Callable, like: PyTree, plan: Plan) -> _Cycle:
 
 
 def _ritz(c: _Cycle, plan: Plan, tol: jax.Array):
-    """Ritz analysis of the rows filled so far (float64 small eigensolve): Ritz values in
-    order of score, residual bounds and convergence of the ``k`` wanted ones.
+    """Ritz analysis of the rows filled so far (float64 small eigensolve).
+
+    Gives the Ritz values in order of score, the residual bounds and the convergence of the
+    ``k`` wanted ones.
     """
     m, k = plan.basis_size, plan.k
     tdt = c.tmat.dtype
@@ -439,8 +466,10 @@ def _converged_now(c: _Cycle, plan: Plan, tol: jax.Array) -> jax.Array:
 
 def _analyse_and_rotate(c: _Cycle, plan: Plan, tol: jax.Array, max_matvecs: jax.Array,
                         like: PyTree) -> _Cycle:
-    """Solve the projected problem, decide convergence, rotate the kept rows to the Ritz
-    vectors (most wanted first) and set up the next cycle's arrowhead.
+    """Solve the projected problem, decide convergence, rotate the basis, set up the arrowhead.
+
+    The kept rows are rotated to the Ritz vectors (most wanted first) and the next cycle's
+    arrowhead is set up from them.
     """
     k = plan.k
     keep = keep_count(plan)
@@ -462,7 +491,8 @@ def _analyse_and_rotate(c: _Cycle, plan: Plan, tol: jax.Array, max_matvecs: jax.
     tmat = tmat.at[jnp.arange(keep), jnp.arange(keep)].set(theta[order[:keep]])
     tmat = tmat.at[keep, :keep].set(sigma).at[:keep, keep].set(sigma)
     return c._replace(
-        basis=basis, tmat=tmat, j=jnp.asarray(keep, jnp.int32), l=jnp.asarray(keep, jnp.int32),
+        basis=basis, tmat=tmat, j=jnp.asarray(keep, jnp.int32),
+        kept=jnp.asarray(keep, jnp.int32),
         status=status, restarts=c.restarts + (status == RUNNING).astype(jnp.int32),
         values=values, bounds=bounds, conv=conv, n_valid=n_valid, exhausted=filled >= plan.n,
     )
@@ -483,7 +513,7 @@ def _thick_restart(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
     zeros_k = jnp.zeros((k,), tdt)
     c = _Cycle(
         basis=basis, tmat=jnp.zeros((m + 1, m + 1), tdt), j=jnp.zeros((), jnp.int32),
-        l=jnp.zeros((), jnp.int32), matvecs=jnp.zeros((), jnp.int32),
+        kept=jnp.zeros((), jnp.int32), matvecs=jnp.zeros((), jnp.int32),
         restarts=jnp.zeros((), jnp.int32), breakdowns=jnp.zeros((), jnp.int32),
         anorm=jnp.zeros((), sdt), asym=jnp.zeros((), sdt),
         status=jnp.asarray(RUNNING, jnp.int32), values=zeros_k, bounds=zeros_k,
@@ -497,7 +527,7 @@ def _thick_restart(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
         c = _expand(c, mv, like, plan)
         if plan.fixed:
             return c, jnp.zeros((), bool)
-        check = ((c.j - c.l) % CHECK_EVERY == 0) & (c.j >= k) & (c.status == RUNNING)
+        check = ((c.j - c.kept) % CHECK_EVERY == 0) & (c.j >= k) & (c.status == RUNNING)
         done = jax.lax.cond(check, lambda c: _converged_now(c, plan, tol),
                             lambda c: jnp.zeros((), bool), c)
         return c, done
@@ -517,7 +547,8 @@ def _thick_restart(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
     residual = _row(c.basis, jnp.asarray(keep_count(plan)), like)
     gram = tu.stacked_gram(vecs)
     # at the natural end (n rows) the residual row is round-off: not a loss of orthogonality
-    resid_dots = jnp.where(c.exhausted, jnp.zeros((), sdt), jnp.max(jnp.abs(_rows_dot(vecs, residual))))
+    resid_dots = jnp.where(c.exhausted, jnp.zeros((), sdt),
+                           jnp.max(jnp.abs(_rows_dot(vecs, residual))))
     orth = jnp.maximum(jnp.max(jnp.abs(gram - jnp.eye(k, dtype=gram.dtype))), resid_dots)
     true_res = (_true_residuals(mv, like, vecs, c.values) if plan.true_residuals else None)
     empty = jnp.zeros((0,), sdt)
@@ -548,8 +579,9 @@ class _Plain(NamedTuple):
 
 
 def _host_check(plan: Plan):
-    """A host function ``(alphas, betas, dropped, steps, anorm, tol) -> analysis`` for
-    ``jax.pure_callback``: float64 Ritz values of ``T`` with ghost filtering, the ``k``
+    """A host function ``(alphas, betas, dropped, steps, anorm, tol) -> analysis``.
+
+    For ``jax.pure_callback``: float64 Ritz values of ``T`` with ghost filtering, the ``k``
     wanted ones (most wanted first), their bounds and ``T``-eigenvectors.
     """
     k, cap = plan.k, plan.capacity

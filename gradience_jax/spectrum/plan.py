@@ -1,5 +1,13 @@
-"""Arguments and plan of an ``eigsh`` run: every check at the boundary, one static
-:class:`~gradience_jax.spectrum.engine.Plan` out.
+"""Arguments and plan of an ``eigsh`` run: every check at the boundary, one static plan out.
+
+The plan is a :class:`~gradience_jax.spectrum.engine.Plan` (a ``jit`` static argument).
+
+Supported names (the module has no ``__all__``): ``default_memory_budget`` (re-exported by
+:mod:`gradience_jax.spectrum`); ``make_plan``, ``check_int``, ``row_bytes``,
+``default_basis_size``, ``small_solver``, ``flat_layout`` and the constants
+``DEFAULT_MEMORY_BUDGET_BYTES``, ``MIN_BASIS_SIZE``, ``MIN_MATVEC_CAP``,
+``ASYMMETRY_ERROR``, ``BASIS_DTYPES`` serve the other spectrum modules, tests and
+benchmarks.
 """
 
 from __future__ import annotations
@@ -36,14 +44,31 @@ BASIS_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def check_int(name: str, value: Any, lo: int) -> int:
-    """``value`` as an ``int >= lo``, else a ``ValueError`` naming ``name``."""
+    """``value`` as an ``int >= lo``, else a ``ValueError`` naming ``name``.
+
+    Args:
+        name: the argument's name, for the message.
+        value: the value to check (an ``int`` or numpy integer, not a ``bool``).
+        lo: the smallest allowed value.
+
+    Returns:
+        ``int(value)``.
+
+    Raises:
+        ValueError: ``value`` is not an integer ``>= lo``.
+    """
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
     return int(value)
 
 
 def default_memory_budget() -> int:
-    """Bytes a stored Lanczos basis may use: 25% of device memory if reported, else 2 GiB."""
+    """Bytes a stored Lanczos basis may use: 25% of device memory if reported, else 2 GiB.
+
+    Returns:
+        ``bytes_limit / 4`` of the first device's memory stats, else
+        ``DEFAULT_MEMORY_BUDGET_BYTES``.
+    """
     try:
         stats = jax.devices()[0].memory_stats() or {}
     except Exception:  # backends without memory stats
@@ -53,7 +78,16 @@ def default_memory_budget() -> int:
 
 
 def row_bytes(like: PyTree, dtype: Any = None) -> int:
-    """Bytes of one stored basis row (work dtype, or ``dtype``)."""
+    """Bytes of one stored basis row (work dtype, or ``dtype``).
+
+    Args:
+        like: template pytree (arrays or ``jax.ShapeDtypeStruct``).
+        dtype: storage dtype of the row (``None``: each leaf's work dtype, float32 or
+            wider).
+
+    Returns:
+        ``sum_leaves size x itemsize``.
+    """
     return int(sum(
         int(np.prod(s.shape)) * jnp.dtype(dtype or tu.promote_dtypes(s.dtype, jnp.float32)).itemsize
         for s in jax.tree_util.tree_leaves(like)
@@ -61,28 +95,50 @@ def row_bytes(like: PyTree, dtype: Any = None) -> int:
 
 
 def default_basis_size(k: int) -> int:
-    """``max(2k + 10, 30)`` rows: room for the ``k`` wanted pairs, as many kept neighbours
-    and enough new directions per cycle.
+    """``max(2k + 10, 30)`` rows: the default thick-restart basis for ``k`` wanted pairs.
+
+    Room for the ``k`` wanted pairs, as many kept neighbours and enough new directions per
+    cycle.
+
+    Args:
+        k: number of wanted eigenpairs.
+
+    Returns:
+        The basis size ``m``.
     """
     return max(2 * k + 10, MIN_BASIS_SIZE)
 
 
 def small_solver() -> str:
-    """``"device"`` when float64 is available on device (``jax_enable_x64``), else ``"host"``."""
+    """``"device"`` when float64 is available on device (``jax_enable_x64``), else ``"host"``.
+
+    Returns:
+        The small eigensolver of the plan (``Plan.solver``).
+    """
     return "device" if jax.config.jax_enable_x64 else "host"
 
 
 def _capacity(cap: int) -> int:
-    """``alphas`` / ``betas`` buffer length: the next power of two >= ``cap`` (>= 32), so
-    nearby caps share one program.
+    """``alphas`` / ``betas`` buffer length: the next power of two >= ``cap`` (>= 32).
+
+    Rounding up lets nearby caps share one program.
     """
     return max(32, 1 << (max(cap, 1) - 1).bit_length())
 
 
 def flat_layout(op: LinearOperator, v0: PyTree | None = None) -> bool:
-    """Whether the engine may hold Krylov vectors as one flat array: when no operand is
-    spread over several devices (a traced operand counts as spread when more than one
-    device exists). Sharded params keep the pytree layout, so vectors keep their sharding.
+    """Whether the engine may hold Krylov vectors as one flat array.
+
+    It may when no operand is spread over several devices (a traced operand counts as
+    spread when more than one device exists). Sharded params keep the pytree layout, so
+    vectors keep their sharding.
+
+    Args:
+        op: the operator.
+        v0: the start vector, or ``None``.
+
+    Returns:
+        ``True`` for the flat layout, ``False`` for the pytree layout.
     """
     for x in jax.tree_util.tree_leaves((op.operands, v0)):
         if isinstance(x, jax.core.Tracer):
@@ -113,6 +169,25 @@ def make_plan(
     flat: bool = True,
 ) -> tuple[Plan, int]:
     """Validate ``eigsh``'s arguments and fix the static plan.
+
+    Args:
+        op: the operator.
+        k: number of eigenpairs, ``1 <= k <= n_params``.
+        num_iters: exact number of matvecs, or ``None`` (convergence-driven).
+        which: ``"LA"``, ``"SA"``, ``"BE"`` or ``"LM"``.
+        reorth: ``"full"``, ``"window"`` or ``"none"``.
+        window: ring-buffer rows for ``"window"``.
+        tol: positive finite relative residual tolerance.
+        max_iters: matvec cap of a convergence-driven run, or ``None`` (the default cap).
+        memory_budget_bytes: bytes for the stored basis, or ``None``
+            (:func:`default_memory_budget`).
+        filter_ghosts: Cullum-Willoughby filtering, or ``None`` (on unless ``"full"``).
+        vectors: form the Ritz vectors.
+        true_residuals: compute ``||A y - theta y||`` (``k`` matvecs).
+        chunk: steps between convergence checks (``"window"`` / ``"none"``), or ``None``.
+        basis_size: thick-restart rows, or ``None`` (:func:`default_basis_size`).
+        basis_dtype: storage dtype of the thick-restart basis, or ``None``.
+        flat: hold Krylov vectors as one flat array (:func:`flat_layout`).
 
     Returns:
         ``(plan, matvec_cap)``: the cap is a traced argument of the engine.
@@ -182,7 +257,8 @@ def make_plan(
             m = min(m, num_iters)
         if max_iters is not None:
             m = min(m, max(max_iters, k))
-        budget = default_memory_budget() if memory_budget_bytes is None else int(memory_budget_bytes)
+        budget = (default_memory_budget() if memory_budget_bytes is None
+                  else int(memory_budget_bytes))
         rows_fit = budget // max(row_bytes(like, basis_dtype), 1)
         if m + 1 > rows_fit:
             m = max(int(rows_fit) - 1, 0)

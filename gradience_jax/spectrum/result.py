@@ -1,5 +1,8 @@
-"""``SpectrumResult`` (eigenvalues with every diagnostic) and the quality checks behind its
-warnings.
+"""``SpectrumResult`` (eigenvalues with every diagnostic) and the quality checks behind it.
+
+:func:`quality_warnings` produces the result's ``warnings``.
+
+Supported names: ``SpectrumResult``, ``quality_warnings`` (the ``__all__`` list).
 """
 
 from __future__ import annotations
@@ -81,10 +84,12 @@ class SpectrumResult:
     # -- PSD metrics ------------------------------------------------------------------------
     @property
     def max_eigenvalue(self) -> float:
+        """Largest computed eigenvalue."""
         return float(np.max(self.eigenvalues))
 
     @property
     def min_eigenvalue(self) -> float:
+        """Smallest computed eigenvalue."""
         return float(np.min(self.eigenvalues))
 
     @property
@@ -103,8 +108,9 @@ class SpectrumResult:
 
     @property
     def ritz_effective_rank(self) -> float:
-        """``exp(entropy(p))``, ``p = lambda / sum(lambda)`` over the positive computed values
-        (Roy & Vetterli 2007); between 1 and ``k``.
+        """``exp(entropy(p))``, ``p = lambda / sum(lambda)`` over the positive computed values.
+
+        Roy & Vetterli (2007); between 1 and ``k`` (0 when no value is positive).
         """
         lam = self.eigenvalues[self.eigenvalues > 0]
         if lam.size == 0:
@@ -115,10 +121,12 @@ class SpectrumResult:
     # -- indefinite metrics -----------------------------------------------------------------
     @property
     def has_negative_eigenvalues(self) -> bool:
+        """Whether any computed eigenvalue is negative."""
         return bool(np.any(self.eigenvalues < 0))
 
     @property
     def n_negative(self) -> int:
+        """Number of negative computed eigenvalues."""
         return int(np.sum(self.eigenvalues < 0))
 
     @property
@@ -134,6 +142,7 @@ class SpectrumResult:
 
     @property
     def negative_fraction(self) -> float:
+        """Fraction of the computed eigenvalues that are negative."""
         return self.n_negative / max(len(self.eigenvalues), 1)
 
     @property
@@ -145,6 +154,7 @@ class SpectrumResult:
 
     @property
     def most_negative_eigenvalue(self) -> float | None:
+        """The smallest computed eigenvalue if it is negative, else ``None``."""
         return self.min_eigenvalue if self.has_negative_eigenvalues else None
 
     def metrics(self) -> dict[str, Any]:
@@ -172,8 +182,12 @@ class SpectrumResult:
     def to_dict(self, include_eigenvectors: bool = False) -> dict[str, Any]:
         """JSON-safe dict (non-finite floats become ``None``).
 
-        ``eigenvectors`` is ``None`` unless ``include_eigenvectors`` (then
-        ``{leaf path: nested lists}``; large for big models).
+        Args:
+            include_eigenvectors: include ``eigenvectors`` as ``{leaf path: nested lists}``
+                (large for big models); otherwise it is ``None``.
+
+        Returns:
+            Every field of the result plus :meth:`metrics`.
         """
         vecs = None
         if include_eigenvectors and self.eigenvectors is not None:
@@ -214,6 +228,14 @@ class SpectrumResult:
         return jsonable(out)
 
     def to_json(self, **kwargs: Any) -> str:
+        """:meth:`to_dict` (without eigenvectors) as a JSON string.
+
+        Args:
+            **kwargs: passed to ``json.dumps`` (e.g. ``indent``).
+
+        Returns:
+            The JSON text.
+        """
         return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
 
     def __repr__(self) -> str:
@@ -260,7 +282,37 @@ def quality_warnings(
     asym: float = 0.0,
     eps_op: float | None = None,
 ) -> list[str]:
-    """Warnings a person can act on; each names the setting to change."""
+    """Warnings a person can act on; each names the setting to change.
+
+    Checks: convergence, too few iterations (``< 3k``), ghost / repeated eigenvalues, loss
+    of orthogonality and measured asymmetry. Host-side, ``O(k^2)``.
+
+    Args:
+        values: ``(k,)`` reported eigenvalues.
+        bounds: ``(k,)`` their Ritz residual bounds.
+        conv: ``(k,)`` bool convergence flags.
+        k: number of wanted eigenvalues.
+        iterations: Lanczos matvecs of the first pass.
+        tol: relative residual tolerance.
+        reorth: ``"full"``, ``"window"`` or ``"none"``.
+        orth_loss: measured loss of orthogonality.
+        anorm: estimate of ``||A||``.
+        eps_work: machine epsilon of the Lanczos arithmetic.
+        filter_ghosts: whether Cullum-Willoughby filtering was applied.
+        ghost_flags: ``(k,)`` Cullum-Willoughby flags of the reported values (0 kept), or
+            ``None``.
+        eigenvectors_overlap: ``(k, k)`` Gram matrix of the Ritz vectors, or ``None``.
+        fixed_iters: the run had a fixed ``num_iters``.
+        restarts: thick restarts done.
+        n_params: dimension of the operator.
+        matvec_cap: the matvec cap of a convergence-driven run.
+        basis_size: thick-restart rows (``"full"``), or ``None``.
+        asym: max measured asymmetry (absolute).
+        eps_op: machine epsilon of the operator's dtype, or ``None``.
+
+    Returns:
+        The warning strings (empty when all checks pass).
+    """
     out = []
     if not np.all(conv):
         bad = np.flatnonzero(~conv)

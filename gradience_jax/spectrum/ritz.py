@@ -13,6 +13,10 @@ References:
     J. Cullum & R. Willoughby (1985), *Lanczos Algorithms for Large Symmetric Eigenvalue
     Computations*, vol. 1, ch. 4; B. Parlett (1998), *The Symmetric Eigenvalue Problem*
     (residual bounds ``|beta_m s_mi|``); K. Wu & H. Simon (2000), thick-restart Lanczos.
+
+Supported names: ``RitzValues``, ``WHICH``, ``converged_mask``, ``ritz_values``, ``select``,
+``small_eigh``, ``which_scores`` (the ``__all__`` list); ``tridiagonal`` (a dense ``T``) is
+a helper outside ``__all__``.
 """
 
 from __future__ import annotations
@@ -63,7 +67,15 @@ class RitzValues(NamedTuple):
 
 
 def tridiagonal(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
-    """Dense symmetric tridiagonal ``T`` (float64) from ``alphas (m,)`` and ``betas (m-1,)``."""
+    """Dense symmetric tridiagonal ``T`` (float64) from ``alphas (m,)`` and ``betas (m-1,)``.
+
+    Args:
+        alphas: ``(m,)`` diagonal.
+        betas: off-diagonal; the first ``m - 1`` entries are used.
+
+    Returns:
+        ``(m, m)`` float64 array.
+    """
     a = np.asarray(alphas, np.float64)
     b = np.asarray(betas, np.float64)[: max(len(a) - 1, 0)]
     return np.diag(a) + np.diag(b, 1) + np.diag(b, -1)
@@ -201,7 +213,18 @@ def ritz_values(
 
 
 def select(values: np.ndarray, k: int, which: str) -> np.ndarray:
-    """Indices of the ``k`` wanted values, in the output order of ``which``."""
+    """Indices of the ``k`` wanted values, in the output order of ``which``.
+
+    Args:
+        values: ``(n,)`` Ritz values.
+        k: number wanted (at most ``n`` are returned).
+        which: ``"LA"`` (descending), ``"SA"`` (ascending), ``"LM"`` (by decreasing
+            magnitude) or ``"BE"`` (``k // 2`` smallest and the rest largest, ascending, as
+            scipy).
+
+    Returns:
+        ``(min(k, n),)`` integer indices into ``values``.
+    """
     n = len(values)
     k = min(k, n)
     asc = np.argsort(values, kind="stable")
@@ -219,7 +242,18 @@ def select(values: np.ndarray, k: int, which: str) -> np.ndarray:
 
 def converged_mask(values: np.ndarray, bounds: np.ndarray, tol: float, anorm: float,
                eps_work: float) -> np.ndarray:
-    """``bound <= tol |theta|``, or at working precision (``bound <= 10 eps ||A||``)."""
+    """``bound <= tol |theta|``, or at working precision (``bound <= 10 eps ||A||``).
+
+    Args:
+        values: Ritz values ``theta``.
+        bounds: their residual bounds, same shape.
+        tol: relative tolerance.
+        anorm: estimate of ``||A||``.
+        eps_work: machine epsilon of the Lanczos arithmetic.
+
+    Returns:
+        Bool array shaped like ``values``.
+    """
     return bounds <= np.maximum(tol * np.abs(values), 10.0 * eps_work * anorm)
 
 
@@ -229,9 +263,19 @@ def converged_mask(values: np.ndarray, bounds: np.ndarray, tol: float, anorm: fl
 
 
 def which_scores(theta: jax.Array, valid: jax.Array, which: str) -> jax.Array:
-    """A score per Ritz value: the ``k`` wanted ones are the ``k`` highest (``-inf`` where
-    not ``valid``). ``"BE"`` alternates ends (largest, smallest, 2nd largest, ...), so its
-    top ``k`` are ``k - k // 2`` largest and ``k // 2`` smallest, as :func:`select`.
+    """A score per Ritz value: the ``k`` wanted ones are the ``k`` highest (jittable).
+
+    Scores are ``-inf`` where not ``valid``. ``"BE"`` alternates ends (largest, smallest,
+    2nd largest, ...), so its top ``k`` are ``k - k // 2`` largest and ``k // 2`` smallest,
+    as :func:`select`.
+
+    Args:
+        theta: ``(m,)`` Ritz values.
+        valid: ``(m,)`` bool, which entries are real Ritz values.
+        which: ``"LA"``, ``"SA"``, ``"LM"`` or ``"BE"`` (static).
+
+    Returns:
+        ``(m,)`` scores in ``theta``'s dtype.
     """
     neg = jnp.full_like(theta, -jnp.inf)
     if which == "LA":
