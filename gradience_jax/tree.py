@@ -9,7 +9,8 @@ Dtypes: every function promotes explicitly (:func:`promote_dtypes`, JAX's standa
 weak Python scalars included), so results are the same whether or not
 ``jax.numpy_dtype_promotion("strict")`` is on.
 
-Supported names: ``accumulation_dtype``, ``add``, ``axpy``, ``leaf_paths``, ``norm``,
+Supported names: ``accumulation_dtype``, ``add``, ``axpy``, ``leaf_paths``, ``map_with_path``,
+``norm``,
 ``path_str``, ``promote_dtypes``, ``random_like``, ``ravel``, ``scale``, ``size``, ``stack``,
 ``stacked_gram``, ``sub``, ``unravel_like``, ``unstack``, ``vdot``, ``zeros_like`` (the
 ``__all__`` list); ``PyTree`` is the type alias used in signatures.
