@@ -10,10 +10,9 @@ weak Python scalars included), so results are the same whether or not
 ``jax.numpy_dtype_promotion("strict")`` is on.
 
 Supported names: ``accumulation_dtype``, ``add``, ``axpy``, ``leaf_paths``, ``map_with_path``,
-``norm``,
-``path_str``, ``promote_dtypes``, ``random_like``, ``ravel``, ``scale``, ``size``, ``stack``,
-``stacked_gram``, ``sub``, ``unravel_like``, ``unstack``, ``vdot``, ``zeros_like`` (the
-``__all__`` list); ``PyTree`` is the type alias used in signatures.
+``norm``, ``path_str``, ``promote_dtypes``, ``random_like``, ``ravel``, ``scale``, ``size``,
+``stack``, ``stacked_gram``, ``sub``, ``unravel_like``, ``unstack``, ``vdot``, ``zeros_like``
+(the ``__all__`` list); ``PyTree`` is the type alias used in signatures.
 """
 
 from __future__ import annotations
