@@ -10,7 +10,7 @@ import pytest
 from helpers import strict_dtype_promotion
 
 import gradience_jax as gj
-from gradience_jax.operators.base import _apply, _linearize
+from gradience_jax.operators.base import _linearize, apply
 
 strict_promotion = pytest.fixture(autouse=True, scope="module")(strict_dtype_promotion)
 
@@ -65,11 +65,11 @@ def test_linearizing_at_new_params_reuses_the_programs():
     params, batch = _case()
     v = gj.tree.random_like(jax.random.key(3), params)
     gj.hessian(loss, params, batch).linearized() @ v
-    sizes = (_linearize._cache_size(), _apply._cache_size())
+    sizes = (_linearize._cache_size(), apply._cache_size())
     p2, _ = _case(scale=1.3)
     lin2 = gj.hessian(loss, p2, batch).linearized()
     out = lin2 @ v
-    assert (_linearize._cache_size(), _apply._cache_size()) == sizes
+    assert (_linearize._cache_size(), apply._cache_size()) == sizes
     dense = np.asarray(gj.hessian(loss, p2, batch).to_dense(), np.float64)
     np.testing.assert_allclose(np.asarray(gj.tree.ravel(out)),
                                dense @ np.asarray(gj.tree.ravel(v)), atol=1e-10)

@@ -234,13 +234,13 @@ def test_operator_compiles_once_for_new_params():
     H = gj.hessian(loss_fn, params, batch, linearize=False)
     v = gj.tree.random_like(jax.random.key(0), params)
     _ = H @ v
-    from gradience_jax.operators.base import _apply
+    from gradience_jax.operators.base import apply
 
-    before = _apply._cache_size()
+    before = apply._cache_size()
     params2 = jax.tree_util.tree_map(lambda x: x * 1.1, params)
     H2 = gj.hessian(loss_fn, params2, batch, linearize=False)
     out2 = H2 @ v
-    assert _apply._cache_size() == before
+    assert apply._cache_size() == before
     assert rel_err(gj.tree.ravel(out2), dense_hessian(loss_fn, params2, batch)
                    @ np.asarray(gj.tree.ravel(v))) <= 1e-10
 
