@@ -38,7 +38,6 @@ maps call the module with ``sow_weights=True`` and pass the weights to the map f
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -47,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
+from gradience_jax._compat import lazy_exports
 from gradience_jax.weights import effective_rank
 
 PyTree = Any
@@ -718,15 +718,4 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """PEP 562: the moved experiment names, imported from their new home on first use."""
-    home = _MOVED.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_MOVED))
+__getattr__, __dir__ = lazy_exports(globals(), _MOVED)

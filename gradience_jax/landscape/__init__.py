@@ -34,9 +34,7 @@ imports the experiments).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from gradience_jax._compat import lazy_exports
 from gradience_jax.landscape.common import DEFAULT_MEMORY_BUDGET, DENSE_LIMIT, LossFn, PyTree
 from gradience_jax.landscape.connectivity import (
     BezierResult,
@@ -137,15 +135,4 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """PEP 562: the moved experiment names, imported from their new home on first use."""
-    home = _MOVED.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_MOVED))
+__getattr__, __dir__ = lazy_exports(globals(), _MOVED)

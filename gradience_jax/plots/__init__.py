@@ -23,9 +23,7 @@ Supported names: those in ``__all__``.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from gradience_jax._compat import lazy_exports
 from gradience_jax.plots.attention import (
     attention_geometry,
     attention_training_dynamics,
@@ -66,15 +64,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """PEP 562: the protocol figures, imported from ``plots.protocols`` on first use."""
-    home = _LAZY.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
