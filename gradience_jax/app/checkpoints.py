@@ -203,31 +203,31 @@ def _shape_dict(pure: Mapping) -> dict[str, tuple[int, ...]]:
     return {path_str(p): tuple(np.shape(x)) for p, x in flat}
 
 
-def _infer_mlp(shapes: Mapping[str, tuple]) -> dict[str, Any]:
+def _indexed_kernels(shapes: Mapping[str, tuple], prefix: str, ndim: int,
+                     what: str) -> list[tuple]:
+    """Shapes of ``<prefix>/0/kernel``, ``<prefix>/1/kernel``, ... (``KeyError`` if none)."""
     n = 0
-    while f"layers/{n}/kernel" in shapes:
+    while f"{prefix}/{n}/kernel" in shapes:
         n += 1
     if n == 0:
-        raise KeyError("layers/0/kernel")
-    kernels = [shapes[f"layers/{i}/kernel"] for i in range(n)]
-    if any(len(k) != 2 for k in kernels):
-        raise ValueError("MLP kernels must be 2-D")
+        raise KeyError(f"{prefix}/0/kernel")
+    kernels = [shapes[f"{prefix}/{i}/kernel"] for i in range(n)]
+    if any(len(k) != ndim for k in kernels):
+        raise ValueError(f"{what} must be {ndim}-D")
+    return kernels
+
+
+def _infer_mlp(shapes: Mapping[str, tuple]) -> dict[str, Any]:
+    kernels = _indexed_kernels(shapes, "layers", 2, "MLP kernels")
     return {"sizes": [kernels[0][0]] + [k[1] for k in kernels]}
 
 
 def _infer_cnn(shapes: Mapping[str, tuple]) -> dict[str, Any]:
-    n = 0
-    while f"convs/{n}/kernel" in shapes:
-        n += 1
-    if n == 0:
-        raise KeyError("convs/0/kernel")
-    kernels = [shapes[f"convs/{i}/kernel"] for i in range(n)]
-    if any(len(k) != 4 for k in kernels):
-        raise ValueError("CNN conv kernels must be 4-D")
+    kernels = _indexed_kernels(shapes, "convs", 4, "CNN conv kernels")
     head = shapes["head/kernel"]
     side = math.isqrt(max(head[0] // kernels[-1][3], 0))
     return {"in_channels": kernels[0][2], "channels": [k[3] for k in kernels],
-            "image_size": side * 2**n, "num_classes": head[1]}
+            "image_size": side * 2**len(kernels), "num_classes": head[1]}
 
 
 def _infer_transformer(shapes: Mapping[str, tuple]) -> dict[str, Any]:
