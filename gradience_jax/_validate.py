@@ -275,3 +275,144 @@ def check_key(key: Any, name: str = "key", *, default: bool = True) -> jax.Array
                          "raw keys")
     raise TypeError(f"{name} must be a PRNG key (jax.random.key(seed)), got an array of dtype "
                     f"{dtype} and shape {tuple(key.shape)}")
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong kind (a string where a number belongs, a bool for a count).
+
+    It is a ``TypeError`` and, for code written against the earlier checks, a ``ValueError``.
+    """
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def check_int(value: Any, name: str, *, lo: int | None = 1, hi: int | None = None) -> int:
+    """``value`` as a Python ``int`` in ``[lo, hi]``: counts, sizes, iteration caps.
+
+    Args:
+        value: an ``int`` or NumPy integer (a 0-d integer array is accepted; ``bool``,
+            floats and strings are not).
+        name: the argument's name, for the error message.
+        lo: the smallest allowed value (``None``: no lower bound).
+        hi: the largest allowed value (``None``: no upper bound).
+
+    Returns:
+        ``int(value)``.
+
+    Raises:
+        ArgumentTypeError: ``value`` is not an integer.
+        ValueError: ``value`` is out of range.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be an integer, got the bool {value!r}")
+    if isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0 and not isinstance(
+            value, jax.core.Tracer) and jnp.issubdtype(value.dtype, jnp.integer):
+        value = int(value)
+    if not isinstance(value, (int, np.integer)):
+        raise ArgumentTypeError(f"{name} must be an integer, got {value!r} ({_type_name(value)})")
+    value = int(value)
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {value}")
+    return value
+
+
+def check_real(value: Any, name: str, *, lo: float | None = None, hi: float | None = None,
+               lo_open: bool = False, finite: bool = True) -> float:
+    """``value`` as a Python ``float``: tolerances, damping, step sizes, widths.
+
+    Args:
+        value: a Python or NumPy real number, or a 0-d real array (not a string, ``bool``,
+            complex number or traced value).
+        name: the argument's name, for the error message.
+        lo: the smallest allowed value (``None``: no lower bound).
+        hi: the largest allowed value (``None``: no upper bound).
+        lo_open: whether ``lo`` itself is excluded (``> lo`` instead of ``>= lo``).
+        finite: whether ``nan`` and ``inf`` are refused.
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        ArgumentTypeError: ``value`` is not a real number.
+        ValueError: ``value`` is not finite (when ``finite``) or out of range.
+    """
+    if isinstance(value, (bool, np.bool_, str, bytes, complex)) or value is None:
+        raise ArgumentTypeError(f"{name} must be a real number, got {value!r} "
+                                f"({_type_name(value)})")
+    if isinstance(value, jax.core.Tracer):
+        raise ArgumentTypeError(f"{name} must be a concrete real number, not a traced value "
+                                "(pass it as a static argument)")
+    if np.ndim(value) != 0 or jnp.iscomplexobj(value):
+        raise ArgumentTypeError(f"{name} must be a real scalar, got {_type_name(value)} of "
+                                f"shape {np.shape(value)}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ArgumentTypeError(f"{name} must be a real number, got {value!r}") from exc
+    if finite and not np.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    if lo is not None and (x < lo or (lo_open and x == lo)):
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {x}")
+    if hi is not None and x > hi:
+        raise ValueError(f"{name} must be <= {hi}, got {x}")
+    return x
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    """``value`` must be one of the strings ``choices``.
+
+    Args:
+        value: the value to check.
+        name: the argument's name, for the error message.
+        choices: the allowed strings.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        ValueError: ``value`` is not one of ``choices`` (a non-string included).
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_labels(labels: Any, num_classes: int, name: str = "labels") -> None:
+    """Integer class labels must lie in ``[0, num_classes)`` (checked on the host).
+
+    A label of ``-1`` would otherwise be scored as the last class, and one past the end
+    would turn the loss into NaN. Skipped for traced labels (inside ``jit`` the probes flag
+    non-finite metrics instead).
+
+    Args:
+        labels: an integer array (any shape).
+        num_classes: the number of classes (the size of the logits' last axis).
+        name: the argument's name, for the error message.
+
+    Raises:
+        ArgumentTypeError: ``labels`` is not an integer array.
+        ValueError: a label is negative or ``>= num_classes``.
+    """
+    if isinstance(labels, jax.core.Tracer):
+        return
+    dtype = getattr(labels, "dtype", None)
+    if dtype is None:
+        labels = np.asarray(labels)
+        dtype = labels.dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ArgumentTypeError(f"{name} must be integer class labels, got dtype {dtype}")
+    arr = np.asarray(labels)
+    if arr.size == 0:
+        return
+    bad = (arr < 0) | (arr >= num_classes)
+    if bad.any():
+        idx = np.argwhere(bad)[:5].tolist()
+        vals = arr[bad][:5].tolist()
+        raise ValueError(
+            f"{name} must lie in [0, {num_classes}) for {num_classes} classes: "
+            f"{int(bad.sum())} label(s) out of range, e.g. {vals} at index {idx}"
+        )

@@ -13,7 +13,8 @@ once and reuse the closure.
 
 Supported names: ``LinearOperator``, ``add``, ``apply``, ``damped``, ``from_dense``,
 ``from_matvec``, ``identity``, ``scale`` (the ``__all__`` list), and ``Matvec`` /
-``DEFAULT_MAX_DENSE_PARAMS``. ``_apply`` is the old private name of ``apply``.
+``DEFAULT_MAX_DENSE_PARAMS``, ``check_operator``. ``_apply`` is the old private name of
+``apply``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import check_like, is_traced
+from gradience_jax._validate import ArgumentTypeError, check_like, is_traced
 
 PyTree = Any
 Matvec = Callable[[PyTree], PyTree]
@@ -221,6 +222,31 @@ class LinearOperator:
                 f"the dense matrix would hold {n * n:,} entries. Pass max_params={n} to force it."
             )
         return _to_dense(self)
+
+
+def check_operator(op: Any, name: str = "op") -> LinearOperator:
+    """``op`` must be a :class:`LinearOperator` (the one check every algorithm uses).
+
+    Args:
+        op: the value to check.
+        name: the argument's name, for the error message.
+
+    Returns:
+        ``op``.
+
+    Raises:
+        ArgumentTypeError: ``op`` is not a ``LinearOperator`` (a ``TypeError`` that is also a
+            ``ValueError``).
+    """
+    if not isinstance(op, LinearOperator):
+        hint = ""
+        if hasattr(op, "shape") and len(getattr(op, "shape", ())) == 2:
+            hint = " (wrap a dense matrix with gj.from_dense(matrix))"
+        elif callable(op):
+            hint = " (wrap a matvec with gj.from_matvec(fn, params_like))"
+        raise ArgumentTypeError(
+            f"{name} must be a gradience_jax.LinearOperator, got {type(op).__name__}{hint}")
+    return op
 
 
 @jax.jit
