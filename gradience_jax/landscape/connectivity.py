@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import check_params
+from gradience_jax._validate import check_int, check_key, check_params, check_real
 from gradience_jax.landscape.common import (
     LossFn,
     PyTree,
@@ -139,9 +139,7 @@ def interpolate(
         ValueError: mismatched pytrees, bad ``ts`` / ``num_points``.
     """
     if ts is None:
-        if int(num_points) < 2:
-            raise ValueError(f"num_points must be >= 2, got {num_points}")
-        ts = np.linspace(0.0, 1.0, int(num_points))
+        ts = np.linspace(0.0, 1.0, check_int(num_points, "num_points", lo=2))
     ts = check_grid(ts, "ts")
     check_params(params_a, "params_a")
     params_b = check_direction(params_b, params_a, "params_b")
@@ -273,8 +271,12 @@ def bezier_connect(
 
     check_params(params_a, "params_a")
     params_b = check_direction(params_b, params_a, "params_b")
-    if int(num_steps) < 0 or int(samples_per_step) < 1:
-        raise ValueError("num_steps must be >= 0 and samples_per_step >= 1")
+    key = check_key(key, default=False)
+    num_steps = check_int(num_steps, "num_steps", lo=0)
+    samples_per_step = check_int(samples_per_step, "samples_per_step")
+    num_points = check_int(num_points, "num_points", lo=2)
+    if optimizer is None:
+        learning_rate = check_real(learning_rate, "learning_rate", lo=0.0, lo_open=True)
     control = (jax.jit(lambda a, b: tu.scale(0.5, tu.add(a, b)))(params_a, params_b) if init is None
                else check_direction(init, params_a, "init"))
     opt = optimizer if optimizer is not None else optax.adam(learning_rate)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import check_params
+from gradience_jax._validate import check_key, check_params
 from gradience_jax.landscape.common import (
     DENSE_LIMIT,
     LossFn,
@@ -245,7 +245,7 @@ def random_direction(
         [0.0, 0.0]
     """
     check_params(params)
-    d = gaussian_like(key, params)
+    d = gaussian_like(check_key(key, default=False), params)
     return normalize_direction(d, params, mode=mode, bias=bias, filter_axes=filter_axes)
 
 

@@ -16,9 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import check_batch, check_params, check_scalar_fn
+from gradience_jax._validate import (
+    check_batch,
+    check_choice,
+    check_int,
+    check_params,
+    check_scalar_fn,
+)
 from gradience_jax.landscape.common import DENSE_LIMIT, PyTree, static_callable
-from gradience_jax.operators.base import LinearOperator
+from gradience_jax.operators.base import LinearOperator, check_operator
 from gradience_jax.operators.hessian import hessian
 
 __all__ = [
@@ -150,11 +156,9 @@ def top_eigenpairs(
         ValueError: bad ``which`` or ``k``.
         FloatingPointError: the operator is not finite.
     """
-    if which not in ("LA", "SA"):
-        raise ValueError(f"which must be 'LA' or 'SA', got {which!r}")
-    n = op.n_params
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, n_params={n}], got {k}")
+    op = check_operator(op)
+    which = check_choice(which, "which", ("LA", "SA"))
+    k = check_int(k, "k", hi=op.n_params)
     from gradience_jax.spectrum import top_eigenpairs as _top  # noqa: PLC0415 (the engine)
 
     try:

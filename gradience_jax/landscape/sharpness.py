@@ -21,7 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import check_batch, check_key, check_params
+from gradience_jax._validate import (
+    check_batch,
+    check_int,
+    check_key,
+    check_params,
+    check_real,
+)
 from gradience_jax.landscape.common import DENSE_LIMIT, LossFn, PyTree, static_callable
 from gradience_jax.landscape.eigen import small_hessian_eigh, top_eigenpairs
 from gradience_jax.operators.hessian import hessian
@@ -174,6 +180,7 @@ class EpsilonSharpness(NamedTuple):
 def _start(key, params, radius, ball):
     if key is None:
         return tu.zeros_like(params)
+    key = check_key(key)
     if ball == "inf":
         leaves, treedef = jax.tree_util.tree_flatten(params)
         keys = jax.random.split(key, len(leaves))
@@ -220,10 +227,9 @@ def epsilon_sharpness(
     Raises:
         ValueError: ``epsilon <= 0`` or ``num_steps < 1``.
     """
-    if not epsilon > 0:
-        raise ValueError(f"epsilon must be > 0, got {epsilon}")
-    if int(num_steps) < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    epsilon = check_real(epsilon, "epsilon", lo=0.0, lo_open=True)
+    num_steps = check_int(num_steps, "num_steps")
+    step_size = check_real(step_size, "step_size", lo=0.0, lo_open=True)
     check_params(params)
     check_batch(batch)
     scale = jax.tree_util.tree_map(
@@ -290,15 +296,13 @@ def adaptive_sharpness(
     Raises:
         ValueError: ``rho <= 0``, ``p`` not 2 / ``"inf"``, ``eta < 0``, ``num_steps < 1``.
     """
-    if not rho > 0:
-        raise ValueError(f"rho must be > 0, got {rho}")
+    rho = check_real(rho, "rho", lo=0.0, lo_open=True)
     ball = {2: "2", "2": "2", "inf": "inf", float("inf"): "inf"}.get(p)
     if ball is None:
         raise ValueError(f"p must be 2 or 'inf', got {p!r}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    if int(num_steps) < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    eta = check_real(eta, "eta", lo=0.0)
+    num_steps = check_int(num_steps, "num_steps")
+    step_size = check_real(step_size, "step_size", lo=0.0, lo_open=True)
     check_params(params)
     check_batch(batch)
     scale = jax.tree_util.tree_map(lambda w: jnp.abs(w) + eta, params)
@@ -373,11 +377,12 @@ def sharpness_report(
         ValueError: bad ``epsilon`` / ``rho`` / ``num_steps``.
         FloatingPointError: the Hessian is not finite.
     """
+    key = check_key(key)
     if tu.size(params) <= dense_limit:
         evals = small_hessian_eigh(loss_fn, params, batch)[0]
         lmax, lmin, tr = float(evals[-1]), float(evals[0]), float(evals.sum())
     else:
-        k1, k2 = jax.random.split(check_key(key))
+        k1, k2 = jax.random.split(key)
         op = hessian(loss_fn, params, batch)
         lmax = float(top_eigenpairs(op, 1, key=k1, dense_limit=dense_limit,
                                     return_eigenvectors=False).eigenvalues[0])

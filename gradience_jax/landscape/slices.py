@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import check_batch, check_params, check_scalar_fn
+from gradience_jax._validate import check_batch, check_int, check_params, check_scalar_fn
 from gradience_jax.landscape.common import (
     DEFAULT_MEMORY_BUDGET,
     LossFn,
@@ -95,11 +95,8 @@ def _temp_bytes(loss_fn: Callable, params: PyTree, batch: PyTree) -> int:
 
 def _chunk_size(loss_fn, params, batch, n_points: int, chunk_size, budget) -> int:
     if chunk_size is not None:
-        if int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        return int(min(int(chunk_size), n_points))
-    if budget is None or budget <= 0:
-        raise ValueError(f"memory_budget_bytes must be positive, got {budget}")
+        return min(check_int(chunk_size, "chunk_size"), n_points)
+    budget = check_int(budget, "memory_budget_bytes")
     per_point = 2 * _tree_bytes(params) + _temp_bytes(loss_fn, params, batch) + 1
     return int(max(1, min(n_points, budget // per_point)))
 

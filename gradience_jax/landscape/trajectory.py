@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
+from gradience_jax._validate import check_int
 from gradience_jax.landscape.common import PyTree, check_direction
 
 __all__ = ["TrajectoryPCA", "project_onto_plane", "trajectory_pca"]
@@ -42,6 +43,9 @@ def _as_stacked(trajectory: Any, name: str) -> PyTree:
     if isinstance(trajectory, (list, tuple)):
         if len(trajectory) < 2:
             raise ValueError(f"{name} needs at least 2 points, got {len(trajectory)}")
+        first = trajectory[0]
+        for i, point in enumerate(trajectory[1:], start=1):
+            check_direction(point, first, f"{name}[{i}]")
         return tu.stack(list(trajectory))
     leaves = jax.tree_util.tree_leaves(trajectory)
     if not leaves or np.ndim(leaves[0]) == 0 or np.shape(leaves[0])[0] < 2:
@@ -73,8 +77,9 @@ def trajectory_pca(trajectory: Any, k: int = 2, *, center: PyTree | None = None)
     """
     stacked = _as_stacked(trajectory, "trajectory")
     t = int(jax.tree_util.tree_leaves(stacked)[0].shape[0])
-    if not 1 <= k <= t - 1:
-        raise ValueError(f"k must be in [1, T-1={t - 1}], got {k}")
+    if t < 2:
+        raise ValueError(f"trajectory needs at least 2 points, got {t}")
+    k = check_int(k, "k", hi=t - 1)
     if center is None:
         center = jax.tree_util.tree_map(lambda x: x[-1], stacked)
     else:
