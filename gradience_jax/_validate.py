@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradience_jax.errors import ArgumentTypeError
 from gradience_jax.tree import path_str
 
 PyTree = Any
@@ -275,13 +276,6 @@ def check_key(key: Any, name: str = "key", *, default: bool = True) -> jax.Array
                          "raw keys")
     raise TypeError(f"{name} must be a PRNG key (jax.random.key(seed)), got an array of dtype "
                     f"{dtype} and shape {tuple(key.shape)}")
-
-
-class ArgumentTypeError(TypeError, ValueError):
-    """An argument of the wrong kind (a string where a number belongs, a bool for a count).
-
-    It is a ``TypeError`` and, for code written against the earlier checks, a ``ValueError``.
-    """
 
 
 def _type_name(value: Any) -> str:

@@ -17,11 +17,11 @@ ROOT = pathlib.Path(gradience_jax.__file__).parent
 
 #: top-level name -> layer (higher may import lower, never the reverse)
 LAYERS = {
-    "tree": 0, "_validate": 0, "_json": 0, "_compat": 0, "environment": 0,
+    "tree": 0, "errors": 0, "_validate": 0, "_json": 0, "_compat": 0, "environment": 0,
     "operators": 1,
     "lanczos": 2, "spectrum": 2, "estimators": 2, "solvers": 2,
     "geometry": 3, "weights": 3, "landscape": 3, "attention": 3, "probes": 3,
-    "telemetry": 3,
+    "telemetry": 3, "influence": 3, "laplace": 3,
     "models": 4, "data": 4,
     "torch_bridge": 5,
     "experiments": 6,

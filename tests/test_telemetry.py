@@ -10,6 +10,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -70,6 +71,12 @@ def run_child(code: str, *args: str, **kw) -> subprocess.Popen:
     )
 
 
+def simulate_crash(log: tm.TelemetryWriter) -> None:
+    """What a crash leaves: the log closed and unlocked without its footer."""
+    log._closed = True
+    log._release()
+
+
 # --------------------------------------------------------------------------------------
 # Writer / reader
 # --------------------------------------------------------------------------------------
@@ -96,8 +103,6 @@ class TestWriterReader:
         assert md["versions"]["numpy"] == np.__version__
         assert md["versions"]["gradience_jax"] is not None
         assert md["versions"]["platform"]  # from gradience_jax.environment.versions
-        import socket
-
         assert md["hostname"] == socket.gethostname()
         assert md["start_time"].endswith("Z") and md["start_unix"] > 0
         assert md["end"]["status"] == "ok" and md["end"]["num_records"] == 1
@@ -253,7 +258,11 @@ class TestWriterReader:
         lines[2] = lines[2][:10] + "\n"  # line 3 (record of step 1) corrupted
         path.write_text("".join(lines))
         with pytest.raises(ValueError, match="line 3"):
-            tm.load_telemetry(path)
+            tm.load_telemetry(path, strict=True)
+        with pytest.warns(tm.TelemetryWarning, match=r"corrupt line\(s\) 3\b"):
+            md, recs = tm.load_telemetry(path)  # default: keep the intact records
+        assert [r.step for r in recs] == [0, 2, 3] and md["skipped_lines"] == [3]
+        assert md["end"]["status"] == "ok"
 
     def test_not_a_log(self, tmp_path):
         path = tmp_path / "x.jsonl"
@@ -268,6 +277,7 @@ class TestWriterReader:
         log = tm.TelemetryWriter(path, seed=7)
         for s in range(3):
             log.write(s, {"loss": float(s)})
+        simulate_crash(log)
         with open(path, "a") as fh:
             fh.write('{"step": 3, "met')
         with pytest.warns(tm.TelemetryWarning, match="torn"):
@@ -372,6 +382,538 @@ class TestWriterReader:
             with tm.TelemetryWriter(tmp_path / "run.jsonl", tensorboard_dir=tmp_path / "tb") as log:
                 log.write(0, {"loss": 1.0})
         assert tm.load_telemetry(tmp_path / "run.jsonl")[0]["tensorboard"] is None
+
+
+# --------------------------------------------------------------------------------------
+# One writer per file, header validation, resume, handles, bad input (issue 16)
+# --------------------------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+needs_proc_fd = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+needs_flock = pytest.mark.skipif(io.fcntl is None, reason="needs fcntl.flock (POSIX)")
+
+HOLDER_CODE = """
+    import sys
+    log = TelemetryWriter(sys.argv[1], config={"child": True})
+    for step in range(3):
+        log.write(step, {"loss": float(step)})
+    print("ready", flush=True)
+    sys.stdin.readline()          # hold the lock until the parent says go
+    for step in range(3, 5):
+        log.write(step, {"loss": float(step)})
+    log.close()
+"""
+
+
+def wait_ready(child: subprocess.Popen) -> None:
+    line = child.stdout.readline()
+    assert line.strip() == "ready", child.stderr.read()
+
+
+class TestOneWriterPerFile:
+    def test_second_writer_same_process_refused_and_file_untouched(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        alias = tmp_path / "alias.jsonl"
+        alias.symlink_to(path.name)
+        with tm.TelemetryWriter(path, seed=1) as first:
+            first.write(0, {"loss": 1.0})
+            before = path.read_bytes()
+            header = json.loads(before.splitlines()[0])
+            for target, mode in [(path, "w"), (path, "a"), (alias, "w"), (str(path), "w")]:
+                with pytest.raises(tm.TelemetryLockError) as info:
+                    tm.TelemetryWriter(target, mode=mode)
+                err = info.value
+                msg = str(err)
+                assert str(target) in msg and f"pid {os.getpid()}" in msg, msg
+                assert socket.gethostname() in msg and header["start_time"] in msg
+                assert "this process" in msg
+                assert isinstance(err, OSError) and err.filename == str(target)
+                assert err.holder == {"pid": os.getpid(), "hostname": socket.gethostname(),
+                                      "start_time": header["start_time"]}
+                assert path.read_bytes() == before  # nothing destroyed
+            first.write(1, {"loss": 0.5})
+        raw = path.read_bytes()
+        assert b"\x00" not in raw
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            md, recs = tm.load_telemetry(path)
+        assert md["seed"] == 1 and md["end"]["status"] == "ok" and md["skipped_lines"] == []
+        assert [r.step for r in recs] == [0, 1]
+        with tm.TelemetryWriter(path, mode="a") as again:  # released on close
+            again.write(2, {"loss": 0.25})
+        assert [r.step for r in tm.load_telemetry(path)[1]] == [0, 1, 2]
+
+    def test_lock_released_on_error_exit_and_dropped_writer(self, tmp_path):
+        import gc
+
+        path = tmp_path / "run.jsonl"
+        with pytest.raises(KeyError):
+            with tm.TelemetryWriter(path) as log:
+                raise KeyError("boom")
+        assert log.closed
+        tm.TelemetryWriter(path).close()
+        dropped = tm.TelemetryWriter(path)
+        dropped.write(0, {"a": 1.0})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            del dropped
+            gc.collect()
+        with tm.TelemetryWriter(path, mode="a") as log:  # the dropped writer held nothing
+            log.write(1, {"a": 2.0})
+        assert [r.step for r in tm.load_telemetry(path)[1]] == [0, 1]
+
+    def test_concurrent_constructors_one_wins(self, tmp_path):
+        import threading
+
+        path = tmp_path / "run.jsonl"
+        barrier = threading.Barrier(6)
+        won, lost, other = [], [], []
+
+        def attempt():
+            barrier.wait()
+            try:
+                won.append(tm.TelemetryWriter(path))
+            except tm.TelemetryLockError as exc:
+                lost.append(exc)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                other.append(exc)
+
+        threads = [threading.Thread(target=attempt) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not other and len(won) == 1 and len(lost) == 5
+        won[0].write(0, {"a": 1.0})
+        won[0].close()
+        md, recs = tm.load_telemetry(path)
+        assert [r.step for r in recs] == [0] and md["end"]["status"] == "ok"
+
+    @needs_flock
+    def test_second_writer_other_process_refused(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        child = run_child(HOLDER_CODE, str(path), stdin=subprocess.PIPE)
+        try:
+            wait_ready(child)
+            before = path.read_bytes()
+            for mode in ("w", "a"):
+                with pytest.raises(tm.TelemetryLockError) as info:
+                    tm.TelemetryWriter(path, mode=mode)
+                msg = str(info.value)
+                assert str(path) in msg and f"pid {child.pid}" in msg, msg
+                assert "this process" not in msg and info.value.holder["pid"] == child.pid
+                assert path.read_bytes() == before
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            _, err = child.communicate(timeout=60)
+            assert child.returncode == 0, err
+        finally:
+            child.kill()
+            child.wait(timeout=30)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            md, recs = tm.load_telemetry(path)
+        assert md["config"] == {"child": True} and md["end"]["status"] == "ok"
+        assert [r.step for r in recs] == list(range(5))
+        tm.TelemetryWriter(path, mode="a").close()  # free again after the child closed
+
+    @needs_flock
+    def test_child_sees_parent_as_holder(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        code = """
+            import sys
+            try:
+                TelemetryWriter(sys.argv[1], mode=sys.argv[2])
+            except tm.TelemetryLockError as exc:
+                print(exc.holder["pid"], "|", exc)
+            else:
+                print("NOT LOCKED")
+        """
+        with tm.TelemetryWriter(path) as log:
+            log.write(0, {"a": 1.0})
+            for mode in ("w", "a"):
+                out, err = run_child(code, str(path), mode).communicate(timeout=60)
+                assert out.startswith(f"{os.getpid()} |"), (out, err)
+                assert str(path) in out
+        assert [r.step for r in tm.load_telemetry(path)[1]] == [0]
+
+    @needs_flock
+    def test_lock_released_when_holder_is_killed(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        child = run_child(HOLDER_CODE, str(path), stdin=subprocess.PIPE)
+        try:
+            wait_ready(child)
+            with pytest.raises(tm.TelemetryLockError, match=f"pid {child.pid}"):
+                tm.TelemetryWriter(path, mode="a")
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=30)
+        finally:
+            child.kill()
+            child.wait(timeout=30)
+        assert child.returncode == -signal.SIGKILL
+        with tm.TelemetryWriter(path, mode="a") as log:  # the kernel dropped the lock
+            log.write(3, {"loss": 3.0})
+        md, recs = tm.load_telemetry(path)
+        assert [r.step for r in recs] == [0, 1, 2, 3]
+        assert len(md["resumes"]) == 1 and md["resumes"][0]["pid"] == os.getpid()
+        assert md["end"]["status"] == "ok"
+
+    def test_without_fcntl_same_process_still_refused(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(io, "fcntl", None)
+        path = tmp_path / "run.jsonl"
+        with tm.TelemetryWriter(path) as log:
+            with pytest.raises(tm.TelemetryLockError, match="this process"):
+                tm.TelemetryWriter(path, mode="a")
+            log.write(0, {"a": 1.0})
+        with tm.TelemetryWriter(path, mode="a"):
+            pass
+        assert len(tm.load_telemetry(path)[0]["resumes"]) == 1
+
+    def test_filesystem_without_locks_warns_and_works(self, tmp_path, monkeypatch):
+        import errno
+
+        class NoLocks:
+            LOCK_EX, LOCK_NB, LOCK_UN = 2, 4, 8
+
+            @staticmethod
+            def flock(fd, op):
+                raise OSError(errno.ENOLCK, "No locks available")
+
+        monkeypatch.setattr(io, "fcntl", NoLocks)
+        path = tmp_path / "run.jsonl"
+        with pytest.warns(tm.TelemetryWarning, match="cannot lock.*No locks available"):
+            log = tm.TelemetryWriter(path)
+        with log:
+            log.write(0, {"a": 1.0})
+            with pytest.raises(tm.TelemetryLockError):  # still one writer per process
+                tm.TelemetryWriter(path)
+        assert [r.step for r in tm.load_telemetry(path)[1]] == [0]
+
+    def test_dev_null_is_not_locked(self):
+        if not os.path.exists("/dev/null"):
+            pytest.skip("no /dev/null")
+        with tm.TelemetryWriter("/dev/null") as a, tm.TelemetryWriter("/dev/null") as b:
+            a.write(0, {"x": 1.0})
+            b.write(0, {"x": 1.0})
+
+
+class TestLoaderValidation:
+    @pytest.mark.parametrize("content, match", [
+        (b"", r"empty \(0 bytes"),
+        (b"\n\n", "line 1 is blank"),
+        (b"hello world\n", "line 1 is not JSON"),
+        (b"just one line without newline", "line 1 is not JSON"),
+        (b'{"a": 1}\n', "not a telemetry header"),
+        (b'{"kind": "header", "format": "other"}\n{"step": 0, "metrics": {}}\n',
+         "not a telemetry header"),
+        (b"[1, 2, 3]\n", "JSON list"),
+        (b'"text"\n', "JSON str"),
+        (b"\x00" * 336 + b'\n{"step": 0, "time": 1.0, "metrics": {}}\n', "line 1 is not JSON"),
+        (b'{"kind":"header","format":"gradience_jax.telemetry","format_version":"1"}\n',
+         "format_version"),
+    ])
+    def test_not_a_telemetry_log_refused(self, tmp_path, content, match):
+        path = tmp_path / "x.jsonl"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=match) as info:
+            tm.load_telemetry(path)
+        assert str(path) in str(info.value) and "not a telemetry log" in str(info.value)
+        if content:  # resuming refuses it too, and leaves it as it was
+            with pytest.raises(ValueError, match=match):
+                tm.TelemetryWriter(path, mode="a")
+            assert path.read_bytes() == content
+
+    def test_dev_null_refused(self):
+        if not os.path.exists("/dev/null"):
+            pytest.skip("no /dev/null")
+        with pytest.raises(ValueError, match=r"/dev/null.*empty"):
+            tm.load_telemetry("/dev/null")
+
+    def test_missing_file_and_directory(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="nothere"):
+            tm.load_telemetry(tmp_path / "nothere.jsonl")
+        with pytest.raises(IsADirectoryError):
+            tm.load_telemetry(tmp_path)
+
+    def test_newer_format_version_warns_on_read_refused_on_append(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        with tm.TelemetryWriter(path) as log:
+            log.write(0, {"a": 1.0})
+        lines = path.read_text().splitlines(keepends=True)
+        head = json.loads(lines[0])
+        head["format_version"] = tm.FORMAT_VERSION + 1
+        lines[0] = json.dumps(head) + "\n"
+        path.write_text("".join(lines))
+        with pytest.warns(tm.TelemetryWarning, match="newer"):
+            _, recs = tm.load_telemetry(path)
+        assert [r.step for r in recs] == [0]
+        before = path.read_bytes()
+        with pytest.raises(ValueError, match="newer"):
+            tm.TelemetryWriter(path, mode="a")
+        assert path.read_bytes() == before
+
+    def test_header_only_log_has_no_records(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        tm.TelemetryWriter(path, seed=3).close()
+        md, recs = tm.load_telemetry(path)
+        assert recs == [] and md["seed"] == 3 and md["end"]["num_records"] == 0
+
+    def test_second_header_refused(self, tmp_path):
+        a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+        for p in (a, b):
+            with tm.TelemetryWriter(p) as log:
+                log.write(0, {"x": 1.0})
+        cat = tmp_path / "cat.jsonl"
+        cat.write_bytes(a.read_bytes() + b.read_bytes())
+        with pytest.raises(ValueError, match="line 4 is a second header"):
+            tm.load_telemetry(cat)
+
+
+def record_line(step: int, loss: float) -> bytes:
+    return json.dumps({"step": step, "time": 1.0, "metrics": {"loss": loss}},
+                      separators=(",", ":")).encode() + b"\n"
+
+
+class TestDamagedLogRecovery:
+    def test_nul_corrupted_middle_recovered(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        tm.TelemetryWriter(path, seed=5).close()
+        header = path.read_bytes().splitlines(keepends=True)[0]
+        data = (header + record_line(0, 0.0) + b"\x00" * 336 + record_line(1, 1.0)
+                + b'{"step": 2, "tim\x00\x00\x00' + record_line(3, 3.0)
+                + b"\x00" * 40 + b"\n" + b"garbage line\n" + record_line(4, 4.0)
+                + b'{"step": 5, "ti')  # torn last line
+        path.write_bytes(data)
+        with pytest.warns(tm.TelemetryWarning) as caught:
+            md, recs = tm.load_telemetry(path)
+        text = " ".join(str(w.message) for w in caught)
+        assert "NUL bytes on line(s) 3, 4, 5" in text and "corrupt line(s) 6" in text
+        assert "last line 8" in text
+        assert [(r.step, r.metrics["loss"]) for r in recs] == [(0, 0.0), (1, 1.0), (3, 3.0),
+                                                               (4, 4.0)]
+        assert md["seed"] == 5 and md["skipped_lines"] == [3, 4, 5, 6, 8]
+        with pytest.raises(ValueError, match="line 3 holds NUL bytes"):
+            tm.load_telemetry(path, strict=True)
+
+    def test_old_two_writer_damage_recovered(self, tmp_path):
+        """Replays what two writers without the lock did: both open with truncation."""
+        path = tmp_path / "run.jsonl"
+        tm.TelemetryWriter(path, config={"who": "A"}).close()
+        header_a = path.read_bytes().splitlines(keepends=True)[0]
+        header_b = header_a.replace(b'"who":"A"', b'"who":"B"')
+        a = open(path, "wb", buffering=0)  # noqa: SIM115 - interleaved on purpose
+        a.write(header_a)
+        for s in range(5):
+            a.write(record_line(s, float(s)))
+        b = open(path, "wb", buffering=0)  # noqa: SIM115 - truncates A's work
+        b.write(header_b)
+        a.write(record_line(5, 5.0))  # lands past B's end: a hole of NUL bytes before it
+        a.write(record_line(6, 6.0))
+        a.close()
+        b.close()
+        raw = path.read_bytes()
+        assert raw.count(b"\x00") > 100
+        with pytest.warns(tm.TelemetryWarning, match="NUL bytes"):
+            md, recs = tm.load_telemetry(path)
+        assert md["config"] == {"who": "B"}
+        assert [(r.step, r.metrics["loss"]) for r in recs] == [(5, 5.0), (6, 6.0)]
+        # resuming such a file works and keeps what was recovered
+        with pytest.warns(tm.TelemetryWarning):
+            with tm.TelemetryWriter(path, mode="a") as log:
+                log.write(7, {"loss": 7.0})
+            _, recs = tm.load_telemetry(path)
+        assert [r.step for r in recs] == [5, 6, 7]
+
+
+class TestResume:
+    @pytest.mark.parametrize("last", ["record", "footer", "header"])
+    def test_complete_last_line_without_newline_kept(self, tmp_path, last):
+        path = tmp_path / "run.jsonl"
+        log = tm.TelemetryWriter(path, seed=2)
+        steps = [0, 1] if last != "header" else []
+        for s in steps:
+            log.write(s, {"loss": float(s)})
+        if last == "footer":
+            log.close()
+        else:  # a crash; the last record's newline is missing
+            simulate_crash(log)
+        if last == "record":
+            with open(path, "ab") as fh:
+                fh.write(record_line(2, 2.0).rstrip(b"\n"))
+            steps = [0, 1, 2]
+        else:
+            path.write_bytes(path.read_bytes().rstrip(b"\n"))
+        assert not path.read_bytes().endswith(b"\n")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing torn, nothing to warn about
+            if last == "record":  # the reader keeps it as well
+                assert [r.step for r in tm.load_telemetry(path)[1]] == steps
+            with tm.TelemetryWriter(path, mode="a") as log2:
+                log2.write(10, {"loss": 10.0})
+            md, recs = tm.load_telemetry(path)
+        assert [r.step for r in recs] == steps + [10]
+        assert md["seed"] == 2 and len(md["resumes"]) == 1 and md["end"]["status"] == "ok"
+        assert md["skipped_lines"] == []
+
+    def test_torn_last_line_dropped_with_warning(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        with tm.TelemetryWriter(path) as log:
+            log.write(0, {"loss": 0.0})
+        with open(path, "ab") as fh:
+            fh.write(record_line(1, 1.0)[:-9])  # torn mid-record
+        size = path.stat().st_size
+        with pytest.warns(tm.TelemetryWarning, match=r"dropping a torn last line \(\d+ bytes"):
+            log = tm.TelemetryWriter(path, mode="a")
+        log.close()
+        md, recs = tm.load_telemetry(path)
+        assert [r.step for r in recs] == [0] and md["skipped_lines"] == []
+        assert b'{"step":1' not in path.read_bytes() and path.stat().st_size > size - 40
+
+
+@needs_proc_fd
+class TestNoLeakedHandles:
+    def check_no_leak(self, fn, exc_type, match):
+        import gc
+
+        gc.collect()
+        before = open_fds()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResourceWarning)
+            for _ in range(3):
+                with pytest.raises(exc_type, match=match):
+                    fn()
+            gc.collect()
+        assert open_fds() == before
+
+    def test_dev_full(self):
+        if not os.path.exists("/dev/full"):
+            pytest.skip("no /dev/full")
+        self.check_no_leak(lambda: tm.TelemetryWriter("/dev/full"), OSError,
+                           r"/dev/full|No space")
+        with pytest.raises(OSError) as info:
+            tm.TelemetryWriter("/dev/full")
+        assert info.value.filename == "/dev/full"
+
+    def test_constructor_failures(self, tmp_path):
+        text = tmp_path / "notes.txt"
+        text.write_text("hello\n")
+        self.check_no_leak(lambda: tm.TelemetryWriter(text, mode="a"), ValueError,
+                           "not a telemetry log")
+        self.check_no_leak(lambda: tm.TelemetryWriter(tmp_path), IsADirectoryError,
+                           str(tmp_path))
+        with tm.TelemetryWriter(tmp_path / "run.jsonl"):
+            self.check_no_leak(lambda: tm.TelemetryWriter(tmp_path / "run.jsonl"),
+                               tm.TelemetryLockError, "already open")
+
+    def test_close_releases_descriptor(self, tmp_path):
+        before = open_fds()
+        log = tm.TelemetryWriter(tmp_path / "run.jsonl")
+        assert open_fds() == before + 1
+        log.close()
+        assert open_fds() == before
+
+
+ATE = io.ArgumentTypeError
+
+
+class TestBadInput:
+    @pytest.mark.parametrize("kwargs, exc, match", [
+        ({"path": 123}, ATE, "path must be a str or os.PathLike"),
+        ({"path": b"run.jsonl"}, ATE, "path must be a str or os.PathLike"),
+        ({"path": None}, ATE, "path must be a str or os.PathLike"),
+        ({"path": ""}, ValueError, "path must not be empty"),
+        ({"mode": "x"}, ValueError, r"mode must be one of \('w', 'a'\), got 'x'"),
+        ({"mode": "r"}, ValueError, "mode must be one of"),
+        ({"mode": None}, ValueError, "mode must be one of"),
+        ({"max_array_size": -1}, ValueError, "max_array_size must be >= 1, got -1"),
+        ({"max_array_size": 0}, ValueError, "max_array_size must be >= 1, got 0"),
+        ({"max_array_size": 2.5}, ATE, "max_array_size must be an integer, got 2.5"),
+        ({"max_array_size": "10"}, ATE, "max_array_size must be an integer"),
+        ({"max_array_size": True}, ATE, "max_array_size must be an integer, got the bool"),
+        ({"seed": "0"}, ATE, "seed must be an integer"),
+        ({"seed": 1.5}, ATE, "seed must be an integer"),
+        ({"config": [1, 2]}, ATE, "config must be a dict"),
+        ({"metadata": "notes"}, ATE, "metadata must be a dict"),
+        ({"fsync": "yes"}, ATE, "fsync must be True or False"),
+        ({"makedirs": 1}, ATE, "makedirs must be True or False"),
+        ({"tensorboard_dir": 5}, ATE, "tensorboard_dir must be a str or os.PathLike"),
+    ])
+    def test_writer_arguments(self, tmp_path, kwargs, exc, match):
+        kwargs = {"path": tmp_path / "run.jsonl", **kwargs}
+        with pytest.raises(exc, match=match) as info:
+            tm.TelemetryWriter(**kwargs)
+        assert isinstance(info.value, ValueError)  # ArgumentTypeError is both
+        assert not (tmp_path / "run.jsonl").exists()  # checked before anything is opened
+
+    def test_numpy_and_jax_integers_accepted(self, tmp_path):
+        import jax.numpy as jnp
+
+        with tm.TelemetryWriter(tmp_path / "run.jsonl", seed=np.int64(3),
+                                max_array_size=np.int32(5), fsync=np.bool_(False)) as log:
+            log.write(jnp.asarray(7), {"a": 1.0})
+            log.write(np.uint8(8), {"a": 2.0})
+        md, recs = tm.load_telemetry(tmp_path / "run.jsonl")
+        assert md["seed"] == 3 and [r.step for r in recs] == [7, 8]
+
+    @pytest.mark.parametrize("step, metrics, exc, match", [
+        (1.5, {"a": 1.0}, ATE, "step must be an integer, got 1.5"),
+        ("3", {"a": 1.0}, ATE, "step must be an integer, got '3'"),
+        (True, {"a": 1.0}, ATE, "step must be an integer, got the bool"),
+        (np.array([1, 2]), {"a": 1.0}, ATE, "step must be an integer"),
+        (None, {"a": 1.0}, ATE, "step must be an integer"),
+        (0, [("a", 1.0)], ATE, "metrics must be a dict"),
+        (0, None, ATE, "metrics must be a dict"),
+        (0, 1.0, ATE, "metrics must be a dict"),
+        (0, {1: 2.0}, ATE, r"metric names\) must be strings, got 1 \(int\)"),
+        (0, {"a": {2: 1.0}}, ATE, "must be strings, got 2 .* under 'a'"),
+        (0, {"": 1.0}, ValueError, "non-empty"),
+        (0, {"a/b": 1.0, "a": {"b": 2.0}}, ValueError, "'a/b' appears twice"),
+        (0, {"step": 1}, ValueError, "reserved"),
+    ])
+    def test_write_arguments(self, tmp_path, step, metrics, exc, match):
+        path = tmp_path / "run.jsonl"
+        with tm.TelemetryWriter(path) as log:
+            with pytest.raises(exc, match=match):
+                log.write(step, metrics)
+            log.write(0, {"ok": 1.0})  # still usable
+        assert [r.metrics for r in tm.load_telemetry(path)[1]] == [{"ok": 1.0}]
+
+    def test_close_arguments(self, tmp_path):
+        log = tm.TelemetryWriter(tmp_path / "run.jsonl")
+        with pytest.raises(ATE, match="status must be a non-empty str"):
+            log.close(status=3)
+        with pytest.raises(ATE, match="error must be a str or None"):
+            log.close(status="error", error=ValueError("x"))
+        assert not log.closed
+        log.close(status="error", error="x")
+        assert tm.load_telemetry(tmp_path / "run.jsonl")[0]["end"]["error"] == "x"
+
+    def test_reader_arguments(self, tmp_path):
+        path = tmp_path / "run.jsonl"
+        with tm.TelemetryWriter(path) as log:
+            log.write(0, {"loss": 1.0})
+        pair = tm.load_telemetry(path)
+        cases = [
+            (lambda: tm.load_telemetry(123), "path must be a str or os.PathLike"),
+            (lambda: tm.load_telemetry(path, strict="yes"), "strict must be True or False"),
+            (lambda: tm.to_columns(pair), r"records\[0\] must be a TelemetryRecord, got dict "
+                                          r"\(pass load_telemetry\(path\)\[1\]"),
+            (lambda: tm.to_columns(5), "records must be a sequence of TelemetryRecord"),
+            (lambda: tm.to_columns("loss"), "records must be a sequence of TelemetryRecord"),
+            (lambda: tm.to_columns(pair[1], keys="loss"),
+             r"keys must be an iterable of metric names \(e.g. \['loss'\]\)"),
+            (lambda: tm.to_columns(pair[1], keys=[1]), "keys must hold metric names"),
+            (lambda: tm.to_columns(pair[1], deduplicate="yes"),
+             "deduplicate must be True or False"),
+        ]
+        for fn, match in cases:
+            with pytest.raises(ATE, match=match):
+                fn()
+        assert issubclass(ATE, TypeError) and issubclass(ATE, ValueError)
 
 
 # --------------------------------------------------------------------------------------
@@ -800,4 +1342,5 @@ class TestLayout:
                     assert root not in {"jax", "jaxlib", "flax", "optax", "matplotlib"}, path
                     if root == "gradience_jax":
                         assert mod.startswith(("gradience_jax.telemetry",
-                                               "gradience_jax.environment")), (path, mod)
+                                               "gradience_jax.environment",
+                                               "gradience_jax.errors")), (path, mod)

@@ -226,6 +226,7 @@ def _lead_lags(cols: dict[str, np.ndarray], config: ProtocolAConfig) -> dict[str
     return out
 
 
+@runner.closes_logs_on_error
 def run_protocol_a(
     config: ProtocolAConfig | None = None,
     *,

@@ -250,6 +250,7 @@ def transition_statistics(cols: Mapping[str, np.ndarray], key: str, fit: int | N
     return out
 
 
+@runner.closes_logs_on_error
 def run_protocol_b(
     config: ProtocolBConfig | None = None,
     *,

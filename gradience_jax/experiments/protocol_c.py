@@ -178,6 +178,7 @@ def kappa_correlations(cols: Mapping[str, np.ndarray]) -> dict[str, float | None
     return out
 
 
+@runner.closes_logs_on_error
 def run_protocol_c(
     config: ProtocolCConfig | None = None,
     *,

@@ -149,6 +149,7 @@ def matrix_shapes(params: PyTree) -> dict[str, tuple[int, int]]:
     return out
 
 
+@runner.closes_logs_on_error
 def run_protocol_d(
     config: ProtocolDConfig | None = None,
     *,

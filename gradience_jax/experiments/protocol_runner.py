@@ -9,7 +9,8 @@ Supported names:
 * :func:`run_chunks`: drive a chunk function over all steps, writing one telemetry record
   per step (host-side metrics added at the start of every chunk).
 * :func:`open_log` / :func:`read_columns`: the JSON Lines log of a run (opened before any
-  training, so an unwritable path fails at once) and its columns.
+  training, so an unwritable path fails at once) and its columns;
+  :func:`closes_logs_on_error` (a failed run closes the logs it opened).
 * :func:`check_steps`, :func:`check_labels`: settings checks with clear errors.
 * :func:`probe_every` / :func:`combine_probes`: probe schedules where a period of 0
   switches a probe off.
@@ -18,6 +19,7 @@ Supported names:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -94,6 +96,39 @@ def check_steps(steps: int, chunk: int) -> tuple[int, int]:
     return int(steps), chunk
 
 
+#: the writers opened by the protocol run in progress (see :func:`closes_logs_on_error`)
+_OPEN_LOGS: list[list[telemetry.TelemetryWriter]] = []
+
+
+def closes_logs_on_error(run: Callable) -> Callable:
+    """Decorate a protocol's ``run_protocol_*``: a failure closes the logs it opened.
+
+    Each log is closed with ``status="error"`` and the exception's text, so its one-writer
+    lock is released and a rerun in the same process can open the same path.
+
+    Args:
+        run: the protocol's run function.
+
+    Returns:
+        The wrapped function (same signature).
+    """
+
+    @functools.wraps(run)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        _OPEN_LOGS.append([])
+        try:
+            return run(*args, **kwargs)
+        except BaseException as exc:
+            for writer in _OPEN_LOGS[-1]:
+                if not writer.closed:
+                    writer.close(status="error", error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            _OPEN_LOGS.pop()
+
+    return wrapped
+
+
 def open_log(log_dir: str | os.PathLike | None, name: str, config: NamedTuple,
              extra: Mapping[str, Any] | None = None) -> telemetry.TelemetryWriter:
     """Open the JSON Lines log ``log_dir/name.jsonl`` now, so a bad path fails before training.
@@ -114,8 +149,11 @@ def open_log(log_dir: str | os.PathLike | None, name: str, config: NamedTuple,
     cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config._asdict().items()}
     if extra:
         cfg.update(extra)
-    return telemetry.TelemetryWriter(path, config=cfg, seed=getattr(config, "seed", None),
-                                     metadata={"protocol": name})
+    writer = telemetry.TelemetryWriter(path, config=cfg, seed=getattr(config, "seed", None),
+                                       metadata={"protocol": name})
+    if _OPEN_LOGS:
+        _OPEN_LOGS[-1].append(writer)
+    return writer
 
 
 def read_columns(writer: telemetry.TelemetryWriter) -> dict[str, np.ndarray]:

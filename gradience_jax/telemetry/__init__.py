@@ -4,8 +4,10 @@ Two halves, each its own module, both host side (no jax import; jitted probes li
 :mod:`gradience_jax.probes`):
 
 * :mod:`gradience_jax.telemetry.io`: logging. :class:`TelemetryWriter` (crash-safe JSON
-  Lines, optional TensorBoard mirror), :class:`TelemetryRecord`, :class:`TelemetryWarning`,
-  :func:`load_telemetry`, :func:`to_columns`; the file format is described there.
+  Lines, one writer per file, optional TensorBoard mirror), :class:`TelemetryRecord`,
+  :class:`TelemetryWarning`, :class:`TelemetryLockError` (a second writer on a log),
+  :func:`load_telemetry`, :func:`to_columns`; the file format, the lock and what the reader
+  recovers from a damaged log are described there.
 * :mod:`gradience_jax.telemetry.dynamics`: statistics of the logged series (NumPy only).
   :func:`autocorrelation_function`, :func:`autocorrelation_time`, :func:`rolling_variance`,
   :func:`rolling_autocorrelation`, :func:`precursor_trend`, :func:`change_points`,
@@ -39,6 +41,7 @@ from gradience_jax.telemetry.dynamics import (
 from gradience_jax.telemetry.io import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    TelemetryLockError,
     TelemetryRecord,
     TelemetryWarning,
     TelemetryWriter,
@@ -61,6 +64,7 @@ __all__ = [
     "PowerLawFit",
     "PrecursorTrend",
     "SeriesPowerLawFit",
+    "TelemetryLockError",
     "TelemetryRecord",
     "TelemetryWarning",
     "TelemetryWriter",

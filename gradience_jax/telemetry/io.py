@@ -8,7 +8,8 @@ reads a log back, tolerating a torn last line; :func:`to_columns` turns the reco
 NumPy columns aligned with the steps.
 
 Supported names: ``TelemetryWriter``, ``TelemetryRecord``, ``TelemetryWarning``,
-``load_telemetry``, ``to_columns``, ``FORMAT_NAME``, ``FORMAT_VERSION``.
+``TelemetryLockError``, ``load_telemetry``, ``to_columns``, ``FORMAT_NAME``,
+``FORMAT_VERSION``.
 
 File format (one JSON object per line, UTF-8, strict JSON: no ``NaN`` tokens)::
 
@@ -25,19 +26,44 @@ File format (one JSON object per line, UTF-8, strict JSON: no ``NaN`` tokens)::
 Records carry no ``"kind"`` key; non-finite floats are stored as ``null`` and their keys are
 listed in ``"nonfinite"`` (omitted when empty). The header's ``"versions"`` come from
 :func:`gradience_jax.environment.versions` (a missing package reads ``"not installed"``).
+
+One writer per file: a :class:`TelemetryWriter` holds an advisory lock on its log
+(``fcntl.flock`` on the log file itself) from its constructor to :meth:`~TelemetryWriter.close`;
+a second writer on the same file, in this process or another, gets a
+:class:`TelemetryLockError` naming the holder (its pid, host and start time, read from the
+header or the last resume marker it wrote) and changes nothing on disk. The kernel drops the
+lock when the holding process dies (``SIGKILL`` included), so resuming after a crash with
+``mode="a"`` just works. Only regular files are locked (``/dev/null`` and pipes are not).
+Where ``fcntl`` is missing (Windows) or the filesystem refuses locks (some network or FUSE
+mounts: a :class:`TelemetryWarning` says so), only writers in the same process are detected.
+
+What :func:`load_telemetry` recovers: line 1 must be a telemetry header, otherwise the file
+is refused with a ``ValueError`` that names the path and the problem (an empty file,
+``/dev/null``, a text or JSON file that is not a log). After an intact header, every line
+that parses as a record or marker is kept: a torn last line (a crash mid-write) is dropped
+with a :class:`TelemetryWarning`; corrupt lines elsewhere and runs of NUL bytes (left by two
+writers on one file in gradience_jax before the lock, or by a filesystem crash) are skipped
+with one warning that lists their line numbers, the intact JSON between the NUL runs is
+kept, and ``metadata["skipped_lines"]`` lists what was lost; ``strict=True`` refuses such a
+file instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import json
 import math
+import mmap
 import os
+import re
 import socket
+import stat
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -45,10 +71,17 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from gradience_jax.environment import versions
+from gradience_jax.errors import ArgumentTypeError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX (Windows): in-process detection only
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "TelemetryLockError",
     "TelemetryRecord",
     "TelemetryWarning",
     "TelemetryWriter",
@@ -62,9 +95,176 @@ FORMAT_VERSION = 1
 """The header's ``"format_version"`` value."""
 _RESERVED_METRIC_NAMES = frozenset({"step"})
 _VERSION_PACKAGES = ("jax", "jaxlib", "flax", "numpy")
+_MODES = ("w", "a")
+_NUL_RUNS = re.compile(rb"\x00+")
+
 
 class TelemetryWarning(UserWarning):
     """Recoverable telemetry problems: a torn last line, a failing TensorBoard mirror."""
+
+
+class TelemetryLockError(BlockingIOError):
+    """Another :class:`TelemetryWriter` holds the log: one writer per file.
+
+    An ``OSError`` (``BlockingIOError``, ``errno.EWOULDBLOCK``) whose ``filename`` is the
+    log's path and whose message names the holder.
+
+    Attributes:
+        holder: ``{"pid", "hostname", "start_time"}`` of the writer holding the lock, as it
+            wrote them into the log (``None`` when unreadable).
+    """
+
+    def __init__(self, message: str, path: str | os.PathLike, holder: dict | None = None):
+        super().__init__(errno.EWOULDBLOCK, message, str(path))
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.strerror, self.filename, self.holder)
+
+
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks (numpy and the standard library only)
+# --------------------------------------------------------------------------------------
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_int(value: Any, name: str, *, lo: int | None = None) -> int:
+    """``value`` as an ``int``: Python / NumPy integers or a 0-d integer array, not a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(f"{name} must be an integer, got the bool {value!r}")
+    if not isinstance(value, (int, np.integer, str, bytes)) and hasattr(value, "__array__"):
+        try:
+            arr = np.asarray(value)
+        except Exception as exc:  # e.g. a jax tracer inside jit
+            raise ArgumentTypeError(
+                f"{name} must be a concrete integer, got {type(value).__name__} (a traced "
+                "value? telemetry is written on the host, outside jit)"
+            ) from exc
+        if arr.ndim == 0 and arr.dtype.kind in "iu":
+            value = int(arr)
+    if not isinstance(value, (int, np.integer)):
+        raise ArgumentTypeError(
+            f"{name} must be an integer, got {_short(value)} ({type(value).__name__})"
+        )
+    value = int(value)
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return value
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ArgumentTypeError(
+            f"{name} must be True or False, got {_short(value)} ({type(value).__name__})"
+        )
+    return bool(value)
+
+
+def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {_short(value)}")
+    return value
+
+
+def _check_path(value: Any, name: str) -> Path:
+    """A ``str`` or ``os.PathLike`` naming a file (not bytes, not empty)."""
+    if isinstance(value, (str, os.PathLike)):
+        text = os.fspath(value)
+        if isinstance(text, str):
+            if not text:
+                raise ValueError(f"{name} must not be empty")
+            return Path(text)
+    raise ArgumentTypeError(
+        f"{name} must be a str or os.PathLike file path, got {_short(value)} "
+        f"({type(value).__name__})"
+    )
+
+
+def _check_mapping(value: Any, name: str) -> Mapping | None:
+    if value is not None and not isinstance(value, Mapping):
+        raise ArgumentTypeError(
+            f"{name} must be a dict (a Mapping) or None, got {type(value).__name__}"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# The header (shared by the writer's append mode and the reader)
+# --------------------------------------------------------------------------------------
+
+
+def _header_problem(obj: Any) -> str | None:
+    """Why the parsed line 1 is not a telemetry header (``None`` when it is one)."""
+    if not isinstance(obj, dict):
+        return f"line 1 is a JSON {type(obj).__name__}, not a telemetry header object"
+    if obj.get("kind") != "header" or obj.get("format") != FORMAT_NAME:
+        return (
+            f'line 1 is JSON but not a telemetry header (expected "kind": "header" and '
+            f'"format": "{FORMAT_NAME}", got kind={_short(obj.get("kind"), 30)}, '
+            f'format={_short(obj.get("format"), 40)})'
+        )
+    version = obj.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        return f"the header's format_version {_short(version, 30)} is not a positive integer"
+    return None
+
+
+def _parse_header(first: bytes, size: int, path: Path, hint: str = "") -> dict:
+    """Line 1 of a log -> the header dict.
+
+    Raises:
+        ValueError: naming ``path`` and what is wrong (empty file, not JSON, not a header).
+    """
+    text = first.strip()
+    if size == 0:
+        problem = "the file is empty (0 bytes, no header)"
+    elif not text:
+        problem = "line 1 is blank (no header)"
+    else:
+        try:
+            obj = json.loads(text.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            problem = f"line 1 is not JSON (a torn or foreign first line: {text[:60]!r})"
+        else:
+            problem = _header_problem(obj)
+            if problem is None:
+                return obj
+    raise ValueError(f"{str(path)!r} is not a telemetry log: {problem}{hint}")
+
+
+def _parse_entry(raw: bytes) -> dict | None:
+    """One line after the header -> a record / marker dict, or ``None`` if it is not one."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if _is_record(obj) or (isinstance(obj, dict) and obj.get("kind") in ("header", "resume",
+                                                                         "end")):
+        return obj
+    return None
+
+
+def _is_record(obj: Any) -> bool:
+    if not isinstance(obj, dict) or "kind" in obj:
+        return False
+    step, when, nonfinite = obj.get("step"), obj.get("time"), obj.get("nonfinite", [])
+    return (
+        isinstance(step, int)
+        and not isinstance(step, bool)
+        and isinstance(obj.get("metrics"), dict)
+        and (when is None or (isinstance(when, (int, float)) and not isinstance(when, bool)))
+        and isinstance(nonfinite, list)
+        and all(isinstance(k, str) for k in nonfinite)
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -114,16 +314,22 @@ def _flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, 
     flat: dict[str, Any] = {}
     for key, value in metrics.items():
         if not isinstance(key, str):
+            raise ArgumentTypeError(
+                f"metrics keys (metric names) must be strings, got {_short(key)} "
+                f"({type(key).__name__})" + (f" under {prefix[:-1]!r}" if prefix else "")
+            )
+        if not key:
             raise ValueError(
-                f"metrics keys must be strings, got {key!r} ({type(key).__name__})"
+                "metrics keys (metric names) must be non-empty strings"
+                + (f" (an empty key under {prefix[:-1]!r})" if prefix else "")
             )
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten_metrics(value, prefix=f"{name}/"))
-        else:
-            if name in flat:
-                raise ValueError(f"metrics key {name!r} appears twice after flattening")
-            flat[name] = value
+        inner = (_flatten_metrics(value, prefix=f"{name}/") if isinstance(value, Mapping)
+                 else {name: value})
+        for flat_name, flat_value in inner.items():
+            if flat_name in flat:
+                raise ValueError(f"metrics key {flat_name!r} appears twice after flattening")
+            flat[flat_name] = flat_value
     return flat
 
 
@@ -190,16 +396,12 @@ def _convert_metric(key: str, value: Any, max_array_size: int) -> tuple[Any, boo
 
 
 def _as_step(step: Any) -> int:
-    """Validate a step: an integer (python, NumPy or 0-d JAX array), not a bool."""
-    if isinstance(step, (bool, np.bool_)):
-        raise ValueError(f"step must be an integer, got bool {step!r}")
-    if isinstance(step, (int, np.integer)):
-        return int(step)
-    if hasattr(step, "__array__"):
-        arr = np.asarray(step)
-        if arr.ndim == 0 and arr.dtype.kind in "iu":
-            return int(arr)
-    raise ValueError(f"step must be an integer, got {step!r} ({type(step).__name__})")
+    """Validate a step: an integer (python, NumPy or 0-d JAX array), not a bool.
+
+    Raises:
+        ArgumentTypeError: anything else (a ``ValueError`` too, as before).
+    """
+    return _check_int(step, "step")
 
 
 def _reraise_path_error(exc: OSError, path: Path, action: str) -> OSError:
@@ -210,19 +412,159 @@ def _reraise_path_error(exc: OSError, path: Path, action: str) -> OSError:
     return OSError(f"cannot {action} telemetry log {str(path)!r} for writing: {exc}")
 
 
-def _last_newline_offset(fh: Any, size: int) -> int:
-    r"""Byte offset just past the last ``\n`` of a binary file (0 if none)."""
+def _read_at(fd: int, offset: int, n: int) -> bytes:
+    """Up to ``n`` bytes of ``fd`` from ``offset`` (portable: no ``os.pread``)."""
+    os.lseek(fd, offset, os.SEEK_SET)
+    chunks = []
+    while n > 0:
+        data = os.read(fd, n)
+        if not data:
+            break
+        chunks.append(data)
+        n -= len(data)
+    return b"".join(chunks)
+
+
+def _first_line(fd: int, size: int) -> bytes:
+    r"""The bytes of ``fd`` before its first ``\n`` (the whole file when there is none)."""
+    parts, offset = [], 0
+    while offset < size:
+        chunk = _read_at(fd, offset, min(1 << 16, size - offset))
+        if not chunk:
+            break
+        idx = chunk.find(b"\n")
+        if idx >= 0:
+            parts.append(chunk[:idx])
+            break
+        parts.append(chunk)
+        offset += len(chunk)
+    return b"".join(parts)
+
+
+def _last_newline_offset(fd: int, size: int) -> int:
+    r"""Byte offset just past the last ``\n`` of ``fd`` (0 if none)."""
     pos = size
     chunk = 1 << 16
     while pos > 0:
         start = max(0, pos - chunk)
-        fh.seek(start)
-        data = fh.read(pos - start)
+        data = _read_at(fd, start, pos - start)
         idx = data.rfind(b"\n")
         if idx >= 0:
             return start + idx + 1
         pos = start
     return 0
+
+
+def _holder_from_log(fd: int) -> dict | None:
+    """Who holds a log, from what it wrote: the last resume marker, else the header."""
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return None
+        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as view:
+            start = view.rfind(b'\n{"kind":"resume"')
+            start = 0 if start < 0 else start + 1
+            stop = view.find(b"\n", start)
+            line = view[start: size if stop < 0 else stop]
+        obj = json.loads(line.decode("utf-8"))
+    except (OSError, ValueError):  # unreadable, or a header not written yet
+        return None
+    if not isinstance(obj, dict) or obj.get("kind") not in ("header", "resume"):
+        return None
+    return {k: obj.get(k) for k in ("pid", "hostname", "start_time")}
+
+
+def _describe_holder(holder: dict | None, same_process: bool) -> str:
+    if not holder:
+        return "holder unknown: its log has no readable header yet"
+    text = f"pid {holder.get('pid')} on host {holder.get('hostname')!r}"
+    if holder.get("start_time"):
+        text += f", opened {holder['start_time']}"
+    if same_process:
+        text += "; this process: close that writer first"
+    return text
+
+
+# One live writer per file and process, keyed by (st_dev, st_ino): catches a second writer in
+# this process even where flock cannot (no fcntl, or locks emulated per process on NFS).
+_HELD: dict[tuple[int, int], tuple[weakref.ref, dict]] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def _locked_error(path: Path, holder: dict | None, same_process: bool) -> TelemetryLockError:
+    return TelemetryLockError(
+        f"telemetry log {str(path)!r} is already open for writing by another "
+        f"TelemetryWriter ({_describe_holder(holder, same_process)}); one writer per file: "
+        "close it (or wait for its process to end) or log to another path",
+        path,
+        holder,
+    )
+
+
+def _flock(fd: int, path: Path) -> bool:
+    """Take the exclusive advisory lock on ``fd`` without blocking; False if unsupported.
+
+    Raises:
+        TelemetryLockError: another open file (this process or another) holds the lock.
+    """
+    if fcntl is None:  # pragma: no cover - not POSIX
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder_from_log(fd)
+        same = bool(holder) and holder.get("pid") == os.getpid() and (
+            holder.get("hostname") == socket.gethostname())
+        raise _locked_error(path, holder, same) from None
+    except OSError as exc:  # ENOLCK, EOPNOTSUPP, EINVAL: the filesystem has no locks
+        warnings.warn(
+            f"{path}: cannot lock the telemetry log ({exc.strerror or exc}); a second writer "
+            "in another process will not be detected",
+            TelemetryWarning,
+            stacklevel=5,
+        )
+        return False
+    return True
+
+
+def _funlock(fd: int) -> None:
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:  # the fd is closing anyway: closing it drops the lock too
+            pass
+
+
+def _prepare_append(fd: int, path: Path, size: int) -> None:
+    """Check the header of a non-empty log and end it on a complete line before appending.
+
+    A complete last record that lacks only its newline gets the newline; a torn
+    (unparsable) last line is cut off with a :class:`TelemetryWarning`.
+
+    Raises:
+        ValueError: line 1 is not a telemetry header, or one of a newer format version.
+    """
+    hint = "; use mode='w' to overwrite it, or another path"
+    header = _parse_header(_first_line(fd, size), size, path, hint)
+    if header["format_version"] > FORMAT_VERSION:
+        raise ValueError(
+            f"{str(path)!r} has format_version {header['format_version']}, newer than this "
+            f"writer's {FORMAT_VERSION}: cannot append to it{hint}"
+        )
+    cut = _last_newline_offset(fd, size)
+    if cut == size:
+        return
+    tail = _read_at(fd, cut, size - cut)
+    if cut == 0 or _parse_entry(tail) is not None:  # complete, only the newline is missing
+        os.write(fd, b"\n")
+        return
+    if tail.strip():
+        warnings.warn(
+            f"{path}: dropping a torn last line ({size - cut} bytes) before appending",
+            TelemetryWarning,
+            stacklevel=4,
+        )
+    os.ftruncate(fd, cut)
 
 
 def _make_tensorboard_writer(logdir: str | os.PathLike) -> tuple[Any, str | None]:
@@ -255,27 +597,41 @@ class TelemetryWriter:
     ``"nonfinite"`` keys. The log path is opened (and its header written) in the
     constructor, so an unwritable path fails before training starts.
 
+    One writer per file: the constructor takes an advisory lock on the log (see the module
+    docstring), held until :meth:`close` (or the end of a ``with`` block, or the death of
+    the process); a second writer on the same file raises :class:`TelemetryLockError`
+    before touching it. A failing constructor closes everything it opened.
+
     Args:
-        path: the ``.jsonl`` file.
+        path: the ``.jsonl`` file (``str`` or ``os.PathLike``).
         metadata: free-form JSON-able dict stored under the header's ``"metadata"`` key
             (best effort: unknown objects are stored as their ``repr``).
         config: the run's configuration dict (header key ``"config"``).
-        seed: the run's seed (header key ``"seed"``).
+        seed: the run's integer seed (header key ``"seed"``), or ``None``.
         mode: ``"w"`` truncates and writes a fresh header; ``"a"`` appends to an existing
-            log (resuming after a crash): a torn last line is cut off (with a warning) and a
-            ``{"kind": "resume"}`` marker is written; a missing or empty file gets a header.
+            log (resuming after a crash): a complete last record missing only its newline
+            is kept (the newline is added), a torn last line is cut off (with a warning)
+            and a ``{"kind": "resume"}`` marker is written; a missing or empty file gets a
+            header.
         fsync: ``os.fsync`` after every record (survives power loss, costs a disk sync).
         makedirs: create missing parent directories.
-        max_array_size: largest array (elements) accepted as a metric value.
+        max_array_size: largest array (elements, ``>= 1``) accepted as a metric value.
         tensorboard_dir: if given and ``tensorboardX`` or ``torch.utils.tensorboard`` is
             installed, finite scalar metrics are mirrored there with ``add_scalar``
             (silently skipped when neither is installed; a failing mirror warns once and
             is switched off, never stopping the run).
 
     Raises:
+        TelemetryLockError: another writer (this process or another) holds ``path``; the
+            message names its pid, host and start time. An ``OSError``.
         OSError: (the original subclass, e.g. ``PermissionError``, ``IsADirectoryError``)
-            naming ``path`` when the log cannot be created or opened for writing.
-        ValueError: bad ``mode``; ``mode="a"`` on a file that is not a telemetry log.
+            naming ``path`` when the log cannot be created, opened or written (a full
+            disk: ``/dev/full`` fails here).
+        ArgumentTypeError: an argument of the wrong kind (a non-path ``path``, a non-dict
+            ``config`` / ``metadata``, a non-int ``seed`` / ``max_array_size``, a non-bool
+            ``fsync`` / ``makedirs``); a ``TypeError`` and a ``ValueError``.
+        ValueError: bad ``mode``, ``max_array_size < 1``; ``mode="a"`` on a file that is
+            not a telemetry log (the file is left untouched).
 
     Example:
         >>> import tempfile
@@ -305,24 +661,25 @@ class TelemetryWriter:
         max_array_size: int = 10_000,
         tensorboard_dir: str | os.PathLike | None = None,
     ) -> None:
-        if mode not in ("w", "a"):
-            raise ValueError(f"mode must be 'w' or 'a', got {mode!r}")
-        if metadata is not None and not isinstance(metadata, Mapping):
-            raise ValueError(f"metadata must be a dict or None, got {type(metadata).__name__}")
-        if config is not None and not isinstance(config, Mapping):
-            raise ValueError(f"config must be a dict or None, got {type(config).__name__}")
-        if int(max_array_size) < 1:
-            raise ValueError(f"max_array_size must be >= 1, got {max_array_size}")
-        self.path = Path(path)
-        self.fsync = bool(fsync)
-        self.max_array_size = int(max_array_size)
-        self._makedirs = bool(makedirs)
-        self.num_records = 0
-        self._lock = threading.Lock()
-        self._closed = False
         self._fh = None
+        self._closed = True  # until the log is open
+        self._held_key: tuple[int, int] | None = None
+        self._flocked = False
         self._tb = None
         self._tb_failed = False
+        self.path = _check_path(path, "path")
+        _check_mapping(metadata, "metadata")
+        _check_mapping(config, "config")
+        if seed is not None:
+            seed = _check_int(seed, "seed")
+        mode = _check_choice(mode, "mode", _MODES)
+        self.fsync = _check_bool(fsync, "fsync")
+        self._makedirs = _check_bool(makedirs, "makedirs")
+        self.max_array_size = _check_int(max_array_size, "max_array_size", lo=1)
+        if tensorboard_dir is not None:
+            tensorboard_dir = _check_path(tensorboard_dir, "tensorboard_dir")
+        self.num_records = 0
+        self._lock = threading.Lock()
 
         start = time.time()
         info = {
@@ -334,69 +691,106 @@ class TelemetryWriter:
             "pid": os.getpid(),
             "versions": versions(_VERSION_PACKAGES),
         }
-        self._tb, tb_backend = (
-            _make_tensorboard_writer(tensorboard_dir) if tensorboard_dir is not None
-            else (None, None)
-        )
         header = {
             "kind": "header",
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "config": _jsonable_metadata(dict(config)) if config is not None else None,
-            "seed": _jsonable_metadata(seed),
+            "seed": seed,
             **info,
-            "tensorboard": tb_backend,
+            "tensorboard": None,
             "metadata": _jsonable_metadata(dict(metadata)) if metadata is not None else None,
         }
-        self._open(mode, header, info)
+        self._open(mode, header, info, tensorboard_dir)
+        self._closed = False
 
     # -- file handling ------------------------------------------------------------------
 
-    def _open(self, mode: str, header: dict, info: dict) -> None:
+    def _open(self, mode: str, header: dict, info: dict, tensorboard_dir: Path | None) -> None:
+        """Open and lock the log, then start the mirror, then write the header / resume line.
+
+        The file is opened without truncation and locked first, so a second writer changes
+        nothing; ``"w"`` truncates only once the lock is held.
+        """
         path = self.path
+        fd = -1
+        about_log = True  # an OSError about the log (not the mirror) gets the log's path
         try:
-            if mode == "w" or not path.exists() or path.stat().st_size == 0:
-                self._fh = self._open_fresh(path, header)
-            else:
-                self._fh = self._open_append(path, info)
+            if self._makedirs and not path.parent.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0)
+            fd = os.open(path, flags, 0o666)
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            if regular:
+                self._acquire(fd, info)
+            size = os.fstat(fd).st_size  # after the lock: nobody else writes now
+            append = mode == "a" and regular and size > 0
+            if append:
+                _prepare_append(fd, path, size)
+            if tensorboard_dir is not None:
+                about_log = False
+                self._tb, header["tensorboard"] = _make_tensorboard_writer(tensorboard_dir)
+                about_log = True
+            if not append and regular and size:
+                os.ftruncate(fd, 0)
+            self._fh = os.fdopen(fd, "a", encoding="utf-8", newline="\n")
+            fd = -1  # owned by self._fh now
+            self._emit(self._fh, {"kind": "resume", **info} if append else header)
         except BaseException as exc:
-            if self._tb is not None:
-                self._tb.close()
-            if isinstance(exc, OSError):
+            self._release(fd)
+            if about_log and isinstance(exc, OSError) and not isinstance(
+                    exc, TelemetryLockError):
                 raise _reraise_path_error(exc, path, "open") from exc
             raise
 
-    def _open_fresh(self, path: Path, header: dict) -> Any:
-        if self._makedirs and not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "w", encoding="utf-8", newline="\n")
-        self._emit(fh, header)
-        return fh
+    def _acquire(self, fd: int, info: dict) -> None:
+        """One writer per file: the in-process registry, then ``flock``."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        with _HELD_LOCK:
+            entry = _HELD.get(key)
+            if entry is not None:
+                other = entry[0]()  # dead: dropped unclosed, its descriptor is gone too
+                # (an entry inherited through fork belongs to the parent: flock decides)
+                if (other is not None and other._held_key == key
+                        and entry[1]["pid"] == os.getpid()):
+                    raise _locked_error(self.path, entry[1], same_process=True)
+            self._flocked = _flock(fd, self.path)
+            _HELD[key] = (weakref.ref(self),
+                          {k: info[k] for k in ("pid", "hostname", "start_time")})
+            self._held_key = key
 
-    def _open_append(self, path: Path, info: dict) -> Any:
-        with open(path, "rb+") as raw:
-            first = raw.readline()
+    def _release(self, fd: int = -1) -> None:
+        """Unlock and close whatever is open (never raises ``OSError``)."""
+        fh, self._fh = self._fh, None
+        if fh is not None:
             try:
-                head = json.loads(first.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                head = None
-            if not isinstance(head, dict) or head.get("kind") != "header":
-                raise ValueError(
-                    f"path {str(path)!r} is not a telemetry log (no header on line 1); "
-                    "use mode='w' or another path"
-                )
-            size = raw.seek(0, os.SEEK_END)
-            cut = _last_newline_offset(raw, size)
-            if cut < size:
-                warnings.warn(
-                    f"{path}: dropping a torn last line ({size - cut} bytes) before appending",
-                    TelemetryWarning,
-                    stacklevel=4,
-                )
-                raw.truncate(cut)
-        fh = open(path, "a", encoding="utf-8", newline="\n")
-        self._emit(fh, {"kind": "resume", **info})
-        return fh
+                fh.flush()
+            except (OSError, ValueError):
+                pass
+            if self._flocked:
+                _funlock(fh.fileno())
+            try:
+                fh.close()
+            except OSError:  # a failed flush again; the descriptor is closed regardless
+                pass
+        elif fd >= 0:
+            if self._flocked:
+                _funlock(fd)
+            os.close(fd)
+        self._flocked = False
+        if self._held_key is not None:
+            with _HELD_LOCK:
+                entry = _HELD.get(self._held_key)
+                if entry is not None and entry[0]() is self:
+                    del _HELD[self._held_key]
+            self._held_key = None
+        tb, self._tb = self._tb, None
+        if tb is not None:
+            try:
+                tb.close()
+            except Exception:  # noqa: BLE001 - the mirror must never stop a run
+                pass
 
     def _emit(self, fh: Any, obj: dict) -> None:
         line = json.dumps(obj, allow_nan=False, separators=(",", ":")) + "\n"
@@ -421,7 +815,9 @@ class TelemetryWriter:
             The JSON record as written (``"nonfinite"`` present only when non-empty).
 
         Raises:
-            ValueError: bad ``step``, reserved / non-string metric names, oversized arrays.
+            ArgumentTypeError: ``step`` is not an integer, ``metrics`` is not a mapping or a
+                metric name is not a string (a ``TypeError`` and a ``ValueError``).
+            ValueError: reserved, empty or duplicate metric names, oversized arrays.
             TypeError: unsupported metric types (complex, objects, tracers).
             RuntimeError: the writer is closed.
         """
@@ -429,7 +825,10 @@ class TelemetryWriter:
             raise RuntimeError(f"TelemetryWriter for {str(self.path)!r} is closed")
         step_i = _as_step(step)
         if not isinstance(metrics, Mapping):
-            raise ValueError(f"metrics must be a dict, got {type(metrics).__name__}")
+            raise ArgumentTypeError(
+                f"metrics must be a dict (a Mapping) of name -> value, got "
+                f"{type(metrics).__name__}"
+            )
         flat = _flatten_metrics(metrics)
         bad = _RESERVED_METRIC_NAMES.intersection(flat)
         if bad:
@@ -467,12 +866,23 @@ class TelemetryWriter:
             )
 
     def close(self, status: str = "ok", error: str | None = None) -> None:
-        """Write the ``{"kind": "end"}`` footer and close (idempotent).
+        """Write the ``{"kind": "end"}`` footer, release the lock and close (idempotent).
 
         Args:
             status: the footer's ``"status"`` (``"ok"`` for a clean end, e.g. ``"error"``).
             error: optional error message stored as the footer's ``"error"``.
+
+        Raises:
+            ArgumentTypeError: ``status`` is not a non-empty string or ``error`` not a
+                string or ``None`` (the writer stays open).
+            OSError: the footer cannot be written (the file is closed and unlocked anyway).
         """
+        if not isinstance(status, str) or not status:
+            raise ArgumentTypeError(f"status must be a non-empty str, got {_short(status)}")
+        if error is not None and not isinstance(error, str):
+            raise ArgumentTypeError(
+                f"error must be a str or None, got {type(error).__name__}"
+            )
         with self._lock:
             if self._closed:
                 return
@@ -488,12 +898,7 @@ class TelemetryWriter:
                     footer["error"] = error
                 self._emit(self._fh, footer)
             finally:
-                self._fh.close()
-                if self._tb is not None:
-                    try:
-                        self._tb.close()
-                    except Exception:  # noqa: BLE001
-                        pass
+                self._release()
 
     @property
     def closed(self) -> bool:
@@ -536,104 +941,138 @@ class TelemetryRecord(NamedTuple):
     nonfinite: tuple[str, ...] = ()
 
 
-def _parse_line(raw: bytes) -> Any:
-    return json.loads(raw.decode("utf-8"))
+def _line_list(numbers: list[int], limit: int = 10) -> str:
+    text = ", ".join(map(str, numbers[:limit]))
+    return text + (f", ... ({len(numbers)} in all)" if len(numbers) > limit else "")
 
 
-def _is_record(obj: Any) -> bool:
-    return (
-        isinstance(obj, dict)
-        and "kind" not in obj
-        and isinstance(obj.get("step"), int)
-        and not isinstance(obj.get("step"), bool)
-        and isinstance(obj.get("metrics"), dict)
-    )
-
-
-def load_telemetry(path: str | os.PathLike) -> tuple[dict[str, Any], list[TelemetryRecord]]:
+def load_telemetry(
+    path: str | os.PathLike, *, strict: bool = False
+) -> tuple[dict[str, Any], list[TelemetryRecord]]:
     """Read a telemetry log written by :class:`TelemetryWriter`.
 
-    A torn (truncated or unparsable) **last** line is the signature of a crash mid-write:
-    it is dropped with a :class:`TelemetryWarning`. Corruption anywhere else is an error.
+    Line 1 must be a telemetry header. A torn (truncated or unparsable) **last** line is the
+    signature of a crash mid-write: it is dropped with a :class:`TelemetryWarning`. Corrupt
+    lines elsewhere and NUL bytes (a damaged file, e.g. two writers on one path before the
+    lock existed) are skipped with one :class:`TelemetryWarning` naming their line numbers,
+    keeping every intact record (also the JSON between NUL runs); ``strict=True`` raises
+    instead.
 
     Args:
-        path: the ``.jsonl`` file.
+        path: the ``.jsonl`` file (``str`` or ``os.PathLike``).
+        strict: refuse a file with a corrupt line or NUL bytes before the last line
+            (a torn last line is still only dropped).
 
     Returns:
         ``(metadata, records)``: ``metadata`` is the header dict (``config``, ``seed``,
-        ``versions``, ``start_time``, ``hostname``, ``metadata``, ...) plus two keys added by
-        the reader: ``"end"`` (the footer dict, or ``None`` when the run did not close
-        cleanly) and ``"resumes"`` (list of resume markers). ``records`` is the list of
-        :class:`TelemetryRecord` in file order (steps may repeat after a resume; see
-        :func:`to_columns` ``deduplicate``).
+        ``versions``, ``start_time``, ``hostname``, ``metadata``, ...) plus three keys added
+        by the reader: ``"end"`` (the footer dict, or ``None`` when the run did not close
+        cleanly), ``"resumes"`` (list of resume markers) and ``"skipped_lines"`` (1-based
+        numbers of the lines dropped in whole or part: torn, corrupt or NUL-damaged; empty
+        for an intact log). ``records`` is the list of :class:`TelemetryRecord` in file
+        order (steps may repeat after a resume; see :func:`to_columns` ``deduplicate``).
 
     Raises:
-        FileNotFoundError: no such file.
-        ValueError: a corrupt line before the last one (the message gives its 1-based line
-            number), or a file whose first line is not a telemetry header.
+        FileNotFoundError: no such file (``IsADirectoryError`` for a directory).
+        ArgumentTypeError: ``path`` is not a ``str`` / ``os.PathLike`` or ``strict`` not a
+            bool (a ``TypeError`` and a ``ValueError``).
+        ValueError: naming ``path``: the file is not a telemetry log (empty, ``/dev/null``,
+            a first line that is not JSON or not a telemetry header), has a second header,
+            or (``strict=True``) a corrupt line before the last one (the message gives its
+            1-based line number).
     """
-    path = Path(path)
+    path = _check_path(path, "path")
+    strict = _check_bool(strict, "strict")
     data = path.read_bytes()
     lines = data.split(b"\n")
+    metadata = dict(_parse_header(lines[0], len(data), path))
+    if metadata["format_version"] > FORMAT_VERSION:
+        warnings.warn(
+            f"{path}: format_version {metadata['format_version']} is newer than this "
+            f"reader's {FORMAT_VERSION}; reading the fields it knows",
+            TelemetryWarning,
+            stacklevel=2,
+        )
     # Index of the last non-blank line: only that one may be torn.
-    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
-    metadata: dict[str, Any] | None = None
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=0)
     records: list[TelemetryRecord] = []
     end: dict | None = None
     resumes: list[dict] = []
-    for i, raw in enumerate(lines):
+    skipped: list[int] = []  # corrupt or NUL-damaged lines before the last one
+    torn: int | None = None
+    for i in range(1, len(lines)):
+        raw = lines[i]
         if not raw.strip():
             continue
         lineno = i + 1
-        try:
-            obj = _parse_line(raw)
-            valid = isinstance(obj, dict) and (
-                _is_record(obj) or obj.get("kind") in ("header", "resume", "end")
-            )
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            obj, valid = None, False
-        if not valid:
-            if i == last:
-                warnings.warn(
-                    f"{path}: dropping a truncated or corrupt last line {lineno} "
-                    f"({len(raw)} bytes) - the writer probably crashed mid-record",
-                    TelemetryWarning,
-                    stacklevel=2,
-                )
-                break
+        has_nul = b"\x00" in raw
+        if has_nul and strict:
             raise ValueError(
-                f"{path}: line {lineno} is corrupt (not a telemetry JSON object): "
-                f"{raw[:80]!r}"
+                f"{path}: line {lineno} holds NUL bytes (part of the log was overwritten, "
+                "e.g. by a second writer); load with strict=False to recover the intact "
+                "records"
             )
-        kind = obj.get("kind")
-        if metadata is None:
-            if kind != "header":
+        pieces = [p for p in _NUL_RUNS.split(raw) if p.strip()] if has_nul else [raw]
+        if has_nul:
+            skipped.append(lineno)
+        for j, piece in enumerate(pieces):
+            obj = _parse_entry(piece)
+            if obj is None:
+                if i == last and j == len(pieces) - 1:
+                    torn = lineno
+                    if not has_nul:
+                        warnings.warn(
+                            f"{path}: dropping a truncated or corrupt last line {lineno} "
+                            f"({len(raw)} bytes) - the writer probably crashed mid-record",
+                            TelemetryWarning,
+                            stacklevel=2,
+                        )
+                    continue
+                if strict:
+                    raise ValueError(
+                        f"{path}: line {lineno} is corrupt (not a telemetry JSON object): "
+                        f"{piece[:80]!r}"
+                    )
+                if not has_nul:
+                    skipped.append(lineno)
+                continue
+            kind = obj.get("kind")
+            if kind is None:
+                records.append(
+                    TelemetryRecord(
+                        step=obj["step"],
+                        time=obj.get("time"),
+                        metrics=obj["metrics"],
+                        nonfinite=tuple(obj.get("nonfinite", ())),
+                    )
+                )
+            elif kind == "end":
+                end = obj
+            elif kind == "resume":
+                resumes.append(obj)
+                end = None  # a resumed run is open again until its own footer
+            else:
                 raise ValueError(
-                    f"{path}: line {lineno} is not a telemetry header; is this a "
-                    "gradience_jax telemetry log?"
+                    f"{path}: line {lineno} is a second header (two logs concatenated?); "
+                    "split the file at that line"
                 )
-            metadata = dict(obj)
-            continue
-        if kind is None:
-            records.append(
-                TelemetryRecord(
-                    step=obj["step"],
-                    time=obj.get("time"),
-                    metrics=obj["metrics"],
-                    nonfinite=tuple(obj.get("nonfinite", ())),
-                )
-            )
-        elif kind == "end":
-            end = obj
-        elif kind == "resume":
-            resumes.append(obj)
-            end = None  # a resumed run is open again until its own footer
-        else:
-            raise ValueError(f"{path}: line {lineno} is a second header")
-    if metadata is None:
-        metadata = {}
+    if skipped:
+        nul = [n for n in skipped if b"\x00" in lines[n - 1]]
+        what = f"NUL bytes on line(s) {_line_list(nul)}" if nul else ""
+        bad = [n for n in skipped if n not in nul]
+        if bad:
+            what += ("; " if what else "") + f"corrupt line(s) {_line_list(bad)}"
+        warnings.warn(
+            f"{path}: the log is damaged ({what}): kept the {len(records)} intact records "
+            "and skipped the rest (metadata['skipped_lines'] lists the lines); two writers "
+            "on one file (before gradience_jax locked logs) or a crash of the filesystem "
+            "leave such damage; pass strict=True to refuse it",
+            TelemetryWarning,
+            stacklevel=2,
+        )
     metadata["end"] = end
     metadata["resumes"] = resumes
+    metadata["skipped_lines"] = sorted(set(skipped) | ({torn} if torn is not None else set()))
     return metadata, records
 
 
@@ -673,6 +1112,23 @@ def _column_from_values(key: str, values: list[Any]) -> np.ndarray:
     return col
 
 
+def _check_records(records: Any) -> list[TelemetryRecord]:
+    if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Iterable):
+        raise ArgumentTypeError(
+            f"records must be a sequence of TelemetryRecord (load_telemetry(path)[1]), got "
+            f"{type(records).__name__}"
+        )
+    recs = list(records)
+    for i, r in enumerate(recs):
+        if not isinstance(r, TelemetryRecord):
+            hint = (" (pass load_telemetry(path)[1], not the (metadata, records) pair)"
+                    if isinstance(r, dict) and "kind" in r else "")
+            raise ArgumentTypeError(
+                f"records[{i}] must be a TelemetryRecord, got {type(r).__name__}{hint}"
+            )
+    return recs
+
+
 def to_columns(
     records: Sequence[TelemetryRecord],
     keys: Iterable[str] | None = None,
@@ -686,8 +1142,9 @@ def to_columns(
     metrics give object arrays (``None`` for missing).
 
     Args:
-        records: from :func:`load_telemetry`.
-        keys: metric names to extract (default: every name seen, in first-seen order).
+        records: from :func:`load_telemetry` (its second element).
+        keys: metric names to extract (default: every name seen, in first-seen order); an
+            iterable of strings, not one string.
         deduplicate: keep only the last record of each step and sort by step (use after
             resuming from a checkpoint, where the crashed run's later steps are replayed).
 
@@ -695,9 +1152,25 @@ def to_columns(
         Dict of column arrays; ``"step"`` is always present.
 
     Raises:
+        ArgumentTypeError: ``records`` is not a sequence of :class:`TelemetryRecord`,
+            ``keys`` is a single string or holds a non-string, ``deduplicate`` is not a
+            bool (a ``TypeError`` and a ``ValueError``).
         ValueError: a requested key never appears; a metric mixes ranks or is ragged.
     """
-    recs = list(records)
+    recs = _check_records(records)
+    deduplicate = _check_bool(deduplicate, "deduplicate")
+    if keys is not None:
+        if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+            raise ArgumentTypeError(
+                f"keys must be an iterable of metric names (e.g. [{keys!r}]), got "
+                f"{type(keys).__name__}"
+            )
+        keys = list(keys)
+        for k in keys:
+            if not isinstance(k, str):
+                raise ArgumentTypeError(
+                    f"keys must hold metric names (str), got {_short(k)} ({type(k).__name__})"
+                )
     if deduplicate:
         by_step: dict[int, TelemetryRecord] = {}
         for r in recs:
@@ -710,7 +1183,7 @@ def to_columns(
     if keys is None:
         names = list(seen)
     else:
-        names = list(keys)
+        names = keys
         missing = [k for k in names if k not in seen]
         if missing:
             raise ValueError(f"keys {missing} not found in records; available: {list(seen)}")
@@ -718,4 +1191,3 @@ def to_columns(
     for k in names:
         out[k] = _column_from_values(k, [r.metrics.get(k) for r in recs])
     return out
-

@@ -1,0 +1,13 @@
+"""The toolkit's exception classes (no jax import: the telemetry host side uses them too).
+
+Supported names: ``ArgumentTypeError``.
+"""
+
+from __future__ import annotations
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong kind (a string where a number belongs, a bool for a count).
+
+    It is a ``TypeError`` and, for code written against the earlier checks, a ``ValueError``.
+    """
