@@ -5,6 +5,7 @@ an unwritable path, figures drawn from results, and the old import path."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -243,3 +244,21 @@ def test_layers_import_downward_only():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_failed_protocol_run_closes_its_logs_so_a_rerun_can_open_them(tmp_path):
+    config = protocols.FAST_B
+
+    @runner.closes_logs_on_error
+    def failing_run():
+        runner.open_log(tmp_path, "run", config)
+        raise RuntimeError("diverged")
+
+    with pytest.raises(RuntimeError, match="diverged"):
+        failing_run()
+    header, _ = telemetry.load_telemetry(tmp_path / "run.jsonl")
+    assert header["end"]["status"] == "error" and "diverged" in header["end"]["error"]
+    writer = runner.open_log(tmp_path, "run", config)  # the lock was released
+    writer.close()
+    lines = [json.loads(line) for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    assert lines[0]["kind"] == "header" and lines[-1]["status"] == "ok"
