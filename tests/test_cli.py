@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -140,17 +141,72 @@ def test_weights_table_and_json(analyzed, tmp_path):
     assert code == 0, err
     data = json.loads(stdout)
     assert set(data["layers"]) == {"layers/0/kernel", "layers/1/kernel", "layers/2/kernel"}
+    assert data["failed"] == {} and "ok" not in data
     assert (tmp_path / "weights.json").is_file() and (tmp_path / "weights.md").is_file()
+    # the weighted alpha is WeightWatcher's: alpha * log10(sigma_1^2)
+    for x in data["layers"].values():
+        if x["alpha"] is not None:
+            assert x["weighted_alpha"] == pytest.approx(
+                x["alpha"] * 2 * math.log10(x["spectral_norm"]), rel=1e-9)
+
+
+@pytest.fixture()
+def nan_ckpt(analyzed, tmp_path):
+    """The trained MLP's checkpoint with 3 NaN entries in layers/1/kernel."""
+    pure = ck.load_checkpoint(analyzed["ckpt"])
+    kernel = np.array(pure["layers"][1]["kernel"])
+    kernel[0, :3] = np.nan
+    pure["layers"][1]["kernel"] = kernel
+    return ck.save_checkpoint(pure, tmp_path / "nan.msgpack")
+
+
+def test_weights_nan_kernel_is_a_failed_row_and_exit_1(nan_ckpt, tmp_path):
+    """Not silently dropped: the NaN layer is a FAILED row with its reason, the other layers
+    are reported, --out is written, and the exit code is 1 (one error line, after the table)."""
+    code, stdout, err = run(["weights", nan_ckpt, "--out", tmp_path / "w"])
+    assert_one_line_error(code, err, 1, "could not be analysed", after_output=True)
+    assert "layers/1/kernel" in err and "3 NaN" in err
+    row = next(ln for ln in stdout.splitlines() if "layers/1/kernel" in ln)
+    assert "FAILED" in row
+    assert "layers/0/kernel" in stdout and "layers/2/kernel" in stdout
+    written = json.loads((tmp_path / "w" / "weights.json").read_text())
+    assert set(written["failed"]) == {"layers/1/kernel"}
+    assert "FAILED" in (tmp_path / "w" / "weights.md").read_text()
+    code, stdout, err = run(["weights", nan_ckpt, "--json"])
+    assert code == 1
+    data = json.loads(stdout)  # one JSON document: the report with ok / exit_code / error
+    assert data["ok"] is False and data["exit_code"] == 1 and "could not be analysed" in data["error"]
+    assert set(data["failed"]) == {"layers/1/kernel"} and "3 NaN" in data["failed"]["layers/1/kernel"]
+    assert set(data["layers"]) == {"layers/0/kernel", "layers/2/kernel"}
+    assert data["summary"]["num_failed"] == 1
+
+
+def test_analyze_refuses_nan_checkpoint_but_weights_only_reports_it(nan_ckpt, tmp_path):
+    code, _, err = run(["analyze", "--checkpoint", nan_ckpt, "--out", tmp_path / "a"])
+    assert_one_line_error(code, err, 1, "non-finite parameters")
+    assert "layers/1/kernel (3 NaN, 0 Inf)" in err
+    assert not (tmp_path / "a" / "report.json").exists()  # refused before any work
+    code, stdout, err = run(["analyze", "--checkpoint", nan_ckpt, "--weights-only",
+                             "--no-figures", "--out", tmp_path / "w"])
+    assert_one_line_error(code, err, 1, "could not be analysed", after_output=True)
+    rep = json.loads((tmp_path / "w" / "report.json").read_text())
+    assert set(rep["weights"]["failed"]) == {"layers/1/kernel"}
+    assert "FAILED" in (tmp_path / "w" / "report.md").read_text()
 
 
 # -- bad input -------------------------------------------------------------------------------
 
 
-def test_missing_checkpoint(tmp_path):
-    for argv in (["analyze", "--checkpoint", tmp_path / "nope.msgpack", "--out", tmp_path / "o"],
-                 ["weights", tmp_path / "nope"]):
+def test_missing_checkpoint_is_bad_usage(tmp_path):
+    """A path that does not exist is a usage error (exit 2) naming the argument."""
+    for argv, flag in (
+            (["analyze", "--checkpoint", tmp_path / "nope.msgpack", "--out", tmp_path / "o"],
+             "--checkpoint must be"),
+            (["weights", tmp_path / "nope"], "PATH must be")):
         code, _, err = run(argv)
-        assert_one_line_error(code, err, 1, "checkpoint not found")
+        assert_one_line_error(code, err, 2, "checkpoint not found")
+        assert flag in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_corrupt_checkpoints(tmp_path):
@@ -191,8 +247,20 @@ def test_checkpoint_tree_does_not_match_model(analyzed, tmp_path):
     (["analyze", "--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["analyze", "--model", "resnet"], "invalid choice: 'resnet'"),
     (["analyze", "--operator", "lobpcg"], "invalid choice: 'lobpcg'"),
-    (["analyze", "--k", "0"], "expected a positive integer"),
-    (["analyze", "--train-steps", "-3"], "expected a non-negative integer"),
+    (["analyze", "--k", "0"], "argument --k: expected a positive integer, got '0'"),
+    (["analyze", "--k", "abc"], "argument --k: expected a positive integer, got 'abc'"),
+    (["analyze", "--train-steps", "-3"], "argument --train-steps: expected an integer in [0,"),
+    (["analyze", "--train-steps", "100000000000"], "expected an integer in [0, 10000000]"),
+    (["analyze", "--iters", "0"], "argument --iters: expected an integer in [1, 10000000]"),
+    (["analyze", "--seed", "-1"], "argument --seed: expected an integer in [0, 4294967295]"),
+    (["analyze", "--seed", "4294967296"], "argument --seed: expected an integer in [0,"),
+    (["protocol", "A", "--seed", "-3"], "argument --seed: expected an integer in [0,"),
+    # impossible combinations are refused, not clamped
+    (["analyze", "--k", "100000", "--iters", "2"], "--iters 2 is less than --k 100000"),
+    (["analyze", "--k", "100"], "--k 100 needs --iters >= 100 (the default cap is 60)"),
+    (["analyze", "--fast", "--k", "40"], "the default cap is 30 with --fast"),
+    (["analyze", "--k", "6000", "--iters", "6000"],
+     "--k 6000 exceeds the number of parameters of the mlp model (5,508)"),
     (["analyze", "--reorth", "partial"], "invalid choice"),
     (["protocol", "E"], "invalid choice: 'E'"),
     (["teleport"], "invalid choice: 'teleport'"),
@@ -201,6 +269,47 @@ def test_checkpoint_tree_does_not_match_model(analyzed, tmp_path):
 def test_bad_usage_exits_2_with_one_line(argv, fragment):
     code, _, err = run(argv)
     assert_one_line_error(code, err, 2, fragment)
+
+
+def test_k_above_checkpoint_parameter_count_is_refused(analyzed, tmp_path):
+    code, _, err = run(["analyze", "--checkpoint", analyzed["ckpt"], "--k", "5509", "--iters",
+                        "6000", "--out", tmp_path / "o"])
+    assert_one_line_error(code, err, 2, "--k 5509 exceeds the number of parameters")
+    assert not (tmp_path / "o").exists()
+
+
+def test_analysis_config_refuses_bad_values():
+    """The API refuses what the CLI refuses (nothing is clamped in the measurements)."""
+    for kw, fragment in (({"k": 100}, "iters (60) must be >= k (100)"),
+                         ({"seed": -1}, "seed must be >= 0"),
+                         ({"iters": 0}, "iters must be >= 1"),
+                         ({"train_steps": 10**8}, "train_steps must be <= 10000000"),
+                         ({"tol": float("nan")}, "tol must be finite"),
+                         ({"span": 0.0}, "span must be > 0"),
+                         ({"grid": 2}, "grid must be >= 3"),
+                         ({"reorth": "partial"}, "reorth must be one of")):
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            rp.AnalysisConfig(**kw)
+    with pytest.raises(TypeError, match="k must be an integer"):
+        rp.AnalysisConfig(k=2.5)
+
+
+def test_unreadable_checkpoint_file_is_one_line(monkeypatch, tmp_path):
+    """A file that cannot be read (permissions) and a directory that is not an orbax
+    checkpoint are one-line failures naming the path."""
+    d = tmp_path / "dir.msgpack"
+    d.mkdir()
+    code, _, err = run(["weights", d])
+    assert_one_line_error(code, err, 1, "cannot read orbax checkpoint")
+    f = tmp_path / "c.msgpack"
+    f.write_bytes(b"x")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    code, _, err = run(["weights", f])
+    assert_one_line_error(code, err, 1, f"cannot read checkpoint {f}: Permission denied")
 
 
 def test_unwritable_out(analyzed, tmp_path):
@@ -216,11 +325,17 @@ def test_unwritable_out(analyzed, tmp_path):
 
 
 def test_debug_shows_traceback_and_json_reports_errors(tmp_path):
-    code, _, err = run(["weights", tmp_path / "nope", "--debug"])
+    bad = tmp_path / "bad.msgpack"
+    bad.write_bytes(b"\xc1\x00garbage")
+    code, _, err = run(["weights", bad, "--debug"])
     assert code == 1 and "Traceback" in err
+    code, stdout, err = run(["weights", bad, "--json"])
+    data = json.loads(stdout)
+    assert code == 1 and data["ok"] is False and data["exit_code"] == 1
+    assert data["error"].startswith(f"cannot read checkpoint {bad} as flax msgpack")
     code, stdout, err = run(["weights", tmp_path / "nope", "--json"])
-    assert code == 1 and json.loads(stdout) == {
-        "ok": False, "exit_code": 1, "error": f"checkpoint not found: {tmp_path / 'nope'}"}
+    assert code == 2 and json.loads(stdout)["exit_code"] == 2
+    assert "checkpoint not found" in json.loads(stdout)["error"]
     code, stdout, _ = run(["analyze", "--bogus", "--json"])
     assert code == 2 and json.loads(stdout)["exit_code"] == 2
 

@@ -2,8 +2,11 @@
 
 References: numpy.linalg (norms, ranks, SVD), scipy (quadrature of the MP density,
 entropy, KS test), a brute-force loop implementation of the Clauset et al. fit, the BBP
-spike-location formula, Monte-Carlo Wishart samples, and ground-truth exponents of
-Pareto samples.
+spike-location formula, Monte-Carlo Wishart samples, ground-truth exponents of Pareto
+samples and, with the torch extra, the WeightWatcher package on the same matrices.
+Host reports (``layer_spectrum``) are float64 whatever the x64 setting; the jittable paths
+(``matrix_metrics``, ``spectral_truncate``, ``matricize``) take their tolerances from the
+run's dtype (``helpers.tol``).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import numpy as np
 import pytest
 import scipy.integrate
 import scipy.stats
+from helpers import FLOAT, tol
 
 from gradience_jax import weights as gw
+from gradience_jax._validate import ArgumentTypeError
 from gradience_jax.weights import layer as gw_layer
 
 # ----------------------------------------------------------------------------------------
@@ -195,7 +200,8 @@ def test_matrix_metrics_jit_equals_eager_and_host():
         eager = gw.matrix_metrics(w, k_top=4)
     jitted = jax.jit(functools.partial(gw.matrix_metrics, k_top=4))(w)
     for name, e, j in zip(eager._fields, eager, jitted, strict=True):
-        np.testing.assert_allclose(np.asarray(j), np.asarray(e), rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(np.asarray(j), np.asarray(e), rtol=tol(1e-12, 1e-5),
+                                   err_msg=name)
     host = gw.layer_spectrum(np.asarray(w))
     for name in (
         "spectral_norm",
@@ -211,8 +217,10 @@ def test_matrix_metrics_jit_equals_eager_and_host():
         "mp_edge_tw",
         "num_spikes",
     ):
-        assert float(getattr(eager, name)) == pytest.approx(getattr(host, name), rel=1e-10), name
-    np.testing.assert_allclose(eager.top_singular_values, host.singular_values[:4], rtol=1e-12)
+        assert float(getattr(eager, name)) == pytest.approx(getattr(host, name),
+                                                            rel=tol(1e-10, 1e-4)), name
+    np.testing.assert_allclose(eager.top_singular_values, host.singular_values[:4],
+                               rtol=tol(1e-12, 1e-5))
 
 
 def test_matrix_metrics_pads_top_values_and_keeps_float32():
@@ -349,9 +357,64 @@ def test_heavy_tailed_matrix_recovers_alpha(alpha):
     ls = gw.layer_spectrum(w)
     np.testing.assert_allclose(np.sort(ls.esd), np.sort(lam), rtol=1e-8)
     assert abs(ls.alpha - alpha) < 0.25
-    assert ls.weighted_alpha == pytest.approx(ls.alpha * math.log10(lam.max()), rel=1e-8)
+    # WeightWatcher's convention: the ESD of W^T W is n * lam, so lambda_max = n * max(lam)
+    assert ls.weighted_alpha == pytest.approx(ls.alpha * math.log10(n * lam.max()), rel=1e-8)
+    assert ls.weighted_alpha_normalized == pytest.approx(ls.alpha * math.log10(lam.max()),
+                                                         rel=1e-8)
     assert ls.verdict.startswith("typical trained")
     assert ls.num_spikes > 0
+
+
+def _planted_kernel(rng, n_in, n_out, alpha, scale):
+    """(n_in, n_out) kernel whose W^T W has eigenvalues scale * Pareto(alpha) samples."""
+    m = min(n_in, n_out)
+    lam = scale * _pareto(rng, alpha, m)
+    u, v = _orthonormal(rng, n_in, m), _orthonormal(rng, n_out, m)
+    return (u * np.sqrt(lam)) @ v.T
+
+
+@pytest.mark.torch
+@pytest.mark.filterwarnings("ignore:Passing a dict to DataFrame.from_records")
+def test_alpha_and_weighted_alpha_match_weightwatcher():
+    """Per-layer alpha and alpha_weighted (and the model's mean alpha_weighted) agree with
+    the WeightWatcher package on the same matrices: a torch nn.Linear model with planted
+    heavy-tailed spectra, lambda_max of W^T W below and above 1 (so the sign of
+    log10 lambda_max differs between layers). The ``W^T W / N`` quantity differs from
+    WeightWatcher's by alpha * log10(N), far outside the tolerance."""
+    import logging
+
+    torch = pytest.importorskip("torch")
+    ww = pytest.importorskip("weightwatcher")
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    rng = np.random.default_rng(20)
+    specs = [(400, 200, 2.5, 1.0), (150, 300, 3.5, 0.01), (500, 250, 4.5, 20.0)]
+    kernels, linears = [], []
+    for n_in, n_out, alpha, scale in specs:
+        kernel = _planted_kernel(rng, n_in, n_out, alpha, scale).astype(np.float32)
+        lin = torch.nn.Linear(n_in, n_out, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(kernel.T.copy()))  # torch stores (out, in)
+        kernels.append(kernel)
+        linears.append(lin)
+    model = torch.nn.Sequential(*linears)
+    watcher = ww.WeightWatcher(model=model)
+    details = watcher.analyze(randomize=False, mp_fit=False, plot=False)
+    assert len(details) == len(specs)
+    rep = gw.weight_spectra({f"layer_{i}": {"kernel": k} for i, k in enumerate(kernels)})
+    for i, (row, kernel) in enumerate(zip(details.itertuples(), kernels, strict=True)):
+        ls = rep[f"layer_{i}/kernel"]
+        n = max(kernel.shape)
+        assert row.N == n and row.M == min(kernel.shape)
+        assert ls.singular_values[0] ** 2 == pytest.approx(row.lambda_max, rel=1e-6)
+        assert ls.alpha == pytest.approx(row.alpha, abs=0.01)
+        tol_w = 0.01 * abs(math.log10(row.lambda_max)) + 1e-6  # from the alpha tolerance
+        assert ls.weighted_alpha == pytest.approx(row.alpha_weighted, abs=tol_w)
+        assert ls.weighted_alpha_normalized == pytest.approx(
+            row.alpha_weighted - row.alpha * math.log10(n), abs=tol_w + 0.01 * math.log10(n))
+        assert abs(ls.weighted_alpha_normalized - row.alpha_weighted) > 10 * tol_w
+    summary = watcher.get_summary(details)
+    assert rep.summary.weighted_alpha == pytest.approx(summary["alpha_weighted"], abs=0.03)
+    assert rep.summary.mean_alpha == pytest.approx(summary["alpha"], abs=0.01)
 
 
 def test_verdict_ranges_are_heuristics_on_alpha():
@@ -378,7 +441,7 @@ def test_all_zero_matrix_is_defined():
 
 def test_too_small_for_a_tail_fit():
     ls = gw.layer_spectrum(np.random.default_rng(9).standard_normal((3, 2)))
-    assert ls.alpha is None and ls.weighted_alpha is None
+    assert ls.alpha is None and ls.weighted_alpha is None and ls.weighted_alpha_normalized is None
     assert "min_tail" in ls.alpha_missing_reason
     assert ls.numerical_rank == 2
 
@@ -405,6 +468,87 @@ def test_bad_inputs_raise_clearly():
         gw.matricize(np.ones((2, 3)), rule="flatten")
 
 
+W_BAD = np.random.default_rng(17).standard_normal((12, 8))
+
+
+@pytest.mark.parametrize("call, exc, fragment", [
+    (lambda: gw.layer_spectrum(W_BAD, rtol=-1.0), ValueError, "rtol must be >= 0"),
+    (lambda: gw.layer_spectrum(W_BAD, rtol=1.0), ValueError, "rtol must be < 1"),
+    (lambda: gw.layer_spectrum(W_BAD, rtol=float("nan")), ValueError, "rtol must be finite"),
+    (lambda: gw.layer_spectrum(W_BAD, rtol="1e-3"), ArgumentTypeError, "rtol must be a real"),
+    (lambda: gw.layer_spectrum(W_BAD, min_tail=1), ValueError, "min_tail must be >= 2"),
+    (lambda: gw.layer_spectrum(W_BAD, min_tail=2.5), ArgumentTypeError, "min_tail must be an"),
+    (lambda: gw.layer_spectrum(W_BAD, tw_level="0.99"), ArgumentTypeError, "tw_level"),
+    (lambda: gw.layer_spectrum(W_BAD, key=0), TypeError, "key must be a PRNG key"),
+    (lambda: gw.layer_spectrum(W_BAD, path=3), ArgumentTypeError, "path must be a string"),
+    (lambda: gw.layer_spectrum(np.ones((0, 3))), ValueError, "positive dimensions"),
+    (lambda: gw.layer_spectrum("abc"), ArgumentTypeError, "matrix must be real"),
+    (lambda: gw.matrix_metrics(W_BAD, rtol=-1.0), ValueError, "rtol must be >= 0"),
+    (lambda: gw.matrix_metrics(W_BAD, k_top=2.0), ArgumentTypeError, "k_top"),
+    (lambda: gw.matrix_metrics(np.where(W_BAD > 1, np.inf, W_BAD)), ValueError, "Inf"),
+    (lambda: gw.fit_power_law(np.arange(1.0, 40.0), xmin=0.0), ValueError, "xmin must be > 0"),
+    (lambda: gw.fit_power_law([1.0, np.nan] * 10), ValueError, "10 NaN"),
+    (lambda: gw.fit_power_law(np.arange(1.0, 40.0), block_elements=0), ValueError,
+     "block_elements"),
+    (lambda: gw.spectral_truncate(W_BAD, rank=9), ValueError, "rank must be <= 8"),
+    (lambda: gw.spectral_truncate(W_BAD, rank=-1), ValueError, "rank must be >= 0"),
+    (lambda: gw.spectral_truncate(W_BAD, energy=0.0), ValueError, "energy must be > 0"),
+    (lambda: gw.spectral_truncate(np.where(W_BAD > 1, np.nan, W_BAD)), ValueError, "NaN"),
+    (lambda: gw.spectral_merge(W_BAD, W_BAD, t=float("nan")), ValueError, "t must be finite"),
+    (lambda: gw.spectral_merge(W_BAD, W_BAD, t="half"), ArgumentTypeError, "t must be a real"),
+    (lambda: gw.randomization_baseline(W_BAD, None), ValueError, "key is required"),
+    (lambda: gw.randomization_baseline(W_BAD, jax.random.key(0), singular_values=np.ones(3)),
+     ValueError, "singular_values must have shape (8,)"),
+    (lambda: gw.weight_spectra({"a": {"kernel": W_BAD}}, rtol=-1.0), ValueError, "rtol"),
+    (lambda: gw.weight_spectra({"a": {"kernel": W_BAD}}, min_tail=0), ValueError, "min_tail"),
+    (lambda: gw.weight_spectra({"a": {"kernel": W_BAD}}, filter="a"), ArgumentTypeError,
+     "filter must be a callable"),
+    (lambda: gw.mp_median(0.0), ValueError, "ratio must be > 0"),
+    (lambda: gw.marchenko_pastur_cdf(1.0, 1.5), ValueError, "ratio must be <= 1"),
+    (lambda: gw.marchenko_pastur_pdf(1.0, 0.5, -1.0), ValueError, "sigma2 must be > 0"),
+    (lambda: gw.tracy_widom_edge(0, 3), ValueError, "n_rows must be >= 1"),
+    (lambda: gw.mp_ks_threshold(0), ValueError, "num_eigs must be >= 1"),
+])
+def test_bad_arguments_name_the_argument(call, exc, fragment):
+    with pytest.raises(exc) as info:
+        call()
+    assert fragment in str(info.value)
+
+
+def test_rtol_is_honoured_at_its_bounds():
+    """rtol = 0 counts every positive singular value; a tolerance just under one of the
+    ratios sigma_i / sigma_1 keeps it (the numpy.linalg.matrix_rank rule)."""
+    rng = np.random.default_rng(18)
+    s = np.array([4.0, 2.0, 1.0, 1e-3])
+    w = _with_singular_values(rng, s, 9, 4)
+    assert gw.layer_spectrum(w, rtol=0.0).numerical_rank == 4
+    assert gw.layer_spectrum(w, rtol=0.24).numerical_rank == 3  # 1 / 4 = 0.25 > 0.24
+    assert gw.layer_spectrum(w, rtol=0.26).numerical_rank == 2
+    for r in (0.0, 0.24, 0.26):
+        assert gw.layer_spectrum(w, rtol=r).numerical_rank == np.linalg.matrix_rank(
+            w, tol=r * np.linalg.norm(w, 2))
+
+
+def test_weight_spectra_failures_are_reported_not_skipped():
+    """A reshape callable returning a non-matrix, an empty kernel and an Inf kernel are
+    failures (visible), a bias is skipped; the good layer is still analysed."""
+    rng = np.random.default_rng(19)
+    good = rng.standard_normal((16, 8))
+    inf = good.copy()
+    inf[2, 3] = -np.inf
+    params = {"good": {"kernel": good, "bias": np.zeros(8)}, "inf": {"kernel": inf},
+              "empty": {"kernel": np.zeros((0, 4))}, "odd": {"kernel": good}}
+    rep = gw.weight_spectra(params, reshape=lambda p, x: np.ravel(x) if p == "odd/kernel"
+                            else None)
+    assert list(rep) == ["good/kernel"]
+    assert set(rep.failed) == {"inf/kernel", "empty/kernel", "odd/kernel"}
+    assert "1 Inf" in rep.failed["inf/kernel"]
+    assert "positive dimensions" in rep.failed["empty/kernel"]
+    assert "not a 2-D matrix" in rep.failed["odd/kernel"]
+    assert set(rep.skipped) == {"good/bias"}
+    assert rep["good/kernel"].spectral_norm == pytest.approx(np.linalg.norm(good, 2), rel=1e-12)
+
+
 def test_degenerate_tail_reports_reason():
     fit = gw.fit_power_law(np.ones(50))
     assert fit.alpha is None and "equal" in fit.missing_reason
@@ -417,11 +561,11 @@ def test_degenerate_tail_reports_reason():
 
 def test_matricize_conventions():
     rng = np.random.default_rng(10)
-    conv = rng.standard_normal((3, 3, 4, 8))
+    conv = rng.standard_normal((3, 3, 4, 8)).astype(FLOAT)  # exact: a reshape, no arithmetic
     np.testing.assert_array_equal(gw.matricize(conv, path="net/conv/kernel"), conv.reshape(36, 8))
-    q = rng.standard_normal((16, 2, 8))
+    q = rng.standard_normal((16, 2, 8)).astype(FLOAT)
     np.testing.assert_array_equal(gw.matricize(q, path="att/query/kernel"), q.reshape(16, 16))
-    out = rng.standard_normal((2, 8, 16))
+    out = rng.standard_normal((2, 8, 16)).astype(FLOAT)
     np.testing.assert_array_equal(gw.matricize(out, path="att/out/kernel"), out.reshape(16, 16))
     np.testing.assert_array_equal(gw.matricize(q, rule="leading"), q.reshape(32, 8))
     with pytest.raises(ValueError, match="reshape='leading'"):
@@ -577,21 +721,31 @@ def test_weight_spectra_reports_bad_leaves_and_summaries():
     )
     rep = gw.weight_spectra(params)
     assert list(rep) == ["layer_1/kernel", "layer_2/kernel", "layer_10/kernel", "zero/kernel"]
-    assert "non-finite" in rep.skipped["nan/kernel"] and "1 NaN" in rep.skipped["nan/kernel"]
+    # a weight matrix that cannot be analysed is a failure, not a skipped leaf
+    assert set(rep.failed) == {"nan/kernel"} and "nan/kernel" not in rep.skipped
+    assert "non-finite" in rep.failed["nan/kernel"] and "1 NaN" in rep.failed["nan/kernel"]
     assert "no reshape rule" in rep.skipped["odd/w"]
     assert "floating" in rep.skipped["ints/kernel"]
     assert "1-D" in rep.skipped["vec"]
     s = rep.summary
     alphas = [rep[p].alpha for p in rep if rep[p].alpha is not None]
-    assert s.num_layers == 4 and s.num_skipped == 4 and s.num_alpha_missing == 1
+    assert s.num_layers == 4 and s.num_skipped == 3 and s.num_alpha_missing == 1
+    assert s.num_failed == 1
     assert s.mean_alpha == pytest.approx(np.mean(alphas))
+    weighted = [rep[p].alpha * math.log10(rep[p].singular_values[0] ** 2) for p in rep
+                if rep[p].alpha is not None]
+    assert s.weighted_alpha == pytest.approx(np.mean(weighted), rel=1e-12)
+    normalized = [rep[p].alpha * math.log10(rep[p].lambda_max) for p in rep
+                  if rep[p].alpha is not None]
+    assert s.weighted_alpha_normalized == pytest.approx(np.mean(normalized), rel=1e-12)
     # lambda_max scales by 10^i / 10^... : log10 lambda_max of layers 1, 2, 10 at positions 0,1,2
     ys = [rep[p].log10_lambda_max for p in list(rep)[:3]]
     np.testing.assert_allclose(np.diff(ys), [1.0, 8.0], rtol=1e-10)
     assert s.trends["log10_lambda_max"] == pytest.approx(np.polyfit([0, 1, 2], ys, 1)[0])
     # JSON round trip, non-finite values as null
     d = json.loads(rep.to_json())
-    assert set(d) == {"layers", "skipped", "summary"}
+    assert set(d) == {"layers", "skipped", "failed", "summary"}
+    assert d["failed"] == rep.failed and d["summary"]["num_failed"] == 1
     assert d["layers"]["zero/kernel"]["condition_number"] is None
     assert d["summary"]["num_layers"] == 4
     assert "singular_values" not in d["layers"]["layer_1/kernel"]
@@ -601,6 +755,9 @@ def test_weight_spectra_reports_bad_leaves_and_summaries():
     )
     text = rep.to_table(plain=True)
     assert "layer_10/kernel" in text and "odd/w" in text
+    row = next(ln for ln in text.splitlines() if ln.startswith("nan/kernel"))
+    assert "FAILED: " in row and "1 NaN" in row
+    assert "1 FAILED" in text.splitlines()[-1]
     from rich.table import Table
 
     assert isinstance(rep.to_table(), Table)
@@ -644,9 +801,11 @@ def test_spectral_truncate_at_mp_edge():
     res = gw.spectral_truncate(w)
     U, s, Vt = np.linalg.svd(w, full_matrices=False)
     assert int(res.rank) == 3
-    np.testing.assert_allclose(res.matrix, (U[:, :3] * s[:3]) @ Vt[:3], atol=1e-9)
-    assert float(res.retained_energy) == pytest.approx(np.sum(s[:3] ** 2) / np.sum(s**2))
-    assert float(res.retained_nuclear) == pytest.approx(np.sum(s[:3]) / np.sum(s))
+    np.testing.assert_allclose(res.matrix, (U[:, :3] * s[:3]) @ Vt[:3], atol=tol(1e-9, 2e-5))
+    assert float(res.retained_energy) == pytest.approx(np.sum(s[:3] ** 2) / np.sum(s**2),
+                                                       rel=tol(1e-9, 1e-5))
+    assert float(res.retained_nuclear) == pytest.approx(np.sum(s[:3]) / np.sum(s),
+                                                        rel=tol(1e-9, 1e-5))
     assert s[3] < float(res.threshold) < s[2]
     assert int(gw.matrix_metrics(jnp.asarray(w)).num_spikes) == 3
     assert gw.layer_spectrum(w).num_spikes == 3
@@ -658,16 +817,19 @@ def test_spectral_truncate_rank_energy_rescale_and_jit():
     s = np.linalg.svd(w, compute_uv=False)
     res = gw.spectral_truncate(w, rank=5)
     # Eckart-Young: the error is the discarded energy
-    assert np.linalg.norm(w - np.asarray(res.matrix)) ** 2 == pytest.approx(np.sum(s[5:] ** 2))
-    np.testing.assert_allclose(np.linalg.svd(np.asarray(res.matrix), compute_uv=False)[:5], s[:5])
+    err2 = np.linalg.norm(w - np.asarray(res.matrix, np.float64)) ** 2
+    assert err2 == pytest.approx(np.sum(s[5:] ** 2), rel=tol(1e-9, 1e-4))
+    np.testing.assert_allclose(np.linalg.svd(np.asarray(res.matrix), compute_uv=False)[:5], s[:5],
+                               rtol=tol(1e-9, 1e-5))
     cum = np.cumsum(s**2) / np.sum(s**2)
     res_e = gw.spectral_truncate(w, energy=0.5)
     assert int(res_e.rank) == int(np.searchsorted(cum, 0.5) + 1)
     assert float(res_e.retained_energy) >= 0.5
     res_r = gw.spectral_truncate(w, rank=5, rescale=True)
-    assert np.linalg.norm(np.asarray(res_r.matrix), "nuc") == pytest.approx(np.sum(s), rel=1e-10)
+    assert np.linalg.norm(np.asarray(res_r.matrix, np.float64), "nuc") == pytest.approx(
+        np.sum(s), rel=tol(1e-10, 1e-5))
     jitted = jax.jit(functools.partial(gw.spectral_truncate, rank=5))(jnp.asarray(w))
-    np.testing.assert_allclose(jitted.matrix, res.matrix, atol=1e-12)
+    np.testing.assert_allclose(jitted.matrix, res.matrix, atol=tol(1e-12, 1e-5))
     jitted_mp = jax.jit(gw.spectral_truncate)(jnp.asarray(w))
     assert int(jitted_mp.rank) == int(gw.spectral_truncate(w).rank)
     with pytest.raises(ValueError, match="at most one"):
@@ -684,25 +846,28 @@ def test_spectral_merge_rules():
     sa, sb = np.linspace(5, 1, 8), np.linspace(3, 0.5, 8)
     a, b = (u * sa) @ v.T, (u * sb) @ v.T
     # shared singular vectors: equals the linear interpolation
-    np.testing.assert_allclose(gw.spectral_merge(a, b, t=0.3).matrix, 0.7 * a + 0.3 * b, atol=1e-10)
+    atol = tol(1e-10, 1e-5)  # the merged matrix has the dtype of a (float32 with x64 off)
+    np.testing.assert_allclose(gw.spectral_merge(a, b, t=0.3).matrix, 0.7 * a + 0.3 * b, atol=atol)
     # misaligned layers: the merged spectrum is the interpolated spectrum
     c, d = rng.standard_normal((12, 8)), rng.standard_normal((12, 8))
     sc, sd = np.linalg.svd(c, compute_uv=False), np.linalg.svd(d, compute_uv=False)
     res = gw.spectral_merge(c, d, t=0.5)
     np.testing.assert_allclose(
-        np.linalg.svd(np.asarray(res.matrix), compute_uv=False), 0.5 * sc + 0.5 * sd, rtol=1e-10
+        np.linalg.svd(np.asarray(res.matrix), compute_uv=False), 0.5 * sc + 0.5 * sd,
+        rtol=tol(1e-10, 1e-5)
     )
     assert np.linalg.norm(0.5 * c + 0.5 * d) < np.linalg.norm(np.asarray(res.matrix))
     assert res.rule == "spectrum_interpolation" and 0 <= res.subspace_overlap <= 1
-    np.testing.assert_allclose(gw.spectral_merge(c, d, t=0.0).matrix, c, atol=1e-10)
+    np.testing.assert_allclose(gw.spectral_merge(c, d, t=0.0).matrix, c, atol=atol)
     assert gw.spectral_merge(c, c).subspace_overlap == pytest.approx(1.0)
     # task vectors: with all energy kept it is the interpolation of the task vectors
     base = rng.standard_normal((12, 8))
     tv = gw.spectral_merge(c, d, t=0.25, base=base, energy=1.0)
-    np.testing.assert_allclose(tv.matrix, base + 0.75 * (c - base) + 0.25 * (d - base), atol=1e-10)
+    np.testing.assert_allclose(tv.matrix, base + 0.75 * (c - base) + 0.25 * (d - base), atol=atol)
     assert tv.rule == "task_vectors" and tv.retained_energy_a == pytest.approx(1.0)
     low = gw.spectral_merge(c, d, base=base, rank=2)
-    assert np.linalg.matrix_rank(np.asarray(low.matrix) - base) <= 4
+    sv = np.linalg.svd(np.asarray(low.matrix, np.float64) - base, compute_uv=False)
+    assert np.sum(sv > tol(1e-10, 1e-4) * sv[0]) == 4  # rank 2 per task vector
     with pytest.raises(ValueError, match="same shape"):
         gw.spectral_merge(c, d[:, :4])
     with pytest.raises(ValueError, match="t must"):
@@ -754,7 +919,8 @@ def test_weights_package_stays_numerics_only():
     import ast
     from pathlib import Path
 
-    allowed = ("gradience_jax.weights", "gradience_jax._json", "gradience_jax.tree")
+    allowed = ("gradience_jax.weights", "gradience_jax._json", "gradience_jax.tree",
+               "gradience_jax._validate")
     files = sorted(Path(gw.__file__).parent.glob("*.py"))
     assert len(files) >= 9
     for path in files:

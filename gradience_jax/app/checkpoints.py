@@ -8,6 +8,8 @@ Supported names:
   file or an orbax directory of the pure parameter dict.
 * :func:`match_spec`, :func:`infer_model`: the family / sizes of a checkpoint, inferred
   from its shapes (families of :mod:`gradience_jax.app.families`).
+* :func:`nonfinite_leaves`: the leaves of a parameter tree holding NaN / Inf;
+  :func:`param_count`: the number of parameters of a built-in family (no compile).
 * :class:`Restored`, :func:`restore_model`, :func:`init_model`: a built-in model with its
   adapter, from a checkpoint or freshly initialised (compiled programs are reused for the
   same family and sizes).
@@ -37,6 +39,8 @@ __all__ = [
     "init_model",
     "load_checkpoint",
     "match_spec",
+    "nonfinite_leaves",
+    "param_count",
     "restore_model",
     "save_checkpoint",
     "to_pure_dict",
@@ -141,7 +145,11 @@ def _first_line(exc: BaseException) -> str:
 def _load_msgpack(path: Path) -> Any:
     from flax import serialization  # noqa: PLC0415
 
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {exc.strerror or type(exc).__name__}") from None
     if not data:
         raise CheckpointError(f"checkpoint {path} is empty")
     try:
@@ -191,6 +199,25 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not all(isinstance(x, (np.ndarray, jax.Array, np.generic)) for x in leaves):
         raise CheckpointError(f"checkpoint {path} holds non-array leaves")
     return _int_keys(jax.tree_util.tree_map(np.asarray, _plain(tree)))
+
+
+def nonfinite_leaves(pure: Mapping) -> dict[str, str]:
+    """The floating-point leaves holding NaN or Inf, with their counts.
+
+    Args:
+        pure: a parameter dict (e.g. from :func:`load_checkpoint`).
+
+    Returns:
+        ``{path: "3 NaN, 0 Inf"}`` in tree order (empty when every leaf is finite).
+    """
+    from gradience_jax.tree import path_str  # noqa: PLC0415 - as _shape_dict
+
+    out = {}
+    for p, x in jax.tree_util.tree_flatten_with_path(pure)[0]:
+        arr = np.asarray(x)
+        if arr.dtype.kind in "fc" and not np.all(np.isfinite(arr)):
+            out[path_str(p)] = f"{int(np.isnan(arr).sum())} NaN, {int(np.isinf(arr).sum())} Inf"
+    return out
 
 
 # -- which family a checkpoint holds -------------------------------------------------------
@@ -296,6 +323,23 @@ def match_spec(model: str, pure: Mapping) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint tree does not match --model {model}: {_summarise(diffs)}")
     return spec
+
+
+def param_count(model: str, spec: Mapping[str, Any] | None = None) -> int:
+    """Number of parameters of a built-in family (from abstract shapes: nothing compiles).
+
+    Args:
+        model: one of :data:`~gradience_jax.app.families.MODELS`.
+        spec: its hyper-parameters (default :func:`~gradience_jax.app.families.default_spec`).
+
+    Returns:
+        The total number of parameter entries.
+
+    Raises:
+        ValueError: unknown ``model``.
+    """
+    spec = default_spec(model) if spec is None else dict(spec)
+    return int(sum(math.prod(s) for s in _abstract_shapes(model, spec).values()))
 
 
 def infer_model(pure: Mapping) -> tuple[str, dict[str, Any]]:

@@ -11,6 +11,12 @@ Subcommands::
 
 Every subcommand takes ``--json`` (machine-readable output on stdout) and ``--debug`` (full
 traceback on failure). Exit codes: 0 ok, 1 failure (one-line reason on stderr), 2 bad usage.
+Nothing is clamped or dropped silently: a flag value out of range, or a combination that
+cannot run (``--iters`` below ``--k``, ``--k`` above the model's parameter count, a
+checkpoint path that does not exist), is refused with exit code 2 and a message naming the
+flag; a checkpoint that exists but cannot be read is a failure (exit code 1); a weight
+matrix that cannot be analysed (NaN / Inf entries) is a ``FAILED`` row of the table and
+makes ``weights`` (and ``analyze --weights-only``) exit 1 after writing their output.
 
 The CLI compiles with XLA's cheap-compile settings (the built-in models are small, so
 compile time dominates) unless ``XLA_FLAGS`` is set, and keeps a persistent compilation
@@ -74,24 +80,33 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_flag(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[lo, hi]`` (the message states the range)."""
+    what = (f"an integer in [{lo}, {hi}]" if hi is not None
+            else "a positive integer" if lo == 1
+            else "a non-negative integer" if lo == 0 else f"an integer >= {lo}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+MAX_STEPS = 10_000_000
+"""Largest ``--iters`` / ``--train-steps`` (as :data:`gradience_jax.app.report.MAX_STEPS`)."""
+MAX_SEED = 2**32 - 1
+"""Largest ``--seed`` (as :data:`gradience_jax.app.report.MAX_SEED`)."""
+_positive_int = _int_flag(1)
+_nonnegative_int = _int_flag(0)
+_steps = _int_flag(1, MAX_STEPS)
+_train_steps = _int_flag(0, MAX_STEPS)
+_seed = _int_flag(0, MAX_SEED)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -115,10 +130,12 @@ def _add_analyze(sub: Any) -> None:
     p.add_argument("--operator", choices=OPERATORS, action="append", default=None,
                    help="curvature operator; repeat for several (default: hessian and ggn)")
     p.add_argument("--k", type=_positive_int, default=None, help="eigenvalues per operator (10)")
-    p.add_argument("--iters", type=_positive_int, default=None, help="Lanczos iteration cap (60)")
+    p.add_argument("--iters", type=_steps, default=None,
+                   help="Lanczos matvec cap, >= --k (60; 30 with --fast)")
     p.add_argument("--reorth", choices=REORTH, default=None, help="reorthogonalisation (full)")
-    p.add_argument("--seed", type=int, default=None, help="seed of data, init and probes (0)")
-    p.add_argument("--train-steps", type=_nonnegative_int, default=None,
+    p.add_argument("--seed", type=_seed, default=None,
+                   help=f"seed of data, init and probes, 0..{MAX_SEED} (0)")
+    p.add_argument("--train-steps", type=_train_steps, default=None,
                    help="full-batch Adam steps (200)")
     p.add_argument("--out", default="gradience_report", help="report folder (gradience_report)")
     p.add_argument("--fast", action="store_true", help="quick settings (also GRADIENCE_FAST=1)")
@@ -144,7 +161,8 @@ def _add_protocol(sub: Any) -> None:
     p.add_argument("name", choices=PROTOCOLS, type=str.upper, help="protocol A, B, C or D")
     p.add_argument("--fast", action="store_true", help="quick settings (also GRADIENCE_FAST=1)")
     p.add_argument("--out", default=None, help="output folder (default protocol_<name>)")
-    p.add_argument("--seed", type=int, default=None, help="seed (default: the protocol's)")
+    p.add_argument("--seed", type=_seed, default=None,
+                   help=f"seed, 0..{MAX_SEED} (default: the protocol's)")
     _common(p)
 
 
@@ -283,7 +301,16 @@ def _summary_table(rows: Sequence[tuple[str, str]], title: str) -> Any:
 # =========================================================================================
 
 
+_FLAGS = {"k": "--k", "iters": "--iters", "train_steps": "--train-steps", "seed": "--seed"}
+
+
 def _analysis_config(args: argparse.Namespace) -> Any:
+    """The :class:`~gradience_jax.app.report.AnalysisConfig` of ``analyze``'s flags.
+
+    Raises:
+        UsageError: ``--iters`` below ``--k`` (given, or the default cap), or any value the
+            config refuses (the message names the flag).
+    """
     from gradience_jax.app.report import AnalysisConfig  # noqa: PLC0415
     from gradience_jax.environment import fast_mode  # noqa: PLC0415
 
@@ -295,11 +322,83 @@ def _analysis_config(args: argparse.Namespace) -> Any:
         value = getattr(args, name)
         if value is not None:
             kw[name] = value
-    cfg = AnalysisConfig(**kw)
-    if args.fast or fast_mode():  # explicit flags win over the quick defaults
-        explicit = {k: v for k, v in kw.items() if k in ("k", "iters", "train_steps")}
-        cfg = dataclasses.replace(cfg.quick(), **explicit)
+    fast = args.fast or fast_mode()
+    base = AnalysisConfig().quick() if fast else AnalysisConfig()
+    k = kw.get("k", base.k)
+    iters = kw.get("iters", base.iters)
+    if iters < k:  # before AnalysisConfig refuses it, with the flags' names
+        if "iters" in kw:
+            raise UsageError(f"{PROG} analyze: --iters {iters} is less than --k {k}: Lanczos "
+                             "needs at least k matvecs for k eigenvalues")
+        default = f"{base.iters}{' with --fast' if fast else ''}"
+        raise UsageError(f"{PROG} analyze: --k {k} needs --iters >= {k} (the default cap is "
+                         f"{default}); pass --iters")
+    try:
+        cfg = dataclasses.replace(base, **kw)  # explicit flags win over the (quick) defaults
+    except ValueError as exc:
+        text = str(exc)
+        for name, flag in _FLAGS.items():
+            if text.startswith(f"{name} "):
+                text = flag + text[len(name):]
+        raise UsageError(f"{PROG} analyze: {text}") from None
     return cfg
+
+
+def _check_k_fits(cfg: Any, restored: Any | None) -> None:
+    """``--k`` must not exceed the model's parameter count (refused, not clamped).
+
+    Args:
+        cfg: the analysis settings.
+        restored: the model restored from ``--checkpoint``, or None (the built-in default
+            sizes of ``cfg.model``, counted from abstract shapes: nothing compiles).
+
+    Raises:
+        UsageError: ``cfg.k`` is larger than the number of parameters.
+    """
+    from gradience_jax.app import checkpoints as ck  # noqa: PLC0415
+    from gradience_jax.tree import size  # noqa: PLC0415
+
+    if cfg.weights_only:
+        return
+    if restored is not None:
+        model, n = restored.model, size(restored.adapted.params)
+    else:
+        model = cfg.model or "mlp"
+        n = ck.param_count(model)
+    if cfg.k > n:
+        raise UsageError(f"{PROG} analyze: --k {cfg.k} exceeds the number of parameters of "
+                         f"the {model} model ({n:,}): at most {n} eigenvalues exist")
+
+
+def _existing_checkpoint(path: str, command: str, flag: str) -> str:
+    """``path`` when it exists; a missing checkpoint path is bad usage (exit code 2).
+
+    Raises:
+        UsageError: naming the argument and the path.
+    """
+    if not Path(path).expanduser().exists():
+        raise UsageError(f"{PROG} {command}: checkpoint not found: {path} ({flag} must be a "
+                         "flax msgpack file or an orbax checkpoint directory)")
+    return path
+
+
+def _failed_layers_message(failed: dict[str, str], what: str) -> str:
+    names = ", ".join(list(failed)[:3]) + (f" (and {len(failed) - 3} more)"
+                                           if len(failed) > 3 else "")
+    return (f"{len(failed)} weight matri{'x' if len(failed) == 1 else 'ces'} of {what} could "
+            f"not be analysed (FAILED rows): {names}; first reason: {next(iter(failed.values()))}")
+
+
+def _partial_failure(message: str, as_json: bool, data: dict[str, Any] | None) -> int:
+    """Exit code 1 after a command wrote its output.
+
+    One line on stderr; with ``--json`` the output itself carries ``ok: false``,
+    ``exit_code`` and ``error`` (no second JSON document on stdout).
+    """
+    sys.stderr.write(f"{PROG}: error: {message}\n")
+    if as_json and data is not None:
+        _print_json({**data, "ok": False, "exit_code": 1, "error": message})
+    return 1
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -312,10 +411,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         args: the parsed arguments.
 
     Returns:
-        The exit code (0).
+        The exit code: 0, or 1 when a weight matrix could not be analysed (the report is
+        written and lists it under ``weights.failed``).
 
     Raises:
-        CheckpointError: a bad ``--checkpoint`` (before any slow work).
+        UsageError: ``--iters`` below ``--k``, ``--k`` above the model's parameter count, a
+            ``--checkpoint`` path that does not exist.
+        CheckpointError: an unreadable / mismatched ``--checkpoint`` (before any slow
+            work), or one with NaN / Inf parameters when curvature is measured.
         OSError: ``--out`` or ``--save-checkpoint``'s folder is not writable.
     """
     from gradience_jax.app import checkpoints as ck  # noqa: PLC0415
@@ -323,49 +426,76 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from gradience_jax.app import report as rp  # noqa: PLC0415
 
     cfg = _analysis_config(args)
+    restored = None
     if cfg.checkpoint is not None:  # fail before any slow work
-        ck.restore_model(ck.load_checkpoint(cfg.checkpoint), cfg.model)
+        pure = ck.load_checkpoint(_existing_checkpoint(cfg.checkpoint, "analyze",
+                                                       "--checkpoint"))
+        restored = ck.restore_model(pure, cfg.model)
+        bad = ck.nonfinite_leaves(pure)
+        if bad and not cfg.weights_only:
+            first = next(iter(bad))
+            raise ck.CheckpointError(
+                f"checkpoint {cfg.checkpoint} has non-finite parameters in {len(bad)} "
+                f"array(s), e.g. {first} ({bad[first]}): curvature needs finite parameters "
+                "(--weights-only or `gradience-jax weights PATH` shows the other layers)")
+    _check_k_fits(cfg, restored)
     rp.check_writable(args.out)
     if args.save_checkpoint:
         rp.check_writable(Path(args.save_checkpoint).expanduser().resolve().parent)
     with _Stages(rp.plan(cfg), enabled=not args.json) as stages:
         result = rp.analyze(cfg, out=args.out, progress=stages, save_params_to=args.save_checkpoint)
+    failed = (result.get("weights") or {}).get("failed") or {}
+    message = _failed_layers_message(failed, "the model") if failed else None
     if args.json:
+        if message:
+            return _partial_failure(message, True, result)
         _print_json(result)
         return 0
     con = _console()
     con.print(_summary_table(md.summary_rows(result), "gradience-jax analyze"))
-    failed = [c["name"] for c in result.get("checks") or [] if not c["passed"]]
-    if failed:
-        con.print(f"[yellow]checks not passed:[/] {', '.join(failed)}")
+    not_passed = [c["name"] for c in result.get("checks") or [] if not c["passed"]]
+    if not_passed:
+        con.print(f"[yellow]checks not passed:[/] {', '.join(not_passed)}")
     con.print(f"report written to {Path(args.out) / 'report.md'}")
-    return 0
+    return _partial_failure(message, False, None) if message else 0
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
     """``weights PATH``: weight spectra of a checkpoint (a table, or JSON with ``--json``).
 
+    A weight matrix that cannot be analysed (NaN / Inf entries, an empty axis) is a
+    ``FAILED`` row of the table (``failed`` in the JSON) with its reason, and the command
+    exits 1 after printing (and writing ``--out``); leaves that are not weight matrices
+    (biases, vectors, integer arrays) are listed as skipped.
+
     Args:
         args: the parsed arguments.
 
     Returns:
-        The exit code (0).
+        The exit code: 0, or 1 when a weight matrix failed.
 
     Raises:
-        CheckpointError: a missing / unreadable checkpoint.
+        UsageError: ``PATH`` does not exist.
+        CheckpointError: an unreadable / corrupt checkpoint.
         CLIError: the checkpoint holds no weight matrix.
     """
     from gradience_jax.app import checkpoints as ck  # noqa: PLC0415
     from gradience_jax.app import report as rp  # noqa: PLC0415
 
-    pure = ck.load_checkpoint(args.path)
+    pure = ck.load_checkpoint(_existing_checkpoint(args.path, "weights", "PATH"))
     data, rep = rp.write_weights_report(pure, args.out)
-    if not len(rep):
+    if not len(rep) and not rep.failed:
         raise CLIError(f"no weight matrices in {args.path} ({len(rep.skipped)} leaves skipped)")
+    data = {"path": str(args.path), **data}
+    message = _failed_layers_message(rep.failed, str(args.path)) if rep.failed else None
     if args.json:
-        _print_json({"path": str(args.path), **data})
+        if message:
+            return _partial_failure(message, True, data)
+        _print_json(data)
     else:
         _console().print(rep.to_table())
+        if message:
+            return _partial_failure(message, False, None)
     return 0
 
 

@@ -62,8 +62,12 @@ def summary_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         lo, hi = report["density"]["support"]
         rows.append(("density support", f"[{_fmt(lo)}, {_fmt(hi)}]"))
     ws = report["weights"]["summary"]
-    rows.append(("weights", f"{ws['num_layers']} layers, mean alpha {_fmt(ws['mean_alpha'], 3)}, "
-                            f"mean eff. rank {_fmt(ws['mean_effective_rank'], 3)}"))
+    failed = report["weights"].get("failed") or {}
+    rows.append(("weights", f"{ws['num_layers']} layers"
+                            f"{f', {len(failed)} FAILED' if failed else ''}, mean alpha "
+                            f"{_fmt(ws['mean_alpha'], 3)}, weighted alpha "
+                            f"{_fmt(ws['weighted_alpha'], 3)}, mean eff. rank "
+                            f"{_fmt(ws['mean_effective_rank'], 3)}"))
     if report.get("landscape"):
         land = report["landscape"]
         rows.append(("landscape", f"loss {_fmt(land['min_loss'])} .. {_fmt(land['max_loss'])} "
@@ -118,6 +122,8 @@ def markdown(report: Mapping[str, Any]) -> str:
                    x.get("effective_rank"), x.get("num_spikes"),
                    str(x.get("verdict", "")).split(" (")[0]]
                   for p, x in report["weights"]["layers"].items()]
+    layer_rows += [[p, "-", None, None, None, None, f"FAILED: {reason}"]
+                   for p, reason in (report["weights"].get("failed") or {}).items()]
     lines += _md_table(["layer", "shape", "alpha", "stable rank", "eff. rank", "spikes", "verdict"],
                        layer_rows)
     if "weight_spectra" in figs:

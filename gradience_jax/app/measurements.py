@@ -99,14 +99,23 @@ def top_k(op: Any, cfg: Any) -> Any:
         cfg: ``k``, ``iters``, ``reorth``, ``tol``, ``seed``.
 
     Returns:
-        :class:`gradience_jax.SpectrumResult`; at most ``iters`` matvecs per restart cycle.
+        :class:`gradience_jax.SpectrumResult`; at most ``iters`` matvecs (the cap of the
+        convergence-driven run).
+
+    Raises:
+        ValueError: ``k`` exceeds the operator's ``n_params`` or ``iters < k`` (nothing is
+            clamped: the report's settings are the ones used).
     """
     from gradience_jax.spectrum import eigsh  # noqa: PLC0415
 
-    k = min(cfg.k, op.n_params)
-    iters = min(max(cfg.iters, k), op.n_params) if cfg.reorth == "full" else max(cfg.iters, k)
-    return eigsh(op, k=k, which="LA", reorth=cfg.reorth, key=jax.random.key(cfg.seed),
-                 tol=cfg.tol, max_iters=iters, seed=cfg.seed)
+    if cfg.k > op.n_params:
+        raise ValueError(f"k={cfg.k} exceeds the number of parameters of the {op.name} "
+                         f"operator (n_params={op.n_params})")
+    if cfg.iters < cfg.k:
+        raise ValueError(f"iters={cfg.iters} must be >= k={cfg.k} (Lanczos needs at least k "
+                         "matvecs)")
+    return eigsh(op, k=cfg.k, which="LA", reorth=cfg.reorth, key=jax.random.key(cfg.seed),
+                 tol=cfg.tol, max_iters=cfg.iters, seed=cfg.seed)
 
 
 def trace(op: Any, cfg: Any) -> dict[str, Any]:

@@ -17,7 +17,8 @@ analysed parameters) into the output folder.
 
 Supported names: :class:`AnalysisConfig`, :func:`analyze`, :func:`plan`, :func:`train`,
 :func:`check_writable`, :func:`versions`, :func:`write_weights_report`, :data:`SCHEMA`,
-:data:`OPERATORS`, :data:`REORTH`, :data:`VERSION_PACKAGES`. The measurements are in
+:data:`OPERATORS`, :data:`REORTH`, :data:`VERSION_PACKAGES`, :data:`MAX_STEPS`,
+:data:`MAX_SEED`. The measurements are in
 :mod:`gradience_jax.app.measurements`, the text in :mod:`gradience_jax.app.markdown`, the
 figures in :mod:`gradience_jax.plots.report`, checkpoints and built-in models in
 :mod:`gradience_jax.app.checkpoints` / :mod:`gradience_jax.app.families`.
@@ -46,6 +47,7 @@ import numpy as np
 
 from gradience_jax import environment
 from gradience_jax._json import jsonable
+from gradience_jax._validate import check_choice, check_int, check_real
 from gradience_jax.app import measurements as ms
 from gradience_jax.app.checkpoints import (
     Restored,
@@ -66,12 +68,18 @@ OPERATORS = ("hessian", "ggn", "ef", "kfac")
 """The curvature operators :func:`analyze` can measure."""
 REORTH = ("full", "window", "none")
 """Lanczos reorthogonalisation modes."""
+MAX_STEPS = 10_000_000
+"""Upper bound of ``iters`` and ``train_steps`` (larger values are refused, not clamped)."""
+MAX_SEED = 2**32 - 1
+"""Largest ``seed`` (seeds are 32-bit: ``0 <= seed <= MAX_SEED``)."""
 VERSION_PACKAGES = ("gradience-jax", "jax", "jaxlib", "flax", "optax", "numpy",
                     "orbax-checkpoint", "matplotlib")
 """Packages whose versions ``report.json`` records."""
 
 __all__ = [
     "AnalysisConfig",
+    "MAX_SEED",
+    "MAX_STEPS",
     "OPERATORS",
     "REORTH",
     "SCHEMA",
@@ -105,8 +113,12 @@ class AnalysisConfig:
         fast: the quick settings were applied (recorded in the report).
 
     Raises:
-        ValueError: (on construction) an unknown model / operator / reorth mode, or a
-            non-positive count.
+        ValueError: (on construction) an unknown model / operator / reorth mode, a count
+            out of range (``k``, ``iters``, ``trace_samples``, ``density_probes``,
+            ``density_iters`` >= 1, ``grid`` >= 3, ``train_steps`` >= 0, ``iters`` and
+            ``train_steps`` at most :data:`MAX_STEPS`, ``iters >= k``), a ``seed`` outside
+            ``[0, 2**32)``, a non-positive or non-finite ``tol`` / ``learning_rate`` /
+            ``span``. ``ArgumentTypeError`` (a ``ValueError``): a value of the wrong kind.
     """
 
     model: str | None = None
@@ -135,17 +147,18 @@ class AnalysisConfig:
         if bad or not self.operators:
             raise ValueError(f"operators must be a non-empty subset of {OPERATORS}, "
                              f"got {list(self.operators)}")
-        if self.reorth not in REORTH:
-            raise ValueError(f"reorth must be one of {REORTH}, got {self.reorth!r}")
-        for name in ("k", "iters", "trace_samples", "density_probes", "density_iters", "grid"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.grid < 3:
-            raise ValueError(f"grid must be >= 3, got {self.grid}")
-        if self.train_steps < 0:
-            raise ValueError(f"train_steps must be >= 0, got {self.train_steps}")
-        if not self.tol > 0:
-            raise ValueError(f"tol must be > 0, got {self.tol!r}")
+        check_choice(self.reorth, "reorth", REORTH)
+        for name in ("k", "trace_samples", "density_probes", "density_iters"):
+            check_int(getattr(self, name), name)
+        check_int(self.iters, "iters", hi=MAX_STEPS)
+        check_int(self.grid, "grid", lo=3)
+        check_int(self.train_steps, "train_steps", lo=0, hi=MAX_STEPS)
+        check_int(self.seed, "seed", lo=0, hi=MAX_SEED)
+        if self.iters < self.k:
+            raise ValueError(f"iters ({self.iters}) must be >= k ({self.k}): Lanczos needs at "
+                             "least k matvecs for k eigenvalues")
+        for name in ("tol", "learning_rate", "span"):
+            check_real(getattr(self, name), name, lo=0.0, lo_open=True)
 
     def quick(self) -> AnalysisConfig:
         """The same job with the quick settings (tests, CI): fewer steps, probes, points."""

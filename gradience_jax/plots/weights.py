@@ -134,7 +134,8 @@ _LABELS = {
     "alpha": r"power-law $\alpha$",
     "effective_rank": "effective rank",
     "stable_rank": "stable rank",
-    "weighted_alpha": r"$\alpha \log_{10}\lambda_{max}$",
+    "weighted_alpha": r"$\alpha \log_{10}\sigma_{max}^2$",
+    "weighted_alpha_normalized": r"$\alpha \log_{10}\lambda_{max}$",
     "numerical_rank": "numerical rank",
     "num_spikes": "spikes above MP edge",
 }

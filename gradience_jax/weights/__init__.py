@@ -4,9 +4,13 @@ Every weight matrix ``W`` is analysed through its singular values
 ``sigma_1 >= ... >= sigma_M`` and its empirical spectral density (ESD), the eigenvalues of
 ``X = W^T W / N`` where ``N >= M`` are the larger and smaller dimensions of ``W`` (the
 matrix is transposed when needed, so the ESD has ``M = min(shape)`` eigenvalues
-``lambda_i = sigma_i^2 / N``). This is the normalisation of Martin & Mahoney (2021) and
-WeightWatcher. Numerics only: NumPy and JAX, no matplotlib (figures are in the plotting
-layer), no training.
+``lambda_i = sigma_i^2 / N``). This is the normalisation of Martin & Mahoney (2021) and of
+the Marchenko-Pastur law; the WeightWatcher package (0.7.x, default settings) takes the
+eigenvalues ``sigma_i^2`` of ``W^T W`` instead. The power-law ``alpha`` does not depend on
+the convention; ``weighted_alpha = alpha * log10(sigma_1^2)`` is WeightWatcher's
+``alpha_weighted``, and ``weighted_alpha_normalized = alpha * log10(lambda_max)`` the same
+on this package's ESD (see :mod:`~gradience_jax.weights.layer`). Numerics only: NumPy and
+JAX, no matplotlib (figures are in the plotting layer), no training.
 
 One idea per module; every name below is supported and importable from here:
 

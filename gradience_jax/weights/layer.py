@@ -3,9 +3,21 @@
 Host side, float64: one SVD, the metrics of :mod:`gradience_jax.weights.metrics`, the ESD
 tail fit and singular-value decay of :mod:`gradience_jax.weights.power_law`, the
 Marchenko-Pastur fit of :mod:`gradience_jax.weights.random_matrix` and, with a key, the
-randomization baseline. ``weighted_alpha = alpha * log10(lambda_max)``; eigenvalues above
-the TW-corrected MP edge are *spikes* and ``tail_mass_fraction`` is their share of
-``sum lambda_i``.
+randomization baseline. Eigenvalues above the TW-corrected MP edge are *spikes* and
+``tail_mass_fraction`` is their share of ``sum lambda_i``.
+
+Two ESD conventions: this package's ESD (``esd``, ``lambda_max``, ``log10_lambda_max``, the
+MP and TW fields) is the eigenvalues of ``W^T W / N``; WeightWatcher's is the eigenvalues
+``sigma_i^2`` of ``W^T W`` (no ``1 / N``). The power-law ``alpha`` is the same in both
+(the fit is scale invariant; ``xmin`` scales by ``N``). The weighted alpha follows
+WeightWatcher:
+
+* ``weighted_alpha = alpha * log10(sigma_1^2)``, WeightWatcher's ``alpha_weighted``
+  (``alpha * log10(lambda_max)`` in its convention);
+* ``weighted_alpha_normalized = alpha * log10(sigma_1^2 / N) = alpha * log10(lambda_max)``
+  on this package's ESD, ``= weighted_alpha - alpha * log10(N)`` (WeightWatcher's value
+  with ``normalize=True``). It is negative whenever ``lambda_max < 1``, as for most
+  trained layers, so compare it only between layers of the same ``N``.
 
 Verdict (heuristics, not theorems; the ranges are those used with WeightWatcher):
 ``alpha < 2`` "very heavy-tailed" (possible over-fit / over-regularisation),
@@ -16,7 +28,9 @@ fitted alpha: without a tail a power-law exponent means nothing. When alpha cann
 fitted the verdict is "undetermined (<reason>)".
 
 Bad input: ``layer_spectrum`` raises ``ValueError`` for arrays with fewer than 2 axes, with
-more than 2 axes and no reshape rule, non-real dtypes and NaN / Inf entries. An all-zero
+more than 2 axes and no reshape rule, an empty axis, NaN / Inf entries, ``rtol`` outside
+[0, 1), ``min_tail < 2`` and an untabulated ``tw_level``; ``ArgumentTypeError`` (a
+``TypeError`` and ``ValueError``) for non-real dtypes and arguments of the wrong kind. An all-zero
 matrix has all norms and ranks 0, ``condition_number`` NaN, and ``alpha`` missing with a
 reason; a matrix with fewer than ``min_tail`` positive eigenvalues gets ``alpha = None``
 with ``alpha_missing_reason`` set.
@@ -36,9 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax._json import jsonable
-from gradience_jax.weights.metrics import core_metrics, default_rtol
+from gradience_jax._validate import ArgumentTypeError, check_int, check_key
+from gradience_jax.weights.metrics import check_rtol, core_metrics, default_rtol
 from gradience_jax.weights.power_law import decay_exponent, fit_power_law, missing_fit
-from gradience_jax.weights.random_matrix import mp_ks_distance, mp_ks_threshold
+from gradience_jax.weights.random_matrix import mp_ks_distance, mp_ks_threshold, tw_quantile
 from gradience_jax.weights.randomization import randomization_baseline
 from gradience_jax.weights.reshape import apply_reshape_rule, check_finite, resolve_rule
 
@@ -58,9 +73,12 @@ class LayerSpectrum:
 
     Definitions are in :mod:`gradience_jax.weights.metrics` and this module's docstring.
     Arrays: ``singular_values`` ``(M,)`` and ``esd`` ``(M,)`` (eigenvalues of
-    ``W^T W / N``), both in descending order, float64 numpy. Optional fields are None when
-    undefined; ``alpha_missing_reason`` explains a missing power-law fit and the
-    ``*_shuffled`` / ``correlation_trap`` fields are filled only when a key is given.
+    ``W^T W / N``), both in descending order, float64 numpy. ``weighted_alpha`` is
+    WeightWatcher's ``alpha_weighted`` (``alpha * log10(sigma_1^2)``);
+    ``weighted_alpha_normalized`` is ``alpha * log10(lambda_max)`` on the ``W^T W / N`` ESD.
+    Optional fields are None when undefined; ``alpha_missing_reason`` explains a missing
+    power-law fit and the ``*_shuffled`` / ``correlation_trap`` fields are filled only when
+    a key is given.
     """
 
     path: str | None
@@ -88,6 +106,7 @@ class LayerSpectrum:
     ks_distance: float | None
     num_tail: int
     weighted_alpha: float | None
+    weighted_alpha_normalized: float | None
     alpha_missing_reason: str | None
     decay_exponent: float | None
     mp_sigma2: float
@@ -164,9 +183,9 @@ def layer_spectrum(
       matrix: a 2-D array, or a kernel with a reshape rule (see ``matricize``).
       path: the layer's path (used by ``reshape="auto"`` and stored in the report).
       reshape: ``"auto"``, ``"matrix"``, ``"leading"`` or ``"trailing"``.
-      rtol: numerical-rank tolerance relative to ``sigma_1``; default
+      rtol: numerical-rank tolerance relative to ``sigma_1``, in [0, 1); default
         ``max(shape) * eps(input dtype)``.
-      min_tail: smallest number of tail eigenvalues for a power-law fit.
+      min_tail: smallest number of tail eigenvalues for a power-law fit (``>= 2``).
       tw_level: Tracy-Widom quantile level of the spike threshold (0.90, 0.95, 0.99).
       key: if given, also run ``randomization_baseline`` with this key.
 
@@ -174,18 +193,29 @@ def layer_spectrum(
       ``LayerSpectrum``. Cost: one SVD ``O(N M^2)`` plus the ``O(M^2)`` power-law scan.
 
     Raises:
-      ValueError: fewer than 2 axes, no reshape rule, non-real dtype, NaN / Inf entries.
+      ArgumentTypeError: non-real dtype, or an argument of the wrong kind.
+      ValueError: fewer than 2 axes, no reshape rule, an empty axis, NaN / Inf entries,
+        ``rtol`` outside [0, 1), ``min_tail < 2``, an untabulated ``tw_level``, a batch of
+        keys.
     """
+    rtol = None if rtol is None else check_rtol(rtol)
+    min_tail = check_int(min_tail, "min_tail", lo=2)
+    tw_quantile(tw_level)
+    tw_level = float(tw_level)
+    if key is not None:
+        key = check_key(key, "key")
+    if path is not None and not isinstance(path, str):
+        raise ArgumentTypeError(f"path must be a string or None, got {type(path).__name__}")
     arr = np.asarray(matrix)
-    original_shape = tuple(int(d) for d in arr.shape)
-    rule = resolve_rule(reshape, path or "", original_shape)
     if not (
         np.issubdtype(arr.dtype, np.floating)
         or np.issubdtype(arr.dtype, np.integer)
         or arr.dtype == np.bool_
         or arr.dtype.name == "bfloat16"
     ):
-        raise ValueError(f"matrix must be real, got dtype {arr.dtype}")
+        raise ArgumentTypeError(f"matrix must be real, got dtype {arr.dtype}")
+    original_shape = tuple(int(d) for d in arr.shape)
+    rule = resolve_rule(reshape, path or "", original_shape)
     w2 = apply_reshape_rule(arr, rule)
     if min(w2.shape) < 1:
         raise ValueError(f"matrix must have positive dimensions, got shape {w2.shape}")
@@ -208,7 +238,10 @@ def layer_spectrum(
         fit = fit_power_law(esd[positive], min_tail=min_tail)
     lmax = float(c["lambda_max"])
     log_lmax = math.log10(lmax) if lmax > 0 else None
-    weighted = fit.alpha * log_lmax if fit.alpha is not None and log_lmax is not None else None
+    weighted = weighted_norm = None
+    if fit.alpha is not None and log_lmax is not None:
+        weighted = fit.alpha * 2.0 * math.log10(float(s[0]))  # log10(sigma_1^2): WeightWatcher
+        weighted_norm = fit.alpha * log_lmax
     decay = decay_exponent(s[positive]) if positive.sum() >= 2 else None
     mp_ks = mp_ks_distance(esd, ratio, c["mp_sigma2"])
     num_spikes = int(c["num_spikes"])
@@ -243,6 +276,7 @@ def layer_spectrum(
         ks_distance=fit.ks_distance,
         num_tail=fit.num_tail,
         weighted_alpha=weighted,
+        weighted_alpha_normalized=weighted_norm,
         alpha_missing_reason=fit.missing_reason,
         decay_exponent=decay,
         mp_sigma2=float(c["mp_sigma2"]),

@@ -10,8 +10,9 @@ Every weight matrix ``W`` is analysed through its singular values
 * ``stable_rank = ||W||_F^2 / ||W||_2^2``;
 * ``effective_rank = exp(-sum p_i log p_i)`` with ``p_i = sigma_i / sum_j sigma_j``
   (Roy & Vetterli, 2007); defined as 0 for the zero matrix;
-* ``numerical_rank`` = number of ``sigma_i > rtol * sigma_1``; the default ``rtol`` is
-  ``max(shape) * eps(dtype of the input)`` (the ``numpy.linalg.matrix_rank`` rule);
+* ``numerical_rank`` = number of ``sigma_i > rtol * sigma_1``, ``0 <= rtol < 1``; the
+  default ``rtol`` is ``max(shape) * eps(dtype of the input)`` (the
+  ``numpy.linalg.matrix_rank`` rule);
 * the median-based Marchenko-Pastur bulk scale and edges, the Tracy-Widom corrected edge
   and the spikes above it (:mod:`gradience_jax.weights.random_matrix`).
 
@@ -20,7 +21,7 @@ Every weight matrix ``W`` is analysed through its singular values
 :func:`matrix_metrics`, ``spectral_truncate``): one formula for both paths.
 
 Supported names: ``MatrixMetrics``, ``matrix_metrics``, ``effective_rank``,
-``core_metrics``, ``default_rtol``.
+``core_metrics``, ``default_rtol``, ``check_rtol``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gradience_jax._validate import ArgumentTypeError, check_int, check_real
 from gradience_jax.weights.random_matrix import mp_edges, mp_median, tracy_widom_edge, tw_quantile
+from gradience_jax.weights.reshape import check_finite
 
-__all__ = ["MatrixMetrics", "core_metrics", "default_rtol", "effective_rank", "matrix_metrics"]
+__all__ = ["MatrixMetrics", "check_rtol", "core_metrics", "default_rtol", "effective_rank",
+           "matrix_metrics"]
 
 
 class MatrixMetrics(NamedTuple):
@@ -171,6 +175,27 @@ def default_rtol(shape: tuple[int, ...], dtype: Any) -> float:
     return float(max(shape) * jnp.finfo(dt).eps)
 
 
+def check_rtol(rtol: Any) -> float:
+    """The numerical-rank tolerance ``rtol`` (relative to ``sigma_1``) as a float in [0, 1).
+
+    Args:
+      rtol: the tolerance (``0`` counts every non-zero singular value).
+
+    Returns:
+      ``float(rtol)``.
+
+    Raises:
+      ArgumentTypeError: ``rtol`` is not a real number.
+      ValueError: ``rtol`` is negative, not finite, or ``>= 1`` (no singular value exceeds
+        ``sigma_1`` itself, so the numerical rank would be 0).
+    """
+    x = check_real(rtol, "rtol", lo=0.0)
+    if x >= 1.0:
+        raise ValueError(f"rtol must be < 1 (it is relative to sigma_1, so rtol >= 1 gives "
+                         f"numerical rank 0), got {x}")
+    return x
+
+
 def matrix_metrics(
     matrix: jax.Array, *, k_top: int = 5, rtol: float | None = None, tw_level: float = 0.99
 ) -> MatrixMetrics:
@@ -190,19 +215,27 @@ def matrix_metrics(
       ``MatrixMetrics`` of 0-d arrays (``top_singular_values``: ``(k_top,)``).
 
     Raises:
-      ValueError: if ``matrix`` is not 2-D or ``k_top < 1``.
+      ArgumentTypeError: a non-real ``matrix``, or an argument of the wrong kind.
+      ValueError: ``matrix`` not 2-D, empty or (called eagerly) with NaN / Inf entries;
+        ``k_top < 1``; ``rtol`` outside [0, 1); an untabulated ``tw_level``.
     """
+    k_top = check_int(k_top, "k_top")
+    rtol = None if rtol is None else check_rtol(rtol)
+    tw_quantile(tw_level)
     w = jnp.asarray(matrix)
+    if not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)
+            or w.dtype == jnp.bool_):
+        raise ArgumentTypeError(f"matrix must be real, got dtype {w.dtype}")
     if w.ndim != 2:
         raise ValueError(f"matrix must be 2-D, got shape {w.shape}; use matricize() first")
-    if k_top < 1:
-        raise ValueError(f"k_top must be >= 1, got {k_top}")
-    tw_quantile(tw_level)
+    if min(w.shape) < 1:
+        raise ValueError(f"matrix must have positive dimensions, got shape {w.shape}")
+    check_finite(w, "matrix")
     if not jnp.issubdtype(w.dtype, jnp.floating):
         w = w.astype(jnp.result_type(float))
     if rtol is None:
         rtol = default_rtol(w.shape, w.dtype)
-    return _matrix_metrics_jit(w, int(k_top), float(rtol), float(tw_level))
+    return _matrix_metrics_jit(w, k_top, float(rtol), float(tw_level))
 
 
 def _matrix_metrics_impl(w: jax.Array, k_top: int, rtol: float, tw_level: float) -> MatrixMetrics:

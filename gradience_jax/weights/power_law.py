@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from gradience_jax._validate import ArgumentTypeError, check_int, check_real
+
 __all__ = ["PowerLawFit", "decay_exponent", "fit_power_law", "missing_fit"]
 
 
@@ -72,22 +74,34 @@ def fit_power_law(
     stays bounded; cost ``O(n^2)``.
 
     Args:
-      samples: 1-D positive samples (values <= 0 and non-finite values are discarded).
-      xmin: fix ``xmin`` instead of searching (then only alpha and KS are computed).
-      min_tail: smallest tail size accepted.
-      block_elements: memory bound of the vectorised KS scan.
+      samples: real samples, any shape (flattened); values ``<= 0`` are left out of the fit
+        (zero eigenvalues of a rank-deficient matrix), NaN / Inf are refused.
+      xmin: fix ``xmin > 0`` instead of searching (then only alpha and KS are computed).
+      min_tail: smallest tail size accepted (``>= 2``).
+      block_elements: memory bound of the vectorised KS scan (``>= 1``).
 
     Returns:
       ``PowerLawFit`` (alpha etc. None with ``missing_reason`` when no fit is possible).
 
     Raises:
-      ValueError: if ``min_tail < 2``.
+      ArgumentTypeError: an argument of the wrong kind (e.g. a string ``xmin``).
+      ValueError: ``min_tail < 2``, ``block_elements < 1``, ``xmin <= 0`` or not finite,
+        non-real or non-finite samples.
     """
-    if min_tail < 2:
-        raise ValueError(f"min_tail must be >= 2, got {min_tail}")
-    x = np.asarray(samples, dtype=np.float64).ravel()
+    min_tail = check_int(min_tail, "min_tail", lo=2)
+    block_elements = check_int(block_elements, "block_elements")
+    if xmin is not None:
+        xmin = check_real(xmin, "xmin", lo=0.0, lo_open=True)
+    raw = np.asarray(samples)
+    if raw.dtype.kind not in "fiub":
+        raise ArgumentTypeError(f"samples must be real numbers, got dtype {raw.dtype}")
+    x = np.asarray(raw, dtype=np.float64).ravel()
     num_total = int(x.size)
-    x = np.sort(x[np.isfinite(x) & (x > 0)])
+    bad = ~np.isfinite(x)
+    if bad.any():
+        raise ValueError(f"samples have non-finite values ({int(np.isnan(x).sum())} NaN, "
+                         f"{int(np.isinf(x).sum())} Inf)")
+    x = np.sort(x[x > 0])
     if x.size < min_tail:
         return missing_fit(
             f"only {x.size} positive values; a tail fit needs at least min_tail={min_tail}",
@@ -95,8 +109,6 @@ def fit_power_law(
         )
     lx = np.log(x)
     if xmin is not None:
-        if not xmin > 0:
-            raise ValueError(f"xmin must be positive, got {xmin}")
         k = int(np.searchsorted(x, xmin, side="left"))
         if x.size - k < min_tail:
             return missing_fit(

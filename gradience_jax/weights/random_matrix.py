@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from gradience_jax._validate import check_int, check_real
+
 __all__ = [
     "MP_KS_RANDOM",
     "TW1_QUANTILES",
@@ -57,14 +59,26 @@ def tw_quantile(tw_level: float) -> float:
       The quantile ``q`` (Johnstone 2001, Table 1).
 
     Raises:
+      ArgumentTypeError: ``tw_level`` is not a real number.
       ValueError: if ``tw_level`` is not tabulated (the message lists the choices).
     """
+    x = check_real(tw_level, "tw_level")
     for level, q in TW1_QUANTILES.items():
-        if abs(float(tw_level) - level) < 1e-12:
+        if abs(x - level) < 1e-12:
             return q
     raise ValueError(
         f"tw_level={tw_level!r} is not tabulated; choose one of {sorted(TW1_QUANTILES)}"
     )
+
+
+def _check_ratio(ratio: Any) -> float:
+    """``ratio = M / N`` as a float in (0, 1]."""
+    return check_real(ratio, "ratio", lo=0.0, lo_open=True, hi=1.0)
+
+
+def _check_sigma2(sigma2: Any) -> float:
+    """The MP scale ``sigma2`` as a positive finite float."""
+    return check_real(sigma2, "sigma2", lo=0.0, lo_open=True)
 
 
 def mp_edges(ratio: float, sigma2: Any = 1.0) -> tuple[Any, Any]:
@@ -96,12 +110,10 @@ def marchenko_pastur_pdf(x: Any, ratio: float, sigma2: float = 1.0) -> np.ndarra
       Density values, shape of ``x`` (float64).
 
     Raises:
-      ValueError: ``ratio`` outside (0, 1] or ``sigma2 <= 0``.
+      ArgumentTypeError: ``ratio`` or ``sigma2`` is not a real number.
+      ValueError: ``ratio`` outside (0, 1], ``sigma2 <= 0`` or not finite.
     """
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    if sigma2 <= 0:
-        raise ValueError(f"sigma2 must be positive, got {sigma2}")
+    ratio, sigma2 = _check_ratio(ratio), _check_sigma2(sigma2)
     x = np.asarray(x, dtype=np.float64)
     lo, hi = mp_edges(ratio, sigma2)
     inside = (x > lo) & (x < hi) & (x > 0)
@@ -141,17 +153,14 @@ def marchenko_pastur_cdf(x: Any, ratio: float, sigma2: float = 1.0) -> np.ndarra
       CDF values in [0, 1], shape of ``x``.
 
     Raises:
-      ValueError: ``ratio`` outside (0, 1] or ``sigma2 <= 0``.
+      ArgumentTypeError: ``ratio`` or ``sigma2`` is not a real number.
+      ValueError: ``ratio`` outside (0, 1], ``sigma2 <= 0`` or not finite.
     """
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    if sigma2 <= 0:
-        raise ValueError(f"sigma2 must be positive, got {sigma2}")
+    ratio, sigma2 = _check_ratio(ratio), _check_sigma2(sigma2)
     grid, cdf = _mp_cdf_table(float(ratio))
     return np.interp(np.asarray(x, dtype=np.float64) / sigma2, grid, cdf, left=0.0, right=1.0)
 
 
-@functools.lru_cache(maxsize=256)
 def mp_median(ratio: float) -> float:
     """Median of the unit-variance Marchenko-Pastur law with ``gamma = ratio``.
 
@@ -162,11 +171,15 @@ def mp_median(ratio: float) -> float:
       The median ``m_MP(gamma)`` (cached per ratio).
 
     Raises:
+      ArgumentTypeError: ``ratio`` is not a real number.
       ValueError: ``ratio`` outside (0, 1].
     """
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    grid, cdf = _mp_cdf_table(float(ratio))
+    return _mp_median(_check_ratio(ratio))
+
+
+@functools.lru_cache(maxsize=256)
+def _mp_median(ratio: float) -> float:
+    grid, cdf = _mp_cdf_table(ratio)
     return float(np.interp(0.5, cdf, grid))
 
 
@@ -189,11 +202,11 @@ def tracy_widom_edge(
       ``(edge, scale)``: ``sigma2 (mu + q s) / N`` and ``sigma2 s / N``.
 
     Raises:
+      ArgumentTypeError: a dimension is not an integer.
       ValueError: a non-positive dimension or an untabulated ``tw_level``.
     """
+    n_rows, n_cols = check_int(n_rows, "n_rows"), check_int(n_cols, "n_cols")
     n, m = max(n_rows, n_cols), min(n_rows, n_cols)
-    if m < 1:
-        raise ValueError(f"matrix dimensions must be positive, got {(n_rows, n_cols)}")
     q = tw_quantile(tw_level)
     a, b = math.sqrt(max(n - 1, 1)), math.sqrt(m)
     mu = (a + b) ** 2
@@ -233,5 +246,9 @@ def mp_ks_threshold(num_eigs: int) -> float:
 
     Returns:
       The threshold (at least ``MP_KS_RANDOM``).
+
+    Raises:
+      ArgumentTypeError: ``num_eigs`` is not an integer.
+      ValueError: ``num_eigs < 1``.
     """
-    return max(MP_KS_RANDOM, 1.36 / math.sqrt(max(num_eigs, 1)))
+    return max(MP_KS_RANDOM, 1.36 / math.sqrt(check_int(num_eigs, "num_eigs")))

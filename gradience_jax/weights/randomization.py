@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradience_jax.weights.random_matrix import mp_median, tracy_widom_edge
+from gradience_jax._validate import ArgumentTypeError, check_key
+from gradience_jax.weights.random_matrix import mp_median, tracy_widom_edge, tw_quantile
 from gradience_jax.weights.reshape import apply_reshape_rule, check_finite, resolve_rule
 
 __all__ = ["RandomizationBaseline", "randomization_baseline"]
@@ -87,19 +88,29 @@ def randomization_baseline(
       ``RandomizationBaseline``. Cost: two SVDs (one with ``singular_values``).
 
     Raises:
-      ValueError: as ``layer_spectrum``; an untabulated ``tw_level``.
+      ArgumentTypeError: ``key`` is not a PRNG key, a non-real ``matrix``.
+      ValueError: as ``layer_spectrum``; an untabulated ``tw_level``; ``singular_values``
+        not of length ``min(shape)``.
     """
+    key = check_key(key, "key", default=False)
+    tw_quantile(tw_level)
     arr = np.asarray(matrix)
+    if arr.dtype.kind not in "fiub" and arr.dtype.name != "bfloat16":
+        raise ArgumentTypeError(f"matrix must be real, got dtype {arr.dtype}")
     rule = resolve_rule(reshape, path or "", tuple(arr.shape))
     w = np.asarray(apply_reshape_rule(arr, rule), dtype=np.float64)
+    if min(w.shape) < 1:
+        raise ValueError(f"matrix must have positive dimensions, got shape {w.shape}")
     check_finite(w, "matrix")
     n, m = max(w.shape), min(w.shape)
     shuffled = _shuffle(w, key)
-    s = (
-        np.linalg.svd(w, compute_uv=False)
-        if singular_values is None
-        else np.asarray(singular_values, dtype=np.float64)
-    )
+    if singular_values is None:
+        s = np.linalg.svd(w, compute_uv=False)
+    else:
+        s = np.asarray(singular_values, dtype=np.float64)
+        if s.shape != (m,):
+            raise ValueError(f"singular_values must have shape ({m},) for a matrix of shape "
+                             f"{w.shape}, got {s.shape}")
     s_sh = np.linalg.svd(shuffled, compute_uv=False)
     esd_sh = s_sh * s_sh / n
     sigma2 = float(np.median(esd_sh)) / mp_median(m / n)

@@ -3,7 +3,12 @@
 Leaves are found with ``jax.tree_util.tree_flatten_with_path`` and named by their
 ``"/"``-joined path; kernels are reshaped by the ``"auto"`` rule of
 :mod:`gradience_jax.weights.reshape` and analysed by ``layer_spectrum``. ``weight_spectra``
-never raises for one bad leaf: it lists the leaf in ``report.skipped`` with the reason.
+never raises for one bad leaf. A leaf that is not a weight matrix (a bias, a scale, a
+vector, an integer array, a shape without a reshape rule) is listed in ``report.skipped``
+with the reason; a weight matrix whose analysis fails (NaN / Inf entries, an empty axis, a
+``reshape`` callable returning a non-matrix) is listed in ``report.failed`` with the reason,
+and shown as a ``FAILED`` row by ``to_text`` / ``to_table``. Bad arguments (``rtol``,
+``min_tail``, ``tw_level``, ``key``) raise before any leaf is analysed.
 ``WeightSpectraReport.summary`` gives model-level means, verdict counts and layer-wise
 trends; ``to_json`` / ``to_text`` / ``to_table`` (``rich``, imported lazily) render it.
 
@@ -24,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax._json import jsonable
+from gradience_jax._validate import ArgumentTypeError, check_int, check_key
 from gradience_jax.tree import path_str
 from gradience_jax.weights.layer import LayerSpectrum, layer_spectrum
+from gradience_jax.weights.metrics import check_rtol
 from gradience_jax.weights.random_matrix import tw_quantile
 from gradience_jax.weights.reshape import (
     apply_reshape_rule,
@@ -42,10 +49,13 @@ PyTree = Any
 class ModelSummary(NamedTuple):
     """Model-level summary of a ``WeightSpectraReport`` (None where undefined).
 
-    ``weighted_alpha`` is the mean over layers of ``alpha * log10(lambda_max)``
-    (WeightWatcher's ``alpha_weighted``); ``trends`` maps a metric name to the
-    least-squares slope of that metric against layer position (natural sort of paths).
-    Per-head views (``weight_spectra(per_head=True)``) are not counted.
+    ``weighted_alpha`` is the mean over layers of ``alpha * log10(sigma_1^2)``
+    (WeightWatcher's model ``alpha_weighted``, on its ESD ``W^T W``);
+    ``weighted_alpha_normalized`` the mean of ``alpha * log10(lambda_max)`` on this
+    package's ESD ``W^T W / N``; ``trends`` maps a metric name to the least-squares slope
+    of that metric against layer position (natural sort of paths). ``num_failed`` counts
+    the weight matrices whose analysis failed (``report.failed``). Per-head views
+    (``weight_spectra(per_head=True)``) are not counted.
     """
 
     num_layers: int
@@ -60,6 +70,8 @@ class ModelSummary(NamedTuple):
     total_spikes: int
     verdict_counts: dict[str, int]
     trends: dict[str, float | None]
+    num_failed: int = 0
+    weighted_alpha_normalized: float | None = None
 
 
 def _natural_key(s: str) -> list[Any]:
@@ -86,12 +98,15 @@ class WeightSpectraReport(Mapping):
 
     Attributes:
       layers: the analysed layers, ordered by a natural sort of their paths.
-      skipped: ``path -> reason`` for every leaf that was not analysed (biases, scales,
-        arrays without a reshape rule, non-finite or non-float arrays).
+      skipped: ``path -> reason`` for every leaf that is not a weight matrix (biases,
+        scales, vectors, arrays without a reshape rule, non-float arrays).
+      failed: ``path -> reason`` for every weight matrix whose analysis failed (NaN / Inf
+        entries, an empty axis, a ``reshape`` callable returning a non-matrix).
     """
 
     layers: dict[str, LayerSpectrum]
     skipped: dict[str, str]
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, key: str) -> LayerSpectrum:
         return self.layers[key]
@@ -108,6 +123,8 @@ class WeightSpectraReport(Mapping):
         ls = [x for x in self.layers.values() if not x.reshape_rule.startswith("head_")]
         alphas = [x.alpha for x in ls if x.alpha is not None]
         weighted = [x.weighted_alpha for x in ls if x.weighted_alpha is not None]
+        weighted_norm = [x.weighted_alpha_normalized for x in ls
+                         if x.weighted_alpha_normalized is not None]
         loglam = [x.log10_lambda_max for x in ls if x.log10_lambda_max is not None]
         counts: dict[str, int] = {}
         for x in ls:
@@ -132,20 +149,24 @@ class WeightSpectraReport(Mapping):
                 "stable_rank": _slope([x.stable_rank for x in ls]),
                 "log10_lambda_max": _slope([x.log10_lambda_max for x in ls]),
             },
+            num_failed=len(self.failed),
+            weighted_alpha_normalized=_mean(weighted_norm),
         )
 
     def to_dict(self, include_arrays: bool = False) -> dict[str, Any]:
-        """JSON-safe dict ``{"layers": {...}, "skipped": {...}, "summary": {...}}``.
+        """JSON-safe dict ``{"layers", "skipped", "failed", "summary"}``.
 
         Args:
           include_arrays: also store every layer's singular values and ESD.
 
         Returns:
-          The report dict (layers by path, skipped leaves with reasons, the summary).
+          The report dict (layers by path, skipped leaves and failed layers with reasons,
+          the summary).
         """
         return {
             "layers": {p: x.to_dict(include_arrays) for p, x in self.layers.items()},
             "skipped": dict(self.skipped),
+            "failed": dict(self.failed),
             "summary": jsonable(self.summary._asdict()),
         }
 
@@ -178,31 +199,34 @@ class WeightSpectraReport(Mapping):
 
     def _rows(self) -> list[tuple[str, ...]]:
         f = lambda v, d=2: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
-        rows = []
+        rows = {}
         for p, x in self.layers.items():
-            rows.append(
-                (
-                    p,
-                    f"{x.shape[0]}x{x.shape[1]}",
-                    f(x.alpha),
-                    f(x.weighted_alpha),
-                    f(x.ks_distance, 3),
-                    str(x.num_tail),
-                    f"{x.spectral_norm:.3g}",
-                    f(x.stable_rank),
-                    f(x.effective_rank),
-                    str(x.numerical_rank),
-                    str(x.num_spikes),
-                    x.verdict.split(" (")[0],
-                )
+            rows[p] = (
+                p,
+                f"{x.shape[0]}x{x.shape[1]}",
+                f(x.alpha),
+                f(x.weighted_alpha),
+                f(x.ks_distance, 3),
+                str(x.num_tail),
+                f"{x.spectral_norm:.3g}",
+                f(x.stable_rank),
+                f(x.effective_rank),
+                str(x.numerical_rank),
+                str(x.num_spikes),
+                x.verdict.split(" (")[0],
             )
-        return rows
+        blank = ("-",) * (len(self._COLUMNS) - 3)
+        for p, reason in self.failed.items():
+            rows[p] = (p, "-", *blank, f"FAILED: {reason}")
+        return [rows[p] for p in sorted(rows, key=_natural_key)]  # failures in depth order
 
     def _summary_line(self) -> str:
         s = self.summary
         f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        failed = f", {s.num_failed} FAILED" if s.num_failed else ""
         return (
-            f"{s.num_layers} layers, {s.num_skipped} skipped; mean alpha {f(s.mean_alpha)}, "
+            f"{s.num_layers} layers{failed}, {s.num_skipped} skipped; mean alpha "
+            f"{f(s.mean_alpha)}, "
             f"weighted alpha {f(s.weighted_alpha)}, mean eff. rank "
             f"{f(s.mean_effective_rank)}, alpha trend/layer {f(s.trends['alpha'])}"
         )
@@ -292,7 +316,10 @@ def weight_spectra(
         in ``layer_spectrum``.
 
     Returns:
-      ``WeightSpectraReport``. Never raises for a bad leaf: it lands in ``report.skipped``.
+      ``WeightSpectraReport``. Never raises for a bad leaf: a leaf that is not a weight
+      matrix lands in ``report.skipped``, a weight matrix that cannot be analysed (NaN /
+      Inf entries, an empty axis, a ``reshape`` result that is not 2-D) in
+      ``report.failed``, each with its reason.
 
     Example::
 
@@ -302,14 +329,26 @@ def weight_spectra(
         rich.print(rep.to_table()); open("spectra.json", "w").write(rep.to_json())
 
     Raises:
-      ValueError: if ``params`` has no leaves or an argument is invalid.
+      ArgumentTypeError: an argument of the wrong kind (``filter`` / ``reshape`` not
+        callable, ``key`` not a PRNG key, a string ``rtol``, ...).
+      ValueError: if ``params`` has no leaves, ``rtol`` is outside [0, 1), ``min_tail < 2``
+        or ``tw_level`` is not tabulated.
     """
+    rtol = None if rtol is None else check_rtol(rtol)
+    min_tail = check_int(min_tail, "min_tail", lo=2)
     tw_quantile(tw_level)
+    if key is not None:
+        key = check_key(key, "key")
+    for fn, fn_name in ((filter, "filter"), (reshape, "reshape")):
+        if fn is not None and not callable(fn):
+            raise ArgumentTypeError(f"{fn_name} must be a callable (path, leaf) -> ..., got "
+                                    f"{type(fn).__name__}")
     flat = jax.tree_util.tree_flatten_with_path(_as_state(params))[0]
     if not flat:
         raise ValueError("params is an empty pytree: there are no weight matrices")
     layers: dict[str, LayerSpectrum] = {}
     skipped: dict[str, str] = {}
+    failed: dict[str, str] = {}
     index = 0
     for kp, leaf in flat:
         p = path_str(kp)
@@ -324,7 +363,7 @@ def weight_spectra(
         custom = reshape(p, leaf) if reshape is not None else None
         if custom is not None:
             if np.ndim(custom) != 2:
-                skipped[p] = f"reshape returned shape {np.shape(custom)}, not a 2-D matrix"
+                failed[p] = f"reshape returned shape {np.shape(custom)}, not a 2-D matrix"
                 continue
             mats.append((p, custom, "custom"))
         else:
@@ -350,11 +389,12 @@ def weight_spectra(
                     tw_level=tw_level,
                     key=None if key is None else jax.random.fold_in(key, index),
                 )
-            except ValueError as e:
-                skipped[name] = str(e)
+            except (ValueError, FloatingPointError) as e:  # LinAlgError is a ValueError
+                failed[name] = str(e)
                 continue
             finally:
                 index += 1
             layers[name] = dataclasses.replace(rep, original_shape=shape, reshape_rule=rule)
     order = sorted(layers, key=_natural_key)
-    return WeightSpectraReport(layers={p: layers[p] for p in order}, skipped=skipped)
+    return WeightSpectraReport(layers={p: layers[p] for p in order}, skipped=skipped,
+                               failed=failed)

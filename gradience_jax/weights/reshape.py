@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradience_jax._validate import ArgumentTypeError, check_choice, is_traced
+
 __all__ = [
     "RULES",
     "apply_reshape_rule",
@@ -115,11 +117,14 @@ def resolve_rule(rule: str, path: str, shape: tuple[int, ...]) -> str:
       The rule to pass to :func:`apply_reshape_rule`.
 
     Raises:
+      ArgumentTypeError: ``path`` is not a string.
       ValueError: unknown rule, fewer than 2 axes, ``"matrix"`` on a non 2-D array, or no
         ``"auto"`` rule for this leaf (the message says which rule to pass).
     """
-    if rule not in RULES:
+    if not isinstance(rule, str) or rule not in RULES:
         raise ValueError(f"reshape rule must be one of {RULES}, got {rule!r}")
+    if not isinstance(path, str):
+        raise ArgumentTypeError(f"path must be a string, got {type(path).__name__}")
     if len(shape) < 2:
         raise ValueError(f"matrix must have at least 2 axes, got shape {shape}")
     if rule == "auto":
@@ -175,14 +180,11 @@ def head_matrices(kernel: Any, *, kind: str) -> jax.Array:
     Raises:
       ValueError: if ``kernel`` is not 3-D or ``kind`` is unknown.
     """
+    check_choice(kind, "kind", ("in", "out"))
     k = jnp.asarray(kernel)
     if k.ndim != 3:
         raise ValueError(f"kernel must be 3-D (a multi-head attention kernel), got {k.shape}")
-    if kind == "in":
-        return jnp.moveaxis(k, 1, 0)
-    if kind == "out":
-        return k
-    raise ValueError(f"kind must be 'in' or 'out', got {kind!r}")
+    return jnp.moveaxis(k, 1, 0) if kind == "in" else k
 
 
 
@@ -204,18 +206,28 @@ def head_kind(path: str, shape: tuple[int, ...]) -> str | None:
     return "in" if parts[-2] in _ATTN_IN else "out" if parts[-2] in _ATTN_OUT else None
 
 
-def check_finite(w: np.ndarray, what: str) -> None:
-    """Raise when a host matrix has NaN or Inf entries.
+def check_finite(w: Any, what: str) -> None:
+    """Raise when a concrete matrix has NaN or Inf entries (traced arrays are skipped).
+
+    NumPy arrays are checked on the host; JAX arrays by one reduction on their device (the
+    counts are computed only when the check fails).
 
     Args:
-      w: the matrix (any shape).
+      w: the matrix (any shape), NumPy or JAX.
       what: how the message names it, e.g. ``"matrix 'Dense_0/kernel'"``.
 
     Raises:
       ValueError: naming ``what`` and the number of NaN and Inf entries.
     """
+    if is_traced(w):
+        return
+    if isinstance(w, jax.Array):
+        if not jnp.issubdtype(w.dtype, jnp.inexact) or bool(jnp.all(jnp.isfinite(w))):
+            return
+    w = np.asarray(w)
+    if w.dtype.kind not in "fc" and w.dtype.name != "bfloat16":
+        return
     bad = ~np.isfinite(w)
     if bad.any():
         n_nan, n_inf = int(np.isnan(w).sum()), int(np.isinf(w).sum())
         raise ValueError(f"{what} has non-finite entries ({n_nan} NaN, {n_inf} Inf)")
-

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradience_jax._validate import ArgumentTypeError, check_int, check_real
 from gradience_jax.weights.metrics import core_metrics, default_rtol, effective_rank
 from gradience_jax.weights.random_matrix import tw_quantile
 from gradience_jax.weights.reshape import check_finite
@@ -98,27 +99,30 @@ def spectral_truncate(
       ``TruncationResult`` with the truncated ``(a, b)`` copy (same dtype).
 
     Raises:
-      ValueError: non 2-D input, both ``rank`` and ``energy`` given, or out-of-range values.
+      ArgumentTypeError: a non-real ``matrix`` or an argument of the wrong kind.
+      ValueError: non 2-D or empty input, NaN / Inf entries (called eagerly), both ``rank``
+        and ``energy`` given, ``rank`` outside ``[0, min(shape)]``, ``energy`` outside
+        (0, 1], an untabulated ``tw_level``.
     """
     w = jnp.asarray(matrix)
+    if not (jnp.issubdtype(w.dtype, jnp.floating) or jnp.issubdtype(w.dtype, jnp.integer)
+            or w.dtype == jnp.bool_):
+        raise ArgumentTypeError(f"matrix must be real, got dtype {w.dtype}")
     if w.ndim != 2:
         raise ValueError(f"matrix must be 2-D, got shape {w.shape}; use matricize() first")
+    if min(w.shape) < 1:
+        raise ValueError(f"matrix must have positive dimensions, got shape {w.shape}")
     if rank is not None and energy is not None:
         raise ValueError("give at most one of rank and energy")
-    if rank is not None and int(rank) < 0:
-        raise ValueError(f"rank must be >= 0, got {rank}")
-    if energy is not None and not 0.0 < float(energy) <= 1.0:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    if rank is not None:
+        rank = check_int(rank, "rank", lo=0, hi=min(w.shape))
+    if energy is not None:
+        energy = check_real(energy, "energy", lo=0.0, lo_open=True, hi=1.0)
     tw_quantile(tw_level)
+    check_finite(w, "matrix")
     if not jnp.issubdtype(w.dtype, jnp.floating):
         w = w.astype(jnp.result_type(float))
-    return _truncate_jit(
-        w,
-        None if rank is None else int(rank),
-        None if energy is None else float(energy),
-        bool(rescale),
-        float(tw_level),
-    )
+    return _truncate_jit(w, rank, energy, bool(rescale), float(tw_level))
 
 
 def _truncate_impl(
@@ -160,6 +164,14 @@ def _truncate_impl(
 
 
 _truncate_jit = jax.jit(_truncate_impl, static_argnums=(1, 2, 3, 4))
+
+
+def _real(x: Any, name: str) -> np.ndarray:
+    """``x`` as a float64 host array; non-real input is refused."""
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiub" and arr.dtype.name != "bfloat16":
+        raise ArgumentTypeError(f"{name} must be a real array, got dtype {arr.dtype}")
+    return np.asarray(arr, dtype=np.float64)
 
 
 def _overlap(ua: np.ndarray, ub: np.ndarray, k: int) -> float:
@@ -204,16 +216,22 @@ def spectral_merge(
       ``MergeResult`` (merged matrix in the dtype of ``a``, diagnostics as floats).
 
     Raises:
-      ValueError: shape mismatch, non 2-D inputs, ``t`` outside [0, 1], non-finite entries.
+      ArgumentTypeError: an argument of the wrong kind (e.g. a string ``t``).
+      ValueError: shape mismatch, non 2-D or empty inputs, ``t`` outside [0, 1], non-finite
+        entries, bad ``rank`` / ``energy`` / ``tw_level`` (as ``spectral_truncate``).
     """
+    t = check_real(t, "t", lo=0.0, hi=1.0)
+    tw_quantile(tw_level)
+    if rank is not None and energy is not None:
+        raise ValueError("give at most one of rank and energy")
     dtype = jnp.asarray(a).dtype
-    wa, wb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    wa, wb = _real(a, "a"), _real(b, "b")
     if wa.ndim != 2 or wb.ndim != 2:
         raise ValueError(f"a and b must be 2-D, got shapes {wa.shape} and {wb.shape}")
     if wa.shape != wb.shape:
         raise ValueError(f"a and b must have the same shape, got {wa.shape} and {wb.shape}")
-    if not 0.0 <= float(t) <= 1.0:
-        raise ValueError(f"t must be in [0, 1], got {t}")
+    if min(wa.shape) < 1:
+        raise ValueError(f"a and b must have positive dimensions, got shape {wa.shape}")
     check_finite(wa, "a")
     check_finite(wb, "b")
     if base is None:
@@ -225,7 +243,7 @@ def spectral_merge(
         merged = (u * ((1.0 - t) * sa + t * sb)[None, :]) @ vt
         ea = eb = 1.0
     else:
-        wbase = np.asarray(base, dtype=np.float64)
+        wbase = _real(base, "base")
         if wbase.shape != wa.shape:
             raise ValueError(f"base must have shape {wa.shape}, got {wbase.shape}")
         check_finite(wbase, "base")
