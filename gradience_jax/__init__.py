@@ -62,7 +62,17 @@ from gradience_jax.weights import (
 )
 
 # -- inverse curvature -------------------------------------------------------------------
-from gradience_jax.solvers import CGResult, conjugate_gradient
+from gradience_jax.influence import InfluenceResult, influence, self_influence, tracin
+from gradience_jax.operators.ekfac import EKFACOperator, ekfac
+from gradience_jax.solvers import (
+    CGResult,
+    SolveResult,
+    SolveWarning,
+    auto_damping,
+    conjugate_gradient,
+    solve,
+    spectral_bounds,
+)
 
 # -- analysis and utility modules --------------------------------------------------------
 from gradience_jax import attention
@@ -125,6 +135,17 @@ __all__ = [
     # inverse curvature
     "conjugate_gradient",
     "CGResult",
+    "solve",
+    "SolveResult",
+    "SolveWarning",
+    "auto_damping",
+    "spectral_bounds",
+    "ekfac",
+    "EKFACOperator",
+    "influence",
+    "self_influence",
+    "tracin",
+    "InfluenceResult",
     # modules
     "attention",
     "data",
