@@ -80,6 +80,7 @@ from gradience_jax import data
 from gradience_jax import environment
 from gradience_jax import geometry
 from gradience_jax import landscape
+from gradience_jax import laplace
 from gradience_jax import models
 from gradience_jax import probes
 from gradience_jax import solvers
@@ -152,6 +153,7 @@ __all__ = [
     "environment",
     "geometry",
     "landscape",
+    "laplace",
     "models",
     "probes",
     "solvers",
