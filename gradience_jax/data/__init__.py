@@ -45,6 +45,39 @@ def classification(
     return {"inputs": x, "labels": labels.astype(jnp.int32)}
 
 
+def mislabelled_classification(
+    key: jax.Array, n: int = 200, dim: int = 5, num_classes: int = 2, separation: float = 2.5,
+    flip_fraction: float = 0.1,
+) -> tuple[dict, jax.Array]:
+    """Gaussian blobs with a planted fraction of wrong labels (influence tutorials, tests).
+
+    Args:
+        key: ``jax.random`` key.
+        n: number of examples.
+        dim: input dimension.
+        num_classes: number of classes.
+        separation: scale of the random class means (as :func:`classification`).
+        flip_fraction: share of examples whose label is replaced by another class.
+
+    Returns:
+        ``(batch, flipped)``: the batch ``{"inputs", "labels"}`` with the wrong labels in
+        place, and the sorted indices ``(round(flip_fraction n),)`` of the flipped examples.
+
+    Raises:
+        ValueError: ``flip_fraction`` outside ``[0, 1)`` or ``num_classes < 2``.
+    """
+    if not 0.0 <= flip_fraction < 1.0:
+        raise ValueError(f"flip_fraction must be in [0, 1), got {flip_fraction}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 to flip labels, got {num_classes}")
+    kd, kf, ks = jax.random.split(key, 3)
+    batch = classification(kd, n, dim, num_classes, separation)
+    flipped = jnp.sort(jax.random.permutation(kf, n)[: round(flip_fraction * n)])
+    shift = jax.random.randint(ks, flipped.shape, 1, num_classes)  # never the true class
+    labels = batch["labels"].at[flipped].set((batch["labels"][flipped] + shift) % num_classes)
+    return dict(batch, labels=labels.astype(jnp.int32)), flipped
+
+
 def images(
     key: jax.Array, n: int = 64, size: int = 8, channels: int = 1, num_classes: int = 10
 ) -> dict:

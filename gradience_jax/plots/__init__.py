@@ -15,6 +15,7 @@ Modules:
 * :mod:`~gradience_jax.plots.attention`: ``plot_attention_geometry`` (old name
   ``attention_geometry``), ``attention_training_dynamics``.
 * :mod:`~gradience_jax.plots.weights`: ``plot_weight_esd``, ``plot_layer_metrics``.
+* :mod:`~gradience_jax.plots.influence`: ``plot_self_influence``, ``plot_influence_examples``.
 * :mod:`~gradience_jax.plots.protocols`: ``plot_protocol_a`` ... ``plot_protocol_d``
   (imported on first use).
 
@@ -30,6 +31,7 @@ from gradience_jax.plots.attention import (
     plot_attention_geometry,
 )
 from gradience_jax.plots.figure import DPI, new_figure, save_figure
+from gradience_jax.plots.influence import plot_influence_examples, plot_self_influence
 from gradience_jax.plots.landscape import (
     landscape_contour,
     landscape_surface,
@@ -47,7 +49,9 @@ __all__ = [
     "landscape_surface",
     "new_figure",
     "plot_attention_geometry",
+    "plot_influence_examples",
     "plot_layer_metrics",
+    "plot_self_influence",
     "plot_weight_esd",
     "pseudo_spectral_analysis",
     "save_figure",
