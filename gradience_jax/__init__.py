@@ -58,7 +58,9 @@ from gradience_jax.weights import (
     LayerSpectrum,
     WeightSpectraReport,
     layer_spectrum,
+    load_safetensors,
     weight_spectra,
+    weight_spectra_from_file,
 )
 
 # -- inverse curvature -------------------------------------------------------------------
@@ -133,6 +135,8 @@ __all__ = [
     "layer_spectrum",
     "LayerSpectrum",
     "WeightSpectraReport",
+    "load_safetensors",
+    "weight_spectra_from_file",
     # inverse curvature
     "conjugate_gradient",
     "CGResult",

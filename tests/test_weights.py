@@ -969,3 +969,13 @@ def test_head_kind_and_randomization_reuses_singular_values():
     assert gw.randomization_baseline(w, key, singular_values=s) == gw.randomization_baseline(
         w, key
     )
+
+
+def test_bfloat16_layers_keep_their_rank_and_alpha():
+    """A wide bfloat16 matrix: the default rank tolerance is float32's, not bfloat16's."""
+    w = np.random.default_rng(0).standard_normal((300, 200)).astype(np.float32)
+    w16 = jnp.asarray(w, jnp.bfloat16)
+    ref = gw.layer_spectrum(np.asarray(w16.astype(jnp.float32)))
+    got = gw.layer_spectrum(w16)
+    assert got.numerical_rank == ref.numerical_rank == 200
+    assert np.isfinite(got.alpha) and abs(got.alpha - ref.alpha) < 1e-6 * max(1, abs(ref.alpha))

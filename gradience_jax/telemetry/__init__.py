@@ -8,6 +8,13 @@ Two halves, each its own module, both host side (no jax import; jitted probes li
   :class:`TelemetryWarning`, :class:`TelemetryLockError` (a second writer on a log),
   :func:`load_telemetry`, :func:`to_columns`; the file format, the lock and what the reader
   recovers from a damaged log are described there.
+* :mod:`gradience_jax.telemetry.sinks`: the same ``(step, metrics)`` records sent to other
+  loggers, each an optional extra: :class:`TensorBoardSink`, :class:`WandbSink`,
+  :class:`MLflowSink`, :class:`CluSink` (into a ``clu.metric_writers`` writer),
+  :func:`as_clu_writer` / :class:`CluMetricWriter` (any of them as a clu ``MetricWriter``),
+  :func:`tee` / :class:`MultiSink` (fan-out), :func:`replay` (a log into a logger),
+  :func:`split_metrics`, :func:`summary_writer_class`, :class:`MetricSink` (their base),
+  :class:`MissingExtraError` (an ``ImportError`` naming the extra to install).
 * :mod:`gradience_jax.telemetry.dynamics`: statistics of the logged series (NumPy only).
   :func:`autocorrelation_function`, :func:`autocorrelation_time`, :func:`rolling_variance`,
   :func:`rolling_autocorrelation`, :func:`precursor_trend`, :func:`change_points`,
@@ -48,6 +55,21 @@ from gradience_jax.telemetry.io import (
     load_telemetry,
     to_columns,
 )
+from gradience_jax.telemetry.sinks import (
+    CluMetricWriter,
+    CluSink,
+    MetricSink,
+    MissingExtraError,
+    MLflowSink,
+    MultiSink,
+    TensorBoardSink,
+    WandbSink,
+    as_clu_writer,
+    replay,
+    split_metrics,
+    summary_writer_class,
+    tee,
+)
 
 PowerLawFit = SeriesPowerLawFit
 """Old name of :class:`SeriesPowerLawFit`."""
@@ -59,8 +81,14 @@ __all__ = [
     "FORMAT_VERSION",
     "AutocorrelationTime",
     "ChangePoints",
+    "CluMetricWriter",
+    "CluSink",
     "CrossCorrelation",
     "LeadLag",
+    "MLflowSink",
+    "MetricSink",
+    "MissingExtraError",
+    "MultiSink",
     "PowerLawFit",
     "PrecursorTrend",
     "SeriesPowerLawFit",
@@ -68,6 +96,9 @@ __all__ = [
     "TelemetryRecord",
     "TelemetryWarning",
     "TelemetryWriter",
+    "TensorBoardSink",
+    "WandbSink",
+    "as_clu_writer",
     "autocorrelation_function",
     "autocorrelation_time",
     "change_points",
@@ -78,7 +109,11 @@ __all__ = [
     "load_telemetry",
     "phase_randomized_surrogates",
     "precursor_trend",
+    "replay",
     "rolling_autocorrelation",
     "rolling_variance",
+    "split_metrics",
+    "summary_writer_class",
+    "tee",
     "to_columns",
 ]

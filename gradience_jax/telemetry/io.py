@@ -3,7 +3,8 @@
 Host side only (no jax import; jitted probes live in :mod:`gradience_jax.probes`).
 :class:`TelemetryWriter` appends one JSON object per probed step to a JSON Lines file,
 flushing (and optionally ``fsync``-ing) after every record, so a crash loses at most the
-record being written; it can mirror finite scalars to TensorBoard. :func:`load_telemetry`
+record being written; it can mirror finite scalars to TensorBoard (other loggers:
+:mod:`gradience_jax.telemetry.sinks`). :func:`load_telemetry`
 reads a log back, tolerating a torn last line; :func:`to_columns` turns the records into
 NumPy columns aligned with the steps.
 
@@ -567,24 +568,18 @@ def _prepare_append(fd: int, path: Path, size: int) -> None:
     os.ftruncate(fd, cut)
 
 
-def _make_tensorboard_writer(logdir: str | os.PathLike) -> tuple[Any, str | None]:
-    """A SummaryWriter from tensorboardX or torch.utils.tensorboard, or (None, None)."""
-    try:
-        from tensorboardX import (  # type: ignore[import-not-found]  # noqa: PLC0415 - optional dependency
-            SummaryWriter,
-        )
+def _tensorboard_writer_class() -> tuple[Any, str]:
+    """The SummaryWriter class (tensorboardX, else torch.utils.tensorboard) and its name.
 
-        return SummaryWriter(str(logdir)), "tensorboardX"
-    except ImportError:
-        pass
-    try:
-        from torch.utils.tensorboard import (  # type: ignore[import-not-found]  # noqa: PLC0415 - optional dependency
-            SummaryWriter,
-        )
+    Raises:
+        MissingExtraError: (an ``ImportError``) neither is installed; the message names
+            ``pip install 'gradience-jax[tensorboard]'``.
+    """
+    from gradience_jax.telemetry.sinks import (  # noqa: PLC0415 - sinks imports this module
+        summary_writer_class,
+    )
 
-        return SummaryWriter(str(logdir)), "torch.utils.tensorboard"
-    except ImportError:
-        return None, None
+    return summary_writer_class()
 
 
 class TelemetryWriter:
@@ -616,14 +611,18 @@ class TelemetryWriter:
         fsync: ``os.fsync`` after every record (survives power loss, costs a disk sync).
         makedirs: create missing parent directories.
         max_array_size: largest array (elements, ``>= 1``) accepted as a metric value.
-        tensorboard_dir: if given and ``tensorboardX`` or ``torch.utils.tensorboard`` is
-            installed, finite scalar metrics are mirrored there with ``add_scalar``
-            (silently skipped when neither is installed; a failing mirror warns once and
-            is switched off, never stopping the run).
+        tensorboard_dir: if given, finite scalar metrics are mirrored there with
+            ``add_scalar`` (``tensorboardX``, else ``torch.utils.tensorboard``); when
+            neither is installed the constructor raises before touching the log; a mirror
+            failing later warns once and is switched off, never stopping the run.
 
     Raises:
         TelemetryLockError: another writer (this process or another) holds ``path``; the
             message names its pid, host and start time. An ``OSError``.
+        MissingExtraError: (an ``ImportError``, from
+            :mod:`~gradience_jax.telemetry.sinks`) ``tensorboard_dir`` is given but neither
+            tensorboardX nor torch's tensorboard is installed; the message names
+            ``pip install 'gradience-jax[tensorboard]'``.
         OSError: (the original subclass, e.g. ``PermissionError``, ``IsADirectoryError``)
             naming ``path`` when the log cannot be created, opened or written (a full
             disk: ``/dev/full`` fails here).
@@ -676,8 +675,10 @@ class TelemetryWriter:
         self.fsync = _check_bool(fsync, "fsync")
         self._makedirs = _check_bool(makedirs, "makedirs")
         self.max_array_size = _check_int(max_array_size, "max_array_size", lo=1)
+        tb_class = None
         if tensorboard_dir is not None:
             tensorboard_dir = _check_path(tensorboard_dir, "tensorboard_dir")
+            tb_class = _tensorboard_writer_class()  # a missing extra fails before the log opens
         self.num_records = 0
         self._lock = threading.Lock()
 
@@ -701,12 +702,13 @@ class TelemetryWriter:
             "tensorboard": None,
             "metadata": _jsonable_metadata(dict(metadata)) if metadata is not None else None,
         }
-        self._open(mode, header, info, tensorboard_dir)
+        self._open(mode, header, info, tensorboard_dir, tb_class)
         self._closed = False
 
     # -- file handling ------------------------------------------------------------------
 
-    def _open(self, mode: str, header: dict, info: dict, tensorboard_dir: Path | None) -> None:
+    def _open(self, mode: str, header: dict, info: dict, tensorboard_dir: Path | None,
+              tb_class: tuple[Any, str] | None = None) -> None:
         """Open and lock the log, then start the mirror, then write the header / resume line.
 
         The file is opened without truncation and locked first, so a second writer changes
@@ -727,9 +729,10 @@ class TelemetryWriter:
             append = mode == "a" and regular and size > 0
             if append:
                 _prepare_append(fd, path, size)
-            if tensorboard_dir is not None:
+            if tensorboard_dir is not None and tb_class is not None:
                 about_log = False
-                self._tb, header["tensorboard"] = _make_tensorboard_writer(tensorboard_dir)
+                self._tb = tb_class[0](str(tensorboard_dir))
+                header["tensorboard"] = tb_class[1]
                 about_log = True
             if not append and regular and size:
                 os.ftruncate(fd, 0)

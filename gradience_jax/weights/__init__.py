@@ -33,7 +33,10 @@ One idea per module; every name below is supported and importable from here:
   the MP edge) and ``spectral_merge`` (spectrum-aware interpolation of two layers or of
   their task vectors);
 * :mod:`~gradience_jax.weights.report`: the whole model (``weight_spectra``,
-  ``WeightSpectraReport``, ``ModelSummary``).
+  ``WeightSpectraReport``, ``ModelSummary``);
+* :mod:`~gradience_jax.weights.files`: checkpoint files: ``.safetensors`` single or
+  sharded (``load_safetensors``, ``safetensors_files``, ``weight_spectra_from_file``,
+  ``file_reshape``) and LoRA factor pairs (``lora_pairs``, ``lora_deltas``).
 
 References: Martin & Mahoney, JMLR 22 (2021); Clauset, Shalizi & Newman, SIAM Review 51
 (2009); Roy & Vetterli, EUSIPCO (2007); Marchenko & Pastur (1967); Johnstone, Ann. Stat. 29
@@ -41,6 +44,14 @@ References: Martin & Mahoney, JMLR 22 (2021); Clauset, Shalizi & Newman, SIAM Re
 STAR: Lee et al., NAACL (2025).
 """
 
+from gradience_jax.weights.files import (
+    file_reshape,
+    load_safetensors,
+    lora_deltas,
+    lora_pairs,
+    safetensors_files,
+    weight_spectra_from_file,
+)
 from gradience_jax.weights.layer import ALPHA_HEAVY, ALPHA_RANDOM, LayerSpectrum, layer_spectrum
 from gradience_jax.weights.metrics import MatrixMetrics, effective_rank, matrix_metrics
 from gradience_jax.weights.power_law import PowerLawFit, fit_power_law
@@ -85,9 +96,13 @@ __all__ = [
     "WeightSpectraReport",
     "apply_reshape_rule",
     "effective_rank",
+    "file_reshape",
     "fit_power_law",
     "head_matrices",
     "layer_spectrum",
+    "load_safetensors",
+    "lora_deltas",
+    "lora_pairs",
     "marchenko_pastur_cdf",
     "marchenko_pastur_pdf",
     "matricize",
@@ -96,8 +111,10 @@ __all__ = [
     "mp_median",
     "randomization_baseline",
     "reshape_rule_for",
+    "safetensors_files",
     "spectral_merge",
     "spectral_truncate",
     "tracy_widom_edge",
     "weight_spectra",
+    "weight_spectra_from_file",
 ]

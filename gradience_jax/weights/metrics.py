@@ -162,7 +162,12 @@ def core_metrics(
 
 
 def default_rtol(shape: tuple[int, ...], dtype: Any) -> float:
-    """Default numerical-rank tolerance ``max(shape) * eps(dtype)`` (``matrix_rank``'s rule).
+    """Default numerical-rank tolerance ``max(shape) * eps`` (``matrix_rank``'s rule).
+
+    ``eps`` is that of the dtype the singular values are computed in: float32 or wider.
+    Half-precision entries are exact numbers that the SVD (run in float32) resolves to
+    float32 accuracy; bfloat16's own eps (2^-8) times a width above 128 would exceed 1 and
+    give every bfloat16 layer rank 0.
 
     Args:
       shape: the matrix shape.
@@ -172,6 +177,7 @@ def default_rtol(shape: tuple[int, ...], dtype: Any) -> float:
       The relative tolerance.
     """
     dt = dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float64
+    dt = jnp.promote_types(dt, jnp.float32)
     return float(max(shape) * jnp.finfo(dt).eps)
 
 

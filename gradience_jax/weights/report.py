@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -302,7 +303,9 @@ def weight_spectra(
     reshaped by the ``"auto"`` rule of :mod:`gradience_jax.weights.reshape`.
 
     Args:
-      params: Linen params dict, ``nnx.State`` or an ``nnx.Module`` (its ``nnx.Param`` state).
+      params: Linen params dict, ``nnx.State`` or an ``nnx.Module`` (its ``nnx.Param`` state),
+        or the path of a ``.safetensors`` checkpoint (a file, a shard, an index or a
+        directory: read by :func:`gradience_jax.weights.files.weight_spectra_from_file`).
       filter: predicate ``(path, leaf) -> bool``; leaves where it is False are ignored.
       reshape: optional ``(path, leaf) -> 2-D array | None`` overriding the auto rule; None
         falls back to the auto rule.
@@ -334,6 +337,16 @@ def weight_spectra(
       ValueError: if ``params`` has no leaves, ``rtol`` is outside [0, 1), ``min_tail < 2``
         or ``tw_level`` is not tabulated.
     """
+    if isinstance(params, (str, os.PathLike)):
+        from gradience_jax.weights.files import (  # noqa: PLC0415 - files imports this module
+            weight_spectra_from_file,
+        )
+
+        if filter is not None or reshape is not None or per_head:
+            raise ValueError("weight_spectra(path) takes no filter / reshape / per_head: use "
+                             "weights.weight_spectra_from_file(path, select=...)")
+        return weight_spectra_from_file(params, key=key, rtol=rtol, min_tail=min_tail,
+                                        tw_level=tw_level)
     rtol = None if rtol is None else check_rtol(rtol)
     min_tail = check_int(min_tail, "min_tail", lo=2)
     tw_quantile(tw_level)
