@@ -44,3 +44,23 @@ def test_protocol_notebook_executes_in_fast_mode(name, tmp_path, monkeypatch):
               if o.get("output_type") == "error"]
     assert not errors
     assert os.environ["GRADIENCE_FAST"] == "1"
+
+
+@pytest.mark.slow
+def test_influence_notebook_finds_the_planted_labels(tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIENCE_FAST", "1")
+    monkeypatch.setenv("GRADIENCE_FIGURE_DIR", str(tmp_path / "figures"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("JAX_ENABLE_X64", raising=False)
+    nb = nbformat.read(NOTEBOOKS / "05_influence_mislabelled.ipynb", as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
+    client.execute()
+    assert {p.name for p in (tmp_path / "figures").glob("*.png")} >= {
+        "influence_self.png", "influence_examples.png"}
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                   for o in c.get("outputs", []))
+    recalls = [float(line.rsplit(":", 1)[1]) for line in text.splitlines()
+               if "recall of the planted labels" in line]
+    assert len(recalls) == 3 and min(recalls[:2]) >= 0.5, text
