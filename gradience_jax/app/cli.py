@@ -4,6 +4,8 @@ Subcommands::
 
     gradience-jax analyze                      # train the default MLP, write gradience_report/
     gradience-jax analyze --model transformer --checkpoint ckpt.msgpack --operator ggn --k 5
+    gradience-jax analyze --model my_model.py:build --data my_model.py:batches
+    gradience-jax track RUN_DIR --model mlp    # metrics over a run's checkpoints
     gradience-jax weights PATH                 # weight-spectra table of a checkpoint
     gradience-jax protocol A --fast            # a research protocol (telemetry)
     gradience-jax figures                      # the seed figures into docs/figures/
@@ -26,7 +28,8 @@ cache in ``~/.cache/gradience_jax/xla`` so that repeated runs start fast
 
 Supported names: :func:`main`, :func:`build_parser`, :func:`summarise`, :class:`UsageError`,
 :class:`CLIError`, :data:`COMMANDS`, :data:`PROTOCOLS`, :data:`FIGURES`. The work behind the
-commands is in :mod:`gradience_jax.app.report` (``analyze``),
+commands is in :mod:`gradience_jax.app.report` (``analyze``), :mod:`gradience_jax.app.track`
+(``track``),
 :mod:`gradience_jax.app.checkpoints` (``weights``), :mod:`gradience_jax.app.protocols`
 (``protocol``) and :mod:`gradience_jax.app.seed_figures` (``figures``); they are imported
 when their command runs, so ``--help`` stays fast and JAX is configured first.
@@ -109,6 +112,44 @@ _train_steps = _int_flag(0, MAX_STEPS)
 _seed = _int_flag(0, MAX_SEED)
 
 
+def _model_flag(text: str) -> str:
+    """An argparse ``type``: a built-in family or a ``module:factory`` spec."""
+    from gradience_jax.app.families import MODELS  # noqa: PLC0415
+
+    if text in MODELS or (":" in text and text.rpartition(":")[0].strip()
+                          and text.rpartition(":")[2].strip()):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose from {', '.join(MODELS)}, or your model as a "
+        "'module:factory' spec: 'package.module:factory' or 'path/to/file.py:factory')")
+
+
+def _spec_flag(text: str) -> str:
+    """An argparse ``type``: a ``module:factory`` spec."""
+    if ":" in text and text.rpartition(":")[0].strip() and text.rpartition(":")[2].strip():
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected a 'module:factory' spec ('package.module:factory' or "
+        f"'path/to/file.py:factory'), got {text!r}")
+
+
+def _model_flags(p: argparse.ArgumentParser, model_help: str) -> None:
+    """``--model``, ``--data``, ``--batches``, ``--head``, ``--input-key``."""
+    from gradience_jax.app.report import HEADS  # noqa: PLC0415
+
+    p.add_argument("--model", type=_model_flag, default=None, metavar="MODEL", help=model_help)
+    p.add_argument("--data", type=_spec_flag, default=None, metavar="MODULE:FACTORY",
+                   help="your batches: a callable returning a dict of arrays or an iterable "
+                   "of them (default: generated data of the built-in family)")
+    p.add_argument("--batches", type=_int_flag(1, 1_000_000), default=1,
+                   help="batches of an iterable --data to concatenate (1)")
+    p.add_argument("--head", choices=tuple(HEADS), default="xent",
+                   help="loss on a MODULE:FACTORY model's outputs: xent (softmax cross-entropy "
+                   "on batch['labels']) or mse (batch['targets']) (xent)")
+    p.add_argument("--input-key", default="inputs",
+                   help="batch key of a MODULE:FACTORY model's inputs (inputs)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
     p.add_argument("--debug", action="store_true", help="show the full traceback on failure")
@@ -123,10 +164,13 @@ def _add_analyze(sub: Any) -> None:
         description="Train the default model on generated data (or load --checkpoint), measure "
         "Hessian / GGN top-k, traces, spectral density, weight spectra and a 2-D landscape "
         "slice, and write report.json, report.md and PNG figures to --out.")
-    p.add_argument("--model", choices=MODELS, default=None,
-                   help="model family (default: mlp; with --checkpoint, inferred from the tree)")
+    _model_flags(p, f"model: a built-in family ({', '.join(MODELS)}; default mlp, with "
+                 "--checkpoint inferred from the tree) or your own as MODULE:FACTORY (a "
+                 "callable returning an nnx.Module, (linen_module, variables), an Equinox "
+                 "module or (loss_fn, model_fn, params))")
     p.add_argument("--checkpoint", metavar="PATH",
-                   help="saved Flax params: a flax msgpack file or an orbax checkpoint directory")
+                   help="saved params: a flax msgpack file, an orbax checkpoint directory, or "
+                   "an orbax CheckpointManager step or run directory (its latest step)")
     p.add_argument("--operator", choices=OPERATORS, action="append", default=None,
                    help="curvature operator; repeat for several (default: hessian and ggn)")
     p.add_argument("--k", type=_positive_int, default=None, help="eigenvalues per operator (10)")
@@ -136,7 +180,7 @@ def _add_analyze(sub: Any) -> None:
     p.add_argument("--seed", type=_seed, default=None,
                    help=f"seed of data, init and probes, 0..{MAX_SEED} (0)")
     p.add_argument("--train-steps", type=_train_steps, default=None,
-                   help="full-batch Adam steps (200)")
+                   help="full-batch Adam steps (200; 0 for a MODULE:FACTORY model)")
     p.add_argument("--out", default="gradience_report", help="report folder (gradience_report)")
     p.add_argument("--fast", action="store_true", help="quick settings (also GRADIENCE_FAST=1)")
     p.add_argument("--weights-only", action="store_true",
@@ -147,11 +191,49 @@ def _add_analyze(sub: Any) -> None:
     _common(p)
 
 
+def _add_track(sub: Any) -> None:
+    from gradience_jax.app.families import MODELS  # noqa: PLC0415
+    from gradience_jax.app.report import OPERATORS, REORTH  # noqa: PLC0415
+
+    p = sub.add_parser(
+        "track", help="curvature and weight metrics over a training run's checkpoints",
+        description="Walk the checkpoints of RUN_DIR (an orbax CheckpointManager directory, or "
+        "a folder of per-step msgpack files / orbax directories) in step order; at each step "
+        "measure the top-k eigenvalues (Lanczos warm-started from the previous step), the "
+        "trace and the weight-spectra summary; write OUT/track.jsonl (one telemetry record "
+        "per step), track.json, report.md, report.html and figures. Rerunning skips the "
+        "steps already in the log.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run's checkpoint directory")
+    _model_flags(p, f"model: a built-in family ({', '.join(MODELS)}; default: inferred from "
+                 "the first checkpoint) or your own as MODULE:FACTORY")
+    p.add_argument("--operator", choices=OPERATORS, action="append", default=None,
+                   help="curvature operator; repeat for several (default: hessian)")
+    p.add_argument("--k", type=_positive_int, default=None, help="eigenvalues per operator (3)")
+    p.add_argument("--iters", type=_steps, default=None, help="Lanczos matvec cap, >= --k (200)")
+    p.add_argument("--tol", type=float, default=None, help="Lanczos relative tolerance (1e-6)")
+    p.add_argument("--reorth", choices=REORTH, default=None, help="reorthogonalisation (full)")
+    p.add_argument("--trace-samples", type=_nonnegative_int, default=None,
+                   help="Hutchinson probes per operator and step; 0: no trace (16)")
+    p.add_argument("--weights-only", action="store_true",
+                   help="weight spectra only (no data, no curvature)")
+    p.add_argument("--no-weights", action="store_true", help="skip the weight spectra")
+    p.add_argument("--no-warm-start", action="store_true",
+                   help="start Lanczos from a random vector at every step")
+    p.add_argument("--seed", type=_seed, default=None, help=f"probe seed, 0..{MAX_SEED} (0)")
+    p.add_argument("--out", default="gradience_track", help="output folder (gradience_track)")
+    p.add_argument("--restart", action="store_true",
+                   help="measure every step again (overwrite the log instead of resuming)")
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    _common(p)
+
+
 def _add_weights(sub: Any) -> None:
     p = sub.add_parser("weights", help="weight-spectra table of a checkpoint",
                        description="Per-layer SVD metrics (alpha, stable / effective rank, MP "
-                       "spikes) of every weight matrix in a checkpoint (any Flax params tree).")
-    p.add_argument("path", metavar="PATH", help="flax msgpack file or orbax checkpoint directory")
+                       "spikes) of every weight matrix in a checkpoint (any Flax params tree, "
+                       "or a .safetensors file / sharded checkpoint).")
+    p.add_argument("path", metavar="PATH", help="flax msgpack file, orbax checkpoint directory "
+                   "(item, step or run), .safetensors file, index or folder")
     p.add_argument("--out", default=None, help="also write weights.json / weights.md there")
     _common(p)
 
@@ -197,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_analyze, _add_weights, _add_protocol, _add_figures, _add_bench):
+    for add in (_add_analyze, _add_track, _add_weights, _add_protocol, _add_figures, _add_bench):
         add(sub)
     return parser
 
@@ -315,7 +397,11 @@ def _analysis_config(args: argparse.Namespace) -> Any:
     from gradience_jax.environment import fast_mode  # noqa: PLC0415
 
     kw: dict[str, Any] = {"model": args.model, "checkpoint": args.checkpoint,
-                          "weights_only": args.weights_only, "figures": not args.no_figures}
+                          "weights_only": args.weights_only, "figures": not args.no_figures,
+                          "data": args.data, "batches": args.batches, "head": args.head,
+                          "input_key": args.input_key}
+    if _is_factory(args.model) and args.train_steps is None:
+        kw["train_steps"] = 0  # your model is analysed as the factory returns it
     if args.operator:
         kw["operators"] = tuple(dict.fromkeys(args.operator))
     for name in ("k", "iters", "reorth", "seed", "train_steps"):
@@ -342,6 +428,69 @@ def _analysis_config(args: argparse.Namespace) -> Any:
                 text = flag + text[len(name):]
         raise UsageError(f"{PROG} analyze: {text}") from None
     return cfg
+
+
+def _is_factory(model: str | None) -> bool:
+    from gradience_jax.app.families import MODELS  # noqa: PLC0415
+
+    return model is not None and model not in MODELS
+
+
+def _resolve_model(cfg: Any, command: str) -> Any | None:
+    """The model of ``--model`` / ``--checkpoint``, resolved before any slow work.
+
+    Returns:
+        :class:`~gradience_jax.app.checkpoints.Restored`, or None (a built-in family
+        without a checkpoint: built by the job itself).
+
+    Raises:
+        UsageError: a ``--model`` / ``--data`` spec that cannot be resolved (a bad spec, a
+            missing module or attribute, a raising factory, an unsupported result), a
+            ``module:factory`` model without ``--data`` (unless weights only), an operator
+            that needs the model function of a model given as a plain ``loss_fn``.
+        CheckpointError: an unreadable / mismatched checkpoint, or NaN / Inf parameters
+            when curvature is measured.
+    """
+    from gradience_jax.app import checkpoints as ck  # noqa: PLC0415
+    from gradience_jax.app import report as rp  # noqa: PLC0415
+    from gradience_jax.models.external import FactoryError  # noqa: PLC0415
+
+    factory = _is_factory(cfg.model)
+    if cfg.checkpoint is not None:
+        _existing_checkpoint(cfg.checkpoint, command, "--checkpoint")
+    if factory and cfg.data is None and not getattr(cfg, "weights_only", False):
+        raise UsageError(f"{PROG} {command}: --model {cfg.model} needs --data MODULE:FACTORY "
+                         "(the batches to measure on)")
+    if not factory and cfg.checkpoint is None:
+        restored = None
+    else:
+        try:
+            restored, _ = rp.setup_model(cfg.model, cfg.checkpoint, cfg.seed, cfg.head,
+                                         cfg.input_key)
+        except FactoryError as exc:
+            raise UsageError(f"{PROG} {command}: {exc}") from None
+        bad = ck.nonfinite_leaves(restored.adapted.params)
+        if bad and not getattr(cfg, "weights_only", False):
+            first = next(iter(bad))
+            where = f"checkpoint {cfg.checkpoint}" if cfg.checkpoint else f"model {cfg.model}"
+            raise ck.CheckpointError(
+                f"{where} has non-finite parameters in {len(bad)} "
+                f"array(s), e.g. {first} ({bad[first]}): curvature needs finite parameters "
+                "(--weights-only or `gradience-jax weights PATH` shows the other layers)")
+        if restored.adapted.model_fn is None:
+            needs = [o for o in cfg.operators if o in ("ggn", "kfac")]
+            if needs:
+                raise UsageError(f"{PROG} {command}: --operator {needs[0]} needs a model_fn; "
+                                 f"--model {cfg.model} gives only a loss_fn (use hessian or "
+                                 "ef, or return (loss_fn, model_fn, params))")
+    if cfg.data is not None:
+        from gradience_jax.models import external  # noqa: PLC0415
+
+        try:
+            external.load_factory(cfg.data, "--data")
+        except FactoryError as exc:
+            raise UsageError(f"{PROG} {command}: {exc}") from None
+    return restored
 
 
 def _check_k_fits(cfg: Any, restored: Any | None) -> None:
@@ -378,7 +527,9 @@ def _existing_checkpoint(path: str, command: str, flag: str) -> str:
     """
     if not Path(path).expanduser().exists():
         raise UsageError(f"{PROG} {command}: checkpoint not found: {path} ({flag} must be a "
-                         "flax msgpack file or an orbax checkpoint directory)")
+                         "flax msgpack file, an orbax checkpoint directory (item, step or run)"
+                         + (" or a .safetensors checkpoint" if command == "weights" else "")
+                         + ")")
     return path
 
 
@@ -421,29 +572,22 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             work), or one with NaN / Inf parameters when curvature is measured.
         OSError: ``--out`` or ``--save-checkpoint``'s folder is not writable.
     """
-    from gradience_jax.app import checkpoints as ck  # noqa: PLC0415
     from gradience_jax.app import markdown as md  # noqa: PLC0415
     from gradience_jax.app import report as rp  # noqa: PLC0415
+    from gradience_jax.models.external import FactoryError  # noqa: PLC0415
 
     cfg = _analysis_config(args)
-    restored = None
-    if cfg.checkpoint is not None:  # fail before any slow work
-        pure = ck.load_checkpoint(_existing_checkpoint(cfg.checkpoint, "analyze",
-                                                       "--checkpoint"))
-        restored = ck.restore_model(pure, cfg.model)
-        bad = ck.nonfinite_leaves(pure)
-        if bad and not cfg.weights_only:
-            first = next(iter(bad))
-            raise ck.CheckpointError(
-                f"checkpoint {cfg.checkpoint} has non-finite parameters in {len(bad)} "
-                f"array(s), e.g. {first} ({bad[first]}): curvature needs finite parameters "
-                "(--weights-only or `gradience-jax weights PATH` shows the other layers)")
+    restored = _resolve_model(cfg, "analyze")  # fail before any slow work
     _check_k_fits(cfg, restored)
     rp.check_writable(args.out)
     if args.save_checkpoint:
         rp.check_writable(Path(args.save_checkpoint).expanduser().resolve().parent)
     with _Stages(rp.plan(cfg), enabled=not args.json) as stages:
-        result = rp.analyze(cfg, out=args.out, progress=stages, save_params_to=args.save_checkpoint)
+        try:
+            result = rp.analyze(cfg, out=args.out, progress=stages,
+                                save_params_to=args.save_checkpoint, model=restored)
+        except FactoryError as exc:  # a --data factory failing when called
+            raise UsageError(f"{PROG} analyze: {exc}") from None
     failed = (result.get("weights") or {}).get("failed") or {}
     message = _failed_layers_message(failed, "the model") if failed else None
     if args.json:
@@ -456,8 +600,144 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     not_passed = [c["name"] for c in result.get("checks") or [] if not c["passed"]]
     if not_passed:
         con.print(f"[yellow]checks not passed:[/] {', '.join(not_passed)}")
-    con.print(f"report written to {Path(args.out) / 'report.md'}")
+    con.print(f"report written to {Path(args.out) / 'report.md'} and report.html")
     return _partial_failure(message, False, None) if message else 0
+
+
+_TRACK_FLAGS = {"k": "--k", "iters": "--iters", "tol": "--tol", "seed": "--seed",
+                "trace_samples": "--trace-samples", "batches": "--batches"}
+
+
+def _track_config(args: argparse.Namespace) -> Any:
+    """The :class:`~gradience_jax.app.track.TrackConfig` of ``track``'s flags.
+
+    Raises:
+        UsageError: a value the config refuses (the message names the flag), or
+            ``--weights-only`` with ``--no-weights``.
+    """
+    from gradience_jax.app.track import TrackConfig  # noqa: PLC0415
+
+    if args.weights_only and args.no_weights:
+        raise UsageError(f"{PROG} track: --weights-only and --no-weights leave nothing to "
+                         "measure")
+    kw: dict[str, Any] = {"model": args.model, "data": args.data, "batches": args.batches,
+                          "head": args.head, "input_key": args.input_key,
+                          "weights": not args.no_weights, "warm_start": not args.no_warm_start,
+                          "figures": not args.no_figures}
+    kw["operators"] = () if args.weights_only else tuple(dict.fromkeys(args.operator or
+                                                                       ("hessian",)))
+    for name in ("k", "iters", "tol", "reorth", "seed", "trace_samples"):
+        value = getattr(args, name)
+        if value is not None:
+            kw[name] = value
+    try:
+        return TrackConfig(**kw)
+    except ValueError as exc:
+        text = str(exc)
+        for name, flag in _TRACK_FLAGS.items():
+            text = text.replace(f"{name} (", f"{flag} (").replace(f"{name} must", f"{flag} must")
+            if text.startswith(f"{name} "):
+                text = flag + text[len(name):]
+        raise UsageError(f"{PROG} track: {text}") from None
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    """``track RUN_DIR``: metrics over a run's checkpoints (:func:`gradience_jax.app.track.track`).
+
+    A progress bar over the steps, then a table of the last step's metrics (or the
+    summary as JSON with ``--json``).
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The exit code (0).
+
+    Raises:
+        UsageError: ``RUN_DIR`` does not exist, a bad flag value, a ``--model`` / ``--data``
+            spec that cannot be resolved, a ``module:factory`` model without ``--data``,
+            ``--k`` above the parameter count, a log in ``--out`` written with other
+            settings (pass ``--restart`` or another ``--out``).
+        CheckpointError: no checkpoint in ``RUN_DIR``, or one that cannot be read / does
+            not match the model.
+        OSError: ``--out`` is not writable.
+    """
+    from gradience_jax.app import checkpoints as ck  # noqa: PLC0415
+    from gradience_jax.app import track as tk  # noqa: PLC0415
+    from gradience_jax.app.report import check_writable  # noqa: PLC0415
+    from gradience_jax.models.external import FactoryError  # noqa: PLC0415
+    from gradience_jax.tree import size  # noqa: PLC0415
+
+    cfg = _track_config(args)
+    if not Path(args.run_dir).expanduser().exists():
+        raise UsageError(f"{PROG} track: run directory not found: {args.run_dir} (RUN_DIR must "
+                         "be an orbax CheckpointManager directory or a folder of per-step "
+                         "checkpoints)")
+    steps = ck.checkpoint_steps(args.run_dir)
+    first = _Probe(cfg, str(steps[0][1]))
+    restored = _resolve_model(first, "track")
+    if restored is not None and cfg.operators and cfg.k > size(restored.adapted.params):
+        n = size(restored.adapted.params)
+        raise UsageError(f"{PROG} track: --k {cfg.k} exceeds the number of parameters of the "
+                         f"model ({n:,}): at most {n} eigenvalues exist")
+    out = check_writable(args.out)
+    log = out / tk.LOG_NAME
+    if log.exists() and log.stat().st_size and not args.restart:
+        try:
+            header, _ = tk.read_log(log)
+            tk._check_resume(header, cfg, log)
+        except ValueError as exc:
+            raise UsageError(f"{PROG} track: {exc}") from None
+    with _Stages([(f"step:{s}", f"step {s}") for s, _ in steps], enabled=not args.json) as st:
+        try:
+            summary = tk.track(args.run_dir, cfg, out, restart=args.restart, progress=st)
+        except FactoryError as exc:
+            raise UsageError(f"{PROG} track: {exc}") from None
+    if args.json:
+        _print_json(summary)
+        return 0
+    cols = summary["columns"]
+    rows = [("run", f"{summary['run_dir']} ({len(summary['steps'])} steps: "
+                    f"{summary['measured']} measured, {summary['skipped']} from the log)"),
+            ("model", str(summary["model"]))]
+    last = summary["steps"][-1] if summary["steps"] else None
+    for k, v in cols.items():
+        if v and isinstance(v[-1], (int, float)) and not isinstance(v[-1], bool):
+            rows.append((k, f"{v[-1]:.6g}"))
+    con = _console()
+    con.print(_summary_table(rows, f"gradience-jax track (step {last})"))
+    con.print(f"log {out / tk.LOG_NAME}, report {out / 'report.md'} and report.html")
+    return 0
+
+
+class _Probe:
+    """What :func:`_resolve_model` reads of a config: the track settings at one checkpoint."""
+
+    def __init__(self, cfg: Any, checkpoint: str):
+        self.model, self.checkpoint, self.data = cfg.model, checkpoint, cfg.data
+        self.seed, self.head, self.input_key = cfg.seed, cfg.head, cfg.input_key
+        self.operators, self.weights_only = cfg.operators, not cfg.operators
+
+
+def _safetensors_weights(path: str, out: str | None) -> tuple[dict, Any]:
+    """Weight spectra of a ``.safetensors`` checkpoint, one tensor at a time.
+
+    :func:`gradience_jax.weights.weight_spectra_from_file` (PyTorch layouts matricized by
+    ``file_reshape``; LoRA pairs as their product); NaN / Inf tensors are ``FAILED`` rows.
+
+    Raises:
+        CheckpointError: an unreadable / corrupt file, or ``safetensors`` not installed.
+    """
+    from gradience_jax.app import checkpoints as ck  # noqa: PLC0415
+    from gradience_jax.app import report as rp  # noqa: PLC0415
+    from gradience_jax.weights import weight_spectra_from_file  # noqa: PLC0415
+
+    try:
+        rep = weight_spectra_from_file(path, check_finite=False)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise ck.CheckpointError(f"cannot read checkpoint {path} ({ck._first_line(exc)})"
+                                 ) from None
+    return rp.write_weights_files(rep, out), rep
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
@@ -482,8 +762,11 @@ def cmd_weights(args: argparse.Namespace) -> int:
     from gradience_jax.app import checkpoints as ck  # noqa: PLC0415
     from gradience_jax.app import report as rp  # noqa: PLC0415
 
-    pure = ck.load_checkpoint(_existing_checkpoint(args.path, "weights", "PATH"))
-    data, rep = rp.write_weights_report(pure, args.out)
+    path = _existing_checkpoint(args.path, "weights", "PATH")
+    if ck.is_safetensors(path):
+        data, rep = _safetensors_weights(path, args.out)
+    else:
+        data, rep = rp.write_weights_report(ck.load_checkpoint(path), args.out)
     if not len(rep) and not rep.failed:
         raise CLIError(f"no weight matrices in {args.path} ({len(rep.skipped)} leaves skipped)")
     data = {"path": str(args.path), **data}
@@ -715,6 +998,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "analyze": cmd_analyze,
+    "track": cmd_track,
     "weights": cmd_weights,
     "protocol": cmd_protocol,
     "figures": cmd_figures,

@@ -42,34 +42,53 @@ def _metrics_jit(model_fn: Callable, head: Callable, params: PyTree, batch: dict
     return head(logits, batch), jnp.mean(jnp.argmax(logits, -1) == batch["labels"])
 
 
-def evaluate(adapted: Any, params: PyTree, batch: dict) -> dict[str, float]:
+@functools.partial(jax.jit, static_argnames=("loss_fn",))
+def _loss_jit(loss_fn: Callable, params: PyTree, batch: dict) -> jax.Array:
+    return loss_fn(params, batch)
+
+
+def _classifier(adapted: Any, batch: Any) -> bool:
+    from gradience_jax.operators.heads import SoftmaxCrossEntropy  # noqa: PLC0415
+
+    labels = batch.get("labels") if isinstance(batch, Mapping) else None
+    return (adapted.model_fn is not None and isinstance(adapted.head, SoftmaxCrossEntropy)
+            and labels is not None and np.issubdtype(np.asarray(labels).dtype, np.integer))
+
+
+def evaluate(adapted: Any, params: PyTree, batch: dict) -> dict[str, float | None]:
     """Loss and accuracy of a classifier / language model.
 
     Args:
-        adapted: the model (``model_fn``, ``head``).
+        adapted: the model (``loss_fn``, ``model_fn``, ``head``).
         params: its parameters.
-        batch: with integer ``"labels"``.
+        batch: the data.
 
     Returns:
-        ``{"loss", "accuracy"}`` (argmax of the last axis against the labels).
+        ``{"loss", "accuracy"}``: the accuracy (argmax of the last axis against integer
+        ``"labels"``) for a softmax cross-entropy head, else None.
     """
-    loss, acc = _metrics_jit(adapted.model_fn, adapted.head, params, batch)
-    return {"loss": float(loss), "accuracy": float(acc)}
+    if _classifier(adapted, batch):
+        loss, acc = _metrics_jit(adapted.model_fn, adapted.head, params, batch)
+        return {"loss": float(loss), "accuracy": float(acc)}
+    return {"loss": float(_loss_jit(adapted.loss_fn, params, batch)), "accuracy": None}
 
 
-def losses(adapted: Any, params: PyTree, train_batch: dict, test_batch: dict) -> dict[str, float]:
+def losses(adapted: Any, params: PyTree, train_batch: dict, test_batch: dict | None
+           ) -> dict[str, float | None]:
     """``{"train", "test", "train_accuracy", "test_accuracy"}`` (:func:`evaluate` on both).
 
     Args:
         adapted: the model (``model_fn``, ``head``).
         params: where to measure.
         train_batch: the training data.
-        test_batch: the held-out data.
+        test_batch: the held-out data (None: ``test`` entries are None).
 
     Returns:
-        The train / test losses and accuracies as floats.
+        The train / test losses and accuracies as floats (None where undefined).
     """
-    tr, te = evaluate(adapted, params, train_batch), evaluate(adapted, params, test_batch)
+    tr = evaluate(adapted, params, train_batch)
+    te = evaluate(adapted, params, test_batch) if test_batch is not None else \
+        {"loss": None, "accuracy": None}
     return {"train": tr["loss"], "test": te["loss"], "train_accuracy": tr["accuracy"],
             "test_accuracy": te["accuracy"]}
 

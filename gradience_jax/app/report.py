@@ -12,8 +12,14 @@
 
 runs consistency checks between them (Hutchinson vs SLQ trace, top-k sum vs trace, PSD-ness
 of the GGN, ...) and writes ``report.json`` (every number with its diagnostics, versions,
-seed, wall times), PNG figures, ``report.md`` embedding them and ``params.msgpack`` (the
-analysed parameters) into the output folder.
+seed, wall times), PNG figures, ``report.md`` embedding them, ``report.html`` (the same
+report as one self-contained page: :mod:`gradience_jax.app.html`) and ``params.msgpack``
+(the analysed parameters) into the output folder.
+
+Your own model: ``AnalysisConfig(model="pkg.mod:factory", data="pkg.mod:batches")``
+(:mod:`gradience_jax.models.external`); it is analysed at the factory's values (or at
+``checkpoint``) after ``train_steps`` steps of training (the command line's default for
+such a model is 0: analysed as given).
 
 Supported names: :class:`AnalysisConfig`, :func:`analyze`, :func:`plan`, :func:`train`,
 :func:`check_writable`, :func:`versions`, :func:`write_weights_report`, :data:`SCHEMA`,
@@ -58,6 +64,7 @@ from gradience_jax.app.checkpoints import (
 )
 from gradience_jax.app.families import MODELS, dataset, split
 from gradience_jax.app.markdown import markdown
+from gradience_jax.models.external import is_spec
 
 PyTree = Any
 Progress = Callable[[str, str], None]
@@ -72,11 +79,15 @@ MAX_STEPS = 10_000_000
 """Upper bound of ``iters`` and ``train_steps`` (larger values are refused, not clamped)."""
 MAX_SEED = 2**32 - 1
 """Largest ``seed`` (seeds are 32-bit: ``0 <= seed <= MAX_SEED``)."""
+HEADS = {"xent": "softmax cross-entropy on batch['labels']",
+         "mse": "mean squared error on batch['targets']"}
+"""The heads of a ``module:factory`` model (``AnalysisConfig.head``, ``--head``)."""
 VERSION_PACKAGES = ("gradience-jax", "jax", "jaxlib", "flax", "optax", "numpy",
                     "orbax-checkpoint", "matplotlib")
 """Packages whose versions ``report.json`` records."""
 
 __all__ = [
+    "HEADS",
     "AnalysisConfig",
     "MAX_SEED",
     "MAX_STEPS",
@@ -86,9 +97,13 @@ __all__ = [
     "VERSION_PACKAGES",
     "analyze",
     "check_writable",
+    "load_data",
+    "make_head",
     "plan",
+    "setup_model",
     "train",
     "versions",
+    "write_weights_files",
     "write_weights_report",
 ]
 
@@ -98,8 +113,18 @@ class AnalysisConfig:
     """Settings of :func:`analyze` (defaults: the full job, about a minute on a laptop CPU).
 
     Attributes:
-        model: ``"mlp"``, ``"cnn"`` or ``"transformer"`` (``None`` with a checkpoint: infer).
-        checkpoint: path of a flax msgpack file or orbax directory; ``None``: train.
+        model: ``"mlp"``, ``"cnn"`` or ``"transformer"`` (``None`` with a checkpoint: infer),
+            or your own model as a ``"module:factory"`` spec
+            (:mod:`gradience_jax.models.external`).
+        checkpoint: a flax msgpack file, an orbax item directory, an orbax
+            ``CheckpointManager`` step directory or run directory (its latest step);
+            ``None``: the model as built (trained ``train_steps`` steps).
+        data: a ``"module:factory"`` spec of the batch (needed for a ``module:factory``
+            model unless ``weights_only``); ``None``: generated data matching a built-in
+            family. batches: how many batches of an iterable data factory to concatenate.
+        head: the loss on the model's outputs of a ``module:factory`` model, ``"xent"``
+            (softmax cross-entropy on integer ``batch["labels"]``) or ``"mse"``
+            (``batch["targets"]``); input_key: the batch key of the model's inputs.
         operators: curvature operators measured (``hessian``, ``ggn``, ``ef``, ``kfac``).
         k: eigenvalues per operator; iters: Lanczos iteration cap; reorth: ``full`` /
             ``window`` / ``none``; tol: relative residual tolerance.
@@ -123,6 +148,10 @@ class AnalysisConfig:
 
     model: str | None = None
     checkpoint: str | None = None
+    data: str | None = None
+    batches: int = 1
+    head: str = "xent"
+    input_key: str = "inputs"
     operators: tuple[str, ...] = ("hessian", "ggn")
     k: int = 10
     iters: int = 60
@@ -141,8 +170,13 @@ class AnalysisConfig:
     fast: bool = False
 
     def __post_init__(self):
-        if self.model is not None and self.model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.model is not None and self.model not in MODELS and not is_spec(self.model):
+            raise ValueError(f"model must be one of {MODELS} or a 'module:factory' spec, got "
+                             f"{self.model!r}")
+        if self.data is not None and not is_spec(self.data):
+            raise ValueError(f"data must be a 'module:factory' spec, got {self.data!r}")
+        check_choice(self.head, "head", tuple(HEADS))
+        check_int(self.batches, "batches")
         bad = [o for o in self.operators if o not in OPERATORS]
         if bad or not self.operators:
             raise ValueError(f"operators must be a non-empty subset of {OPERATORS}, "
@@ -278,11 +312,107 @@ class _Run:
         return value
 
 
-def _setup(cfg: AnalysisConfig) -> tuple[Restored, str]:
+def make_head(name: str) -> Any:
+    """The head named ``name`` (a key of :data:`HEADS`).
+
+    Args:
+        name: ``"xent"`` or ``"mse"``.
+
+    Returns:
+        ``gj.heads.softmax_cross_entropy()`` or ``gj.heads.mse()``.
+
+    Raises:
+        ValueError: another name.
+    """
+    from gradience_jax.operators import heads  # noqa: PLC0415
+
+    check_choice(name, "head", tuple(HEADS))
+    return heads.softmax_cross_entropy() if name == "xent" else heads.mse()
+
+
+def setup_model(model: str | None, checkpoint: str | None = None, seed: int = 0,
+                head: str = "xent", input_key: str = "inputs") -> tuple[Restored, str]:
+    """The model to analyse and where it came from.
+
+    Args:
+        model: a built-in family, a ``module:factory`` spec, or None (inferred from the
+            checkpoint; the MLP without one).
+        checkpoint: a checkpoint path (:func:`~gradience_jax.app.checkpoints.load_tree`).
+        seed: initialisation seed of a built-in family without a checkpoint.
+        head: the head of a ``module:factory`` model (:data:`HEADS`).
+        input_key: the batch key of a ``module:factory`` model's inputs.
+
+    Returns:
+        ``(Restored, source description)``; for a ``module:factory`` model ``Restored.model``
+        is the spec, ``spec`` is ``{"factory", "kind"}`` and ``module`` what the factory
+        returned.
+
+    Raises:
+        FactoryError: a ``module:factory`` spec that cannot be resolved.
+        CheckpointError: a missing, unreadable or mismatched checkpoint.
+    """
+    if model is not None and is_spec(model):
+        from gradience_jax.app.checkpoints import CheckpointError, load_tree  # noqa: PLC0415
+        from gradience_jax.models import external  # noqa: PLC0415
+
+        ext = external.load_model(model, make_head(head), input_key)
+        adapted, source = ext.adapted, f"factory {model}"
+        if checkpoint is not None:
+            try:
+                adapted = external.restore(ext, load_tree(checkpoint))
+            except CheckpointError:
+                raise
+            except ValueError as exc:
+                raise CheckpointError(f"checkpoint {checkpoint}: {exc}") from None
+            source = f"checkpoint {checkpoint}"
+        return Restored(model, {"factory": model, "kind": ext.kind}, ext.source, adapted), source
+    if checkpoint is not None:
+        restored = restore_model(load_checkpoint(checkpoint), model)
+        return restored, f"checkpoint {checkpoint}"
+    return init_model(model or "mlp", seed=seed), "trained here"
+
+
+def load_data(cfg: AnalysisConfig, restored: Restored) -> tuple[dict, dict | None, str]:
+    """``(analysis batch, held-out batch or None, description)`` of a job.
+
+    ``cfg.data`` (a ``module:factory`` spec: the whole batch is analysed, nothing is held
+    out), else the generated data of the built-in family (first half analysed, second
+    half held out).
+
+    Args:
+        cfg: the settings (``data``, ``batches``, ``seed``).
+        restored: the model (:func:`setup_model`).
+
+    Returns:
+        The batches and a one-line description.
+
+    Raises:
+        FactoryError: a ``data`` spec that cannot be resolved.
+        ValueError: a ``module:factory`` model without ``data``.
+    """
+    if cfg.data is not None:
+        from gradience_jax.models import external  # noqa: PLC0415
+
+        batch = external.load_data(cfg.data, cfg.batches)
+        return batch, None, f"--data {cfg.data}"
+    if restored.model not in MODELS:
+        raise ValueError(f"model {restored.model} needs data: pass data='module:factory' "
+                         "(--data)")
+    key = jax.random.fold_in(jax.random.key(cfg.seed), 0)
+    data_all, desc = dataset(restored.model, restored.spec, key)
+    train_batch, test_batch = split(data_all)
+    return train_batch, test_batch, desc
+
+
+def _source(cfg: AnalysisConfig) -> str:
     if cfg.checkpoint is not None:
-        restored = restore_model(load_checkpoint(cfg.checkpoint), cfg.model)
-        return restored, f"checkpoint {cfg.checkpoint}"
-    return init_model(cfg.model or "mlp", seed=cfg.seed), "trained here"
+        return f"checkpoint {cfg.checkpoint}"
+    return f"factory {cfg.model}" if cfg.model is not None and is_spec(cfg.model) else \
+        "trained here"
+
+
+def _setup(cfg: AnalysisConfig) -> tuple[Restored, str]:
+    return setup_model(cfg.model, cfg.checkpoint, cfg.seed, cfg.head, cfg.input_key)
 
 
 def _curvature(run: _Run, name: str, adapted: Any, params: PyTree, batch: dict,
@@ -305,8 +435,8 @@ def _curvature(run: _Run, name: str, adapted: Any, params: PyTree, batch: dict,
 
 
 def analyze(cfg: AnalysisConfig | None = None, out: str | os.PathLike | None = "gradience_report",
-            progress: Progress | None = None, save_params_to: str | os.PathLike | None = None
-            ) -> dict[str, Any]:
+            progress: Progress | None = None, save_params_to: str | os.PathLike | None = None,
+            *, model: Restored | None = None) -> dict[str, Any]:
     """Run the analysis job and write the report folder.
 
     Args:
@@ -315,6 +445,8 @@ def analyze(cfg: AnalysisConfig | None = None, out: str | os.PathLike | None = "
         out: output folder (created); ``None``: return the report without writing files.
         progress: ``progress(stage_key, description)`` called as each stage starts.
         save_params_to: also save the analysed parameters there (msgpack file or orbax dir).
+        model: the model already built from ``cfg`` (:func:`setup_model`), so that a
+            factory is not called twice; None: built here.
 
     Returns:
         The report dict (JSON-safe; the same content as ``report.json``).
@@ -330,13 +462,16 @@ def analyze(cfg: AnalysisConfig | None = None, out: str | os.PathLike | None = "
     t_start = time.perf_counter()
     out_path = check_writable(out) if out is not None else None
     run = _Run(progress)
-    restored, source = run.stage("setup", "building model and data", lambda: _setup(cfg))
+    restored, source = run.stage("setup", "building model and data",
+                                 lambda: _setup(cfg) if model is None else
+                                 (model, _source(cfg)))
     adapted = restored.adapted
-    key = jax.random.key(cfg.seed)
-    data_all, data_desc = dataset(restored.model, restored.spec, jax.random.fold_in(key, 0))
-    train_batch, test_batch = split(data_all)
+    if cfg.weights_only and cfg.data is None and restored.model not in MODELS:
+        train_batch, test_batch, data_desc = None, None, None
+    else:
+        train_batch, test_batch, data_desc = load_data(cfg, restored)
     params, curve = adapted.params, None
-    if cfg.checkpoint is None:
+    if cfg.checkpoint is None and train_batch is not None:
         params, curve = run.stage("train", f"training {cfg.train_steps} steps",
                                   lambda: train(adapted, train_batch, cfg.train_steps,
                                                 cfg.learning_rate))
@@ -364,10 +499,10 @@ def analyze(cfg: AnalysisConfig | None = None, out: str | os.PathLike | None = "
         "config": jsonable(dataclasses.asdict(cfg)),
         "model": {"name": restored.model, "spec": restored.spec, "n_params": size(params),
                   "source": source},
-        "data": None if cfg.weights_only else {
-            "description": data_desc, "train_examples": len(train_batch["labels"]),
-            "test_examples": len(test_batch["labels"]),
-            "shapes": {k: list(v.shape) for k, v in train_batch.items()}},
+        "data": None if cfg.weights_only or train_batch is None else {
+            "description": data_desc, "train_examples": _examples(train_batch),
+            "test_examples": None if test_batch is None else _examples(test_batch),
+            "shapes": {k: list(np.shape(v)) for k, v in train_batch.items()}},
         "training": None if curve is None else {
             "steps": cfg.train_steps, "optimizer": f"adam({cfg.learning_rate:g}), full batch",
             "loss_initial": curve[0] if len(curve) else None,
@@ -399,13 +534,20 @@ def analyze(cfg: AnalysisConfig | None = None, out: str | os.PathLike | None = "
     return report
 
 
+def _examples(batch: PyTree) -> int:
+    return int(np.shape(jax.tree_util.tree_leaves(batch)[0])[0])
+
+
 def _write(out: Path, report: dict, params: PyTree, run: _Run, t_start: float) -> None:
+    from gradience_jax.app.html import analysis_html  # noqa: PLC0415
+
     save_checkpoint(params, out / "params.msgpack")
-    report["files"] = {"json": "report.json", "markdown": "report.md", "params": "params.msgpack",
-                       "figures": sorted(report["figures"].values())}
+    report["files"] = {"json": "report.json", "markdown": "report.md", "html": "report.html",
+                       "params": "params.msgpack", "figures": sorted(report["figures"].values())}
     report["wall_times"] = jsonable({**run.wall, "total": time.perf_counter() - t_start})
     report["warnings"] = jsonable(run.warnings)
     (out / "report.md").write_text(markdown(report))
+    (out / "report.html").write_text(analysis_html(report, out))
     (out / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False))
 
 
@@ -423,9 +565,26 @@ def write_weights_report(pure: Mapping, out: str | os.PathLike | None = None) ->
         OSError: ``out`` cannot be written.
     """
     data, rep = ms.weights(pure)
-    data = jsonable(data)
+    return write_weights_files(rep, out), rep
+
+
+def write_weights_files(rep: Any, out: str | os.PathLike | None = None) -> dict:
+    """``weights.json`` / ``weights.md`` of a weight-spectra report.
+
+    Args:
+        rep: a :class:`gradience_jax.WeightSpectraReport` (e.g. of
+            :func:`gradience_jax.weights.weight_spectra_from_file`).
+        out: folder to write to (created), or None.
+
+    Returns:
+        The JSON-safe dict (``rep.to_dict()``).
+
+    Raises:
+        OSError: ``out`` cannot be written.
+    """
+    data = jsonable(rep.to_dict())
     if out is not None:
         path = check_writable(out)
         (path / "weights.json").write_text(json.dumps(data, indent=1, allow_nan=False))
         (path / "weights.md").write_text("```\n" + rep.to_text() + "\n```\n")
-    return data, rep
+    return data
