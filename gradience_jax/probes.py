@@ -17,7 +17,14 @@ Probes never raise and never print inside ``jit``: when a probe's metrics (or it
 are not finite, e.g. because training diverged, the metrics are logged as they are (NaN),
 the flag ``"<name>/nonfinite"`` is True and the previous state is kept, so a training run is
 never killed or poisoned by its telemetry. :class:`gradience_jax.telemetry.TelemetryWriter`
-stores such values as ``null``.
+stores such values as ``null``. Integer labels out of range for a built-in head (``-1``, or
+``>= num_classes``, on a token of non-zero weight) count as non-finite: inside ``jit`` the
+head makes the loss and its curvature NaN, so ``"<name>/nonfinite"`` is True; called eagerly,
+the operator a probe builds raises a ``ValueError`` naming ``batch['labels']``.
+
+Arguments are checked when a probe is built (counts, choices, callables) and when it is
+called (at trace time, free inside ``jit``): ``key`` must be one PRNG key, ``state`` the
+structure ``probe.init(params)`` returns.
 
 Example (optax; the probes see the same ``loss_fn(params, batch)`` as the operators)::
 
@@ -37,7 +44,9 @@ Example (optax; the probes see the same ``loss_fn(params, batch)`` as the operat
 
 With NNX, pass ``nnx.state(model, nnx.Param)`` as ``params`` and the ``loss_fn`` of
 ``gj.models.from_nnx(model, head)``; the probe state is an ordinary argument / return value
-of the ``nnx.jit`` step.
+of the ``nnx.jit`` step. Build the probe (and the adapter) once: the adapter's ``loss_fn``
+takes the params as an argument, so it stays valid after every optimizer update (calling
+``from_nnx`` again gives an equal ``loss_fn`` and reuses the compiled programs too).
 
 References:
     J. Cohen, S. Kaur, Y. Li, Z. Kolter, A. Talwalkar (2021), "Gradient descent on neural
@@ -56,9 +65,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
-from gradience_jax.estimators import hutchinson_trace
-from gradience_jax.lanczos import restart_vector
+from gradience_jax._validate import (
+    ArgumentTypeError,
+    check_choice,
+    check_int,
+    check_key,
+    check_real,
+)
+from gradience_jax.estimators import DISTRIBUTIONS, hutchinson_trace
+from gradience_jax.lanczos import REORTH_MODES, restart_vector
+from gradience_jax.operators._common import check_callable
 from gradience_jax.operators.ggn import ggn
+from gradience_jax.operators.heads import check_loss_targets
 from gradience_jax.operators.hessian import hessian
 from gradience_jax.spectrum import eigsh_fast
 from gradience_jax.weights import (
@@ -118,17 +136,27 @@ class Probe(NamedTuple):
     def __call__(
         self, params: PyTree, batch: PyTree, key: jax.Array, state: PyTree
     ) -> tuple[Metrics, PyTree]:
-        """Run the probe: ``self.apply(params, batch, key, state)``.
+        """Run the probe: ``self.apply(params, batch, key, state)``, arguments checked.
+
+        The checks run at trace time (no cost in the compiled step): ``key`` must be one
+        PRNG key and ``state`` must have the structure of ``init(params)``.
 
         Args:
             params: the parameters.
             batch: the data of the step.
-            key: a ``jax.random`` key.
+            key: one ``jax.random`` key (typed or raw; not ``None``, an int or a batch).
             state: the probe state (from ``init`` or the previous call).
 
         Returns:
             ``(metrics, new_state)``.
+
+        Raises:
+            ValueError: ``key`` is ``None`` or a batch of keys; ``state`` is ``None`` or has
+                another structure than ``init(params)``.
+            TypeError: ``key`` is not a PRNG key (e.g. the int ``42``).
         """
+        key = check_key(key, "key", default=False)
+        _check_state(self, params, state)
         return self.apply(params, batch, key, state)
 
 
@@ -162,10 +190,24 @@ def _check_name(name: Any) -> str:
     return name
 
 
-def _check_positive_int(name: str, value: Any) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
+def _check_state(probe: Probe, params: PyTree, state: PyTree) -> None:
+    """``state`` must have the pytree structure of ``probe.init(params)`` (shape inference)."""
+    if state is None:
+        raise ValueError(f"state of probe {probe.name!r} is None: pass state=probe.init(params) "
+                         "on the first call, then the state the previous call returned")
+    want = jax.tree_util.tree_structure(jax.eval_shape(probe.init, params))
+    got = jax.tree_util.tree_structure(state)
+    if got != want:
+        raise ValueError(f"state of probe {probe.name!r} does not match probe.init(params): "
+                         f"structure {got} vs {want} (a state of another probe, or of other "
+                         "params?)")
+
+
+def _check_linearize(linearize: Any) -> bool | str:
+    if linearize is True or linearize is False or (isinstance(linearize, str)
+                                                     and linearize == "auto"):
+        return linearize
+    raise ValueError(f"linearize must be True, False or 'auto', got {linearize!r}")
 
 
 def _is_inexact(x: Any) -> bool:
@@ -237,12 +279,15 @@ def every(n: int, probe: Probe, *, offset: int = 0) -> Probe:
         A :class:`Probe` with the same name.
 
     Raises:
-        ValueError: ``n`` not a positive integer or ``offset`` not an integer.
+        ValueError: ``n < 1``.
+        ArgumentTypeError: ``n`` or ``offset`` not an integer, ``probe`` not a
+            :class:`Probe`.
     """
-    n = _check_positive_int("n", n)
-    if not isinstance(offset, (int, np.integer)) or isinstance(offset, bool):
-        raise ValueError(f"offset must be an integer, got {offset!r}")
-    phase = int(offset) % n
+    n = check_int(n, "n")
+    offset = check_int(offset, "offset", lo=None)
+    if not isinstance(probe, Probe):
+        raise ArgumentTypeError(f"probe must be a Probe, got {type(probe).__name__}")
+    phase = offset % n
 
     def init(params):
         return EveryState(jnp.zeros((), jnp.int32), probe.init(params))
@@ -283,14 +328,15 @@ def combine(*probes: Probe, name: str = "probes") -> Probe:
         A :class:`Probe` whose state is the tuple of the probes' states.
 
     Raises:
-        ValueError: no probes, a non-:class:`Probe` argument, or two probes producing the
-            same metric key (at trace time; rename one with its ``name`` argument).
+        ValueError: no probes, or two probes producing the same metric key (at trace time;
+            rename one with its ``name`` argument).
+        ArgumentTypeError: a non-:class:`Probe` argument (a ``ValueError`` too).
     """
     if not probes:
         raise ValueError("combine needs at least one probe")
     for i, p in enumerate(probes):
         if not isinstance(p, Probe):
-            raise ValueError(f"probes[{i}] is not a Probe, got {type(p).__name__}")
+            raise ArgumentTypeError(f"probes[{i}] is not a Probe, got {type(p).__name__}")
     names = [p.name for p in probes]
     dup = sorted({x for x in names if names.count(x) > 1})
     if dup:
@@ -351,15 +397,16 @@ def _eigen_probe(
     reorth: str,
     perturbation: float,
 ) -> Probe:
-    k = _check_positive_int("k", k)
-    num_iters = _check_positive_int("num_iters", num_iters)
+    k = check_int(k, "k")
+    num_iters = check_int(num_iters, "num_iters")
     if num_iters < k:
         raise ValueError(f"num_iters={num_iters} must be >= k={k}")
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    cold_restarts = _check_positive_int("cold_restarts", cold_restarts)
-    if not (isinstance(perturbation, (int, float)) and 0.0 <= perturbation < 1.0):
-        raise ValueError(f"perturbation must be a float in [0, 1), got {perturbation!r}")
+    check_choice(which, "which", WHICH)
+    check_choice(reorth, "reorth", REORTH_MODES)
+    cold_restarts = check_int(cold_restarts, "cold_restarts")
+    perturbation = check_real(perturbation, "perturbation", lo=0.0)
+    if perturbation >= 1.0:
+        raise ValueError(f"perturbation must be in [0, 1), got {perturbation!r}")
 
     def init(params):
         return EigenProbeState(_work_zeros(params, k))
@@ -444,8 +491,13 @@ def hessian_eigenvalues(
         A :class:`Probe` whose state is an :class:`EigenProbeState`.
 
     Raises:
-        ValueError: bad ``k`` / ``which`` / ``num_iters`` / ``perturbation`` / ``name``.
+        ValueError: bad ``k`` / ``which`` / ``num_iters`` / ``reorth`` / ``perturbation`` /
+            ``linearize`` / ``name``.
+        ArgumentTypeError: ``loss_fn`` not callable, a count that is not an integer, a
+            ``perturbation`` that is not a real number.
     """
+    check_callable(loss_fn, "loss_fn")
+    linearize = _check_linearize(linearize)
     default = "hessian_top" if which == "LA" else "hessian_bottom"
     name = _check_name(default if name is None else name)
 
@@ -489,8 +541,14 @@ def ggn_eigenvalues(
         A :class:`Probe` whose state is an :class:`EigenProbeState`.
 
     Raises:
-        ValueError: bad ``k`` / ``num_iters`` / ``perturbation`` / ``name``.
+        ValueError: bad ``k`` / ``num_iters`` / ``reorth`` / ``perturbation`` /
+            ``linearize`` / ``name``.
+        ArgumentTypeError: ``model_fn`` / ``head`` not callable, a count that is not an
+            integer, a ``perturbation`` that is not a real number.
     """
+    check_callable(model_fn, "model_fn")
+    check_callable(head, "head")
+    linearize = _check_linearize(linearize)
     name = _check_name(name)
 
     def build(params, batch):
@@ -524,10 +582,15 @@ def hessian_trace(
         A stateless :class:`Probe`.
 
     Raises:
-        ValueError: ``num_samples`` not a positive integer, or a bad ``name``.
+        ValueError: ``num_samples < 1``, an unknown ``distribution``, a bad ``linearize`` or
+            ``name``.
+        ArgumentTypeError: ``loss_fn`` not callable, ``num_samples`` not an integer.
     """
+    check_callable(loss_fn, "loss_fn")
     name = _check_name(name)
-    num_samples = _check_positive_int("num_samples", num_samples)
+    num_samples = check_int(num_samples, "num_samples")
+    check_choice(distribution, "distribution", DISTRIBUTIONS)
+    linearize = _check_linearize(linearize)
 
     def fn(params, batch, key, state):
         op = hessian(loss_fn, params, batch, linearize=linearize, check=False)
@@ -589,13 +652,16 @@ def gradient_stats(
         A stateless :class:`Probe`.
 
     Raises:
-        ValueError: ``num_microbatches`` not a positive integer, or (at trace time) not a
-            divisor of the batch size.
+        ValueError: ``num_microbatches < 1``, or (at trace time) not a divisor of the batch
+            size; integer labels out of range (eager calls, a composed loss).
+        ArgumentTypeError: ``loss_fn`` not callable, ``num_microbatches`` not an integer.
     """
+    check_callable(loss_fn, "loss_fn")
     name = _check_name(name)
-    m = _check_positive_int("num_microbatches", num_microbatches)
+    m = check_int(num_microbatches, "num_microbatches")
 
     def fn(params, batch, key, state):
+        check_loss_targets(loss_fn, params, batch)  # host check; traced labels give NaN
         micro, size = _split_batch(batch, m)
         grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, micro)
         g_mean = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
@@ -679,13 +745,19 @@ def weight_metrics(
 
     Raises:
         ValueError: unknown field, ``k_top < 1``, bad ``name``.
+        ArgumentTypeError: ``k_top`` not an integer, ``filter`` not callable.
     """
+    if filter is not None:
+        check_callable(filter, "filter")
     name = _check_name(name)
+    if isinstance(fields, str):
+        raise ArgumentTypeError(f"fields must be a sequence of MatrixMetrics field names, got "
+                                f"the string {fields!r} (write ({fields!r},))")
     fields = tuple(fields)
     bad = [f for f in fields if f not in MatrixMetrics._fields]
     if bad:
         raise ValueError(f"fields {bad} are not MatrixMetrics fields {MatrixMetrics._fields}")
-    k_top = _check_positive_int("k_top", k_top)
+    k_top = check_int(k_top, "k_top")
 
     def fn(params, batch, key, state):
         metrics: Metrics = {f"{name}/global_norm": tu.norm(params)}
@@ -716,8 +788,10 @@ def update_to_weight_ratios(
         ``{"<name>/<path>": ratio, "<name>/global": ||u|| / ||w||}``.
 
     Raises:
-        ValueError: ``updates`` and ``params`` have different numbers of leaves.
+        ValueError: ``updates`` and ``params`` have different numbers of leaves, or ``eps``
+            is not a finite number ``> 0``.
     """
+    eps = check_real(eps, "eps", lo=0.0, lo_open=True)
     out: Metrics = {}
     flat_u = jax.tree_util.tree_flatten_with_path(updates)[0]
     flat_w = jax.tree_util.tree_leaves(params)

@@ -1,6 +1,7 @@
 """Jittable probes: every-N under lax.cond inside a jitted step (bit-for-bit, one trace),
-warm-started eigenvalue tracking against dense float64 references, NNX optimiser, gradient
-statistics, update ratios, non-finite metrics and bad input."""
+warm-started eigenvalue tracking against dense references (float64; float32 with
+``GRADIENCE_X64=0``), NNX optimiser, gradient statistics, update ratios, non-finite metrics,
+out-of-range labels and bad input."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import FLOAT, tol
 from jax.flatten_util import ravel_pytree
 
 import gradience_jax as gj
@@ -22,10 +24,10 @@ from gradience_jax.operators.fisher import per_example_grads
 
 @functools.cache
 def _case():
-    """A float64 tanh MLP 4-8-3 (67 parameters) on 32 points of 3 Gaussian blobs."""
-    model = MLP([4, 8, 3], activation=jnp.tanh, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    """A tanh MLP 4-8-3 (67 parameters, this run's float) on 32 points of 3 Gaussian blobs."""
+    model = MLP([4, 8, 3], activation=jnp.tanh, param_dtype=FLOAT, rngs=nnx.Rngs(0))
     batch = gj.data.classification(jax.random.key(1), n=32, dim=4, num_classes=3)
-    batch["inputs"] = batch["inputs"].astype(jnp.float64)
+    batch["inputs"] = batch["inputs"].astype(FLOAT)
     return from_nnx(model, gj.heads.softmax_cross_entropy()), batch
 
 
@@ -124,7 +126,12 @@ def _dense_ggn_fn(model_fn, head, batch):
 
 def test_warm_started_eigenvalue_probes_track_dense_references():
     """5 Lanczos iterations per step, warm-started, follow eigh of the dense Hessian / GGN
-    top eigenvalue within 1e-3 over 50 steps of training (it moves from 1.4 to 4.3)."""
+    top eigenvalue over 50 steps of training (it moves from 1.4 to 4.3): within 1e-2 on the
+    first steps after the cold start, while the top eigenvector turns fast, then 1e-3.
+
+    With x64 off the fixture is another instance (``nnx`` init and ``gj.data`` draw in the
+    default float dtype): its step 2 is off by 5e-3, as it is in float64 for the same
+    float32-initialised weights, so the early bound is about tracking, not precision."""
     adapted, batch = _case()
     probe = probes.combine(
         probes.hessian_eigenvalues(adapted.loss_fn, num_iters=5),
@@ -145,12 +152,15 @@ def test_warm_started_eigenvalue_probes_track_dense_references():
         g = np.linalg.eigvalsh(np.asarray(dense_g(params)))
         m = metrics[i]
         scale = max(1.0, abs(h[-1]))
-        assert abs(m["hessian_top/eigenvalue"] - h[-1]) <= 1e-3 * scale, (i, m, h[-1])
+        early = i < 5  # the first warm starts follow a fast-turning eigenvector
+        assert abs(m["hessian_top/eigenvalue"] - h[-1]) <= (1e-2 if early else 1e-3) * scale, (
+            i, m, h[-1])
         # the bottom sits in a near-degenerate cluster around 0: a Ritz value is an upper
         # bound, and 5 warm-started iterations get within 1% of the spectral scale
-        assert m["hessian_bottom/eigenvalue"] >= h[0] - 1e-10
+        assert m["hessian_bottom/eigenvalue"] >= h[0] - tol(1e-10, 1e-5) * scale
         assert m["hessian_bottom/eigenvalue"] - h[0] <= (0.1 if i < 5 else 1e-2) * scale
-        assert abs(m["ggn_top/eigenvalue"] - g[-1]) <= 1e-3 * max(1.0, g[-1]), (i, m, g[-1])
+        assert abs(m["ggn_top/eigenvalue"] - g[-1]) <= (1e-2 if early else 1e-3) * max(
+            1.0, g[-1]), (i, m, g[-1])
         tops.append(h[-1])
         params = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in history[i][:-1]])
     assert max(tops) - min(tops) > 0.05 * max(tops)  # the target really moves
@@ -216,14 +226,19 @@ def test_gradient_stats_match_per_example_formulas():
     m_full = jax.jit(lambda p: probes.gradient_stats(adapted.loss_fn, num_microbatches=n)(
         p, batch, jax.random.key(0), ())[0])(adapted.params)
     g = np.asarray(jax.vmap(lambda x: ravel_pytree(x)[0])(
-        per_example_grads(adapted.loss_fn, adapted.params, batch)))
+        per_example_grads(adapted.loss_fn, adapted.params, batch)), np.float64)
     mean = g.mean(0)
     cov_trace = np.sum(np.var(g, axis=0, ddof=1))
-    np.testing.assert_allclose(m_full["gradient/norm"], np.linalg.norm(mean), rtol=1e-10)
-    np.testing.assert_allclose(m_full["gradient/trace_cov"], cov_trace, rtol=1e-10)
+    rtol = tol(1e-10, 1e-4)
+    np.testing.assert_allclose(m_full["gradient/norm"], np.linalg.norm(mean), rtol=rtol)
+    np.testing.assert_allclose(m_full["gradient/trace_cov"], cov_trace, rtol=rtol)
     unbiased = mean @ mean - cov_trace / n
-    np.testing.assert_allclose(m_full["gradient/norm_sq_unbiased"], unbiased, rtol=1e-10)
-    np.testing.assert_allclose(m_full["gradient/noise_scale"], cov_trace / unbiased, rtol=1e-10)
+    # |G|^2 - tr(Sigma)/n cancels: its error is relative to the larger term
+    atol = rtol * (mean @ mean)
+    np.testing.assert_allclose(m_full["gradient/norm_sq_unbiased"], unbiased, rtol=rtol,
+                               atol=atol)
+    np.testing.assert_allclose(m_full["gradient/noise_scale"], cov_trace / unbiased,
+                               rtol=rtol + atol / abs(unbiased))
     assert not bool(m_full["gradient/nonfinite"])
     with pytest.raises(ValueError, match="num_microbatches=5"):
         probes.gradient_stats(adapted.loss_fn, num_microbatches=5)(
@@ -266,3 +281,84 @@ def test_select_probed_and_bad_input():
         probes.weight_metrics(name="a/b")
     with pytest.raises(ValueError, match="perturbation"):
         probes.hessian_eigenvalues(adapted.loss_fn, perturbation=2.0)
+    from gradience_jax._validate import ArgumentTypeError
+
+    for call, exc, match in [
+        (lambda: probes.every(2, top, offset=0.5), ArgumentTypeError, "offset must be an int"),
+        (lambda: probes.every("2", top), ArgumentTypeError, "n must be an integer"),
+        (lambda: probes.every(2, "probe"), ArgumentTypeError, "probe must be a Probe"),
+        (lambda: probes.hessian_eigenvalues(adapted.loss_fn, k=1.5), ArgumentTypeError,
+         "k must be an integer"),
+        (lambda: probes.hessian_eigenvalues(adapted.loss_fn, perturbation="0.1"),
+         ArgumentTypeError, "perturbation must be a real number"),
+        (lambda: probes.hessian_eigenvalues(adapted.loss_fn, reorth="partial"), ValueError,
+         "reorth must be one of"),
+        (lambda: probes.hessian_eigenvalues(adapted.loss_fn, linearize="yes"), ValueError,
+         "linearize must be True, False or 'auto'"),
+        (lambda: probes.hessian_eigenvalues("loss"), ArgumentTypeError,
+         "loss_fn must be a callable"),
+        (lambda: probes.hessian_trace(adapted.loss_fn, num_samples=-3), ValueError,
+         "num_samples must be >= 1, got -3"),
+        (lambda: probes.hessian_trace(adapted.loss_fn, distribution="gauss"), ValueError,
+         "distribution must be one of"),
+        (lambda: probes.gradient_stats(adapted.loss_fn, num_microbatches="4"),
+         ArgumentTypeError, "num_microbatches must be an integer"),
+        (lambda: probes.weight_metrics(fields="stable_rank"), ArgumentTypeError,
+         "fields must be a sequence"),
+        (lambda: probes.weight_metrics(k_top=0), ValueError, "k_top must be >= 1"),
+        (lambda: probes.combine(top, "x"), ArgumentTypeError, r"probes\[1\] is not a Probe"),
+        (lambda: probes.update_to_weight_ratios(adapted.params, adapted.params, eps=-1.0),
+         ValueError, "eps must be > 0"),
+    ]:
+        with pytest.raises(exc, match=match):
+            call()
+
+
+def test_out_of_range_labels_inside_jit_are_flagged_not_scored():
+    """Traced labels cannot be checked on the host: a label of -1 or >= C makes the curvature
+    probes' metrics NaN with ``nonfinite`` set and the state kept; called eagerly, the
+    operator the probe builds raises naming the labels."""
+    adapted, batch = _case()
+    probe = probes.combine(
+        probes.hessian_eigenvalues(adapted.loss_fn, num_iters=4),
+        probes.ggn_eigenvalues(adapted.model_fn, adapted.head, num_iters=4),
+        probes.hessian_trace(adapted.loss_fn, num_samples=2),
+        probes.gradient_stats(adapted.loss_fn, num_microbatches=4),
+    )
+    run = jax.jit(lambda p, b, k, s: probe(p, b, k, s))
+    state = probe.init(adapted.params)
+    good, state1 = run(adapted.params, batch, jax.random.key(0), state)
+    flags = ("hessian_top", "ggn_top", "hessian_trace", "gradient")
+    assert not any(bool(good[f"{f}/nonfinite"]) for f in flags)
+    for bad in (-1, 3):
+        labels = batch["labels"].at[5].set(bad)
+        m, state2 = run(adapted.params, dict(batch, labels=labels), jax.random.key(0), state1)
+        for f in flags:
+            assert bool(m[f"{f}/nonfinite"]), (bad, f)
+        assert np.isnan(m["hessian_top/eigenvalue"]) and np.isnan(m["ggn_top/eigenvalue"])
+        for a, b in zip(_leaves(state1), _leaves(state2)):  # the warm start survives
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(ValueError, match=r"batch\['labels'\] must lie in \[0, 3\)"):
+            probe(adapted.params, dict(batch, labels=labels), jax.random.key(0), state1)
+
+
+def test_probe_calls_check_key_and_state():
+    adapted, batch = _case()
+    probe = probes.every(2, probes.hessian_trace(adapted.loss_fn, num_samples=2))
+    state = probe.init(adapted.params)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="state of probe 'hessian_trace' is None.*probe.init"):
+        probe(adapted.params, batch, key, None)
+    with pytest.raises(ValueError, match="does not match probe.init"):
+        probe(adapted.params, batch, key, probes.hessian_eigenvalues(adapted.loss_fn).init(
+            adapted.params))
+    with pytest.raises(TypeError, match="key must be a PRNG key, got the int 42"):
+        probe(adapted.params, batch, 42, state)
+    with pytest.raises(ValueError, match="key is required"):
+        probe(adapted.params, batch, None, state)
+    with pytest.raises(ValueError, match="single PRNG key"):
+        probe(adapted.params, batch, jax.random.split(key, 2), state)
+    # a legacy raw key is one key; under jit the checks run at trace time
+    metrics, _ = jax.jit(lambda p, b, k, s: probe(p, b, k, s))(
+        adapted.params, batch, jax.random.PRNGKey(0), state)
+    assert bool(metrics["hessian_trace/probed"]) and np.isfinite(metrics["hessian_trace/estimate"])

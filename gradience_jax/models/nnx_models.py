@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gradience_jax._validate import ArgumentTypeError, check_int
+
 
 class MLP(nnx.Module):
     """Dense layers ``sizes[0] -> ... -> sizes[-1]`` with ``activation`` between them.
@@ -27,8 +29,13 @@ class MLP(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__"):
+            raise ArgumentTypeError(f"sizes must be a sequence of layer widths, got {sizes!r}")
         if len(sizes) < 2:
             raise ValueError(f"MLP needs at least input and output sizes, got {sizes}")
+        sizes = [check_int(w, f"sizes[{i}]") for i, w in enumerate(sizes)]
+        if not callable(activation):
+            raise ArgumentTypeError(f"activation must be callable, got {activation!r}")
         self.activation = activation
         self.layers = nnx.List(
             [
@@ -49,6 +56,7 @@ class SeedMLP(MLP):
     """The seed notebook's 2-3-1 network with sigmoid hidden units (regression)."""
 
     def __init__(self, *, hidden: int = 3, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        hidden = check_int(hidden, "hidden")
         super().__init__(
             [2, hidden, 1], activation=jax.nn.sigmoid, param_dtype=param_dtype, rngs=rngs
         )
@@ -70,6 +78,10 @@ class CNN(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        in_channels = check_int(in_channels, "in_channels")
+        channels = [check_int(c, f"channels[{i}]") for i, c in enumerate(channels)]
+        image_size = check_int(image_size, "image_size", lo=2 ** len(channels))
+        num_classes = check_int(num_classes, "num_classes")
         chans = [in_channels, *channels]
         self.convs = nnx.List(
             [
@@ -182,6 +194,15 @@ class TinyTransformerLM(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        vocab_size = check_int(vocab_size, "vocab_size")
+        d_model = check_int(d_model, "d_model")
+        num_heads = check_int(num_heads, "num_heads")
+        num_layers = check_int(num_layers, "num_layers", lo=0)
+        max_len = check_int(max_len, "max_len")
+        if d_ff is not None:
+            d_ff = check_int(d_ff, "d_ff")
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
         kw = dict(param_dtype=param_dtype, dtype=param_dtype, rngs=rngs)
         self.embed = nnx.Embed(vocab_size, d_model, **kw)
         self.pos_embed = nnx.Embed(max_len, d_model, **kw)

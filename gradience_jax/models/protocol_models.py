@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gradience_jax._validate import check_int
+
 __all__ = ["ModularAdditionMLP"]
 
 
@@ -31,8 +33,10 @@ class ModularAdditionMLP(nnx.Module):
     """
 
     def __init__(self, p: int, width: int, *, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        p = check_int(p, "p", lo=2)
+        width = check_int(width, "width")
         kw = dict(param_dtype=param_dtype, dtype=param_dtype, rngs=rngs)
-        self.p = int(p)
+        self.p = p
         self.embed = nnx.Linear(2 * p, width, **kw)
         self.readout = nnx.Linear(width, p, **kw)
 

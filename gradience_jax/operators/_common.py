@@ -2,7 +2,7 @@
 
 Supported names: none for users (a private module of :mod:`gradience_jax.operators`, no
 ``__all__``). ``hessian``, ``ggn`` and ``fisher`` use ``LINEARIZE_BUDGET_BYTES``,
-``residual_bytes``, ``resolve_linearize`` and ``jtmj_matvec``.
+``residual_bytes``, ``resolve_linearize``, ``jtmj_matvec`` and ``check_callable``.
 """
 
 from __future__ import annotations
@@ -13,12 +13,30 @@ from typing import Any
 import jax
 import numpy as np
 
-from gradience_jax._validate import is_traced
+from gradience_jax._validate import ArgumentTypeError, is_traced
 
 PyTree = Any
 
 #: Residuals stored by ``linearize="auto"`` may use at most this many bytes.
 LINEARIZE_BUDGET_BYTES = 2 * 1024**3
+
+
+def check_callable(fn: Any, name: str) -> Callable:
+    """``fn`` must be callable (a clear error instead of a failure deep in a trace).
+
+    Args:
+        fn: the value to check (``loss_fn``, ``model_fn``, ``head``, ...).
+        name: the argument's name, for the error message.
+
+    Returns:
+        ``fn``.
+
+    Raises:
+        ArgumentTypeError: ``fn`` is not callable.
+    """
+    if not callable(fn):
+        raise ArgumentTypeError(f"{name} must be a callable, got {type(fn).__name__}")
+    return fn
 
 
 def residual_bytes(fn: Callable[[PyTree], Any], params: PyTree) -> int:

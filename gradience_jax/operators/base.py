@@ -28,7 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import ArgumentTypeError, check_like, is_traced
+from gradience_jax._validate import (
+    ArgumentTypeError,
+    check_int,
+    check_like,
+    check_params,
+    check_real,
+    is_traced,
+)
 
 PyTree = Any
 Matvec = Callable[[PyTree], PyTree]
@@ -214,7 +221,9 @@ class LinearOperator:
         Raises:
             ValueError: if ``n_params > max_params`` (the matrix would need
                 ``n^2`` entries; raise ``max_params`` explicitly if you mean it).
+            ArgumentTypeError: ``max_params`` is not an integer.
         """
+        max_params = check_int(max_params, "max_params", lo=0)
         n = self.n_params
         if n > max_params:
             raise ValueError(
@@ -307,21 +316,37 @@ def from_dense(matrix: Any, *, is_psd: bool | None = None, name: str = "dense") 
     Args:
         matrix: symmetric ``(n, n)`` array (an operand: new values reuse the program).
         is_psd: PSD flag; ``None`` decides by the smallest eigenvalue (eager matrices only:
-            one float64 ``eigvalsh`` on the host, ``O(n^3)``).
+            one float64 ``eigvalsh`` on the host, ``O(n^3)``; eigenvalues down to
+            ``-max(1e-12, 10 n eps) * max(1, |lambda_max|)`` count as zero, ``eps`` of the
+            matrix's dtype).
         name: the operator's label.
 
     Returns:
         A :class:`LinearOperator` on ``(n,)`` vectors; a product costs ``O(n^2)``.
 
     Raises:
-        ValueError: ``matrix`` is not square 2-D.
+        ArgumentTypeError: ``matrix`` is not a floating-point array.
+        ValueError: ``matrix`` is not square 2-D, is traced while ``is_psd`` is ``None``, or
+            holds NaN or Inf (eager matrices only).
     """
+    dtype = getattr(matrix, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(matrix).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ArgumentTypeError(f"matrix must be a floating-point array, got dtype {dtype}")
     matrix = jnp.asarray(matrix)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"matrix must be square 2-D, got shape {matrix.shape}")
+    if not is_traced(matrix) and not np.all(np.isfinite(np.asarray(matrix))):
+        raise ValueError("matrix must be finite: it holds NaN or Inf")
+    if is_psd is None and is_traced(matrix):
+        raise ValueError("from_dense(matrix) inside jit cannot inspect the matrix: pass "
+                         "is_psd=True or is_psd=False")
     if is_psd is None:
         evals = np.linalg.eigvalsh(np.asarray(matrix, dtype=np.float64))
-        is_psd = bool(evals[0] >= -1e-12 * max(1.0, abs(evals[-1])))
+        # the matrix's own rounding (e.g. a float32 A A^T) may leave eigenvalues ~ -n eps |A|
+        slack = max(1e-12, 10 * matrix.shape[0] * float(jnp.finfo(matrix.dtype).eps))
+        is_psd = bool(evals[0] >= -slack * max(1.0, abs(evals[-1])))
     like = jax.ShapeDtypeStruct((matrix.shape[0],), matrix.dtype)
     return LinearOperator(_DensePrepare(), matrix, like, is_psd=is_psd, name=name)
 
@@ -351,7 +376,15 @@ def from_matvec(
 
     Returns:
         A :class:`LinearOperator` whose products cost one call of ``matvec``.
+
+    Raises:
+        ArgumentTypeError: ``matvec`` is not callable.
+        ValueError: ``params_like`` is an empty pytree.
+        TypeError: a ``params_like`` leaf is not a floating-point array / struct.
     """
+    if not callable(matvec):
+        raise ArgumentTypeError(f"matvec must be a callable v -> A v, got {type(matvec).__name__}")
+    check_params(params_like, "params_like")
     return LinearOperator(_CallablePrepare(matvec), (), params_like, is_psd=is_psd, name=name)
 
 
@@ -377,11 +410,11 @@ def add(a: LinearOperator, b: LinearOperator) -> LinearOperator:
         A :class:`LinearOperator`, PSD when both are; a product costs one of each.
 
     Raises:
-        TypeError: an argument is not a :class:`LinearOperator`.
+        ArgumentTypeError: an argument is not a :class:`LinearOperator` (a ``TypeError``).
         ValueError: the operators act on different parameter trees.
     """
-    if not isinstance(b, LinearOperator) or not isinstance(a, LinearOperator):
-        raise TypeError("can only add a LinearOperator to another LinearOperator")
+    check_operator(a, "a")
+    check_operator(b, "b")
     if a._spec != b._spec:
         raise ValueError(
             f"cannot add operators over different parameter trees ({a.name} and {b.name})"
@@ -410,23 +443,38 @@ def _nonnegative(alpha: Any) -> bool:
     return bool(np.all(np.asarray(alpha) >= 0))
 
 
+def _scalar_operand(value: Any, name: str) -> jax.Array:
+    """A real scalar operand: checked (finite, real, 0-d) when concrete, as given when traced."""
+    if is_traced(value):
+        value = jnp.asarray(value)
+        if value.ndim != 0:
+            raise ValueError(f"{name} must be a scalar, got shape {value.shape}")
+        if not jnp.issubdtype(value.dtype, jnp.floating) and not jnp.issubdtype(
+                value.dtype, jnp.integer):
+            raise ArgumentTypeError(f"{name} must be a real scalar, got dtype {value.dtype}")
+        return value
+    check_real(value, name)
+    return jnp.asarray(value)
+
+
 def scale(op: LinearOperator, alpha: Any) -> LinearOperator:
     """The operator ``alpha * op`` (``alpha`` is an operand: new values reuse the program).
 
     Args:
         op: a :class:`LinearOperator`.
-        alpha: a scalar.
+        alpha: a real scalar (finite when concrete; a traced value is taken as it is).
 
     Returns:
         A :class:`LinearOperator`, PSD when ``op`` is and ``alpha >= 0`` (eager ``alpha``);
         a product costs one product of ``op``.
 
     Raises:
-        ValueError: ``alpha`` is not a scalar.
+        ArgumentTypeError: ``op`` is not a :class:`LinearOperator`, or ``alpha`` is not a
+            real scalar (a string, a complex number, an array of shape ``(n,)``).
+        ValueError: ``alpha`` is NaN or infinite.
     """
-    alpha = jnp.asarray(alpha)
-    if alpha.ndim != 0:
-        raise ValueError(f"alpha must be a scalar, got shape {alpha.shape}")
+    check_operator(op, "op")
+    alpha = _scalar_operand(alpha, "alpha")
     return LinearOperator(
         _ScalePrepare(),
         (op, alpha),
@@ -450,20 +498,20 @@ def damped(op: LinearOperator, lam: Any) -> LinearOperator:
 
     Args:
         op: a :class:`LinearOperator`.
-        lam: scalar damping (an operand: new values reuse the program).
+        lam: real scalar damping (an operand: new values reuse the program; finite when
+            concrete, a traced value is taken as it is).
 
     Returns:
         A :class:`LinearOperator` named ``"damped(<name>)"``, PSD when ``op`` is and
         ``lam >= 0`` (eager ``lam``); a product costs one product of ``op`` plus ``O(P)``.
 
     Raises:
-        ValueError: if ``lam`` is not a finite scalar.
+        ArgumentTypeError: ``op`` is not a :class:`LinearOperator`, or ``lam`` is not a real
+            scalar (e.g. the string ``"1e-3"``).
+        ValueError: ``lam`` is NaN or infinite.
     """
-    lam = jnp.asarray(lam)
-    if lam.ndim != 0:
-        raise ValueError(f"damping lam must be a scalar, got shape {lam.shape}")
-    if not is_traced(lam) and not np.isfinite(np.asarray(lam)):
-        raise ValueError(f"damping lam must be finite, got {lam}")
+    check_operator(op, "op")
+    lam = _scalar_operand(lam, "lam")
     return LinearOperator(
         _DampedPrepare(),
         (op, lam),
@@ -482,6 +530,10 @@ def identity(params_like: PyTree) -> LinearOperator:
 
     Returns:
         A PSD :class:`LinearOperator` named ``"identity"``.
+
+    Raises:
+        ValueError: ``params_like`` is an empty pytree.
+        TypeError: a leaf is not a floating-point array / struct.
     """
     return from_matvec(lambda v: v, params_like, is_psd=True, name="identity")
 

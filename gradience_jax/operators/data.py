@@ -6,14 +6,15 @@ Supported names: ``dataset_operator`` (re-exported as ``gradience_jax.dataset_op
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import check_batch
+from gradience_jax._validate import ArgumentTypeError, check_batch, check_key
+from gradience_jax.operators._common import check_callable
 from gradience_jax.operators.base import LinearOperator
 
 PyTree = Any
@@ -75,7 +76,17 @@ def dataset_operator(
     Raises:
         ValueError: ``batches`` is empty or a batch is malformed; the factory's own errors
             pass through.
+        ArgumentTypeError: ``make_op`` is not callable, ``batches`` is one batch (a dict)
+            or not iterable, or ``key`` is not a PRNG key.
     """
+    check_callable(make_op, "make_op")
+    if isinstance(batches, Mapping) or not isinstance(batches, Iterable):
+        raise ArgumentTypeError(
+            f"batches must be an iterable of batches (e.g. a list of dicts), got "
+            f"{type(batches).__name__}" + (": wrap a single batch as [batch]"
+                                           if isinstance(batches, Mapping) else ""))
+    if "key" in kwargs:
+        kwargs = dict(kwargs, key=check_key(kwargs["key"], "key", default=False))
     ops, sizes = [], []
     for i, b in enumerate(batches):
         kw = dict(kwargs)

@@ -13,7 +13,8 @@ label sampled from the model's predictive distribution (Martens 2014). Its expec
 the GGN of the matching head (softmax CE for ``"categorical"``, MSE for ``"gaussian"``).
 
 Supported names (the module has no ``__all__``): ``empirical_fisher``, ``mc_fisher``,
-``per_example_grads``, ``per_example_losses``, ``CACHE_BUDGET_BYTES``, ``CHUNK_BYTES``.
+``per_example_grads``, ``per_example_losses``, ``CACHE_BUDGET_BYTES``, ``CHUNK_BYTES``,
+``EF_MODES``.
 """
 
 from __future__ import annotations
@@ -27,20 +28,27 @@ import jax.numpy as jnp
 
 from gradience_jax import tree as tu
 from gradience_jax._validate import (
+    ArgumentTypeError,
     check_batch,
+    check_choice,
+    check_int,
+    check_key,
     check_loss_at_point,
     check_outputs_finite,
     check_params,
     check_scalar_fn,
 )
-from gradience_jax.operators._common import jtmj_matvec, resolve_linearize
+from gradience_jax.operators._common import check_callable, jtmj_matvec, resolve_linearize
 from gradience_jax.operators.base import LinearOperator
-from gradience_jax.operators.heads import Head, likelihood_head
+from gradience_jax.operators.heads import Head, check_loss_targets, likelihood_head
 
 PyTree = Any
 
 #: ``mode="auto"`` caches per-example gradients when they take at most this many bytes.
 CACHE_BUDGET_BYTES = 1024**3
+
+#: the ``mode`` choices of :func:`empirical_fisher`
+EF_MODES = ("auto", "cached", "streaming")
 
 
 def per_example_losses(loss_fn: Callable, params: PyTree, batch: PyTree) -> jax.Array:
@@ -83,13 +91,20 @@ def per_example_grads(
     Returns:
         A pytree like ``params`` with leaves ``(N, *leaf.shape)``. Cost: ``N`` gradients
         (vectorised), ``N x P`` memory.
+
+    Raises:
+        ArgumentTypeError: ``chunk_size`` is not an integer.
+        ValueError: ``chunk_size < 1``, or a malformed ``batch``.
     """
+    check_callable(loss_fn, "loss_fn")
+    if chunk_size is not None:
+        chunk_size = check_int(chunk_size, "chunk_size")
+    n = check_batch(batch)
 
     def one(p, ex):
         return loss_fn(p, jax.tree_util.tree_map(lambda x: x[None], ex))
 
     grad = jax.grad(one)
-    n = jax.tree_util.tree_leaves(batch)[0].shape[0]
     if chunk_size is None:
         row = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
         target = n if n * row <= 4 * CHUNK_BYTES else max(1, CHUNK_BYTES // max(row, 1))
@@ -177,21 +192,24 @@ def empirical_fisher(
         per-example losses.
 
     Raises:
-        TypeError: integer / non-array parameter leaves, non-float loss.
-        ValueError: a bad ``mode`` / ``linearize``, non-scalar loss, inconsistent batch axes.
+        TypeError: integer / non-array parameter leaves, non-float loss, a ``loss_fn`` that
+            is not callable.
+        ValueError: a bad ``mode`` / ``linearize``, non-scalar loss, inconsistent batch axes,
+            integer labels out of ``[0, C)`` (composed losses with a built-in head).
         FloatingPointError: non-finite loss or gradient at the point (``check=True``).
 
     References:
         F. Kunstner, L. Balles, P. Hennig (2019), "Limitations of the Empirical Fisher
         Approximation for Natural Gradient Descent".
     """
+    check_callable(loss_fn, "loss_fn")
+    check_choice(mode, "mode", EF_MODES)
     check_params(params)
     n = check_batch(batch)
     check_scalar_fn(loss_fn, (params, batch), "loss_fn")
+    check_loss_targets(loss_fn, params, batch)
     if check:
         check_loss_at_point(loss_fn, params, batch, "loss_fn")
-    if mode not in ("auto", "cached", "streaming"):
-        raise ValueError(f"mode must be 'auto', 'cached' or 'streaming', got {mode!r}")
     if mode == "auto":
         nbytes = n * sum(
             x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)
@@ -260,7 +278,8 @@ def mc_fisher(
             ``"categorical"``, predictions for ``"gaussian"``.
         params: parameter pytree (the evaluation point).
         batch: pytree with a shared leading batch axis.
-        key: ``jax.random`` key for the label samples (same key, same operator).
+        key: one ``jax.random`` key for the label samples (same key, same operator);
+            required (``None`` is refused: a sampled operator needs an explicit seed).
         likelihood: ``"categorical"`` (softmax) or ``"gaussian"`` (MSE, unit-free
             ``torch.nn.MSELoss`` scaling, see :mod:`gradience_jax.heads`).
         num_samples: label samples per token.
@@ -275,26 +294,32 @@ def mc_fisher(
     Raises:
         ValueError: ``num_samples < 1``, an unknown ``likelihood``, a head that is not a
             built-in :class:`Head`, outputs without a trailing class axis, a bad batch or
-            ``linearize``.
-        TypeError: integer / non-array parameter leaves.
+            ``linearize``, ``key=None`` or a batch of keys.
+        TypeError: integer / non-array parameter leaves; ``key`` that is not a PRNG key
+            (e.g. the int ``42``); ``num_samples`` that is not an integer
+            (``ArgumentTypeError``).
         FloatingPointError: non-finite outputs at the point (``check=True``).
 
     References:
         J. Martens (2014), "New Insights and Perspectives on the Natural Gradient Method".
     """
+    check_callable(model_fn, "model_fn")
+    key = check_key(key, "key", default=False)
+    num_samples = check_int(num_samples, "num_samples")
     check_params(params)
     check_batch(batch)
-    if int(num_samples) < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if head is None:
         head = likelihood_head(likelihood)
     elif not isinstance(head, Head):
-        raise ValueError("mc_fisher needs a built-in head (gj.heads.softmax_cross_entropy / mse)")
+        raise ArgumentTypeError(
+            "mc_fisher needs a built-in head (gj.heads.softmax_cross_entropy / mse), got "
+            f"{type(head).__name__}"
+        )
     out = jax.eval_shape(model_fn, params, batch)
     if len(out.shape) < 2:
         raise ValueError(f"model_fn must return outputs of shape (*lead, C), got {out.shape}")
     if check:
         check_outputs_finite(model_fn, params, batch, "model_fn(params, batch)")
     lin = resolve_linearize(linearize, lambda p: model_fn(p, batch), params)
-    prep = _MCFisherPrepare(model_fn, head, int(num_samples), lin)
+    prep = _MCFisherPrepare(model_fn, head, num_samples, lin)
     return LinearOperator(prep, (params, batch, key), params, is_psd=True, name="mc_fisher")

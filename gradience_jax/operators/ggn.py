@@ -28,10 +28,16 @@ import jax
 import jax.numpy as jnp
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import check_batch, check_loss_at_point, check_params, check_scalar_fn
-from gradience_jax.operators._common import jtmj_matvec, resolve_linearize
+from gradience_jax._validate import (
+    check_batch,
+    check_int,
+    check_loss_at_point,
+    check_params,
+    check_scalar_fn,
+)
+from gradience_jax.operators._common import check_callable, jtmj_matvec, resolve_linearize
 from gradience_jax.operators.base import LinearOperator
-from gradience_jax.operators.heads import Head, compose, output_hvp
+from gradience_jax.operators.heads import Head, check_targets, compose, output_hvp
 
 PyTree = Any
 
@@ -120,6 +126,9 @@ class _ChunkedGGNPrepare:
                 h_c, hd_c, w_c, t_c = xs
                 logits, ldot = jax.jvp(model.readout, (params, h_c), (v, hd_c))
                 u = head.token_hvp(logits, t_c, ldot) * (w_c / norm)[:, None]
+                factor = head.target_factor(logits, t_c, w_c)
+                if factor is not None:  # NaN for an out-of-range label (traced batches)
+                    u = u * factor[:, None]
                 _, vjp = jax.vjp(model.readout, params, h_c)
                 g_params, g_hidden = vjp(u.astype(logits.dtype))
                 return tu.add(acc, g_params), g_hidden
@@ -166,20 +175,28 @@ def ggn(
         convex: a built-in head, or one with ``is_convex = True``).
 
     Raises:
-        ValueError: non-scalar loss, inconsistent batch axes, a bad ``linearize``; with
+        ValueError: non-scalar loss, inconsistent batch axes, a bad ``linearize``, integer
+            labels out of ``[0, C)`` (built-in heads, concrete batches); with
             ``vocab_chunk``: a ``model_fn`` that is not a :class:`SplitModel`, a head that is
             not built in, or ``vocab_chunk < 1``.
-        TypeError: integer / non-array parameter leaves, non-float loss.
+        TypeError: integer / non-array parameter leaves, non-float loss, a ``model_fn`` /
+            ``head`` that is not callable, a ``vocab_chunk`` that is not an integer
+            (``ArgumentTypeError``).
         FloatingPointError: non-finite loss or gradient at the point (``check=True``).
 
     References:
         N. Schraudolph (2002), "Fast Curvature Matrix-Vector Products for Second-Order
         Gradient Descent".
     """
+    check_callable(model_fn, "model_fn")
+    check_callable(head, "head")
     check_params(params)
     check_batch(batch)
+    if vocab_chunk is not None:
+        vocab_chunk = check_int(vocab_chunk, "vocab_chunk")
     loss_fn = compose(model_fn, head)
     check_scalar_fn(loss_fn, (params, batch), "head(model_fn(params, batch), batch)")
+    check_targets(head, model_fn, params, batch)
     if check:
         check_loss_at_point(loss_fn, params, batch, "the loss head(model_fn(params, batch))")
     is_psd = isinstance(head, Head) or bool(getattr(head, "is_convex", False))
@@ -194,10 +211,8 @@ def ggn(
         )
     if not isinstance(head, Head):
         raise ValueError("vocab_chunk needs a built-in head (gj.heads.softmax_cross_entropy / mse)")
-    if int(vocab_chunk) < 1:
-        raise ValueError(f"vocab_chunk must be a positive number of tokens, got {vocab_chunk}")
     lin = resolve_linearize(linearize, lambda p: model_fn.features(p, batch), params)
-    prep = _ChunkedGGNPrepare(model_fn, head, int(vocab_chunk), lin)
+    prep = _ChunkedGGNPrepare(model_fn, head, vocab_chunk, lin)
     return LinearOperator(prep, (params, batch), params, is_psd=True, name="ggn")
 
 

@@ -13,6 +13,13 @@ Built-ins:
         ``s = sum_c y_c`` (1 for proper distributions).
     mse(targets_key, mask_key): per-token loss ``sum_c (f_c - y_c)^2``; Hessian ``2 I``.
 
+Integer labels must lie in ``[0, C)`` wherever the token weight is non-zero (padding tokens
+of weight 0 may carry any label, e.g. ``-1`` or ``-100``). Operators check concrete labels on
+the host when they are built (:meth:`Head.check_targets`, a ``ValueError`` naming
+``batch['labels']``); under ``jit`` (traced labels) a weighted token with an out-of-range
+label makes the loss, its gradient and the head's Hessian products NaN, so the probes flag it
+(``"<name>/nonfinite"``) instead of scoring ``-1`` as the last class.
+
 ``token_sample_grad`` draws labels from the model's predictive distribution and returns
 the per-token gradient of the unnormalised loss w.r.t. outputs, whose outer product has
 expectation equal to the per-token Hessian (the Fisher identity used by ``mc_fisher``).
@@ -20,7 +27,8 @@ expectation equal to the per-token Hessian (the Fisher identity used by ``mc_fis
 Supported names (the ``__all__`` list): :class:`Head` (base class of the built-ins; subclass
 it for a new head with an analytic Hessian), :func:`compose` (``loss_fn`` from ``model_fn``
 and a head), :class:`SoftmaxCrossEntropy`, :class:`MeanSquaredError`,
-:func:`softmax_cross_entropy`, :func:`mse`, :func:`output_hvp`, :func:`likelihood_head`.
+:func:`softmax_cross_entropy`, :func:`mse`, :func:`output_hvp`, :func:`likelihood_head`,
+:func:`check_targets`, :func:`check_loss_targets` and :data:`LIKELIHOODS`.
 ``_Head`` is a deprecated alias of :class:`Head`.
 """
 
@@ -32,8 +40,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from gradience_jax._validate import check_choice, check_labels, is_traced
 
 PyTree = Any
+
+#: the likelihoods :func:`likelihood_head` (and ``mc_fisher``) knows
+LIKELIHOODS = ("categorical", "gaussian")
 
 
 def _lead_shape(outputs: jax.Array) -> tuple[int, ...]:
@@ -114,6 +128,48 @@ class Head:
         """
         return 1
 
+    def token_valid(self, outputs: jax.Array, targets: Any) -> jax.Array | None:
+        """Whether each token's target is valid (e.g. an integer label in ``[0, C)``).
+
+        Args:
+            outputs: ``(*lead, C)``.
+            targets: ``batch[targets_key]`` (or ``None``).
+
+        Returns:
+            ``(*lead,)`` booleans, or ``None`` when every target is valid (the default).
+        """
+        return None
+
+    def check_targets(self, batch: PyTree, num_classes: int | Callable[[], int]) -> None:
+        """Host check of the targets in ``batch`` (nothing to check in the base class).
+
+        Args:
+            batch: the batch (concrete or traced; traced targets are not checked).
+            num_classes: ``C``, or a function returning it (called only when needed).
+        """
+
+    def target_factor(
+        self, outputs: jax.Array, targets: Any, weights: jax.Array
+    ) -> jax.Array | None:
+        """Per-token factor: 1, or NaN for a weighted token with an invalid target.
+
+        Multiplying the per-token loss (and Hessian products) by it leaves valid batches
+        unchanged and makes an out-of-range label visible as NaN inside ``jit``.
+
+        Args:
+            outputs: ``(*lead, C)``.
+            targets: the targets (or ``None``).
+            weights: ``(*lead,)`` token weights (tokens of weight 0 are never flagged).
+
+        Returns:
+            ``(*lead,)`` factor in the outputs' dtype, or ``None`` (every target valid).
+        """
+        valid = self.token_valid(outputs, targets)
+        if valid is None:
+            return None
+        ok = jnp.logical_or(valid, weights == 0)
+        return jnp.where(ok, 1.0, jnp.nan).astype(outputs.dtype)
+
     # -- shared reductions ----------------------------------------------------------------
     def targets(self, batch: PyTree) -> Any:
         """``batch[targets_key]`` (``None`` when ``targets_key`` is ``None``).
@@ -149,11 +205,18 @@ class Head:
             ``(*lead,)`` weights.
 
         Raises:
-            ValueError: the mask's shape is not ``lead``.
+            ValueError: the batch has no ``mask_key`` entry, or the mask's shape is not
+                ``lead``.
         """
         if self.mask_key is None:
             return jnp.ones(lead, dtype)
-        mask = jnp.asarray(batch[self.mask_key])
+        try:
+            mask = jnp.asarray(batch[self.mask_key])
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ValueError(
+                f"{type(self).__name__} head expects a token mask batch[{self.mask_key!r}] "
+                f"(mask_key); the batch has {_keys(batch)}"
+            ) from exc
         if mask.shape != tuple(lead):
             raise ValueError(
                 f"mask batch[{self.mask_key!r}] has shape {mask.shape}, outputs have leading "
@@ -189,7 +252,11 @@ class Head:
         """
         lead = _lead_shape(outputs)
         w = self.weights(batch, lead, outputs.dtype)
-        losses = self.token_loss(outputs, self.targets(batch))
+        targets = self.targets(batch)
+        losses = self.token_loss(outputs, targets)
+        factor = self.target_factor(outputs, targets, w)
+        if factor is not None:
+            losses = losses * factor
         return (w * losses).sum() / self.normalizer(w, outputs.shape[-1])
 
     def hvp(self, outputs: jax.Array, batch: PyTree, u: jax.Array) -> jax.Array:
@@ -209,7 +276,11 @@ class Head:
         """
         lead = _lead_shape(outputs)
         w = self.weights(batch, lead, outputs.dtype)
-        hu = self.token_hvp(outputs, self.targets(batch), u)
+        targets = self.targets(batch)
+        hu = self.token_hvp(outputs, targets, u)
+        factor = self.target_factor(outputs, targets, w)
+        if factor is not None:
+            hu = hu * factor[..., None]
         return (w[..., None] * hu / self.normalizer(w, outputs.shape[-1])).astype(u.dtype)
 
 
@@ -244,14 +315,61 @@ class SoftmaxCrossEntropy(Head):
         if _is_integer_labels(outputs, targets):
             if targets.shape != outputs.shape[:-1]:
                 raise ValueError(
-                    f"integer labels have shape {targets.shape}, expected {outputs.shape[:-1]}"
+                    f"integer labels batch[{self.targets_key!r}] have shape {targets.shape}, "
+                    f"expected {outputs.shape[:-1]} (the outputs' leading shape)"
                 )
-            return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+            # out-of-range labels read class 0 here; target_factor turns them into NaN
+            safe = jnp.where(self.token_valid(outputs, targets), targets, 0)
+            return -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
         if targets.shape != outputs.shape:
             raise ValueError(
-                f"soft / one-hot targets have shape {targets.shape}, expected {outputs.shape}"
+                f"soft / one-hot targets batch[{self.targets_key!r}] (dtype "
+                f"{jnp.result_type(targets)}) have shape {targets.shape}, expected "
+                f"{outputs.shape}; integer class labels of shape {outputs.shape[:-1]} work too"
             )
         return -(targets * logp).sum(-1)
+
+    def token_valid(self, outputs, targets):
+        """Integer labels: ``0 <= label < C`` per token; soft targets / none: ``None``.
+
+        Args:
+            outputs: ``(*lead, C)`` logits.
+            targets: the targets, or ``None``.
+
+        Returns:
+            ``(*lead,)`` booleans for integer labels, else ``None``.
+        """
+        if targets is None or not _is_integer_labels(outputs, targets):
+            return None
+        return (targets >= 0) & (targets < outputs.shape[-1])
+
+    def check_targets(self, batch, num_classes):
+        """Integer labels must lie in ``[0, C)`` where the token weight is non-zero.
+
+        Args:
+            batch: the batch; traced or soft targets are not checked.
+            num_classes: ``C``, or a function returning it (called only for concrete integer
+                labels).
+
+        Raises:
+            ValueError: a weighted label is negative or ``>= C`` (the message names
+                ``batch[labels_key]``, the count and the first offending labels).
+        """
+        if self.targets_key is None:
+            return
+        labels = self.targets(batch)
+        if is_traced(labels) or not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
+            return
+        labels = np.asarray(labels)
+        if self.mask_key is not None:
+            mask = batch[self.mask_key]
+            if is_traced(mask):
+                return
+            mask = np.asarray(mask)
+            if mask.shape == labels.shape:  # else the loss reports the mismatch
+                labels = np.where(mask != 0, labels, 0)  # padding may carry any label
+        c = num_classes() if callable(num_classes) else num_classes
+        check_labels(labels, int(c), name=f"batch[{self.targets_key!r}]")
 
     def token_hvp(self, outputs, targets, u):
         """Per-token ``s (diag(p) - p p^T) u`` with ``s = sum_c y_c`` (1 for integer labels).
@@ -303,7 +421,8 @@ class MeanSquaredError(Head):
             ValueError: targets of another shape.
         """
         if targets.shape != outputs.shape:
-            raise ValueError(f"targets have shape {targets.shape}, outputs {outputs.shape}")
+            raise ValueError(f"targets batch[{self.targets_key!r}] have shape {targets.shape}, "
+                             f"outputs {outputs.shape}")
         return ((outputs - targets) ** 2).sum(-1)
 
     def token_hvp(self, outputs, targets, u):
@@ -413,6 +532,43 @@ def compose(
     return _ComposedLoss(model_fn, head)
 
 
+def check_targets(
+    head: Any, model_fn: Callable | None, params: PyTree, batch: PyTree
+) -> None:
+    """Host check of a built-in head's targets at ``(params, batch)`` (labels in range).
+
+    ``C`` is read from ``jax.eval_shape(model_fn, params, batch)`` only when the head has
+    concrete integer labels to check. Other heads, and traced batches, are not checked.
+
+    Args:
+        head: the head (only :class:`Head` instances are checked).
+        model_fn: ``model_fn(params, batch) -> (*lead, C)`` outputs.
+        params: the parameters.
+        batch: the batch.
+
+    Raises:
+        ValueError: an integer label out of ``[0, C)`` on a token of non-zero weight.
+    """
+    if not isinstance(head, Head) or model_fn is None:
+        return
+    head.check_targets(batch, lambda: jax.eval_shape(model_fn, params, batch).shape[-1])
+
+
+def check_loss_targets(loss_fn: Callable, params: PyTree, batch: PyTree) -> None:
+    """:func:`check_targets` for a ``loss_fn`` made by :func:`compose` (others: nothing).
+
+    Args:
+        loss_fn: a loss; when it is ``compose(model_fn, head)`` its head's targets are checked.
+        params: the parameters.
+        batch: the batch.
+
+    Raises:
+        ValueError: as :func:`check_targets`.
+    """
+    if isinstance(loss_fn, _ComposedLoss):
+        check_targets(loss_fn.head, loss_fn.model_fn, params, batch)
+
+
 def output_hvp(head: Any, outputs: jax.Array, batch: PyTree, u: jax.Array) -> jax.Array:
     """Head Hessian-vector product: analytic for built-ins, jvp-of-grad for user heads.
 
@@ -444,23 +600,23 @@ def likelihood_head(likelihood: str, mask_key: str | None = None) -> Head:
     Raises:
         ValueError: unknown ``likelihood``.
     """
+    check_choice(likelihood, "likelihood", LIKELIHOODS)
     if likelihood == "categorical":
         return SoftmaxCrossEntropy(None, mask_key)
-    if likelihood == "gaussian":
-        return MeanSquaredError(None, mask_key)
-    raise ValueError(
-        f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}"
-    )
+    return MeanSquaredError(None, mask_key)
 
 
 #: Deprecated alias of :class:`Head` (the base class was private before).
 _Head = Head
 
 __all__ = [
+    "LIKELIHOODS",
     "Head",
     "MeanSquaredError",
     "SoftmaxCrossEntropy",
     "compose",
+    "check_loss_targets",
+    "check_targets",
     "likelihood_head",
     "mse",
     "output_hvp",

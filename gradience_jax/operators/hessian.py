@@ -12,8 +12,9 @@ from typing import Any
 import jax
 
 from gradience_jax._validate import check_batch, check_loss_at_point, check_params, check_scalar_fn
-from gradience_jax.operators._common import resolve_linearize
+from gradience_jax.operators._common import check_callable, resolve_linearize
 from gradience_jax.operators.base import LinearOperator
+from gradience_jax.operators.heads import check_loss_targets
 
 PyTree = Any
 
@@ -58,13 +59,18 @@ def hessian(
         A symmetric (indefinite) :class:`LinearOperator` on pytrees shaped like ``params``.
 
     Raises:
-        TypeError: integer / non-array parameter leaves, non-float loss.
-        ValueError: non-scalar loss, inconsistent batch axes.
+        TypeError: integer / non-array parameter leaves, non-float loss, a ``loss_fn`` that
+            is not callable.
+        ValueError: non-scalar loss, inconsistent batch axes, integer labels out of
+            ``[0, C)`` (for a ``loss_fn`` made by ``compose`` / ``from_nnx`` with a built-in
+            head, concrete batches).
         FloatingPointError: non-finite loss or gradient at the point.
     """
+    check_callable(loss_fn, "loss_fn")
     check_params(params)
     check_batch(batch)
     check_scalar_fn(loss_fn, (params, batch), "loss_fn")
+    check_loss_targets(loss_fn, params, batch)
     if check:
         check_loss_at_point(loss_fn, params, batch, "loss_fn")
     lin = resolve_linearize(linearize, lambda p: jax.grad(loss_fn)(p, batch), params)

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from gradience_jax._validate import check_key
 from gradience_jax.operators.base import LinearOperator
 from gradience_jax.operators.fisher import empirical_fisher, mc_fisher
 from gradience_jax.operators.ggn import ggn
@@ -151,8 +152,10 @@ def build(
 
     Raises:
         ValueError: unknown ``name``, a missing ``loss_fn`` / ``model_fn`` / ``head`` /
-            ``key`` (the message names it), or an option the factory does not take (the
-            message lists the valid ones). The factory's own errors pass through.
+            ``key`` (the message names it), a batch of keys, or an option the factory does
+            not take (the message lists the valid ones). The factory's own errors pass
+            through.
+        TypeError: a ``key`` that is not a PRNG key (e.g. the int ``42``).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -188,6 +191,8 @@ def build(
         }
         needs = "; ".join(dict.fromkeys(why[m] for m in missing))
         raise ValueError(f"build({name!r}) needs {needs}; missing: {', '.join(missing)}")
+    if key is not None:
+        key = check_key(key, "key")  # also for operators that ignore it: a typo is a bug
     if canon in ("hessian", "empirical_fisher"):
         return entry.factory(loss_fn, params, batch, **opts)
     if canon == "ggn":

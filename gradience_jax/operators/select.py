@@ -12,7 +12,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gradience_jax.operators.base import LinearOperator
+from gradience_jax.operators._common import check_callable
+from gradience_jax.operators.base import LinearOperator, check_operator
 from gradience_jax.tree import path_str
 
 PyTree = Any
@@ -60,7 +61,11 @@ def params_filter(
 
     Raises:
         ValueError: if the predicate selects no parameter.
+        ArgumentTypeError: ``op`` is not a :class:`LinearOperator` or ``predicate`` is not
+            callable.
     """
+    check_operator(op, "op")
+    check_callable(predicate, "predicate")
     flat = jax.tree_util.tree_flatten_with_path(op.params_like)[0]
     selected = tuple(path_str(p) for p, leaf in flat if predicate(path_str(p), leaf))
     if not selected:
