@@ -68,12 +68,25 @@ def check_batch(batch: PyTree, name: str = "batch") -> int:
 
     Raises:
         ValueError: an empty pytree, a scalar leaf, inconsistent leading axes or size 0.
+        ArgumentTypeError: a leaf that is not numeric (strings, objects).
     """
     flat = jax.tree_util.tree_flatten_with_path(batch)[0]
     if not flat:
         raise ValueError(f"{name} is an empty pytree")
     sizes = {}
     for path, leaf in flat:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None and not isinstance(leaf, (int, float, bool, complex)):
+            dtype = np.asarray(leaf).dtype if isinstance(leaf, (list, tuple, str)) else None
+            if dtype is None:
+                raise ArgumentTypeError(f"{name} leaf '{path_str(path)}' is a "
+                                        f"{type(leaf).__name__}, not an array")
+        if dtype is not None and not (jnp.issubdtype(dtype, jnp.number)
+                                      or jnp.issubdtype(dtype, jnp.bool_)
+                                      or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)):
+            raise ArgumentTypeError(
+                f"{name} leaf '{path_str(path)}' has dtype {dtype}: batch leaves must be numeric "
+                "arrays (move strings / object data out of the batch)")
         shape = np.shape(leaf)
         if len(shape) == 0:
             raise ValueError(
