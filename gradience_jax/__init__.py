@@ -19,6 +19,8 @@ The layers, bottom to top (nothing imports upward):
 """
 
 # ruff: noqa: I001 - the imports follow the sections of __all__, not the alphabet
+from gradience_jax.errors import ArgumentTypeError, NonFiniteError
+
 # -- operators ---------------------------------------------------------------------------
 from gradience_jax.operators.base import LinearOperator, damped, from_dense, from_matvec
 from gradience_jax.operators.hessian import hessian
@@ -94,6 +96,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     # operators
+    "ArgumentTypeError",
+    "NonFiniteError",
     "LinearOperator",
     "hessian",
     "ggn",

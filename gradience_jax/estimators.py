@@ -6,6 +6,13 @@ same numbers) and are jittable themselves for a fixed number of samples: wrap th
 ``jax.jit`` with the sample counts static. Probes are applied one at a time
 (``lax.map``) so memory stays ``O(P)`` per probe; pass ``batch_size`` to vectorise.
 
+Non-finite results: called eagerly, an estimator whose operator returns NaN / Inf raises
+:class:`~gradience_jax.lanczos.NonFiniteError` (a ``FloatingPointError``) naming the
+estimator and the first bad probe (and, for SLQ, the Lanczos step), as ``eigsh`` does. Inside
+``jit`` nothing can raise: the values are NaN and the results carry a flag
+(:attr:`TraceEstimate.finite`, :attr:`SpectralDensity.finite`; ``.check()`` raises later, on
+concrete values), as the probes flag ``"<name>/nonfinite"``.
+
 References:
     M. Hutchinson (1990); R. Meyer, C. Musco, C. Musco, D. Woodruff (2021) "Hutch++";
     C. Bekas, E. Kokiopoulou, Y. Saad (2007) diagonal estimation; S. Ubaru, J. Chen, Y. Saad
@@ -26,8 +33,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
+from gradience_jax._validate import (
+    ArgumentTypeError,
+    check_choice,
+    check_int,
+    check_key,
+    check_real,
+    is_traced,
+)
 from gradience_jax.lanczos import (
+    REORTH_MODES,
+    NonFiniteError,
     check_reorth,
+    first_nonfinite,
     lanczos_init,
     lanczos_run,
     random_vector,
@@ -36,7 +54,7 @@ from gradience_jax.lanczos import (
     to_work,
     zeros_work,
 )
-from gradience_jax.operators.base import LinearOperator
+from gradience_jax.operators.base import LinearOperator, check_operator
 
 PyTree = Any
 
@@ -70,22 +88,67 @@ class TraceEstimate(NamedTuple):
     stderr: jax.Array
     samples: jax.Array
 
+    @property
+    def finite(self) -> jax.Array:
+        """Scalar bool: the estimate and every sample are finite (usable inside ``jit``)."""
+        return jnp.isfinite(self.estimate) & jnp.all(jnp.isfinite(self.samples))
 
-def _check_op(op: Any) -> None:
-    if not isinstance(op, LinearOperator):
-        raise TypeError(f"op must be a gradience_jax.LinearOperator, got {type(op).__name__}")
+    def check(self, what: str = "the estimate") -> TraceEstimate:
+        """Raise if a sample is NaN / Inf (concrete values: after a ``jit``-ed call).
+
+        Args:
+            what: what the estimate is, for the message.
+
+        Returns:
+            ``self``, when finite.
+
+        Raises:
+            NonFiniteError: a sample (or the estimate) is not finite, naming the first bad
+                probe.
+        """
+        _raise_samples(what, self.samples, "a sample")
+        if not np.isfinite(np.asarray(self.estimate, np.float64)):
+            raise NonFiniteError(f"{what} is not finite ({float(self.estimate)})")
+        return self
+
+
+_NONFINITE_HINT = ("the operator's matvec returned NaN / Inf: check the loss / model at these "
+                   "params, or the operator's dtype (bf16 / fp16 overflow)")
+
+
+def _raise_samples(what: str, samples: Any, quantity: str) -> None:
+    """``NonFiniteError`` naming the first non-finite probe of ``samples`` (host values)."""
+    i = first_nonfinite(samples)
+    if i is not None:
+        n = int(np.size(samples))
+        value = float(np.asarray(samples).ravel()[i])
+        raise NonFiniteError(
+            f"{what}: probe {i} of {n} gave a non-finite value ({quantity} = {value}); "
+            + _NONFINITE_HINT
+        )
+
+
+def _check_op(op: Any) -> LinearOperator:
+    """The old local name of :func:`gradience_jax.operators.base.check_operator`."""
+    return check_operator(op)
 
 
 def _check_count(name: str, value: Any, lo: int = 1) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return int(value)
+    """The old local count check: :func:`gradience_jax._validate.check_int`."""
+    return check_int(value, name, lo=lo)
 
 
 def _check_dist(distribution: str) -> str:
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    return distribution
+    return check_choice(distribution, "distribution", DISTRIBUTIONS)
+
+
+def _check_batch_size(batch_size: Any) -> int | None:
+    return None if batch_size is None else check_int(batch_size, "batch_size", lo=1)
+
+
+def _checked(op: Any, key: Any) -> tuple[LinearOperator, jax.Array]:
+    """The operator and the (required) key of an estimator, checked."""
+    return check_operator(op), check_key(key, "key", default=False)
 
 
 def _probe(key: jax.Array, like: PyTree, distribution: str) -> PyTree:
@@ -149,16 +212,24 @@ def hutchinson_trace(
         ``(num_samples,)``).
 
     Raises:
-        TypeError: ``op`` is not a :class:`LinearOperator`.
-        ValueError: ``num_samples < 1`` or an unknown ``distribution``.
+        TypeError: ``op`` is not a :class:`LinearOperator`, ``key`` is not a PRNG key, or a
+            count is not an integer (an ``ArgumentTypeError``).
+        ValueError: ``num_samples < 1``, ``batch_size < 1``, an unknown ``distribution``,
+            ``key=None`` or a batch of keys.
+        NonFiniteError: (eagerly) a probe's ``v^T A v`` is NaN / Inf; inside ``jit`` the
+            estimate is NaN and ``.finite`` is ``False``.
 
     References:
         M. Hutchinson (1990), "A stochastic estimator of the trace of the influence matrix
         for Laplacian smoothing splines".
     """
-    _check_op(op)
-    num_samples = _check_count("num_samples", num_samples)
-    return _hutchinson_jit(op, key, num_samples, _check_dist(distribution), batch_size, False)
+    op, key = _checked(op, key)
+    num_samples = check_int(num_samples, "num_samples", lo=1)
+    out = _hutchinson_jit(op, key, num_samples, _check_dist(distribution),
+                          _check_batch_size(batch_size), False)
+    if not is_traced(out):
+        _raise_samples(f"hutchinson_trace of the {op.name} operator", out.samples, "v^T A v")
+    return out
 
 
 def trace_of_square(
@@ -186,12 +257,20 @@ def trace_of_square(
         ``||A v_i||^2``).
 
     Raises:
-        TypeError: ``op`` is not a :class:`LinearOperator`.
-        ValueError: ``num_samples < 1`` or an unknown ``distribution``.
+        TypeError: ``op`` is not a :class:`LinearOperator`, ``key`` is not a PRNG key, or a
+            count is not an integer.
+        ValueError: ``num_samples < 1``, ``batch_size < 1``, an unknown ``distribution``,
+            ``key=None`` or a batch of keys.
+        NonFiniteError: (eagerly) a probe's ``||A v||^2`` is NaN / Inf (inside ``jit``:
+            ``.finite`` is ``False``).
     """
-    _check_op(op)
-    num_samples = _check_count("num_samples", num_samples)
-    return _hutchinson_jit(op, key, num_samples, _check_dist(distribution), batch_size, True)
+    op, key = _checked(op, key)
+    num_samples = check_int(num_samples, "num_samples", lo=1)
+    out = _hutchinson_jit(op, key, num_samples, _check_dist(distribution),
+                          _check_batch_size(batch_size), True)
+    if not is_traced(out):
+        _raise_samples(f"trace_of_square of the {op.name} operator", out.samples, "||A v||^2")
+    return out
 
 
 # -- Hutch++ -----------------------------------------------------------------------------------
@@ -235,7 +314,7 @@ def _hutchpp_jit(op, key, num_matvecs, distribution, batch_size):
         return tu.vdot(p, _apply(mv, like, p))
 
     samples = jax.lax.map(resid, jax.random.split(k_g, g), batch_size=batch_size)
-    return _summary(low + samples)
+    return _summary(low + samples), low
 
 
 def hutchpp_trace(
@@ -267,16 +346,28 @@ def hutchpp_trace(
         residual probe); ``stderr`` is that of the residual Hutchinson part.
 
     Raises:
-        TypeError: ``op`` is not a :class:`LinearOperator`.
-        ValueError: ``num_matvecs < 3`` or an unknown ``distribution``.
+        TypeError: ``op`` is not a :class:`LinearOperator`, ``key`` is not a PRNG key, or a
+            count is not an integer.
+        ValueError: ``num_matvecs < 3``, ``batch_size < 1``, an unknown ``distribution``,
+            ``key=None`` or a batch of keys.
+        NonFiniteError: (eagerly) the sketched part or a residual probe is NaN / Inf (inside
+            ``jit``: ``.finite`` is ``False``).
 
     References:
         R. Meyer, C. Musco, C. Musco, D. Woodruff (2021), "Hutch++: Optimal Stochastic Trace
         Estimation".
     """
-    _check_op(op)
-    num_matvecs = _check_count("num_matvecs", num_matvecs, 3)
-    return _hutchpp_jit(op, key, num_matvecs, _check_dist(distribution), batch_size)
+    op, key = _checked(op, key)
+    num_matvecs = check_int(num_matvecs, "num_matvecs", lo=3)
+    out, low = _hutchpp_jit(op, key, num_matvecs, _check_dist(distribution),
+                            _check_batch_size(batch_size))
+    if not is_traced(out):
+        what = f"hutchpp_trace of the {op.name} operator"
+        if not np.isfinite(np.asarray(low, np.float64)):
+            raise NonFiniteError(f"{what}: the sketched low-rank part tr(Q^T A Q) is not finite "
+                                 f"({float(low)}); " + _NONFINITE_HINT)
+        _raise_samples(what, out.samples, "tr(Q^T A Q) + p^T A p")
+    return out
 
 
 # -- diagonal ---------------------------------------------------------------------------------
@@ -293,11 +384,14 @@ def _diagonal_jit(op, key, num_samples, distribution):
         av = _apply(mv, like, v)
         num = jax.tree_util.tree_map(lambda n_, a, b: n_ + a * b, num, v, av)
         den = jax.tree_util.tree_map(lambda d, a: d + a * a, den, v)
-        return (num, den), None
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                    for x in jax.tree_util.tree_leaves(av)]))
+        return (num, den), finite
 
     zeros = zeros_work(like)
-    (num, den), _ = jax.lax.scan(body, (zeros, zeros), jax.random.split(key, num_samples))
-    return jax.tree_util.tree_map(lambda n_, d: n_ / d, num, den)
+    (num, den), finite = jax.lax.scan(body, (zeros, zeros), jax.random.split(key, num_samples))
+    diag = jax.tree_util.tree_map(lambda n_, d, s: (n_ / d).astype(s.dtype), num, den, like)
+    return diag, finite
 
 
 def diagonal(
@@ -318,19 +412,32 @@ def diagonal(
         distribution: ``"rademacher"`` or ``"normal"``.
 
     Returns:
-        A pytree like the params (float32 or wider leaves).
+        A pytree like the params, in the params' dtypes (accumulated in float32 or wider).
+        Inside ``jit`` a non-finite operator gives NaN leaves (check them with
+        ``jnp.isfinite``).
 
     Raises:
-        TypeError: ``op`` is not a :class:`LinearOperator`.
-        ValueError: ``num_samples < 1`` or an unknown ``distribution``.
+        TypeError: ``op`` is not a :class:`LinearOperator`, ``key`` is not a PRNG key, or
+            ``num_samples`` is not an integer.
+        ValueError: ``num_samples < 1``, an unknown ``distribution``, ``key=None`` or a
+            batch of keys.
+        NonFiniteError: (eagerly) a probe's product ``A v`` is NaN / Inf.
 
     References:
         C. Bekas, E. Kokiopoulou, Y. Saad (2007), "An estimator for the diagonal of a
         matrix".
     """
-    _check_op(op)
-    num_samples = _check_count("num_samples", num_samples)
-    return _diagonal_jit(op, key, num_samples, _check_dist(distribution))
+    op, key = _checked(op, key)
+    num_samples = check_int(num_samples, "num_samples", lo=1)
+    diag, finite = _diagonal_jit(op, key, num_samples, _check_dist(distribution))
+    if not is_traced(finite):
+        bad = np.flatnonzero(~np.asarray(finite))
+        if bad.size:
+            raise NonFiniteError(
+                f"diagonal of the {op.name} operator: probe {int(bad[0])} of {num_samples} "
+                "gave a non-finite product A v; " + _NONFINITE_HINT
+            )
+    return diag
 
 
 # -- stochastic Lanczos quadrature ------------------------------------------------------------
@@ -351,33 +458,68 @@ class SpectralDensity(NamedTuple):
     weights: jax.Array
     n_params: Any
 
+    @property
+    def finite(self) -> jax.Array:
+        """Scalar bool: every node and weight is finite (usable inside ``jit``)."""
+        return jnp.all(jnp.isfinite(self.nodes)) & jnp.all(jnp.isfinite(self.weights))
+
+    def check(self) -> SpectralDensity:
+        """Raise if a node or weight is NaN / Inf (concrete values: after a ``jit``-ed call).
+
+        Returns:
+            ``self``, when finite.
+
+        Raises:
+            NonFiniteError: naming the first probe with a non-finite node or weight.
+        """
+        bad = ~(np.isfinite(np.asarray(self.nodes, np.float64))
+                & np.isfinite(np.asarray(self.weights, np.float64)))
+        rows = np.flatnonzero(bad.any(axis=-1)) if bad.ndim else np.flatnonzero(bad)
+        if rows.size:
+            raise NonFiniteError(
+                f"spectral_density: probe {int(rows[0])} of {bad.shape[0]} has non-finite "
+                "quadrature nodes / weights; " + _NONFINITE_HINT
+            )
+        return self
+
     def evaluate(self, grid: Any, sigma: float) -> jax.Array:
         """Density on ``grid`` with Gaussian broadening of width ``sigma``.
 
         ``phi(t) = mean_probes sum_j w_j N(t; theta_j, sigma^2)`` (integrates to 1).
 
         Args:
-            grid: points ``t``, any shape.
-            sigma: width of the Gaussian kernel (``> 0``).
+            grid: points ``t``: a finite real 1-D array (or a scalar).
+            sigma: width of the Gaussian kernel, a finite ``float > 0``.
 
         Returns:
             The density at each point, shaped like ``grid``. Cost
             ``O(|grid| x num_probes x num_iters)``.
+
+        Raises:
+            ValueError: ``sigma <= 0`` or not finite; ``grid`` not 1-D or not finite.
+            ArgumentTypeError: ``sigma`` or ``grid`` is not real (a string, complex, ...).
         """
-        t = jnp.asarray(grid)
-        z = (t[..., None, None] - self.nodes) / sigma
-        kern = jnp.exp(-0.5 * z * z) / (sigma * jnp.sqrt(2.0 * jnp.pi))
-        return jnp.mean(jnp.sum(self.weights * kern, axis=-1), axis=-1)
+        sigma = check_real(sigma, "sigma", lo=0.0, lo_open=True)
+        t = _check_grid(grid)
+        dt = jnp.promote_types(self.nodes.dtype, t.dtype)
+        t, nodes = t.astype(dt), self.nodes.astype(dt)
+        z = (t[..., None, None] - nodes) / sigma
+        kern = jnp.exp(-0.5 * z * z) / (sigma * np.sqrt(2.0 * np.pi))
+        return jnp.mean(jnp.sum(self.weights.astype(dt) * kern, axis=-1), axis=-1)
 
     def moment(self, p: int) -> jax.Array:
         """``tr(A^p) / n`` estimated by the quadrature.
 
         Args:
-            p: the moment's order.
+            p: the moment's order (an integer).
 
         Returns:
             A scalar, ``mean_probes sum_j w_j theta_j^p``.
+
+        Raises:
+            ArgumentTypeError: ``p`` is not an integer.
         """
+        p = check_int(p, "p", lo=None)
         return jnp.mean(jnp.sum(self.weights * self.nodes**p, axis=-1))
 
     def trace(self) -> jax.Array:
@@ -393,6 +535,28 @@ class SpectralDensity(NamedTuple):
         return jnp.min(self.nodes), jnp.max(self.nodes)
 
 
+def _check_grid(grid: Any) -> jax.Array:
+    """``grid`` as a real floating array of at most one axis, finite when concrete."""
+    if isinstance(grid, (str, bytes)) or grid is None:
+        raise ArgumentTypeError(f"grid must be a real 1-D array of points, got {grid!r}")
+    try:
+        t = jnp.asarray(grid)
+    except (TypeError, ValueError) as exc:
+        raise ArgumentTypeError(f"grid must be a real 1-D array of points: {exc}") from exc
+    if t.dtype == jnp.bool_ or not (jnp.issubdtype(t.dtype, jnp.floating)
+                                    or jnp.issubdtype(t.dtype, jnp.integer)):
+        raise ArgumentTypeError(f"grid must be a real 1-D array of points, got dtype {t.dtype}")
+    if t.ndim > 1:
+        raise ValueError(f"grid must be 1-D (or a scalar), got shape {tuple(t.shape)}")
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        t = t.astype(jnp.result_type(float))
+    if not is_traced(t) and not np.all(np.isfinite(np.asarray(t, np.float64))):
+        i = first_nonfinite(np.asarray(t, np.float64))
+        raise ValueError(f"grid must be finite, got {float(np.asarray(t).ravel()[i])} at index "
+                         f"{i}")
+    return t
+
+
 @functools.partial(jax.jit, static_argnames=("num_probes", "num_iters", "reorth", "window"))
 def _slq_jit(op, key, num_probes, num_iters, reorth, window):
     like = op.params_like
@@ -403,9 +567,11 @@ def _slq_jit(op, key, num_probes, num_iters, reorth, window):
         state = lanczos_init(op, v, num_iters, reorth, window, key=k_r)
         state = lanczos_run(op, state, num_iters, reorth)
         a, b = state.alphas, state.betas
+        bad = ~(jnp.isfinite(a) & jnp.isfinite(b))
+        first_bad = jnp.where(jnp.any(bad), jnp.argmax(bad), -1).astype(jnp.int32)
         t = jnp.diag(a) + jnp.diag(b[:-1], 1) + jnp.diag(b[:-1], -1)
         theta, s = jnp.linalg.eigh(t)
-        return theta, s[0] ** 2
+        return theta, s[0] ** 2, first_bad
 
     return jax.lax.map(one, jax.random.split(key, num_probes))
 
@@ -443,13 +609,17 @@ def spectral_density(
         ``.evaluate(grid, sigma)``, ``.trace()``).
 
     Raises:
-        TypeError: ``op`` is not a :class:`LinearOperator`.
-        ValueError: ``num_probes`` / ``num_iters`` below 1, a bad ``reorth`` / ``window``, or
-            ``reorth="full"`` with ``num_iters > n_params``.
+        TypeError: ``op`` is not a :class:`LinearOperator`, ``key`` is not a PRNG key, or a
+            count is not an integer.
+        ValueError: ``num_probes`` / ``num_iters`` below 1, a bad ``reorth`` / ``window``,
+            ``reorth="full"`` with ``num_iters > n_params``, ``key=None`` or a batch of keys.
+        NonFiniteError: (eagerly) a probe's Lanczos recurrence hit NaN / Inf, naming the
+            probe and the step (inside ``jit``: ``.finite`` is ``False``).
     """
-    _check_op(op)
-    num_probes = _check_count("num_probes", num_probes)
-    num_iters = _check_count("num_iters", num_iters)
+    op, key = _checked(op, key)
+    num_probes = check_int(num_probes, "num_probes", lo=1)
+    num_iters = check_int(num_iters, "num_iters", lo=1)
+    check_choice(reorth, "reorth", ("auto",) + REORTH_MODES)
     n = op.n_params
     if reorth == "auto":
         row_bytes = sum(
@@ -462,6 +632,16 @@ def spectral_density(
         raise ValueError(
             f"num_iters={num_iters} exceeds n_params={n} for reorth='full' (at most n steps)"
         )
-    nodes, weights = _slq_jit(op, key, num_probes, num_iters, reorth,
-                              win if reorth == "window" else None)
+    nodes, weights, first_bad = _slq_jit(op, key, num_probes, num_iters, reorth,
+                                         win if reorth == "window" else None)
+    if not is_traced(first_bad):
+        steps = np.asarray(first_bad)
+        probes = np.flatnonzero(steps >= 0)
+        if probes.size:
+            p = int(probes[0])
+            raise NonFiniteError(
+                f"spectral_density of the {op.name} operator: probe {p} of {num_probes} hit a "
+                f"non-finite Lanczos coefficient at step {int(steps[p])} of {num_iters}; "
+                + _NONFINITE_HINT
+            )
     return SpectralDensity(nodes, weights, n)

@@ -24,6 +24,10 @@ and how the gradient sits in it. Every function takes any PSD :class:`LinearOper
 ``max_exact`` is the old name, still accepted)
 and matrix-free estimators otherwise (``method="exact"`` / ``"matrix-free"`` force one).
 Matrix-free paths need an explicit ``key``.
+
+Every reported number is finite or an error: a non-finite operator (dense entries, a probe's
+product, a CG solve) raises :class:`~gradience_jax.lanczos.NonFiniteError` (a
+``FloatingPointError``) naming the function and the probe.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
-from gradience_jax.operators.base import LinearOperator, damped
+from gradience_jax._validate import check_choice, check_int, check_key, check_real
+from gradience_jax.lanczos import NonFiniteError, first_nonfinite
+from gradience_jax.operators.base import LinearOperator, check_operator, damped
 from gradience_jax.solvers import (
     CGNotConvergedWarning,
     CGResult,
@@ -49,6 +55,7 @@ from gradience_jax.solvers import (
     default_cg_maxiter,
 )
 from gradience_jax.spectrum import DENSE_LIMIT, top_eigenpairs
+from gradience_jax.spectrum.plan import check_k
 
 PyTree = Any
 
@@ -83,16 +90,15 @@ __all__ = [
 
 
 def _check_op(op: Any, name: str = "op") -> LinearOperator:
-    if not isinstance(op, LinearOperator):
-        raise ValueError(f"{name} must be a gradience_jax.LinearOperator, got {type(op).__name__}")
-    return op
+    """The old local name of :func:`gradience_jax.operators.base.check_operator`."""
+    return check_operator(op, name)
 
 
 def _resolve_method(method: str, op: LinearOperator, dense_limit: int,
                     max_exact: int | None = None) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    limit = dense_limit if max_exact is None else max_exact
+    check_choice(method, "method", METHODS)
+    limit = (check_int(dense_limit, "dense_limit", lo=0) if max_exact is None
+             else check_int(max_exact, "max_exact", lo=0))
     if method == "auto":
         return "exact" if op.n_params <= limit else "matrix-free"
     return "matrix-free" if method == "hutchinson" else method
@@ -104,23 +110,62 @@ def _need_key(key: Any, what: str) -> jax.Array:
             f"key is required for the matrix-free {what} (pass key=jax.random.key(...), or "
             "method='exact' on a small model)"
         )
-    return key
+    return check_key(key, "key", default=False)
 
 
 def _check_damping(damping: Any, name: str = "damping", strict: bool = True) -> float:
-    try:
-        d = float(damping)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a real scalar, got {damping!r}") from exc
-    if not np.isfinite(d) or d < 0 or (strict and d == 0):
-        need = "> 0 (an inverse of F + damping I is needed)" if strict else ">= 0"
-        raise ValueError(f"{name} must be finite and {need}, got {d}")
-    return d
+    """``damping`` as a finite float, ``> 0`` (``strict``: an inverse is needed) or ``>= 0``."""
+    return check_real(damping, name, lo=0.0, lo_open=strict)
 
 
-def _dense(op: LinearOperator) -> np.ndarray:
+#: the default conjugate-gradient tolerance where the operator's precision allows it
+DEFAULT_CG_TOL = 1e-8
+
+
+def default_cg_tol(op: LinearOperator, tol: Any = None) -> float:
+    """``tol`` checked, or the default relative CG residual target for ``op``.
+
+    ``1e-8`` (float64), but never below ``100 eps`` of the operator's work dtype: a float32
+    solve (x64 off) cannot reach ``1e-8`` and would warn on every default call.
+
+    Args:
+        op: the operator (its dtype sets the floor of the default).
+        tol: a positive finite tolerance, or ``None`` for the default.
+
+    Returns:
+        The tolerance as a float.
+
+    Raises:
+        ArgumentTypeError: ``tol`` is not a real number.
+        ValueError: ``tol <= 0`` or not finite.
+    """
+    if tol is not None:
+        return check_real(tol, "tol", lo=0.0, lo_open=True)
+    eps = float(jnp.finfo(tu.accumulation_dtype(op.dtype)).eps)
+    return max(DEFAULT_CG_TOL, 100.0 * eps)
+
+
+def _dense(op: LinearOperator, what: str = "") -> np.ndarray:
     m = np.asarray(op.to_dense(max_params=op.n_params), dtype=np.float64)
+    if not np.all(np.isfinite(m)):
+        i, j = (int(x) for x in np.argwhere(~np.isfinite(m))[0])
+        where = f"{what}: " if what else ""
+        raise NonFiniteError(
+            f"{where}the {op.name} operator's dense matrix is not finite (NaN / Inf first at "
+            f"row {i}, column {j}): check the loss / model at these params"
+        )
     return 0.5 * (m + m.T)
+
+
+def _check_samples(what: str, samples: Any, quantity: str) -> None:
+    """``NonFiniteError`` naming the first probe whose value is NaN / Inf."""
+    i = first_nonfinite(samples)
+    if i is not None:
+        raise NonFiniteError(
+            f"{what}: probe {i} of {np.size(samples)} gave a non-finite {quantity} "
+            f"({float(np.asarray(samples).ravel()[i])}): the operator's matvec returned "
+            "NaN / Inf; check the loss / model at these params"
+        )
 
 
 def _zeros(like: PyTree) -> PyTree:
@@ -200,16 +245,25 @@ def fisher_trace(
 
     Returns:
         :class:`TraceMoments`; Hutchinson estimates are unbiased with the given stderr.
+
+    Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`, ``key`` is not a PRNG key, or
+            ``num_samples`` is not an integer.
+        ValueError: an unknown ``method``, ``num_samples < 2``, or the matrix-free path
+            without a ``key``.
+        NonFiniteError: the dense matrix or a probe's ``z^T F z`` / ``||F z||^2`` is NaN /
+            Inf.
     """
     _check_op(op)
     method = _resolve_method(method, op, dense_limit, max_exact)
     if method == "exact":
-        m = _dense(op)
+        m = _dense(op, "fisher_trace")
         return TraceMoments(float(np.trace(m)), float(np.sum(m * m)), 0.0, 0.0, "exact", 0)
-    if int(num_samples) < 2:
-        raise ValueError(f"num_samples must be >= 2 for a standard error, got {num_samples}")
+    num_samples = check_int(num_samples, "num_samples", lo=2)
     key = _need_key(key, "trace estimate")
-    t, q = jax.device_get(_hutchinson_moments(op, key, int(num_samples)))
+    t, q = jax.device_get(_hutchinson_moments(op, key, num_samples))
+    _check_samples(f"fisher_trace of the {op.name} operator", t, "z^T F z")
+    _check_samples(f"fisher_trace of the {op.name} operator", q, "||F z||^2")
     (tr, tr_se), (sq, sq_se) = _stats(t), _stats(q)
     return TraceMoments(tr, sq, tr_se, sq_se, "hutchinson", int(num_samples))
 
@@ -263,13 +317,14 @@ def top_eigenvalues(
         Lanczos run.
 
     Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`, ``k`` is not an integer or
+            ``key`` is not a PRNG key.
         ValueError: if ``k`` is not in ``[1, n_params]``, or the matrix-free path is needed
             but ``key`` is missing.
+        NonFiniteError: the operator is not finite.
     """
     _check_op(op)
-    if not 1 <= int(k) <= op.n_params:
-        raise ValueError(f"k must be in [1, n_params={op.n_params}], got {k}")
-    k = int(k)
+    k = check_k(k, op.n_params)
     exact = _resolve_method(method, op, dense_limit, max_exact) == "exact"
     if not exact:
         key = _need_key(key, "eigenvalue computation")
@@ -318,16 +373,22 @@ def condition_number(
         :class:`ConditionNumber`.
 
     Raises:
-        ValueError: on negative or non-finite ``damping``.
+        TypeError: ``op`` is not a :class:`LinearOperator`, ``damping`` / ``lam_min`` not a
+            real number.
+        ValueError: on negative or non-finite ``damping``, a non-finite ``lam_min``, or the
+            matrix-free path without a ``key``.
+        NonFiniteError: the operator is not finite.
     """
     _check_op(op)
     lam = _check_damping(damping, strict=False)
+    if lam_min is not None:
+        lam_min = check_real(lam_min, "lam_min")
     if _resolve_method(method, op, dense_limit, max_exact) == "exact":
-        evals = np.linalg.eigvalsh(_dense(op))
+        evals = np.linalg.eigvalsh(_dense(op, "condition_number"))
         hi, lo, how = float(evals[-1]), max(float(evals[0]), 0.0), "exact"
     else:
         hi = float(top_eigenvalues(op, 1, key=key, method="matrix-free").values[0])
-        lo = 0.0 if lam_min is None else float(lam_min)
+        lo = 0.0 if lam_min is None else lam_min
         how = "lanczos, lam_min=0 assumed" if lam_min is None else "lanczos, lam_min given"
     den = lo + lam
     kappa = (hi + lam) / den if den > 0 else float("inf")
@@ -370,7 +431,7 @@ def effective_dimension(
     key: jax.Array | None = None,
     num_samples: int = 30,
     method: str = "auto",
-    tol: float = 1e-8,
+    tol: float | None = None,
     maxiter: int | None = None,
     dense_limit: int = DENSE_LIMIT,
     max_exact: int | None = None,
@@ -386,7 +447,8 @@ def effective_dimension(
         key: ``jax.random`` key of the probes (stochastic path only).
         num_samples: Rademacher probes (``>= 2``), one CG solve each.
         method: ``"auto"``, ``"exact"`` or ``"matrix-free"``.
-        tol: relative residual target of each CG solve.
+        tol: relative residual target of each CG solve (default :func:`default_cg_tol`:
+            ``1e-8``, or ``100 eps`` for a float32 operator).
         maxiter: CG iteration cap (default ``min(2 n, 1000)``).
         dense_limit: largest ``n_params`` for which ``"auto"`` goes dense.
         max_exact: old name of ``dense_limit`` (used when given).
@@ -396,22 +458,28 @@ def effective_dimension(
         probe's CG residual stays above ``10 * tol``.
 
     Raises:
-        ValueError: if ``damping <= 0`` (the resolvent needs it), ``num_samples < 2`` or the
-            stochastic path has no ``key``.
+        TypeError: ``op`` is not a :class:`LinearOperator`, a number of the wrong kind, or
+            ``key`` is not a PRNG key.
+        ValueError: if ``damping <= 0`` (the resolvent needs it), ``tol <= 0``,
+            ``num_samples < 2`` or the stochastic path has no ``key``.
+        NonFiniteError: the dense matrix or a probe's estimate / CG residual is NaN / Inf.
     """
     _check_op(op)
     lam = _check_damping(damping)
+    tol = default_cg_tol(op, tol)
     if _resolve_method(method, op, dense_limit, max_exact) == "exact":
-        evals = np.clip(np.linalg.eigvalsh(_dense(op)), 0.0, None)
+        evals = np.clip(np.linalg.eigvalsh(_dense(op, "effective_dimension")), 0.0, None)
         return EffectiveDimension(float(np.sum(evals / (evals + lam))), 0.0, lam, "exact", 0.0)
-    if int(num_samples) < 2:
-        raise ValueError(f"num_samples must be >= 2 for a standard error, got {num_samples}")
+    num_samples = check_int(num_samples, "num_samples", lo=2)
     key = _need_key(key, "effective dimension")
     maxiter = default_cg_maxiter(op, maxiter)
     samples, res = jax.device_get(
-        _hutchinson_deff(op, jnp.asarray(lam, op.dtype), key, int(num_samples),
+        _hutchinson_deff(op, jnp.asarray(lam, op.dtype), key, num_samples,
                          jnp.asarray(tol, op.dtype), jnp.asarray(maxiter))
     )
+    what = f"effective_dimension of the {op.name} operator"
+    _check_samples(what, samples, "z^T F (F + damping I)^-1 z")
+    _check_samples(what, res, "CG residual")
     value, se = _stats(samples)
     max_res = float(np.max(res))
     if max_res > 10 * tol:
@@ -454,7 +522,7 @@ def natural_gradient(
     grad: PyTree,
     damping: float,
     *,
-    tol: float = 1e-8,
+    tol: float | None = None,
     maxiter: int | None = None,
     x0: PyTree | None = None,
     preconditioner: LinearOperator | None = None,
@@ -465,7 +533,8 @@ def natural_gradient(
         op: PSD Fisher / GGN / K-FAC operator ``F``.
         grad: the gradient ``g`` (pytree like the parameters).
         damping: Tikhonov damping ``> 0``.
-        tol: relative residual target, see :func:`conjugate_gradient`.
+        tol: relative residual target, see :func:`conjugate_gradient` (default
+            :func:`default_cg_tol`: ``1e-8``, or ``100 eps`` for a float32 operator).
         maxiter: iteration cap (default ``min(2 n, 1000)``), see :func:`conjugate_gradient`.
         x0: initial guess (default zeros), see :func:`conjugate_gradient`.
         preconditioner: an operator approximating ``(F + damping I)^-1``, see
@@ -476,14 +545,25 @@ def natural_gradient(
         and iteration count.
 
     Raises:
+        TypeError: ``op`` is not a :class:`LinearOperator`, ``damping`` / ``tol`` not a real
+            number.
         ValueError: if ``damping <= 0`` or ``grad`` is zero / mismatched.
+        NonFiniteError: the solve gave a non-finite direction or residual (a non-finite
+            operator or gradient).
     """
     _check_op(op)
     lam = _check_damping(damping)
+    tol = default_cg_tol(op, tol)
     cg = conjugate_gradient(damped(op, jnp.asarray(lam, op.dtype)), grad, tol=tol,
                             maxiter=maxiter, x0=x0, preconditioner=preconditioner)
-    return NaturalGradient(cg.x, _cosine(grad, cg.x), cg.residual, cg.iterations,
-                           cg.converged, lam)
+    alignment = _cosine(grad, cg.x)
+    if not (np.isfinite(cg.residual) and np.isfinite(alignment)):
+        raise NonFiniteError(
+            f"natural_gradient with the {op.name} operator: conjugate gradients gave a "
+            f"non-finite {'residual' if not np.isfinite(cg.residual) else 'direction'} after "
+            f"{cg.iterations} iterations: the operator (or grad) is not finite"
+        )
+    return NaturalGradient(cg.x, alignment, cg.residual, cg.iterations, cg.converged, lam)
 
 
 # ---------------------------------------------------------------------------------------
@@ -539,7 +619,7 @@ def fisher_geometry(
     k: int = 5,
     num_samples: int = 100,
     method: str = "auto",
-    tol: float = 1e-8,
+    tol: float | None = None,
     dense_limit: int = DENSE_LIMIT,
     max_exact: int | None = None,
 ) -> FisherGeometry:
@@ -553,8 +633,8 @@ def fisher_geometry(
         k: number of top eigenvalues.
         num_samples: Hutchinson probes for the traces (a third of them for ``d_eff``).
         method: ``"auto"``, ``"exact"`` or ``"matrix-free"`` for every metric.
-        tol: conjugate-gradient tolerance of the natural gradient (``d_eff`` uses
-            ``max(tol, 1e-6)``).
+        tol: conjugate-gradient tolerance of the natural gradient (default
+            :func:`default_cg_tol`; ``d_eff`` uses ``max(tol, 1e-6)``).
         dense_limit: largest ``n_params`` for which ``"auto"`` goes dense.
         max_exact: old name of ``dense_limit`` (used when given).
 
@@ -562,12 +642,20 @@ def fisher_geometry(
         :class:`FisherGeometry` (``.to_dict()`` is JSON-safe).
 
     Raises:
-        ValueError: ``op`` is not an operator, ``damping <= 0``, or a matrix-free path has no
-            ``key``.
+        TypeError: ``op`` is not an operator (an ``ArgumentTypeError``, also a
+            ``ValueError``), a number of the wrong kind, or ``key`` is not a PRNG key.
+        ValueError: ``damping <= 0``, ``k < 1``, ``num_samples < 2``, ``tol <= 0``, or a
+            matrix-free path has no ``key``.
+        NonFiniteError: a metric is not finite (see the functions above).
     """
     _check_op(op)
     _check_damping(damping)
+    k = check_int(k, "k", lo=1)
+    num_samples = check_int(num_samples, "num_samples", lo=2)
+    tol = default_cg_tol(op, tol)
     dense_limit = dense_limit if max_exact is None else max_exact
+    if key is not None:
+        key = check_key(key, "key")
     keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
     trace = fisher_trace(op, keys[0], num_samples=num_samples, method=method,
                          dense_limit=dense_limit)
@@ -686,8 +774,11 @@ def compare_curvature(
         Lanczos runs and ``num_samples`` products of each operator.
 
     Raises:
-        ValueError: if the operators act on different parameter trees, or the matrix-free
-            path has no ``key``.
+        TypeError: an operator is not a :class:`LinearOperator`, ``k`` / ``num_samples`` not
+            an integer, or ``key`` is not a PRNG key.
+        ValueError: if the operators act on different parameter trees, ``k < 1``, or the
+            matrix-free path has no ``key``.
+        NonFiniteError: an operator is not finite.
     """
     _check_op(approx, "approx")
     _check_op(reference, "reference")
@@ -696,10 +787,10 @@ def compare_curvature(
     if blocks == "auto":
         cov = getattr(approx, "coverage", None)
         blocks = None if cov is None else cov.blocks
-    k = min(int(k), approx.n_params)
+    k = min(check_int(k, "k", lo=1), approx.n_params)
     exact = _resolve_method(method, approx, dense_limit, max_exact) == "exact"
     if exact:
-        a, r = _dense(approx), _dense(reference)
+        a, r = _dense(approx, "compare_curvature"), _dense(reference, "compare_curvature")
         ea, va = np.linalg.eigh(a)
         er, vr = np.linalg.eigh(r)
         top_a, top_r = ea[::-1][:k], er[::-1][:k]
@@ -718,7 +809,10 @@ def compare_curvature(
         pr = top_eigenvalues(reference, k, key=k2, method="matrix-free", return_eigenvectors=True)
         top_a, top_r = pa.values, pr.values
         overlap = _overlap(pa.vectors, pr.vectors)
-        d, rr = jax.device_get(_diff_norms(approx, reference, k3, int(num_samples)))
+        num_samples = check_int(num_samples, "num_samples", lo=1)
+        d, rr = jax.device_get(_diff_norms(approx, reference, k3, num_samples))
+        _check_samples("compare_curvature", d, "||(approx - reference) z||^2")
+        _check_samples("compare_curvature", rr, "||reference z||^2")
         err = float(math.sqrt(np.mean(d) / np.mean(rr)))
         err_b, how = None, "matrix-free"
     ratio = float(top_a[0] / top_r[0]) if top_r[0] != 0 else float("inf")

@@ -25,8 +25,9 @@ Supported names: ``DEFAULT_WINDOW``, ``LanczosState``, ``REORTH_MODES``, ``lancz
 ``lanczos_init``, ``lanczos_run``, ``make_step``, ``random_vector``, ``reorth_passes``,
 ``restart_vector``, ``safe_normalize``, ``scalar_dtype``, ``to_like``, ``to_work``,
 ``zeros_work`` (the ``__all__`` list). The other public-looking helpers (``check_reorth``,
-``check_vector``, ``host_random_vector``, ...) serve :mod:`gradience_jax.spectrum` and
-:mod:`gradience_jax.estimators`; the underscored aliases at the end are old private names.
+``check_vector``, ``host_random_vector``, ``NonFiniteError``, ``first_nonfinite``, ...)
+serve :mod:`gradience_jax.spectrum`, :mod:`gradience_jax.estimators` and
+:mod:`gradience_jax.geometry`; the underscored aliases at the end are old private names.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import check_key, is_traced
-from gradience_jax.operators.base import LinearOperator
+from gradience_jax._validate import check_choice, check_int, check_key, is_traced
+from gradience_jax.errors import NonFiniteError  # noqa: F401 - re-exported here
+from gradience_jax.operators.base import LinearOperator, check_operator
 
 PyTree = Any
 
@@ -94,7 +96,8 @@ class LanczosState(NamedTuple):
             ``q_{j-1}`` for ``"none"``): no extra vector is kept for it.
         asymmetry: ``(capacity,)`` measured ``|<q_{j-1}, A q_j> - beta_{j-1}|``: for a
             symmetric operator ``<q_{j-1}, A q_j> = <A q_{j-1}, q_j> = beta_{j-1}`` up to
-            rounding (local orthogonality), so this needs no stored ``A q_{j-1}``.
+            rounding (local orthogonality), so this needs no stored ``A q_{j-1}``. With
+            ``"none"`` the terms of the measured loss of orthogonality are discounted.
         anorm: scalar running estimate of ``||A||`` (max Gershgorin row sum of ``T``).
         key: PRNG key for restart vectors.
     """
@@ -112,6 +115,22 @@ class LanczosState(NamedTuple):
     asymmetry: jax.Array
     anorm: jax.Array
     key: jax.Array
+
+
+def first_nonfinite(values: Any) -> int | None:
+    """Index of the first non-finite entry of a 1-D host array (``None`` when all are finite).
+
+    Args:
+        values: array-like of per-probe / per-step values (any shape; flattened).
+
+    Returns:
+        The flat index, or ``None``.
+    """
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "fc":
+        return None
+    bad = np.flatnonzero(~np.isfinite(arr))
+    return int(bad[0]) if bad.size else None
 
 
 # -- small pytree helpers ------------------------------------------------------------------
@@ -281,44 +300,65 @@ def check_reorth(reorth: str, window: int | None) -> int:
         The window for ``"window"``, 0 for the other modes.
 
     Raises:
-        ValueError: an unknown ``reorth``, or a ``window`` that is not an integer >= 2.
+        ValueError: an unknown ``reorth``, or a ``window`` below 2.
+        ArgumentTypeError: a ``window`` that is not an integer.
     """
-    if reorth not in REORTH_MODES:
-        raise ValueError(f"reorth must be one of {REORTH_MODES}, got {reorth!r}")
+    check_choice(reorth, "reorth", REORTH_MODES)
     if reorth == "window":
         if window is None:
             window = DEFAULT_WINDOW
-        if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 2:
-            raise ValueError(f"window must be an integer >= 2 for reorth='window', got {window!r}")
-        return int(window)
+        return check_int(window, "window", lo=2)
     return 0
 
 
-def check_vector(v: PyTree, like: PyTree, name: str, like_name: str) -> None:
+def check_vector(v: PyTree, like: PyTree, name: str, like_name: str, *,
+                 nonzero: bool = False) -> None:
     """``v`` must have the pytree structure and leaf shapes of ``like`` (dtypes may differ).
 
     Args:
-        v: the vector to check.
+        v: the vector to check (skipped when traced).
         like: template pytree (arrays or ``jax.ShapeDtypeStruct``).
         name: ``v``'s name, for the message.
         like_name: ``like``'s name, for the message.
+        nonzero: also refuse an all-zero ``v`` (a start vector must have a direction).
 
     Raises:
-        ValueError: a different structure, or the first leaf of a different shape (by path).
+        ValueError: a different structure (naming missing / unexpected leaves), the first leaf
+            of a different shape (by path), a non-floating or non-finite leaf, or (with
+            ``nonzero``) a zero vector.
     """
     v_def, l_def = jax.tree_util.tree_structure(v), jax.tree_util.tree_structure(like)
     if v_def != l_def:
-        raise ValueError(
-            f"{name} does not match the pytree structure of {like_name}: {v_def} vs {l_def}"
-        )
-    for (path, a), b in zip(
-        jax.tree_util.tree_flatten_with_path(v)[0], jax.tree_util.tree_leaves(like)
-    ):
+        v_paths = {tu.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(v)[0]}
+        l_paths = {tu.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
+        missing, extra = sorted(l_paths - v_paths), sorted(v_paths - l_paths)
+        detail = ""
+        if missing:
+            detail += f" missing leaves {missing[:5]}"
+        if extra:
+            detail += f" unexpected leaves {extra[:5]}"
+        if not detail:
+            detail = f" ({v_def} vs {l_def})"
+        raise ValueError(f"{name} does not match the pytree structure of {like_name}:{detail}")
+    flat = jax.tree_util.tree_flatten_with_path(v)[0]
+    for (path, a), b in zip(flat, jax.tree_util.tree_leaves(like)):
         if tuple(np.shape(a)) != tuple(np.shape(b)):
             raise ValueError(
                 f"{name} leaf '{tu.path_str(path)}' has shape {tuple(np.shape(a))}, "
                 f"{like_name} has {tuple(np.shape(b))}"
             )
+        dtype = jnp.result_type(a)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{name} leaf '{tu.path_str(path)}' has dtype {dtype}: a vector "
+                             "needs floating-point leaves")
+    if is_traced(v):
+        return
+    for path, a in flat:
+        if not np.all(np.isfinite(np.asarray(a, np.float64))):
+            raise ValueError(f"{name} leaf '{tu.path_str(path)}' is not finite (NaN / Inf)")
+    if nonzero and not any(np.any(np.asarray(a) != 0) for _, a in flat):
+        raise ValueError(f"{name} is the zero vector: a start vector needs a direction (pass "
+                         f"a nonzero {name}, or {name}=None for a random one)")
 
 
 _CHECKED_OPERATORS: set = set()
@@ -565,6 +605,16 @@ def make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_to
         aq = to_work(mv(to_like(q, like)))
         alpha = tu.vdot(q, aq)
         asym = jnp.abs(tu.vdot(q_prev, aq) - state.beta)
+        if reorth == "none":
+            # for a symmetric A, <q_(j-1), A q_j> = <A q_(j-1), q_j> = beta_(j-1) |q_j|^2
+            # + alpha_(j-1) <q_(j-1), q_j> + beta_(j-2) <q_(j-2), q_j>: once the plain
+            # recurrence lost orthogonality (orthogonality[j-1] is |<q_(j-2), q_j>|) these
+            # terms are not asymmetry (in float32 they reach sqrt(eps) ||A||)
+            jm1, jm2 = jnp.maximum(j - 1, 0), jnp.maximum(j - 2, 0)
+            drift = (jnp.abs(state.alphas[jm1]) * jnp.abs(tu.vdot(q_prev, q))
+                     + jnp.where(j >= 2, state.betas[jm2] * state.orthogonality[jm1], 0.0)
+                     + state.beta * jnp.abs(tu.vdot(q, q) - 1.0))
+            asym = jnp.maximum(asym - drift.astype(asym.dtype), jnp.zeros_like(asym))
         w = jax.tree_util.tree_map(
             lambda x, a, b: x - alpha.astype(x.dtype) * a - state.beta.astype(x.dtype) * b,
             aq,
@@ -731,8 +781,10 @@ def lanczos(
         A :class:`LanczosState`; ``T = tridiag(betas[:-1], alphas, betas[:-1])``.
 
     Raises:
-        TypeError: ``op`` is not a :class:`LinearOperator`, or ``key`` is not a PRNG key.
-        ValueError: bad ``num_iters`` / ``reorth`` / ``window``, a matvec whose output pytree
+        TypeError: ``op`` is not a :class:`LinearOperator` (an ``ArgumentTypeError``), a
+            non-integer ``num_iters`` / ``window``, or ``key`` is not a PRNG key.
+        ValueError: bad ``num_iters`` / ``reorth`` / ``window``, a ``v0`` that does not match
+            the params (structure, shapes) or is not finite, a matvec whose output pytree
             does not match the params, ``reorth="full"`` with ``num_iters > n_params``.
 
     References:
@@ -748,10 +800,8 @@ def lanczos(
         >>> round(float(jnp.max(jnp.linalg.eigvalsh(t))), 4)
         5.0
     """
-    if not isinstance(op, LinearOperator):
-        raise TypeError(f"op must be a gradience_jax.LinearOperator, got {type(op).__name__}")
-    if not isinstance(num_iters, (int, np.integer)) or isinstance(num_iters, bool) or num_iters < 1:
-        raise ValueError(f"num_iters must be a positive integer, got {num_iters!r}")
+    check_operator(op)
+    num_iters = check_int(num_iters, "num_iters", lo=1)
     check_reorth(reorth, window)
     if reorth == "full" and num_iters > op.n_params:
         raise ValueError(

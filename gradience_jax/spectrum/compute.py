@@ -15,14 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gradience_jax._validate import check_choice, check_int, check_real
 from gradience_jax.lanczos import REORTH_MODES
 from gradience_jax.operators import registry
 from gradience_jax.operators.base import LinearOperator
 from gradience_jax.operators.heads import Head
 from gradience_jax.spectrum.eigsh import eigsh
-from gradience_jax.spectrum.plan import (
-    check_int as _check_int,
-)
 from gradience_jax.spectrum.plan import (
     default_basis_size,
     default_memory_budget,
@@ -78,21 +76,18 @@ class LanczosConfig:
     memory_budget_bytes: int | None = None
 
     def __post_init__(self):
-        if self.reorth_mode not in ("auto",) + REORTH_MODES:
-            raise ValueError(
-                f"reorth_mode must be one of {('auto',) + REORTH_MODES}, got {self.reorth_mode!r}"
-            )
-        if self.regularization_mode not in REGULARIZATION_MODES:
-            raise ValueError(
-                f"regularization_mode must be one of {REGULARIZATION_MODES}, "
-                f"got {self.regularization_mode!r}"
-            )
-        if self.which not in WHICH:
-            raise ValueError(f"which must be one of {WHICH}, got {self.which!r}")
-        _check_int("k", self.k, 1)
-        _check_int("max_iters", self.max_iters, 1)
-        if not self.regularization >= 0:
-            raise ValueError(f"regularization must be >= 0, got {self.regularization!r}")
+        check_choice(self.reorth_mode, "reorth_mode", ("auto",) + REORTH_MODES)
+        check_choice(self.regularization_mode, "regularization_mode", REGULARIZATION_MODES)
+        check_choice(self.which, "which", WHICH)
+        check_int(self.k, "k", lo=1)
+        check_int(self.max_iters, "max_iters", lo=1)
+        check_real(self.tol, "tol", lo=0.0, lo_open=True)
+        check_real(self.regularization, "regularization", lo=0.0)
+        check_int(self.seed, "seed", lo=None)
+        if self.reorth_window is not None:
+            check_int(self.reorth_window, "reorth_window", lo=2)
+        if self.memory_budget_bytes is not None:
+            check_int(self.memory_budget_bytes, "memory_budget_bytes", lo=1)
 
 
 def _cast_params(params: PyTree, dtype: Any) -> PyTree:

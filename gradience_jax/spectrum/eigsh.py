@@ -23,15 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
-from gradience_jax._validate import check_key
+from gradience_jax._validate import check_choice, check_int, check_key
 from gradience_jax.lanczos import (
+    NonFiniteError,
     check_operator_output,
     check_vector,
     host_random_vector,
     random_vector,
     scalar_dtype,
 )
-from gradience_jax.operators.base import LinearOperator
+from gradience_jax.operators.base import LinearOperator, check_operator
 from gradience_jax.spectrum.engine import (
     ASYMMETRIC,
     NONFINITE,
@@ -39,7 +40,12 @@ from gradience_jax.spectrum.engine import (
     run_engine,
     run_engine_traced,
 )
-from gradience_jax.spectrum.plan import check_int, flat_layout, make_plan
+from gradience_jax.spectrum.plan import (
+    check_k,
+    flat_layout,
+    make_plan,
+    reachable_residual,
+)
 from gradience_jax.spectrum.result import SpectrumResult, quality_warnings
 from gradience_jax.spectrum.ritz import WHICH, ritz_values, select
 
@@ -81,15 +87,35 @@ LAYOUTS = ("auto", "flat", "tree")
 
 
 def _layout_flag(layout: Any, op: LinearOperator, v0: PyTree | None) -> bool:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    check_choice(layout, "layout", LAYOUTS)
     return flat_layout(op, v0) if layout == "auto" else layout == "flat"
+
+
+def half_precision(op: LinearOperator) -> bool:
+    """Whether ``op`` is less precise than its Lanczos arithmetic (bfloat16 / float16 params).
+
+    Args:
+        op: the operator.
+
+    Returns:
+        ``True`` when the operator's epsilon exceeds ``10 eps_work``: its true residuals then
+        stop near ``eps_op ||A||`` (see
+        :func:`~gradience_jax.spectrum.plan.reachable_residual`).
+    """
+    like = op.params_like
+    eps_work = float(jnp.finfo(scalar_dtype(like)).eps)
+    return reachable_residual(like, op.dtype) > 10.0 * eps_work
+
+
+def _to_params_dtype(vecs: PyTree, like: PyTree) -> PyTree:
+    """A stack of vectors (leading axis ``k``) in the operator's leaf dtypes."""
+    return jax.tree_util.tree_map(lambda x, s: x.astype(s.dtype), vecs, like)
 
 
 def _raise_status(status: int, op: LinearOperator, matvecs: int, asym: float, anorm: float,
                   asym_tol: float) -> None:
     if status == NONFINITE:
-        raise ValueError(
+        raise NonFiniteError(
             f"the {op.name} operator's matvec returned non-finite values (NaN / Inf) at "
             f"Lanczos iteration {matvecs - 1} (the run stopped there): check the loss / model at "
             "these params, or the operator's dtype (bf16 / fp16 overflow)"
@@ -135,8 +161,17 @@ def eigsh(
     Ritz values removed by the Cullum-Willoughby test, eigenvectors from a second pass.
 
     Convergence: a wanted Ritz value ``theta`` has converged when its residual bound
-    ``|beta_m s_mi| <= max(tol |theta|, 10 eps ||A||)``. With ``num_iters=None`` the run goes
-    on until all ``k`` have converged or ``max_iters`` matvecs were spent (and says which).
+    ``|beta_m s_mi| <= max(tol |theta|, floor ||A||)``, ``floor = 10 eps`` of the Lanczos
+    arithmetic. With ``num_iters=None`` the run goes on until all ``k`` have converged or
+    ``max_iters`` matvecs were spent (and says which).
+
+    Half precision (bfloat16 / float16 params): the operator itself is only accurate to about
+    ``eps_op ||A||``. The Ritz bounds must reach ``0.1 eps_op ||A||`` (the floor), the true
+    residuals ``||A y - lambda y||`` of the returned vectors are computed in the operator's
+    dtype (by default with ``reorth="full"`` or eigenvectors: ``k`` matvecs) and a pair counts
+    as converged only if its true residual is ``<= max(tol |theta|, eps_op ||A||)``; a
+    warning says so when ``tol`` asks for more than the dtype can reach.
+    Eigenvectors come back in the operator's dtype; eigenvalues and residuals in float64.
 
     Cost: ``iterations`` matvecs (``"window"`` / ``"none"`` with eigenvectors: twice; ``+ k``
     for true residuals) plus, per step, ``~4 (basis_size + 1) P`` flops of Gram-Schmidt
@@ -162,7 +197,8 @@ def eigsh(
         memory_budget_bytes: bytes for the stored basis (default: 25% of device memory or
             2 GiB); ``basis_size`` shrinks to fit.
         filter_ghosts: Cullum-Willoughby filtering (default: on for ``"window"`` / ``"none"``).
-        true_residuals: compute ``||A y - lambda y||`` (default: with eigenvectors).
+        true_residuals: compute ``||A y - lambda y||`` (default: with eigenvectors, and for
+            half-precision operators with ``reorth="full"``).
         chunk: steps between convergence checks for ``"window"`` / ``"none"`` (default
             ``max(10, k)``).
         seed: recorded in the result (informational).
@@ -178,11 +214,14 @@ def eigsh(
         :class:`SpectrumResult`.
 
     Raises:
-        TypeError: ``op`` is not a :class:`LinearOperator`.
+        TypeError: ``op`` is not a :class:`LinearOperator`, ``key`` is not a PRNG key, or a
+            count / ``tol`` of the wrong kind (``ArgumentTypeError``, also a ``ValueError``).
         ValueError: bad ``k`` / ``num_iters`` / ``which`` / ``reorth`` / ``window`` / ``tol`` /
-            ``basis_size`` / ``basis_dtype``, a matvec whose output does not match the
-            params, non-finite matvec values or a non-symmetric operator (both stop the run
-            early).
+            ``basis_size`` / ``basis_dtype`` / ``layout``, a batch of keys, a ``v0`` that does
+            not match the params or is zero / not finite, a matvec whose output does not match
+            the params, or a non-symmetric operator (stops the run early).
+        NonFiniteError: non-finite matvec values (stops the run early; a
+            ``FloatingPointError`` that is also a ``ValueError``).
 
     References:
         K. Wu & H. Simon (2000), "Thick-Restart Lanczos Method for Large Symmetric
@@ -190,8 +229,13 @@ def eigsh(
         Large Symmetric Eigenvalue Computations* (the ghost filter).
     """
     t_start = time.perf_counter()
+    op = check_operator(op)
     want_vecs = bool(return_eigenvectors)
-    true_residuals = want_vecs if true_residuals is None else bool(true_residuals)
+    if true_residuals is None:
+        true_residuals = want_vecs or (half_precision(op) and reorth == "full")
+    true_residuals = bool(true_residuals)
+    if seed is not None:
+        seed = check_int(seed, "seed", lo=None)
     plan, cap = make_plan(
         op, k=k, num_iters=num_iters, which=which, reorth=reorth, window=window, tol=tol,
         max_iters=max_iters, memory_budget_bytes=memory_budget_bytes,
@@ -203,7 +247,7 @@ def eigsh(
     like = op.params_like
     check_operator_output(op, like)
     if v0 is not None:
-        check_vector(v0, like, "v0", f"the {op.name} operator's params")
+        check_vector(v0, like, "v0", f"the {op.name} operator's params", nonzero=True)
     v0, key_r = start_vector(op, v0, key)
     out = run_engine(op, v0, key_r, float(tol), cap, plan=plan)
     return _finish(op, plan, cap, out, tol=float(tol), seed=seed, t_start=t_start)
@@ -228,6 +272,13 @@ def _finish(op: LinearOperator, plan: Plan, cap: int, out, *, tol: float, seed: 
     values = values[perm]
     bounds = np.asarray(host.bounds, np.float64)[:nv][perm]
     conv = np.asarray(host.conv, bool)[:nv][perm]
+    if not (np.all(np.isfinite(values)) and np.all(np.isfinite(bounds))):
+        raise NonFiniteError(
+            f"eigsh on the {op.name} operator: non-finite Ritz values / bounds after "
+            f"{matvecs} matvecs (||A|| estimate {anorm:.3g}): the operator overflows its dtype"
+        )
+    half = half_precision(op)
+    reach = reachable_residual(op.params_like, op.dtype)
     true_res = None
     calls = matvecs
     if plan.reorth != "full" and (plan.vectors or plan.true_residuals):
@@ -235,12 +286,15 @@ def _finish(op: LinearOperator, plan: Plan, cap: int, out, *, tol: float, seed: 
     if host.true_res is not None:
         true_res = np.asarray(host.true_res, np.float64)[:nv][perm]
         calls += k
+        if half:  # the operator is less precise than the bounds: judge the true residuals
+            conv = conv & (true_res <= np.maximum(tol * np.abs(values), reach * anorm))
     overlap = None
     if host.gram is not None:
         overlap = np.asarray(host.gram, np.float64)[:nv, :nv][np.ix_(perm, perm)]
     if vecs is not None:
         if nv < k or not np.array_equal(perm, np.arange(nv)):
             vecs = jax.tree_util.tree_map(lambda x: x[jnp.asarray(perm)], vecs)
+        vecs = _to_params_dtype(vecs, op.params_like)
     ghosts_removed = 0
     ghost_flags = None
     if plan.reorth != "full":
@@ -255,8 +309,10 @@ def _finish(op: LinearOperator, plan: Plan, cap: int, out, *, tol: float, seed: 
         else:  # classify the reported raw values for the warning
             ghost_flags = np.array([chk.flags[int(np.argmin(np.abs(chk.raw_values - v)))]
                                     for v in values])
+    half_gate = true_res is not None and half
     warns = quality_warnings(
-        values=values, bounds=bounds, conv=conv, k=k, iterations=matvecs, tol=tol,
+        values=values, bounds=np.maximum(bounds, true_res) if half_gate else bounds, conv=conv,
+        k=k, iterations=matvecs, tol=tol,
         reorth=plan.reorth, orth_loss=float(host.orth), anorm=anorm, eps_work=plan.eps_work,
         filter_ghosts=plan.filter_ghosts, ghost_flags=ghost_flags,
         eigenvectors_overlap=overlap, fixed_iters=plan.fixed, restarts=int(host.restarts),
@@ -266,6 +322,20 @@ def _finish(op: LinearOperator, plan: Plan, cap: int, out, *, tol: float, seed: 
     if nv < k:
         warns.insert(0, f"only {nv} distinct Ritz values available for k={k}: "
                         "increase the number of iterations")
+    if half and nv and np.any(tol * np.abs(values) < reach * anorm):
+        dt = jnp.dtype(op.dtype).name
+        if true_res is not None:
+            how = (f"a pair counts as converged when its true residual ||A y - lambda y|| "
+                   f"(in {dt}) is below that; they reached {float(np.max(true_res)):.2e}")
+        else:
+            how = ("the Ritz bounds of the float32 recurrence are not true residuals here: "
+                   "pass return_eigenvectors=True or true_residuals=True to measure them")
+        warns.append(
+            f"tol={tol:g} is below what a {dt} operator can reach, about eps({dt}) ||A|| = "
+            f"{reach * anorm:.2e}: the run stopped once the Ritz bounds were below "
+            f"{plan.floor * anorm:.1e} and {how}; compute the operator in float32 for "
+            "tighter eigenpairs"
+        )
     dev = float(host.second_pass_dev)
     if dev > 1e3 * plan.eps_work:
         warns.append(
@@ -318,12 +388,14 @@ class FastEigshResult(NamedTuple):
     """Arrays out of :func:`eigsh_fast` (jittable).
 
     Attributes:
-        eigenvalues: ``(k,)`` in the order of ``which`` (``BE``: ascending).
-        eigenvectors: pytree stack, leaves ``(k, *leaf.shape)``, unit norm (work dtype).
-        residuals: ``(k,)`` Ritz residual bounds.
+        eigenvalues: ``(k,)`` in the order of ``which`` (``BE``: ascending), work dtype.
+        eigenvectors: pytree stack, leaves ``(k, *leaf.shape)``, unit norm, in the
+            operator's leaf dtypes.
+        residuals: ``(k,)`` Ritz residual bounds; for a half-precision operator the true
+            residuals ``||A y - lambda y||`` of the returned vectors.
         alphas, betas: diagonal / off-diagonal of the last projected ``T``.
         breakdowns: int32 scalar, invariant subspaces found.
-        converged: ``(k,)`` bool, ``residuals <= tol |eigenvalues|`` (at ``tol``).
+        converged: ``(k,)`` bool, ``residuals <= max(tol |eigenvalues|, floor ||A||)``.
         status: int32 scalar (0 running, 1 converged, 2 cap reached, 3 non-finite,
             4 asymmetric).
     """
@@ -336,6 +408,27 @@ class FastEigshResult(NamedTuple):
     breakdowns: jax.Array
     converged: jax.Array | None = None
     status: jax.Array | None = None
+
+    @property
+    def finite(self) -> jax.Array:
+        """Scalar bool: the run met no NaN / Inf and the eigenvalues are finite (jittable)."""
+        ok = jnp.all(jnp.isfinite(self.eigenvalues)) & jnp.all(jnp.isfinite(self.residuals))
+        return ok if self.status is None else ok & (self.status != NONFINITE)
+
+    def check(self) -> FastEigshResult:
+        """Raise on a non-finite run (concrete values: after a ``jit``-ed call).
+
+        Returns:
+            ``self``, when finite.
+
+        Raises:
+            NonFiniteError: the operator's products were NaN / Inf, or the eigenvalues are.
+        """
+        if not bool(self.finite):
+            raise NonFiniteError(
+                "eigsh_fast: the operator's matvec returned non-finite values (NaN / Inf): "
+                "check the loss / model at these params, or the operator's dtype")
+        return self
 
 
 def eigsh_fast(
@@ -358,7 +451,12 @@ def eigsh_fast(
     same shapes reuse the program), or eagerly. Carry ``result.eigenvectors`` (e.g. their
     sum) into the next call as ``v0`` to warm-start. The small eigenproblem is float64
     (on device under x64, else on the host through ``jax.pure_callback``). No Python-side
-    warnings; ``status`` says whether the operator was non-finite / asymmetric.
+    warnings; ``status`` says whether the operator was non-finite / asymmetric (``.finite``
+    is the flag, ``.check()`` raises on concrete values).
+
+    Half precision (bfloat16 / float16 params): ``k`` more matvecs give the true residuals
+    of the returned vectors, and ``converged`` compares them with ``eps_op ||A||`` (what such
+    an operator can reach) when ``tol`` asks for more.
 
     Cost: ``num_iters`` matvecs (``2 x num_iters`` for ``"window"`` / ``"none"``, whose Ritz
     vectors need a second pass).
@@ -381,28 +479,35 @@ def eigsh_fast(
         :class:`FastEigshResult`.
 
     Raises:
-        TypeError: ``op`` is not a :class:`LinearOperator`, or ``key`` is not a PRNG key.
-        ValueError: bad ``k`` / ``num_iters`` / ``which`` / ``reorth`` / ``window``.
+        TypeError: ``op`` is not a :class:`LinearOperator`, ``key`` is not a PRNG key, or a
+            count / ``tol`` of the wrong kind.
+        ValueError: bad ``k`` / ``num_iters`` / ``which`` / ``reorth`` / ``window`` /
+            ``tol``, a batch of keys, or a concrete ``v0`` that does not match the params.
     """
-    if not isinstance(op, LinearOperator):
-        raise TypeError(f"op must be a gradience_jax.LinearOperator, got {type(op).__name__}")
-    k = check_int("k", k, 1)
-    num_iters = check_int("num_iters", num_iters, 1)
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    op = check_operator(op)
+    k = check_int(k, "k", lo=1)
+    num_iters = check_int(num_iters, "num_iters", lo=1)
+    check_choice(which, "which", WHICH)
+    half = half_precision(op)
     plan, cap = make_plan(
         op, k=k, num_iters=num_iters, which=which, reorth=reorth, window=window, tol=tol,
         max_iters=None, memory_budget_bytes=None, filter_ghosts=filter_ghosts, vectors=True,
-        true_residuals=False, chunk=num_iters, basis_size=basis_size, basis_dtype=None,
+        true_residuals=half, chunk=num_iters, basis_size=basis_size, basis_dtype=None,
         flat=flat_layout(op, v0),
     )
     key = check_key(key)
     if v0 is None:
         v0 = random_vector(jax.random.fold_in(key, 0), op.params_like, "normal")
+    else:
+        check_vector(v0, op.params_like, "v0", f"the {op.name} operator's params")
     out = run_engine_traced(op, v0, jax.random.fold_in(key, 1), tol, cap, plan)
     sdt = scalar_dtype(op.params_like)  # the work dtype, as the vectors (x64 or not)
     values, bounds = out.values.astype(sdt), out.bounds.astype(sdt)
-    conv, vecs = out.conv, out.vectors
+    conv, vecs = out.conv, _to_params_dtype(out.vectors, op.params_like)
+    if half:  # the true residuals of the returned vectors, judged at the dtype's floor
+        bounds = out.true_res.astype(sdt)
+        floor = (reachable_residual(op.params_like, op.dtype) * out.anorm).astype(sdt)
+        conv = conv & (bounds <= jnp.maximum(jnp.asarray(tol, sdt) * jnp.abs(values), floor))
     if which == "BE":  # ascending, as eigsh
         perm = jnp.argsort(values)
         values, bounds, conv = values[perm], bounds[perm], conv[perm]
@@ -462,22 +567,19 @@ def top_eigenpairs(
         :class:`Eigenpairs`.
 
     Raises:
-        TypeError: ``op`` is not a :class:`LinearOperator`.
-        ValueError: bad ``k`` / ``which`` / ``dense_limit``, non-finite operator entries, or
-            what :func:`eigsh` raises.
+        TypeError: ``op`` is not a :class:`LinearOperator`, or ``k`` is not an integer.
+        ValueError: bad ``k`` / ``which`` / ``dense_limit``, or what :func:`eigsh` raises.
+        NonFiniteError: non-finite operator entries (dense) or products (Lanczos).
     """
-    if not isinstance(op, LinearOperator):
-        raise TypeError(f"op must be a gradience_jax.LinearOperator, got {type(op).__name__}")
+    op = check_operator(op)
     n = op.n_params
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= n:
-        raise ValueError(f"k must be an integer with 1 <= k <= n_params={n}, got {k!r}")
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    dense_limit = check_int("dense_limit", dense_limit, 0)
+    k = check_k(k, n)
+    check_choice(which, "which", WHICH)
+    dense_limit = check_int(dense_limit, "dense_limit", lo=0)
     if n <= dense_limit:
         dense = np.asarray(op.to_dense(), np.float64)
         if not np.all(np.isfinite(dense)):
-            raise ValueError(f"the {op.name} operator has non-finite entries (NaN / Inf)")
+            raise NonFiniteError(f"the {op.name} operator has non-finite entries (NaN / Inf)")
         evals, evecs = np.linalg.eigh((dense + dense.T) / 2)
         idx = select(evals, int(k), which)
         vectors = None
@@ -486,7 +588,7 @@ def top_eigenpairs(
             zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), op.params_like)
             vectors = tu.stack([tu.unravel_like(jnp.asarray(evecs[:, i], dt), zeros) for i in idx])
         return Eigenpairs(evals[idx], vectors, "dense")
-    res = eigsh(op, k=int(k), which=which, key=check_key(key),
+    res = eigsh(op, k=k, which=which, key=check_key(key),
                 return_eigenvectors=return_eigenvectors, **eigsh_kwargs)
     return Eigenpairs(np.asarray(res.eigenvalues, np.float64), res.eigenvectors, "lanczos")
 

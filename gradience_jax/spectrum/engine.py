@@ -91,6 +91,9 @@ class Plan(NamedTuple):
         breakdown_tol: relative ``beta / ||A||`` threshold of a breakdown.
         asym_tol: relative asymmetry that stops the run.
         eps_work: machine epsilon of the Lanczos arithmetic.
+        conv_floor: smallest certifiable residual relative to ``||A||``
+            (:func:`~gradience_jax.spectrum.plan.convergence_floor`: ``10 eps_work``, or the
+            operator's epsilon for bfloat16 / float16 operators); 0: ``10 eps_work``.
         flat: Krylov vectors as one contiguous ``(P,)`` array inside the program (single
             device: one kernel per operation instead of one per leaf, 3x faster to compile);
             ``False`` keeps them as pytrees shaped like the params (sharded meshes).
@@ -114,6 +117,12 @@ class Plan(NamedTuple):
     asym_tol: float
     eps_work: float
     flat: bool = False
+    conv_floor: float = 0.0
+
+    @property
+    def floor(self) -> float:
+        """The relative convergence floor (``conv_floor``, or ``10 eps_work`` when unset)."""
+        return self.conv_floor or 10.0 * self.eps_work
 
 
 class EngineOut(NamedTuple):
@@ -218,14 +227,28 @@ def _unit_stack(vecs: PyTree) -> PyTree:
     )
 
 
-def _true_residuals(mv: Callable, like: PyTree, vecs: PyTree, values: jax.Array) -> jax.Array:
-    """``||A y_i - theta_i y_i||`` for a stack of vectors (``lax.map``: one at a time)."""
+def _op_rounder(op) -> Callable:
+    """``y -> y`` rounded to the operator's leaf dtypes, returned in the work dtype."""
+    if isinstance(op, _FlatOperator):
+        return op.to_op_dtype
+    return lambda y: to_work(to_like(y, op.params_like))
+
+
+def _true_residuals(mv: Callable, like: PyTree, vecs: PyTree, values: jax.Array,
+                    rounder: Callable) -> jax.Array:
+    """``||A y_i - theta_i y_i||`` for a stack of vectors (``lax.map``: one at a time).
+
+    ``y_i`` is taken in the operator's dtype (``rounder``: the vector ``eigsh`` returns, for
+    a bfloat16 operator the bfloat16 rounding of the Ritz vector), ``A y_i`` is the
+    operator's own product, and the difference is formed in the work dtype.
+    """
     sdt = scalar_dtype(like)
 
     def one(args):
         y, lam = args
-        ay = to_work(mv(to_like(y, like)))
-        return tu.norm(tu.sub(ay, tu.scale(lam.astype(sdt), y)))
+        y_op = rounder(y)
+        ay = to_work(mv(to_like(y_op, like)))
+        return tu.norm(tu.sub(ay, tu.scale(lam.astype(sdt), y_op)))
 
     return jax.lax.map(one, (vecs, values))
 
@@ -448,7 +471,7 @@ def _ritz(c: _Cycle, plan: Plan, tol: jax.Array):
     order = jnp.argsort(-score)
     wanted = order[:k]
     values, bounds = theta[wanted], jnp.abs(beta_res * last[wanted])
-    floor = 10.0 * plan.eps_work * c.anorm.astype(tdt)
+    floor = plan.floor * c.anorm.astype(tdt)
     conv = (bounds <= jnp.maximum(jnp.asarray(tol, tdt) * jnp.abs(values), floor)) & valid[wanted]
     n_valid = jnp.sum(valid).astype(jnp.int32)
     return theta, s, last, beta_res, order, values, bounds, conv, n_valid
@@ -550,7 +573,8 @@ def _thick_restart(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
     resid_dots = jnp.where(c.exhausted, jnp.zeros((), sdt),
                            jnp.max(jnp.abs(_rows_dot(vecs, residual))))
     orth = jnp.maximum(jnp.max(jnp.abs(gram - jnp.eye(k, dtype=gram.dtype))), resid_dots)
-    true_res = (_true_residuals(mv, like, vecs, c.values) if plan.true_residuals else None)
+    true_res = (_true_residuals(mv, like, vecs, c.values, _op_rounder(op))
+                if plan.true_residuals else None)
     empty = jnp.zeros((0,), sdt)
     return EngineOut(
         values=c.values, bounds=c.bounds, conv=c.conv, n_valid=c.n_valid, matvecs=c.matvecs,
@@ -602,7 +626,7 @@ def _host_check(plan: Plan):
         bounds[:nv] = r.bounds[idx]
         coeffs[:m, :nv] = r.coeffs[:, idx]
         conv[:nv] = converged_mask(r.values[idx], r.bounds[idx], float(tol), float(anorm),
-                                   plan.eps_work)
+                                   plan.eps_work, plan.floor)
         return values, bounds, conv, np.int32(len(r.values)), coeffs
 
     return check
@@ -656,7 +680,8 @@ def _plain(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
     vecs, dev = None, jnp.zeros((), sdt)
     if plan.vectors or plan.true_residuals:
         vecs, dev = _second_pass(op, v0, key, p.coeffs, st, plan)
-    true_res = _true_residuals(mv, like, vecs, p.values) if plan.true_residuals else None
+    true_res = (_true_residuals(mv, like, vecs, p.values, _op_rounder(op))
+                if plan.true_residuals else None)
     steps = st.step
     live = jnp.arange(cap) + 1 < plan.n  # a breakdown at step n is the natural end
     n_breaks = jnp.sum(st.breakdowns & live).astype(jnp.int32)
@@ -720,6 +745,10 @@ class _FlatOperator:
             out.append(x.astype(tu.accumulation_dtype(s.dtype)))
             start += size
         return jax.tree_util.tree_unflatten(self.treedef, out)
+
+    def to_op_dtype(self, flat: jax.Array) -> jax.Array:
+        """``flat`` rounded to the operator's leaf dtypes, back in the work dtype."""
+        return self.ravel(to_like(self.unravel(flat), self._op.params_like))
 
     def bind(self) -> Callable:
         mv = self._op.bind()

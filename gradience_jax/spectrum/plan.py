@@ -3,7 +3,9 @@
 The plan is a :class:`~gradience_jax.spectrum.engine.Plan` (a ``jit`` static argument).
 
 Supported names (the module has no ``__all__``): ``default_memory_budget`` (re-exported by
-:mod:`gradience_jax.spectrum`); ``make_plan``, ``check_int``, ``row_bytes``,
+:mod:`gradience_jax.spectrum`); ``make_plan``, ``check_k``, ``check_int`` (now
+:func:`gradience_jax._validate.check_int`: ``check_int(value, name, lo=..., hi=...)``),
+``row_bytes``, ``convergence_floor``, ``reachable_residual``,
 ``default_basis_size``, ``small_solver``, ``flat_layout`` and the constants
 ``DEFAULT_MEMORY_BUDGET_BYTES``, ``MIN_BASIS_SIZE``, ``MIN_MATVEC_CAP``,
 ``ASYMMETRY_ERROR``, ``BASIS_DTYPES`` serve the other spectrum modules, tests and
@@ -20,12 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradience_jax import tree as tu
+from gradience_jax._validate import check_choice, check_int, check_real
 from gradience_jax.lanczos import (
     check_reorth,
     default_breakdown_tol,
     scalar_dtype,
 )
-from gradience_jax.operators.base import LinearOperator
+from gradience_jax.operators.base import LinearOperator, check_operator
 from gradience_jax.spectrum.engine import Plan
 from gradience_jax.spectrum.ritz import WHICH
 
@@ -41,25 +44,75 @@ MIN_MATVEC_CAP = 1000
 ASYMMETRY_ERROR = 1e-4
 #: basis storage dtypes accepted by ``basis_dtype``
 BASIS_DTYPES = ("float32", "bfloat16", "float16", "float64")
+#: the convergence floor of the Lanczos arithmetic, in units of its epsilon times ``||A||``
+WORK_FLOOR_FACTOR = 10.0
+#: Ritz bounds a half-precision run must reach, in units of the operator's epsilon x ``||A||``
+HALF_STOP_FACTOR = 0.1
 
 
-def check_int(name: str, value: Any, lo: int) -> int:
-    """``value`` as an ``int >= lo``, else a ``ValueError`` naming ``name``.
+def _eps_pair(like: PyTree, op_dtype: Any) -> tuple[float, float]:
+    eps_work = float(jnp.finfo(scalar_dtype(like)).eps)
+    eps_op = (float(jnp.finfo(op_dtype).eps) if jnp.issubdtype(op_dtype, jnp.floating)
+              else eps_work)
+    return eps_work, eps_op
+
+
+def reachable_residual(like: PyTree, op_dtype: Any) -> float:
+    """Smallest true residual, relative to ``||A||``, an operator of this dtype can certify.
+
+    The Lanczos arithmetic (float32 or wider) reaches ``10 eps_work ||A||``. An operator of
+    lower precision (bfloat16 / float16 params) is itself only accurate to about
+    ``eps_op ||A||``: its true residuals ``||A y - lambda y||`` stop there, however small the
+    float32 recurrence makes the Ritz bounds. Measured on SPD test matrices: the true
+    residuals of the exact eigenvectors rounded to the dtype are ``0.05 .. 0.25 eps_op ||A||``.
 
     Args:
-        name: the argument's name, for the message.
-        value: the value to check (an ``int`` or numpy integer, not a ``bool``).
-        lo: the smallest allowed value.
+        like: the operator's ``params_like``.
+        op_dtype: the operator's dtype.
 
     Returns:
-        ``int(value)``.
+        ``max(10 eps_work, eps_op)``.
+    """
+    eps_work, eps_op = _eps_pair(like, op_dtype)
+    return max(WORK_FLOOR_FACTOR * eps_work, eps_op)
+
+
+def convergence_floor(like: PyTree, op_dtype: Any) -> float:
+    """The floor of the Ritz-bound test ``bound <= max(tol |theta|, floor ||A||)``.
+
+    ``10 eps_work`` for operators as precise as the Lanczos arithmetic; for a half-precision
+    operator ``0.1 eps_op``: below it the true residuals (noise of the operator, see
+    :func:`reachable_residual`) no longer improve, above it they still do.
+
+    Args:
+        like: the operator's ``params_like``.
+        op_dtype: the operator's dtype.
+
+    Returns:
+        ``max(10 eps_work, 0.1 eps_op)``.
+    """
+    eps_work, eps_op = _eps_pair(like, op_dtype)
+    return max(WORK_FLOOR_FACTOR * eps_work, HALF_STOP_FACTOR * eps_op)
+
+
+def check_k(k: Any, n: int) -> int:
+    """``k`` as an ``int`` with ``1 <= k <= n`` (the number of wanted eigenpairs).
+
+    Args:
+        k: the value to check.
+        n: the operator's dimension ``n_params``.
+
+    Returns:
+        ``int(k)``.
 
     Raises:
-        ValueError: ``value`` is not an integer ``>= lo``.
+        ArgumentTypeError: ``k`` is not an integer.
+        ValueError: ``k < 1`` or ``k > n``.
     """
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return int(value)
+    k = check_int(k, "k", lo=1)
+    if k > n:
+        raise ValueError(f"k must be <= n_params={n}, got {k}")
+    return k
 
 
 def default_memory_budget() -> int:
@@ -196,22 +249,19 @@ def make_plan(
         TypeError: ``op`` is not a :class:`LinearOperator`.
         ValueError: naming the bad argument and the valid choices.
     """
-    if not isinstance(op, LinearOperator):
-        raise TypeError(f"op must be a gradience_jax.LinearOperator, got {type(op).__name__}")
+    op = check_operator(op)
     n = op.n_params
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= n:
-        raise ValueError(f"k must be an integer with 1 <= k <= n_params={n}, got {k!r}")
-    k = int(k)
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    k = check_k(k, n)
+    check_choice(which, "which", WHICH)
     win = check_reorth(reorth, window)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float, np.floating)) or not (
-        tol > 0 and math.isfinite(tol)
-    ):
-        raise ValueError(f"tol must be a positive finite float, got {tol!r}")
+    check_real(tol, "tol", lo=0.0, lo_open=True)
     like = op.params_like
     if basis_dtype is not None:
-        if str(jnp.dtype(basis_dtype)) not in BASIS_DTYPES:
+        try:
+            name = str(jnp.dtype(basis_dtype))
+        except TypeError:
+            name = None
+        if name not in BASIS_DTYPES:
             raise ValueError(f"basis_dtype must be one of {BASIS_DTYPES} or None, got "
                              f"{basis_dtype!r}")
         if reorth != "full":
@@ -222,7 +272,7 @@ def make_plan(
     exhaustible = reorth == "full" or (reorth == "window" and win >= n)
     fixed = num_iters is not None
     if fixed:
-        num_iters = check_int("num_iters", num_iters, 1)
+        num_iters = check_int(num_iters, "num_iters", lo=1)
         if num_iters < k:
             raise ValueError(f"num_iters={num_iters} must be >= k={k}")
         if num_iters > n and exhaustible and reorth != "full":
@@ -237,7 +287,7 @@ def make_plan(
                 "iterations already span the whole space; use num_iters <= n_params"
             )
     if max_iters is not None:
-        max_iters = check_int("max_iters", max_iters, 1)
+        max_iters = check_int(max_iters, "max_iters", lo=1)
         if max_iters < k:
             raise ValueError(f"max_iters={max_iters} must be >= k={k}")
     filter_ghosts = (reorth != "full") if filter_ghosts is None else bool(filter_ghosts)
@@ -251,14 +301,15 @@ def make_plan(
     capacity = 0
     check_every = 1
     if reorth == "full":
-        m = default_basis_size(k) if basis_size is None else check_int("basis_size", basis_size, 1)
+        m = (default_basis_size(k) if basis_size is None
+             else check_int(basis_size, "basis_size", lo=1))
         m = min(m, n)
         if fixed:
             m = min(m, num_iters)
         if max_iters is not None:
             m = min(m, max(max_iters, k))
         budget = (default_memory_budget() if memory_budget_bytes is None
-                  else int(memory_budget_bytes))
+                  else check_int(memory_budget_bytes, "memory_budget_bytes", lo=1))
         rows_fit = budget // max(row_bytes(like, basis_dtype), 1)
         if m + 1 > rows_fit:
             m = max(int(rows_fit) - 1, 0)
@@ -279,9 +330,9 @@ def make_plan(
         if exhaustible and not fixed:
             cap = min(cap, n)
         capacity = _capacity(cap)
-        check_every = max(10, k) if chunk is None else check_int("chunk", chunk, 1)
+        check_every = max(10, k) if chunk is None else check_int(chunk, "chunk", lo=1)
     if chunk is not None:
-        check_int("chunk", chunk, 1)
+        check_int(chunk, "chunk", lo=1)
     plan = Plan(
         k=k, which=which, reorth=reorth, basis_size=m,
         window=win if reorth == "window" else None, capacity=capacity,
@@ -289,5 +340,6 @@ def make_plan(
         vectors=bool(vectors), true_residuals=bool(true_residuals), solver=small_solver(),
         basis_dtype=basis_dtype, breakdown_tol=default_breakdown_tol(like),
         asym_tol=asym_tol, eps_work=eps_work, flat=bool(flat),
+        conv_floor=convergence_floor(like, op.dtype),
     )
     return plan, int(cap)

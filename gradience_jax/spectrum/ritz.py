@@ -241,8 +241,8 @@ def select(values: np.ndarray, k: int, which: str) -> np.ndarray:
 
 
 def converged_mask(values: np.ndarray, bounds: np.ndarray, tol: float, anorm: float,
-               eps_work: float) -> np.ndarray:
-    """``bound <= tol |theta|``, or at working precision (``bound <= 10 eps ||A||``).
+                   eps_work: float, floor: float | None = None) -> np.ndarray:
+    """``bound <= tol |theta|``, or at the reachable precision (``bound <= floor ||A||``).
 
     Args:
         values: Ritz values ``theta``.
@@ -250,11 +250,14 @@ def converged_mask(values: np.ndarray, bounds: np.ndarray, tol: float, anorm: fl
         tol: relative tolerance.
         anorm: estimate of ``||A||``.
         eps_work: machine epsilon of the Lanczos arithmetic.
+        floor: relative floor (``Plan.conv_floor``: ``max(10 eps_work, eps_op)``); ``None``:
+            ``10 eps_work``.
 
     Returns:
         Bool array shaped like ``values``.
     """
-    return bounds <= np.maximum(tol * np.abs(values), 10.0 * eps_work * anorm)
+    rel = 10.0 * eps_work if floor is None else float(floor)
+    return bounds <= np.maximum(tol * np.abs(values), rel * anorm)
 
 
 # ============================================================================================
