@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from gradience_jax._validate import ArgumentTypeError, check_key, check_real, is_traced
 from gradience_jax.operators.base import LinearOperator
 from gradience_jax.operators.kfac import (
-    KFACCoverage,
+    BlockCurvatureOperator,
     KFACOperator,
     KroneckerFactors,
     _activation_matrix,
@@ -186,7 +186,7 @@ class _EKFACPrepare:
 
 
 @jax.tree_util.register_pytree_node_class
-class EKFACOperator(LinearOperator):
+class EKFACOperator(BlockCurvatureOperator):
     """A :class:`LinearOperator` holding K-FAC eigenbases and re-fitted eigenvalues.
 
     Extra attributes:
@@ -201,38 +201,7 @@ class EKFACOperator(LinearOperator):
         kfac(): the K-FAC operator with the same factors.
     """
 
-    def __init__(self, prepare, operands, params_like, *, coverage: KFACCoverage,
-                 is_psd: bool = True, name: str = "ekfac", _spec=None):
-        super().__init__(prepare, operands, params_like, is_psd=is_psd, name=name, _spec=_spec)
-        self.coverage = coverage
-
-    def tree_flatten(self):
-        """Pytree protocol: as :meth:`LinearOperator.tree_flatten`, plus the coverage.
-
-        Returns:
-            ``((operands,), (prepare, spec, is_psd, name, coverage))``.
-        """
-        return (self.operands,), (self.prepare, self._spec, self.is_psd, self.name, self.coverage)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        """Pytree protocol: rebuild the operator from :meth:`tree_flatten`'s output.
-
-        Args:
-            aux: ``(prepare, spec, is_psd, name, coverage)``.
-            children: ``(operands,)``.
-
-        Returns:
-            An :class:`EKFACOperator`.
-        """
-        prepare, spec, is_psd, name, coverage = aux
-        return cls(prepare, children[0], None, coverage=coverage, is_psd=is_psd, name=name,
-                   _spec=spec)
-
-    @property
-    def factors(self) -> dict[str, KroneckerFactors]:
-        """``{layer name: KroneckerFactors}`` in the order of ``coverage.layers``."""
-        return {layer.name: f for layer, f in zip(self.prepare.plan.layers, self.operands[0])}
+    default_name = "ekfac"
 
     @property
     def scales(self) -> dict[str, jax.Array]:

@@ -985,23 +985,20 @@ class _KFACPrepare:
         return matvec
 
 
-@jax.tree_util.register_pytree_node_class
-class KFACOperator(LinearOperator):
-    """A :class:`LinearOperator` holding eigendecomposed Kronecker factors.
+class BlockCurvatureOperator(LinearOperator):
+    """Base of the Kronecker-structured operators (:class:`KFACOperator`, EK-FAC).
 
-    Extra attributes:
-        coverage: :class:`KFACCoverage` (covered blocks, uncovered paths with reasons).
-        factors: ``{layer name: KroneckerFactors}``.
-
-    Methods:
-        inverse(damping, power=-1.0): the operator ``(K + damping I)^power`` applied in the
-            eigenbasis (:func:`kfac_inverse`).
-        kronecker_factors(): dense ``(A, B)`` per layer (inspection and tests).
+    A :class:`LinearOperator` whose first operand is the per-layer
+    :class:`KroneckerFactors` and whose static data carries the :class:`KFACCoverage`.
+    Subclasses set their default ``name`` through :attr:`default_name`.
     """
 
+    default_name = "kfac"
+
     def __init__(self, prepare, operands, params_like, *, coverage: KFACCoverage,
-                 is_psd: bool = True, name: str = "kfac", _spec=None):
-        super().__init__(prepare, operands, params_like, is_psd=is_psd, name=name, _spec=_spec)
+                 is_psd: bool = True, name: str | None = None, _spec=None):
+        super().__init__(prepare, operands, params_like, is_psd=is_psd,
+                         name=self.default_name if name is None else name, _spec=_spec)
         self.coverage = coverage
 
     def tree_flatten(self):
@@ -1021,7 +1018,7 @@ class KFACOperator(LinearOperator):
             children: ``(operands,)``.
 
         Returns:
-            A :class:`KFACOperator`.
+            An operator of this class.
         """
         prepare, spec, is_psd, name, coverage = aux
         return cls(prepare, children[0], None, coverage=coverage, is_psd=is_psd, name=name,
@@ -1031,6 +1028,21 @@ class KFACOperator(LinearOperator):
     def factors(self) -> dict[str, KroneckerFactors]:
         """``{layer name: KroneckerFactors}`` in the order of ``coverage.layers``."""
         return {layer.name: f for layer, f in zip(self.prepare.plan.layers, self.operands[0])}
+
+
+@jax.tree_util.register_pytree_node_class
+class KFACOperator(BlockCurvatureOperator):
+    """A :class:`LinearOperator` holding eigendecomposed Kronecker factors.
+
+    Extra attributes:
+        coverage: :class:`KFACCoverage` (covered blocks, uncovered paths with reasons).
+        factors: ``{layer name: KroneckerFactors}``.
+
+    Methods:
+        inverse(damping, power=-1.0): the operator ``(K + damping I)^power`` applied in the
+            eigenbasis (:func:`kfac_inverse`).
+        kronecker_factors(): dense ``(A, B)`` per layer (inspection and tests).
+    """
 
     def kronecker_factors(self) -> dict[str, tuple[jax.Array, jax.Array]]:
         """Dense ``(A, B)`` per layer, rebuilt from the eigendecompositions.
