@@ -11,8 +11,9 @@ Suites (each a script that prints its tables and writes JSON to ``benchmarks/res
 ``operators`` (ours only: HVP / GGN / EF cost and XLA memory), ``lanczos`` (eigsh overhead
 over bare HVPs), ``eigsh_clustered`` (the clustered top-10 case against ARPACK on the same
 HVP, matfree, curvlinops + ARPACK and PyHessian; Lanczos memory), ``peers_operators``, ``peers_eigen``, ``peers_trace``,
-``peers_memory`` and ``scale_gpt2``. Each runs in its own process; a failing suite is
-reported and the others still run.
+``peers_memory``, ``scale_gpt2`` and ``influence`` (every ``gj.influence`` method and TracIn
+against the exact inverse, kronfluence's EK-FAC as the PyTorch peer). Each runs in its own
+process; a failing suite is reported and the others still run.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 SUITES = ("operators", "lanczos", "eigsh_clustered", "peers_operators", "peers_eigen",
-          "peers_trace", "peers_memory", "scale_gpt2")
+          "peers_trace", "peers_memory", "scale_gpt2", "influence")
 
 
 def suite_command(name: str, quick: bool, full_scale: bool, results: Path) -> list[str]:
@@ -193,6 +194,19 @@ def summary(docs: dict) -> list[dict]:
                              "measured": f"{r['extra_vectors_xla']:.1f} (peak RSS delta "
                                          f"{r['peak_rss_delta_vectors']:.1f})",
                              "verdict": _verdict(r["met"])})
+    d = docs.get("influence")
+    if d:
+        for model, c in d.get("targets", {}).items():
+            m = c.get("exact_lambda_min_plus_damping_min")
+            rows.append({"target": "influence: damping='auto' keeps H + d I positive definite",
+                         "case": model, "measured": "exact lambda_min + d >= " + (
+                             f"{m:.3g}" if m is not None else "?"),
+                         "verdict": _verdict(c.get("auto_damping_positive_definite"))})
+            pc = c.get("cg_pearson_vs_exact")
+            rows.append({"target": "influence: CG scores = exact inverse (Pearson >= 0.999)",
+                         "case": model, "measured": f"{pc:.6f}" if pc is not None else "",
+                         "verdict": _verdict(c.get("cg_matches_exact_pearson_ge_0.999")
+                                             if pc is not None else None)})
     for key in ("scale_gpt2", "scale_gpt2_small"):
         d = docs.get(key)
         if d:
@@ -294,11 +308,50 @@ def render(results: Path) -> str:
                 f"window {d['window']}, tol {d['tol']}: total {d['total_wall_s']:.0f} s, "
                 f"process peak RSS {d['peak_rss_GiB']:.2f} GiB.\n",
                 markdown_table(rows), f"\nTargets: {d['targets']}\n"]
+    out += _influence_section(docs.get("influence"))
     out += _operators_section(docs.get("operators"))
     out += _lanczos_section(docs.get("lanczos"))
     out += _clustered_section(docs.get("eigsh_clustered"))
     out += ["\n## Notes\n", *[f"- {n}" for n in NOTES], ""]
     return "\n".join(out)
+
+
+def _influence_section(d: dict | None) -> list[str]:
+    """``influence.py``: time, memory and accuracy of every influence method; the peer."""
+    from benchmarks.peers import markdown_table
+
+    if not d:
+        return []
+    out = ["\n## Influence functions vs the exact inverse (`influence.py`"
+           + (" --quick" if d.get("quick") else "") + ")\n", _machine_line(d.get("machine")),
+           "Scores `-g_test^T (H + d I)^{-1} g_train` of every training on every test example "
+           "(per-example cross-entropy gradients; `H` the Hessian of the trained objective "
+           "with its L2 term), `damping='auto'` everywhere. Wall s: median of "
+           f"{d.get('repeats')} call(s) after a first call (compile s = first call - median; "
+           "`repeats` 0: a slow method timed by its first call alone); peak RSS above the RSS "
+           "before the timed calls"
+           + (", process peak = each method's fresh process above its setup"
+              if d.get("isolated") else " (one process: indicative only)")
+           + ". Accuracy against the exact inverse at the method's damping: Pearson / "
+           "Spearman over the whole score matrix, mean per-test-row Spearman, overlap of "
+           "the top-10 most harmful training examples, relative Frobenius error; TracIn is "
+           "sign-flipped and has no relative error (another quantity). Max residual: the "
+           "largest true `||(H + d I) x - g|| / ||g||` of the solves.\n"]
+    for name, c in d.get("cases", {}).items():
+        h, r = c.get("history", {}), c.get("reference", {})
+        out.append(f"- {name}: {c.get('label')}; train / test loss {h.get('train_loss', 0):.3f}"
+                   f" / {h.get('test_loss', 0):.3f}, accuracy {h.get('train_accuracy', 0):.2f}"
+                   f" / {h.get('test_accuracy', 0):.2f}; reference: {r.get('kind')}, exact "
+                   f"lambda in [{r.get('lambda_min', 0):.4g}, {r.get('lambda_max', 0):.4g}]"
+                   + (f" ({r['n_negative_eigenvalues']} negative)"
+                      if r.get("n_negative_eigenvalues") is not None else ""))
+    out += ["", markdown_table(d["rows"], d.get("columns"))]
+    if d.get("peer_rows"):
+        out += ["\nPyTorch peer on the MLP, same data and weights, one run (kronfluence's "
+                "true Fisher samples one label per example, ours is the exact type-2 Fisher; "
+                "its sign is flipped to ours):\n", markdown_table(d["peer_rows"])]
+    out.append(f"\nChecks: {d.get('targets')}\n")
+    return out
 
 
 def _operators_section(d: dict | None) -> list[str]:
