@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import dense_hessian
 from jax.flatten_util import ravel_pytree
 
 import gradience_jax as gj
 from gradience_jax import attention as ga
 from gradience_jax.models import TinyTransformerLM, from_nnx
-from tests.helpers import dense_hessian
 
 D_MODEL, HEADS, SEQ = 8, 2, 4  # the seed's attention layer
 

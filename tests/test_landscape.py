@@ -8,13 +8,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import dense_hessian, model_case
 from jax.flatten_util import ravel_pytree
 
 import gradience_jax as gj
 from gradience_jax import landscape as gl
 from gradience_jax.experiments import training
 from gradience_jax.models import CNN, MLP, TinyTransformerLM, from_nnx
-from tests.helpers import dense_hessian, model_case
 
 # -- a separable quadratic on a two-leaf pytree -------------------------------------------
 
