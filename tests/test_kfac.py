@@ -400,6 +400,73 @@ def test_linen_twin_gives_the_same_operator():
     assert len(d_nnx) == 2
 
 
+def _eqx_mlp_and_twin(width=5, depth=2):
+    """An Equinox MLP (adapted through ``external.adapt``, so ``vmap`` of ``W @ x + b``
+    gives ``transpose(dot_general) + bias``) and a plain-function twin on the same weights
+    written batch-first (``x @ W.T + b``)."""
+    eqx = pytest.importorskip("equinox")
+    from gradience_jax.models import external  # noqa: PLC0415 - the layer under test
+
+    model = eqx.nn.MLP(4, 3, width, depth, activation=jnp.tanh, key=jax.random.key(3))
+    model = jax.tree_util.tree_map(
+        lambda x: x.astype(FLOAT) if eqx.is_inexact_array(x) else x, model)
+    ad = external.adapt(model)
+
+    def twin(params, batch):
+        h = batch["inputs"]
+        for i, layer in enumerate(params.layers):
+            h = h @ layer.weight.T + layer.bias
+            h = jnp.tanh(h) if i < len(params.layers) - 1 else h
+        return h
+
+    return ad, twin
+
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_equinox_mlp_is_fully_covered_and_matches_its_batch_first_twin(n):
+    """Equinox biases fold into their layers (100 % coverage); with one example every
+    block is exact against the dense GGN, and for a batch the Kronecker factors equal
+    those of the batch-first twin, so the transposed output layout is read correctly."""
+    ad, twin = _eqx_mlp_and_twin()
+    batch = _batch(jax.random.normal(KEY, (n, 4)).astype(FLOAT))
+    K = kfac(ad.model_fn, ad.head, ad.params, batch, warn=False)
+    assert K.coverage.uncovered == ()
+    assert K.coverage.n_covered == K.n_params == sum(x.size for x in jax.tree_util.tree_leaves(ad.params))
+    assert [x.bias is not None for x in K.coverage.layers] == [True] * 3
+    ref = kfac(twin, ad.head, ad.params, batch, warn=False)
+    assert ref.coverage.uncovered == ()
+    for (a, b), (a_ref, b_ref) in zip(K.kronecker_factors().values(),
+                                      ref.kronecker_factors().values()):
+        np.testing.assert_allclose(a, a_ref, rtol=tol(1e-12, 1e-5), atol=tol(1e-14, 1e-6))
+        np.testing.assert_allclose(b, b_ref, rtol=tol(1e-12, 1e-5), atol=tol(1e-14, 1e-6))
+    if n == 1:
+        ggn = dense_ggn(ad.model_fn, ad.head, ad.params, batch)
+        assert rel_err(_dense(K), _block_diag(ggn, ad.params, K.coverage.blocks)) <= EXACT
+
+
+def test_layer_output_read_after_a_transpose_and_a_cast():
+    """``(W @ x.T).T`` cast before its bias: the bias folds, and with one example the
+    block equals the dense GGN; a transposed output used twice keeps its bias uncovered."""
+    params = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 4)), FLOAT),
+              "b": jnp.asarray([0.1, -0.2, 0.3], FLOAT)}
+
+    def cast_then_bias(p, batch):
+        y = (p["w"] @ batch["inputs"].T).T
+        return y.astype(FLOAT) + p["b"]
+
+    def reused(p, batch):
+        y = (p["w"] @ batch["inputs"].T).T
+        return y + p["b"] + 0.5 * y
+
+    batch = _batch(jax.random.normal(KEY, (1, 4)).astype(FLOAT))
+    K = kfac(cast_then_bias, CE, params, batch, warn=False)
+    assert K.coverage.uncovered == ()
+    ref = _block_diag(dense_ggn(cast_then_bias, CE, params, batch), params, K.coverage.blocks)
+    assert rel_err(_dense(K), ref) <= EXACT
+    K2 = kfac(reused, CE, params, batch, warn=False)
+    assert [p for p, _ in K2.coverage.uncovered] == ["b"]
+
+
 @pytest.mark.skipif(not X64, reason="compares float32 against float64")
 def test_float32_preserves_dtypes_and_matches_float64():
     ad32 = from_nnx(OneDense(dtype=jnp.float32, rngs=nnx.Rngs(0)), CE)

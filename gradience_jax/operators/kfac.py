@@ -367,6 +367,8 @@ def _scan_jaxpr(jaxpr: Any, chains: dict, prefix: tuple, acc: _Scan) -> None:
         if name == "add" and any(_is_var(v) and v in producer for v in eqn.invars):
             if _try_fold_bias(eqn, site, ins, producer, counts, acc):
                 continue
+        if _follow_layer_output(eqn, site, producer, counts, acc):
+            continue
         if not any(ins):
             continue
         if len(eqn.invars) == 1 and len(eqn.outvars) == 1:
@@ -514,6 +516,36 @@ def _match_embed(eqn: Any, site: tuple, ins: list) -> _Tag | str:
         out_dtype=eqn.outvars[0].aval.dtype, d_in=k_shape[0], d_out=k_shape[1],
         positions=int(np.prod(idx_shape[:-1])), gather_mode=p["mode"], out_site=site,
     )
+
+
+#: ops between a layer and its bias add that only relayout or recast the output
+#: (``vmap`` of a per-example ``W @ x`` gives ``transpose(dot_general(W, X))``: Equinox)
+_OUTPUT_TRANSPARENT = frozenset(["transpose", "convert_element_type", "copy", "copy_p"])
+
+
+def _follow_layer_output(eqn, site, producer, counts, acc: _Scan) -> bool:
+    """Move a layer's output site through a transpose / cast used only by its bias add.
+
+    The probe that measures the output gradients then sits after the relayout, where the
+    bias is added, and ``out_perm`` is composed with the transpose so the layer's output
+    features are still found. True when the equation was absorbed.
+    """
+    if eqn.primitive.name not in _OUTPUT_TRANSPARENT or len(eqn.invars) != 1:
+        return False
+    v = eqn.invars[0]
+    if not (_is_var(v) and v in producer) or counts[v] != 1:
+        return False
+    tag = acc.tags[producer[v]]
+    if tag.kind == "embed" or tag.bias is not None:
+        return False
+    if eqn.primitive.name == "transpose":
+        perm = tuple(int(a) for a in eqn.params["permutation"])
+        inverse = tuple(int(a) for a in np.argsort(perm))
+        tag.out_perm = tuple(inverse[a] for a in tag.out_perm)
+    out = eqn.outvars[0]
+    tag.out_site, tag.out_shape, tag.out_dtype = site, tuple(out.aval.shape), out.aval.dtype
+    producer[out] = producer.pop(v)
+    return True
 
 
 def _try_fold_bias(eqn, site, ins, producer, counts, acc: _Scan) -> bool:
