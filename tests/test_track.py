@@ -233,6 +233,12 @@ def test_resume_skips_measured_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(tk, "measure_step", counting)
     second = tk.track(root, cfg, out)
     assert second["measured"] == 1 and second["skipped"] == 2 and len(seen) == 1
+    # the resumed step is warm-started from the vectors saved after step 20: the same
+    # start vector, so the same run as one uninterrupted track of all three steps
+    assert second["columns"]["hessian/warm_start"] == [False, True, True]
+    whole = tk.track(root, cfg, tmp_path / "whole")
+    for col in ("hessian/matvecs", "hessian/lambda_1", "hessian/lambda_2"):
+        assert second["columns"][col] == whole["columns"][col], col
     header, records = load_telemetry(out / tk.LOG_NAME)
     assert [r.step for r in records] == [10, 20, 30] and len(header["resumes"]) == 1
     assert [r.time for r in records[:2]] == [r.time for r in before]  # not measured again
@@ -241,6 +247,23 @@ def test_resume_skips_measured_steps(tmp_path, monkeypatch):
     assert tk.track(root, cfg, out, restart=True)["measured"] == 3
     with pytest.raises(ValueError, match="other settings .*k: 2 in the log, 3 now"):
         tk.track(root, cfg.__class__(**{**cfg.__dict__, "k": 3}), out)
+
+
+def test_warm_start_file_stale_corrupt_or_mismatched_gives_a_cold_start(tmp_path):
+    params = {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+    path = tmp_path / tk.WARM_NAME
+    assert tk.load_warm(path, 10, params) == {}  # no file: cold, silently (a fresh run)
+    vec = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3), "b": np.ones(3, np.float32)}
+    tk.save_warm(path, 10, {"hessian": vec})
+    got = tk.load_warm(path, 10, params)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got["hessian"], vec)
+    with pytest.warns(UserWarning, match="holds step 10, the log ends at step 20"):
+        assert tk.load_warm(path, 20, params) == {}
+    with pytest.warns(UserWarning, match="leaf shapes differ"):
+        assert tk.load_warm(path, 10, {"w": np.ones((3, 2)), "b": np.ones(3)}) == {}
+    path.write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.warns(UserWarning, match="cannot read the warm-start vectors"):
+        assert tk.load_warm(path, 10, params) == {}
 
 
 def test_nonfinite_step_is_recorded_not_fatal(tmp_path):

@@ -22,8 +22,11 @@ One telemetry record per checkpoint step goes to ``OUT/track.jsonl``
 (:class:`~gradience_jax.telemetry.TelemetryWriter`: crash safe, the settings in its
 header). Rerunning on the same ``OUT`` skips the steps already measured (the log is read
 with :func:`~gradience_jax.telemetry.load_telemetry` and appended to with ``mode="a"``), so
-tracking a run while it trains measures only the new checkpoints (the first of them with a
-cold start); settings that change the
+tracking a run while it trains measures only the new checkpoints. The warm-start vectors
+of the last measured step are kept beside the log (``OUT/warm_start.npz``, written
+atomically after each step), so the first new step of a resumed run is warm-started too;
+a missing, stale or unreadable file means a cold start (the latter two with a
+:class:`UserWarning`). Settings that change the
 measurement (model, data, operators, ``k``, ...) must match the log's (else a
 ``ValueError``; ``restart=True`` starts a fresh log). A step whose parameters hold NaN /
 Inf is recorded with a ``status`` instead of curvature.
@@ -32,7 +35,7 @@ The report (``OUT/track.json``, ``OUT/report.md``, ``OUT/report.html`` and PNG f
 :mod:`gradience_jax.plots.track`) shows every metric over the steps.
 
 Supported names: :class:`TrackConfig`, :func:`track`, :func:`measure_step`,
-:func:`read_log`, :data:`LOG_NAME`, :data:`MEASUREMENT_KEYS`.
+:func:`read_log`, :data:`LOG_NAME`, :data:`WARM_NAME`, :data:`MEASUREMENT_KEYS`.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import datetime
 import json
 import os
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -61,6 +65,8 @@ Progress = Callable[[str, str], None]
 
 LOG_NAME = "track.jsonl"
 """The telemetry log of a ``track`` output folder."""
+WARM_NAME = "warm_start.npz"
+"""The warm-start vectors of the last measured step, beside the log."""
 SCHEMA = "gradience_jax.track/1"
 """The ``schema`` entry of ``track.json``."""
 MEASUREMENT_KEYS = ("model", "data", "batches", "head", "input_key", "operators", "k", "tol",
@@ -276,6 +282,54 @@ def measure_step(adapted: Any, batch: dict | None, cfg: TrackConfig,
     return metrics, warm
 
 
+# -- warm start across resumes ---------------------------------------------------------------
+
+
+def save_warm(path: Path, step: int, warm: Mapping[str, PyTree]) -> None:
+    """Write ``{operator: v0}`` of ``step`` to ``path`` (npz; temporary file + rename)."""
+    arrays = {"step": np.asarray(step, np.int64)}
+    for name, vec in warm.items():
+        for i, leaf in enumerate(jax.tree_util.tree_leaves(vec)):
+            arrays[f"{name}/{i}"] = np.asarray(leaf)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_warm(path: Path, step: int, params: PyTree) -> dict[str, PyTree]:
+    """The vectors saved by :func:`save_warm` for ``step``, shaped like ``params``.
+
+    Returns ``{}`` (a cold start) when there is no file; with a :class:`UserWarning` when
+    the file is of another step, unreadable, or does not match ``params``.
+    """
+    import warnings  # noqa: PLC0415
+
+    if not path.exists():
+        return {}
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    try:
+        with np.load(path) as z:
+            saved = int(z["step"])
+            if saved != step:
+                warnings.warn(f"{path} holds step {saved}, the log ends at step {step}: "
+                              "the next step starts cold", UserWarning, stacklevel=3)
+                return {}
+            names = sorted({k.rsplit("/", 1)[0] for k in z.files if k != "step"})
+            warm = {}
+            for name in names:
+                got = [z[f"{name}/{i}"] for i in range(len(leaves))]
+                if any(g.shape != x.shape for g, x in zip(got, leaves)):
+                    raise ValueError("leaf shapes differ from the checkpoint's parameters")
+                warm[name] = jax.tree_util.tree_unflatten(
+                    treedef, [jax.numpy.asarray(g, x.dtype) for g, x in zip(got, leaves)])
+            return warm
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        warnings.warn(f"cannot read the warm-start vectors {path} ({e}): the next step "
+                      "starts cold", UserWarning, stacklevel=3)
+        return {}
+
+
 # -- the log -------------------------------------------------------------------------------
 
 
@@ -396,14 +450,22 @@ def track(run_dir: str | os.PathLike, cfg: TrackConfig | None = None,
     with TelemetryWriter(log, metadata={"kind": SCHEMA, "run_dir": str(run_dir)},
                          config=config, seed=cfg.seed, mode=mode) as writer:
         warm: dict[str, PyTree] = {}
-        for step, path in todo:
+        warm_file = out_path / WARM_NAME
+        for n, (step, path) in enumerate(todo):
             if progress is not None:
                 progress(f"step:{step}", f"step {step} ({measured + 1}/{len(todo)})")
             adapted = model.at(path)
+            before = [s for s in done if s < step]
+            if n == 0 and before and cfg.warm_start and batch is not None:
+                warm = load_warm(warm_file, max(before), adapted.params)
             metrics, warm = measure_step(adapted, batch, cfg, warm)
             writer.write(step, metrics)
             done[step] = jsonable(metrics)
             measured += 1
+            if cfg.warm_start and warm:
+                save_warm(warm_file, step, warm)
+            elif warm_file.exists():
+                warm_file.unlink()
     header, by_step = read_log(log)
     in_run = {s for s, _ in steps}
     by_step = {s: m for s, m in by_step.items() if s in in_run}
