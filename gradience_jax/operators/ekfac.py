@@ -45,23 +45,23 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gradience_jax._validate import ArgumentTypeError, check_key, check_real, is_traced
+from gradience_jax._validate import ArgumentTypeError, check_key, check_real
 from gradience_jax.operators.base import LinearOperator
 from gradience_jax.operators.kfac import (
     BlockCurvatureOperator,
     KFACOperator,
     KroneckerFactors,
-    _activation_matrix,
     _Config,
-    _cotangents,
-    _from_block,
-    _hashable,
+    _damping_operand,
+    _eigenbasis_matvec,
+    _input_matrix,
     _KFACPrepare,
+    _layer_acts_and_grads,
+    _output_gradient_matrix,
     _Plan,
-    _run,
     _Tag,
-    _to_block,
     kfac,
+    static_callable,
 )
 
 PyTree = Any
@@ -76,9 +76,8 @@ __all__ = ["EKFACOperator", "ekfac", "ekfac_inverse"]
 
 def _layer_scales(tag: _Tag, act: jax.Array, g: jax.Array, f: KroneckerFactors) -> jax.Array:
     """``S = sum_{n,k} (Q_A^T G_nk Q_B)^2`` from activations ``(N, *a)``, grads ``(K, N, *out)``."""
-    k, n = g.shape[:2]
-    perm = (0, 1) + tuple(2 + d for d in tag.out_perm)
-    gm = jnp.transpose(g, perm).reshape(k, n, -1, tag.d_out)
+    n = g.shape[1]
+    gm = _output_gradient_matrix(tag, g)
     gr = jnp.einsum("knro,oj->knrj", gm.astype(f.b_evecs.dtype), f.b_evecs)
     if tag.kind == "embed":
         idx = act[..., 0].reshape(n, -1)
@@ -93,10 +92,7 @@ def _layer_scales(tag: _Tag, act: jax.Array, g: jax.Array, f: KroneckerFactors) 
 
         init = jnp.zeros((tag.d_in, tag.d_out), gr.dtype)
         return jax.lax.scan(one, init, (idx, jnp.swapaxes(gr, 0, 1)))[0]
-    am = _activation_matrix(tag, act, n).astype(gr.dtype)
-    if tag.bias is not None:
-        am = jnp.concatenate([am, jnp.ones(am.shape[:-1] + (1,), am.dtype)], axis=-1)
-    ar = am @ f.a_evecs  # (N, R, d_in')
+    ar = _input_matrix(tag, act, n, gr.dtype) @ f.a_evecs  # (N, R, d_in')
     if ar.shape[1] == 1:  # one position: G_nk is an outer product, S a product of squares
         return jnp.einsum("ni,knj->ij", ar[:, 0] ** 2, gr[:, :, 0] ** 2)
 
@@ -112,23 +108,7 @@ def _layer_scales(tag: _Tag, act: jax.Array, g: jax.Array, f: KroneckerFactors) 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _compute_scales(plan: _Plan, cfg: _Config, params, batch, key, factors) -> tuple:
     """The per-layer ``S`` from the same pseudo-gradients as K-FAC's factor pass."""
-    p_leaves = jax.tree_util.tree_leaves(params)
-    b_leaves = jax.tree_util.tree_leaves(batch)
-    n = b_leaves[0].shape[0]
-
-    def per_example(probes, ex_leaves):
-        return _run(plan, p_leaves, [x[None] for x in ex_leaves], probes)
-
-    probes0 = tuple(
-        jnp.zeros((n,) + layer.tag.out_shape, layer.tag.out_dtype) for layer in plan.layers
-    )
-    outs, vjp_fn, acts = jax.vjp(
-        lambda pr: jax.vmap(per_example)(pr, b_leaves), probes0, has_aux=True
-    )
-    outputs = outs.reshape((n,) + outs.shape[2:])
-    u = _cotangents(cfg, outputs, batch, key).astype(outs.dtype)
-    grads = jax.vmap(lambda ui: vjp_fn(ui.reshape(outs.shape))[0])(u)
-    acts = tuple(jnp.broadcast_to(a, (n,) + a.shape[1:]) for a in acts)
+    acts, grads = _layer_acts_and_grads(plan, cfg, params, batch, key)
     return tuple(
         _layer_scales(layer.tag, a, g, f)
         for layer, a, g, f in zip(plan.layers, acts, grads, factors)
@@ -140,20 +120,6 @@ def _compute_scales(plan: _Plan, cfg: _Config, params, batch, key, factors) -> t
 # ---------------------------------------------------------------------------------------
 
 
-def _apply_corrected(f: KroneckerFactors, s: jax.Array, mat: jax.Array,
-                     fn: Callable) -> jax.Array:
-    """``Q_A [fn(S) * (Q_A^T M Q_B)] Q_B^T`` (``Q_A = I`` for embeddings)."""
-    dtype = f.b_evecs.dtype
-    m = mat.astype(dtype)
-    if f.a_evecs is not None:
-        m = f.a_evecs.T @ m
-    m = (m @ f.b_evecs) * fn(s.astype(dtype))
-    m = m @ f.b_evecs.T
-    if f.a_evecs is not None:
-        m = f.a_evecs @ m
-    return m.astype(mat.dtype)
-
-
 @dataclasses.dataclass(frozen=True)
 class _EKFACPrepare:
     """``prepare(operands)``: ``(factors, scales)`` or ``(factors, scales, damping)``."""
@@ -162,27 +128,8 @@ class _EKFACPrepare:
     power: float | None = None
 
     def __call__(self, operands):
-        factors, scales = operands[0], operands[1]
-        like = jax.tree_util.tree_leaves(self.plan.params_like)
-        treedef = jax.tree_util.tree_structure(self.plan.params_like)
-        if self.power is None:
-            fn = lambda x: x  # noqa: E731
-            uncovered_scale = 0.0
-        else:
-            damping, power = operands[2], self.power
-            fn = lambda x: (x + damping.astype(x.dtype)) ** power  # noqa: E731
-            uncovered_scale = damping ** power
-
-        def matvec(v):
-            leaves = jax.tree_util.tree_leaves(v)
-            out = [(uncovered_scale * x).astype(x.dtype) for x in leaves]
-            for layer, f, s in zip(self.plan.layers, factors, scales):
-                mat = _apply_corrected(f, s, _to_block(layer.tag, leaves), fn)
-                for i, x in _from_block(layer.tag, mat, like).items():
-                    out[i] = x
-            return jax.tree_util.tree_unflatten(treedef, out)
-
-        return matvec
+        damping = None if self.power is None else operands[2]
+        return _eigenbasis_matvec(self.plan, operands[0], operands[1], damping, self.power)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -232,10 +179,6 @@ class EKFACOperator(BlockCurvatureOperator):
         """
         return ekfac_inverse(self, damping, power)
 
-    def __repr__(self) -> str:
-        return (f"EKFACOperator(n_params={self.n_params}, blocks={len(self.coverage.layers)}, "
-                f"covered={self.coverage.fraction:.3f}, dtype={self.dtype})")
-
 
 def ekfac_inverse(E: EKFACOperator, damping: Any, power: float = -1.0) -> LinearOperator:
     """The operator ``(E + damping I)^power``, applied in the Kronecker eigenbases.
@@ -256,17 +199,14 @@ def ekfac_inverse(E: EKFACOperator, damping: Any, power: float = -1.0) -> Linear
     Raises:
         ArgumentTypeError: ``E`` is not an :class:`EKFACOperator`, ``damping`` / ``power``
             not real numbers.
-        ValueError: ``damping`` is not finite, negative, or zero while ``power < 0``.
+        ValueError: ``damping`` is not finite, negative, zero while ``power < 0``, or (traced)
+            not a scalar.
     """
     if not isinstance(E, EKFACOperator):
         raise ArgumentTypeError(f"E must be an operator returned by ekfac(), got "
                                 f"{type(E).__name__}")
     power = check_real(power, "power")
-    if is_traced(damping):
-        damping = jnp.asarray(damping, E.dtype)
-    else:
-        d = check_real(damping, "damping", lo=0.0, lo_open=power < 0)
-        damping = jnp.asarray(d, E.dtype)
+    damping = _damping_operand(damping, power, E.dtype)
     name = "ekfac_inverse" if power == -1.0 else "ekfac_power"
     return LinearOperator(_EKFACPrepare(E.prepare.plan, power),
                           (E.operands[0], E.operands[1], damping), None, is_psd=True,
@@ -321,7 +261,7 @@ def ekfac(
     K = kfac(model_fn, head, params, batch, fisher_type=fisher_type, kfac_approx=kfac_approx,
              key=key, num_samples=num_samples, check=check, warn=warn)
     plan = K.prepare.plan
-    cfg = _Config(_hashable(head), fisher_type, kfac_approx,
+    cfg = _Config(static_callable(head), fisher_type, kfac_approx,
                   int(num_samples) if fisher_type == "mc" else 1)
     key = check_key(key)  # kfac's default key too: the same labels for "mc"
     factors = K.operands[0]

@@ -782,25 +782,51 @@ def _run(plan: _Plan, param_leaves, example_leaves, probes):
 # ---------------------------------------------------------------------------------------
 
 
-def _hessian_sqrt(head: Head, outputs: jax.Array, targets: Any) -> jax.Array:
-    """Columns ``q_k`` with ``sum_k q_k q_k^T = H_t`` per token: ``(K, *lead, C)``."""
-    c = outputs.shape[-1]
-    eye = jnp.eye(c, dtype=outputs.dtype)
+def head_hessian_factor(head: Head, outputs: jax.Array, targets: Any) -> tuple:
+    """Rows ``q_k`` and weights ``c_k`` with ``H_t = sum_k c_k q_k q_k^T`` per token.
+
+    ``H_t``: the head's unweighted per-token output Hessian (as ``Head.token_hvp``). Softmax
+    CE: ``q_k = sqrt(p_k) (e_k - p)``, ``c_k = sum_c y_c`` (soft targets; integer labels:
+    ones); MSE: ``q_k = e_k``, ``c_k = 2``; other heads: the eigendecomposition (signed
+    eigenvalues). K-FAC uses ``sqrt(max(c_k, 0)) q_k``; the exact GGN diagonal
+    (:func:`gradience_jax.laplace.ggn_diagonal`) the signed weights.
+
+    Args:
+        head: a :class:`Head`.
+        outputs: ``(*lead, C)`` model outputs.
+        targets: ``head.targets(batch)`` (or ``None``).
+
+    Returns:
+        ``q`` ``(*lead, K, C)`` and ``c`` broadcastable to ``(*lead, K)`` (``None``: ones).
+    """
+    lead, num_classes = outputs.shape[:-1], outputs.shape[-1]
+    dt = outputs.dtype
+    eye = jnp.eye(num_classes, dtype=dt)
     if isinstance(head, SoftmaxCrossEntropy):
         p = jax.nn.softmax(outputs, axis=-1)
-        q = jnp.sqrt(p)[..., :, None] * (eye - p[..., None, :])  # (*lead, k, C)
+        q = jnp.sqrt(p)[..., :, None] * (eye - p[..., None, :])
         if targets is not None and not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
-            q = q * jnp.sqrt(targets.sum(-1))[..., None, None]
-        return jnp.moveaxis(q, -2, 0)
-    basis = jnp.moveaxis(jnp.broadcast_to(eye, outputs.shape[:-1] + (c, c)), -2, 0)
+            return q, jnp.asarray(targets, dt).sum(-1)[..., None]
+        return q, None
     if isinstance(head, MeanSquaredError):
-        return jnp.sqrt(2.0).astype(outputs.dtype) * basis
+        return jnp.broadcast_to(eye, lead + (num_classes, num_classes)), jnp.asarray(2.0, dt)
+    basis = jnp.moveaxis(jnp.broadcast_to(eye, lead + (num_classes, num_classes)), -2, 0)
     cols = jax.vmap(lambda u: head.token_hvp(outputs, targets, u))(basis)  # (C, *lead, C)
     hmat = jnp.moveaxis(cols, 0, -1)  # (*lead, C_out, C_in)
-    hmat = 0.5 * (hmat + jnp.swapaxes(hmat, -1, -2))
-    evals, evecs = jnp.linalg.eigh(hmat)
-    q = evecs * jnp.sqrt(jnp.maximum(evals, 0.0))[..., None, :]  # columns
-    return jnp.moveaxis(q, -1, 0)
+    evals, evecs = jnp.linalg.eigh(0.5 * (hmat + jnp.swapaxes(hmat, -1, -2)))
+    return jnp.swapaxes(evecs, -1, -2), evals
+
+
+def _hessian_sqrt(head: Head, outputs: jax.Array, targets: Any) -> jax.Array:
+    """Columns ``q_k`` with ``sum_k q_k q_k^T = H_t`` per token: ``(K, *lead, C)``.
+
+    Negative curvature of a non-convex head (or of soft targets with a negative sum) is
+    clipped to 0.
+    """
+    q, c = head_hessian_factor(head, outputs, targets)
+    if c is not None:
+        q = q * jnp.sqrt(jnp.maximum(c, 0.0))[..., None]
+    return jnp.moveaxis(q, -2, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -879,11 +905,25 @@ def _activation_matrix(tag: _Tag, act: jax.Array, n: int) -> jax.Array:
     return jnp.transpose(act, perm).reshape(n, -1, tag.d_in)
 
 
-def _layer_factors(tag: _Tag, act: jax.Array, g: jax.Array, approx: str) -> KroneckerFactors:
-    """``A`` from activations ``(N, *a)`` and ``B`` from gradients ``(K, N, *out)``."""
+def _input_matrix(tag: _Tag, act: jax.Array, n: int, dtype: Any) -> jax.Array:
+    """Activations ``(N, *a)`` -> ``(N, R, d_in (+1))`` in ``dtype``, a 1 appended for a bias."""
+    am = _activation_matrix(tag, act, n).astype(dtype)
+    if tag.bias is not None:
+        am = jnp.concatenate([am, jnp.ones(am.shape[:-1] + (1,), am.dtype)], axis=-1)
+    return am
+
+
+def _output_gradient_matrix(tag: _Tag, g: jax.Array) -> jax.Array:
+    """Output gradients ``(K, N, *out)`` -> ``(K, N, R, d_out)``."""
     k, n = g.shape[:2]
     perm = (0, 1) + tuple(2 + d for d in tag.out_perm)
-    gm = jnp.transpose(g, perm).reshape(k, n, -1, tag.d_out)
+    return jnp.transpose(g, perm).reshape(k, n, -1, tag.d_out)
+
+
+def _layer_factors(tag: _Tag, act: jax.Array, g: jax.Array, approx: str) -> KroneckerFactors:
+    """``A`` from activations ``(N, *a)`` and ``B`` from gradients ``(K, N, *out)``."""
+    n = g.shape[1]
+    gm = _output_gradient_matrix(tag, g)
     if tag.kind == "embed":
         idx = act[..., 0].reshape(-1)
         if "CLIP" in str(tag.gather_mode):
@@ -893,9 +933,7 @@ def _layer_factors(tag: _Tag, act: jax.Array, g: jax.Array, approx: str) -> Kron
         bmat = jnp.einsum("knri,knrj->ij", gm, gm)
         b_evals, b_evecs = _eigh(bmat)
         return KroneckerFactors(a_evals, None, b_evals, b_evecs)
-    am = _activation_matrix(tag, act, n).astype(gm.dtype)
-    if tag.bias is not None:
-        am = jnp.concatenate([am, jnp.ones(am.shape[:-1] + (1,), am.dtype)], axis=-1)
+    am = _input_matrix(tag, act, n, gm.dtype)
     if approx == "expand":
         amat = jnp.einsum("nri,nrj->ij", am, am) / (am.shape[0] * am.shape[1])
         bmat = jnp.einsum("knri,knrj->ij", gm, gm)
@@ -914,10 +952,10 @@ def _eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.maximum(evals, 0.0), evecs
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _compute_factors(plan: _Plan, cfg: _Config, params, batch, key) -> tuple:
+def _layer_acts_and_grads(plan: _Plan, cfg: _Config, params, batch, key) -> tuple:
+    """Per layer: inputs ``(N, *a)`` and gradients ``(K, N, *out)`` of :func:`_cotangents`."""
     p_leaves = jax.tree_util.tree_leaves(params)
-    b_leaves, b_def = jax.tree_util.tree_flatten(batch)
+    b_leaves = jax.tree_util.tree_leaves(batch)
     n = b_leaves[0].shape[0]
 
     def per_example(probes, ex_leaves):
@@ -933,6 +971,12 @@ def _compute_factors(plan: _Plan, cfg: _Config, params, batch, key) -> tuple:
     u = _cotangents(cfg, outputs, batch, key).astype(outs.dtype)
     grads = jax.vmap(lambda ui: vjp_fn(ui.reshape(outs.shape))[0])(u)
     acts = tuple(jnp.broadcast_to(a, (n,) + a.shape[1:]) for a in acts)
+    return acts, grads
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _compute_factors(plan: _Plan, cfg: _Config, params, batch, key) -> tuple:
+    acts, grads = _layer_acts_and_grads(plan, cfg, params, batch, key)
     return tuple(
         _layer_factors(layer.tag, a, g, cfg.approx)
         for layer, a, g in zip(plan.layers, acts, grads)
@@ -973,13 +1017,19 @@ def _kernel_dtype(tag: _Tag, k_like) -> Any:
     return jax.eval_shape(lambda x: _kernel_to_matrix(tag, x), k_like).dtype
 
 
-def _apply_in_eigenbasis(f: KroneckerFactors, mat: jax.Array, fn: Callable) -> jax.Array:
-    """``Q_A [fn(l_A l_B^T) * (Q_A^T M Q_B)] Q_B^T``."""
+def _apply_in_eigenbasis(f: KroneckerFactors, mat: jax.Array, fn: Callable,
+                         eigenvalues: jax.Array | None = None) -> jax.Array:
+    """``Q_A [fn(S) * (Q_A^T M Q_B)] Q_B^T``, ``S = l_A l_B^T`` unless ``eigenvalues`` given.
+
+    ``Q_A = I`` for embeddings; EK-FAC passes its re-fitted ``S`` as ``eigenvalues``.
+    """
     dtype = f.b_evals.dtype
+    if eigenvalues is None:
+        eigenvalues = f.a_evals[:, None] * f.b_evals[None, :]
     m = mat.astype(dtype)
     if f.a_evecs is not None:
         m = f.a_evecs.T @ m
-    m = (m @ f.b_evecs) * fn(f.a_evals[:, None] * f.b_evals[None, :])
+    m = (m @ f.b_evecs) * fn(eigenvalues.astype(dtype))
     m = m @ f.b_evecs.T
     if f.a_evecs is not None:
         m = f.a_evecs @ m
@@ -994,27 +1044,38 @@ class _KFACPrepare:
     power: float | None = None
 
     def __call__(self, operands):
-        factors = operands[0]
-        like = jax.tree_util.tree_leaves(self.plan.params_like)
-        treedef = jax.tree_util.tree_structure(self.plan.params_like)
-        if self.power is None:
-            fn = lambda x: x  # noqa: E731
-            uncovered_scale = 0.0
-        else:
-            damping, power = operands[1], self.power
-            fn = lambda x: (x + damping.astype(x.dtype)) ** power  # noqa: E731
-            uncovered_scale = damping ** power
+        damping = None if self.power is None else operands[1]
+        return _eigenbasis_matvec(self.plan, operands[0], None, damping, self.power)
 
-        def matvec(v):
-            leaves = jax.tree_util.tree_leaves(v)
-            out = [(uncovered_scale * x).astype(x.dtype) for x in leaves]
-            for layer, f in zip(self.plan.layers, factors):
-                mat = _apply_in_eigenbasis(f, _to_block(layer.tag, leaves), fn)
-                for i, x in _from_block(layer.tag, mat, like).items():
-                    out[i] = x
-            return jax.tree_util.tree_unflatten(treedef, out)
 
-        return matvec
+def _eigenbasis_matvec(plan: _Plan, factors: tuple, eigenvalues: tuple | None,
+                       damping: Any, power: float | None) -> Callable[[PyTree], PyTree]:
+    """Matvec of a block operator in Kronecker eigenbases (K-FAC, EK-FAC), optionally damped.
+
+    Per block ``V -> Q_A [fn(S) * (Q_A^T V Q_B)] Q_B^T``, ``S`` the per-layer ``eigenvalues``
+    (``None``: ``l_A l_B^T``), ``fn(x) = x`` or ``(x + damping)^power``; uncovered
+    parameters are scaled by 0 or ``damping^power``.
+    """
+    like = jax.tree_util.tree_leaves(plan.params_like)
+    treedef = jax.tree_util.tree_structure(plan.params_like)
+    if power is None:
+        fn = lambda x: x  # noqa: E731
+        uncovered_scale = 0.0
+    else:
+        fn = lambda x: (x + damping.astype(x.dtype)) ** power  # noqa: E731
+        uncovered_scale = damping ** power
+    eigenvalues = (None,) * len(factors) if eigenvalues is None else eigenvalues
+
+    def matvec(v):
+        leaves = jax.tree_util.tree_leaves(v)
+        out = [(uncovered_scale * x).astype(x.dtype) for x in leaves]
+        for layer, f, s in zip(plan.layers, factors, eigenvalues):
+            mat = _apply_in_eigenbasis(f, _to_block(layer.tag, leaves), fn, s)
+            for i, x in _from_block(layer.tag, mat, like).items():
+                out[i] = x
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return matvec
 
 
 class BlockCurvatureOperator(LinearOperator):
@@ -1060,6 +1121,11 @@ class BlockCurvatureOperator(LinearOperator):
     def factors(self) -> dict[str, KroneckerFactors]:
         """``{layer name: KroneckerFactors}`` in the order of ``coverage.layers``."""
         return {layer.name: f for layer, f in zip(self.prepare.plan.layers, self.operands[0])}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(n_params={self.n_params}, "
+                f"blocks={len(self.coverage.layers)}, covered={self.coverage.fraction:.3f}, "
+                f"dtype={self.dtype})")
 
 
 @jax.tree_util.register_pytree_node_class
@@ -1107,9 +1173,15 @@ class KFACOperator(BlockCurvatureOperator):
         """
         return kfac_inverse(self, damping, power)
 
-    def __repr__(self) -> str:
-        return (f"KFACOperator(n_params={self.n_params}, blocks={len(self.coverage.layers)}, "
-                f"covered={self.coverage.fraction:.3f}, dtype={self.dtype})")
+
+def _damping_operand(damping: Any, power: float, dtype: Any) -> jax.Array:
+    """``damping`` of ``(K + damping I)^power`` checked (``> 0`` if ``power < 0``), 0-d."""
+    if is_traced(damping):
+        damping = jnp.asarray(damping, dtype)
+        if damping.ndim != 0:
+            raise ValueError(f"damping must be a scalar, got shape {damping.shape}")
+        return damping
+    return jnp.asarray(check_real(damping, "damping", lo=0.0, lo_open=power < 0), dtype)
 
 
 def kfac_inverse(K: KFACOperator, damping: Any, power: float = -1.0) -> LinearOperator:
@@ -1139,13 +1211,7 @@ def kfac_inverse(K: KFACOperator, damping: Any, power: float = -1.0) -> LinearOp
         raise ArgumentTypeError(
             f"K must be an operator returned by kfac(), got {type(K).__name__}")
     power = check_real(power, "power")
-    if is_traced(damping):
-        damping = jnp.asarray(damping, K.dtype)
-        if damping.ndim != 0:
-            raise ValueError(f"damping must be a scalar, got shape {damping.shape}")
-    else:
-        d = check_real(damping, "damping", lo=0.0, lo_open=power < 0)
-        damping = jnp.asarray(d, K.dtype)
+    damping = _damping_operand(damping, power, K.dtype)
     name = "kfac_inverse" if power == -1.0 else "kfac_power"
     prep = _KFACPrepare(K.prepare.plan, power)
     return LinearOperator(prep, (K.operands[0], damping), None, is_psd=True, name=name,
@@ -1232,26 +1298,44 @@ def kfac(
     plan = _get_plan(model_fn, params, batch)
     if warn:
         _warn_coverage(plan.coverage)
-    cfg = _Config(_hashable(head), fisher_type, kfac_approx,
+    cfg = _Config(static_callable(head), fisher_type, kfac_approx,
                   num_samples if fisher_type == "mc" else 1)
     factors = _compute_factors(plan, cfg, params, batch, key)
     return KFACOperator(_KFACPrepare(plan), (factors,), params, coverage=plan.coverage,
                         is_psd=True, name="kfac")
 
 
-class _IdentityHashed:
-    """Hash / compare an unhashable head by identity (for jit's static arguments)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ByIdentity:
+    """An unhashable callable, hashed and compared by the identity of the callable."""
 
-    def __init__(self, fn):
-        self.fn = fn
+    fn: Callable
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
 
+    def __hash__(self) -> int:
+        return id(self.fn)
 
-def _hashable(head: Any) -> Any:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ByIdentity) and other.fn is self.fn
+
+
+def static_callable(fn: Callable) -> Callable:
+    """``fn`` itself when it is hashable, else a wrapper hashed by the identity of ``fn``.
+
+    ``jax.jit`` needs static arguments to be hashable; closures and bound methods of
+    unhashable objects are not always. The same function object keeps one compiled
+    program (the wrapper of each call compares equal to the last one).
+
+    Args:
+        fn: any callable (a head, a ``model_fn``).
+
+    Returns:
+        A hashable callable that behaves as ``fn``.
+    """
     try:
-        hash(head)
-        return head
+        hash(fn)
+        return fn
     except TypeError:
-        return _IdentityHashed(head)
+        return _ByIdentity(fn)
