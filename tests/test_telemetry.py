@@ -23,7 +23,7 @@ from scipy import signal as sps
 from scipy import stats
 
 from gradience_jax import telemetry as tm
-from gradience_jax.telemetry import dynamics, io
+from gradience_jax.telemetry import dynamics, io, lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -385,7 +385,7 @@ def open_fds() -> int:
 
 
 needs_proc_fd = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
-needs_flock = pytest.mark.skipif(io.fcntl is None, reason="needs fcntl.flock (POSIX)")
+needs_flock = pytest.mark.skipif(lock.fcntl is None, reason="needs fcntl.flock (POSIX)")
 
 HOLDER_CODE = """
     import sys
@@ -554,7 +554,7 @@ class TestOneWriterPerFile:
         assert md["end"]["status"] == "ok"
 
     def test_without_fcntl_same_process_still_refused(self, tmp_path, monkeypatch):
-        monkeypatch.setattr(io, "fcntl", None)
+        monkeypatch.setattr(lock, "fcntl", None)
         path = tmp_path / "run.jsonl"
         with tm.TelemetryWriter(path) as log:
             with pytest.raises(tm.TelemetryLockError, match="this process"):
@@ -574,7 +574,7 @@ class TestOneWriterPerFile:
             def flock(fd, op):
                 raise OSError(errno.ENOLCK, "No locks available")
 
-        monkeypatch.setattr(io, "fcntl", NoLocks)
+        monkeypatch.setattr(lock, "fcntl", NoLocks)
         path = tmp_path / "run.jsonl"
         with pytest.warns(tm.TelemetryWarning, match="cannot lock.*No locks available"):
             log = tm.TelemetryWriter(path)

@@ -1,4 +1,4 @@
-"""Crash-safe telemetry logs: the JSON Lines writer, the reader and NumPy columns.
+"""Crash-safe telemetry logs: the JSON Lines writer (the reader and columns re-exported).
 
 Host side only (no jax import; jitted probes live in :mod:`gradience_jax.probes`).
 :class:`TelemetryWriter` appends one JSON object per probed step to a JSON Lines file,
@@ -10,7 +10,10 @@ NumPy columns aligned with the steps.
 
 Supported names: ``TelemetryWriter``, ``TelemetryRecord``, ``TelemetryWarning``,
 ``TelemetryLockError``, ``load_telemetry``, ``to_columns``, ``FORMAT_NAME``,
-``FORMAT_VERSION``.
+``FORMAT_VERSION``. This module holds the writer; the others live in sibling modules and
+are re-exported here: :mod:`~gradience_jax.telemetry.schema` (the format name and version,
+header checks, the warning), :mod:`~gradience_jax.telemetry.lock` (the one-writer lock) and
+:mod:`~gradience_jax.telemetry.load` (the reader and its recovery, ``to_columns``).
 
 File format (one JSON object per line, UTF-8, strict JSON: no ``NaN`` tokens)::
 
@@ -53,31 +56,40 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import errno
 import json
 import math
-import mmap
 import os
-import re
 import socket
 import stat
 import threading
 import time
 import warnings
-import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import numpy as np
 
 from gradience_jax.environment import versions
 from gradience_jax.errors import ArgumentTypeError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX (Windows): in-process detection only
-    fcntl = None  # type: ignore[assignment]
+from gradience_jax.telemetry import lock
+from gradience_jax.telemetry._checks import (
+    _check_bool,
+    _check_choice,
+    _check_int,
+    _check_mapping,
+    _check_path,
+    _short,
+)
+from gradience_jax.telemetry.load import TelemetryRecord, load_telemetry, to_columns
+from gradience_jax.telemetry.lock import TelemetryLockError
+from gradience_jax.telemetry.schema import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    TelemetryWarning,
+    _parse_entry,
+    _parse_header,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -90,182 +102,9 @@ __all__ = [
     "to_columns",
 ]
 
-FORMAT_NAME = "gradience_jax.telemetry"
-"""The header's ``"format"`` value."""
-FORMAT_VERSION = 1
-"""The header's ``"format_version"`` value."""
 _RESERVED_METRIC_NAMES = frozenset({"step"})
 _VERSION_PACKAGES = ("jax", "jaxlib", "flax", "numpy")
 _MODES = ("w", "a")
-_NUL_RUNS = re.compile(rb"\x00+")
-
-
-class TelemetryWarning(UserWarning):
-    """Recoverable telemetry problems: a torn last line, a failing TensorBoard mirror."""
-
-
-class TelemetryLockError(BlockingIOError):
-    """Another :class:`TelemetryWriter` holds the log: one writer per file.
-
-    An ``OSError`` (``BlockingIOError``, ``errno.EWOULDBLOCK``) whose ``filename`` is the
-    log's path and whose message names the holder.
-
-    Attributes:
-        holder: ``{"pid", "hostname", "start_time"}`` of the writer holding the lock, as it
-            wrote them into the log (``None`` when unreadable).
-    """
-
-    def __init__(self, message: str, path: str | os.PathLike, holder: dict | None = None):
-        super().__init__(errno.EWOULDBLOCK, message, str(path))
-        self.holder = holder
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-    def __reduce__(self) -> tuple:
-        return type(self), (self.strerror, self.filename, self.holder)
-
-
-
-
-# --------------------------------------------------------------------------------------
-# Argument checks (numpy and the standard library only)
-# --------------------------------------------------------------------------------------
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _check_int(value: Any, name: str, *, lo: int | None = None) -> int:
-    """``value`` as an ``int``: Python / NumPy integers or a 0-d integer array, not a bool."""
-    if isinstance(value, (bool, np.bool_)):
-        raise ArgumentTypeError(f"{name} must be an integer, got the bool {value!r}")
-    if not isinstance(value, (int, np.integer, str, bytes)) and hasattr(value, "__array__"):
-        try:
-            arr = np.asarray(value)
-        except Exception as exc:  # e.g. a jax tracer inside jit
-            raise ArgumentTypeError(
-                f"{name} must be a concrete integer, got {type(value).__name__} (a traced "
-                "value? telemetry is written on the host, outside jit)"
-            ) from exc
-        if arr.ndim == 0 and arr.dtype.kind in "iu":
-            value = int(arr)
-    if not isinstance(value, (int, np.integer)):
-        raise ArgumentTypeError(
-            f"{name} must be an integer, got {_short(value)} ({type(value).__name__})"
-        )
-    value = int(value)
-    if lo is not None and value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-    return value
-
-
-def _check_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ArgumentTypeError(
-            f"{name} must be True or False, got {_short(value)} ({type(value).__name__})"
-        )
-    return bool(value)
-
-
-def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {_short(value)}")
-    return value
-
-
-def _check_path(value: Any, name: str) -> Path:
-    """A ``str`` or ``os.PathLike`` naming a file (not bytes, not empty)."""
-    if isinstance(value, (str, os.PathLike)):
-        text = os.fspath(value)
-        if isinstance(text, str):
-            if not text:
-                raise ValueError(f"{name} must not be empty")
-            return Path(text)
-    raise ArgumentTypeError(
-        f"{name} must be a str or os.PathLike file path, got {_short(value)} "
-        f"({type(value).__name__})"
-    )
-
-
-def _check_mapping(value: Any, name: str) -> Mapping | None:
-    if value is not None and not isinstance(value, Mapping):
-        raise ArgumentTypeError(
-            f"{name} must be a dict (a Mapping) or None, got {type(value).__name__}"
-        )
-    return value
-
-
-# --------------------------------------------------------------------------------------
-# The header (shared by the writer's append mode and the reader)
-# --------------------------------------------------------------------------------------
-
-
-def _header_problem(obj: Any) -> str | None:
-    """Why the parsed line 1 is not a telemetry header (``None`` when it is one)."""
-    if not isinstance(obj, dict):
-        return f"line 1 is a JSON {type(obj).__name__}, not a telemetry header object"
-    if obj.get("kind") != "header" or obj.get("format") != FORMAT_NAME:
-        return (
-            f'line 1 is JSON but not a telemetry header (expected "kind": "header" and '
-            f'"format": "{FORMAT_NAME}", got kind={_short(obj.get("kind"), 30)}, '
-            f'format={_short(obj.get("format"), 40)})'
-        )
-    version = obj.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        return f"the header's format_version {_short(version, 30)} is not a positive integer"
-    return None
-
-
-def _parse_header(first: bytes, size: int, path: Path, hint: str = "") -> dict:
-    """Line 1 of a log -> the header dict.
-
-    Raises:
-        ValueError: naming ``path`` and what is wrong (empty file, not JSON, not a header).
-    """
-    text = first.strip()
-    if size == 0:
-        problem = "the file is empty (0 bytes, no header)"
-    elif not text:
-        problem = "line 1 is blank (no header)"
-    else:
-        try:
-            obj = json.loads(text.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            problem = f"line 1 is not JSON (a torn or foreign first line: {text[:60]!r})"
-        else:
-            problem = _header_problem(obj)
-            if problem is None:
-                return obj
-    raise ValueError(f"{str(path)!r} is not a telemetry log: {problem}{hint}")
-
-
-def _parse_entry(raw: bytes) -> dict | None:
-    """One line after the header -> a record / marker dict, or ``None`` if it is not one."""
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if _is_record(obj) or (isinstance(obj, dict) and obj.get("kind") in ("header", "resume",
-                                                                         "end")):
-        return obj
-    return None
-
-
-def _is_record(obj: Any) -> bool:
-    if not isinstance(obj, dict) or "kind" in obj:
-        return False
-    step, when, nonfinite = obj.get("step"), obj.get("time"), obj.get("nonfinite", [])
-    return (
-        isinstance(step, int)
-        and not isinstance(step, bool)
-        and isinstance(obj.get("metrics"), dict)
-        and (when is None or (isinstance(when, (int, float)) and not isinstance(when, bool)))
-        and isinstance(nonfinite, list)
-        and all(isinstance(k, str) for k in nonfinite)
-    )
 
 
 # --------------------------------------------------------------------------------------
@@ -456,86 +295,6 @@ def _last_newline_offset(fd: int, size: int) -> int:
     return 0
 
 
-def _holder_from_log(fd: int) -> dict | None:
-    """Who holds a log, from what it wrote: the last resume marker, else the header."""
-    try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return None
-        with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as view:
-            start = view.rfind(b'\n{"kind":"resume"')
-            start = 0 if start < 0 else start + 1
-            stop = view.find(b"\n", start)
-            line = view[start: size if stop < 0 else stop]
-        obj = json.loads(line.decode("utf-8"))
-    except (OSError, ValueError):  # unreadable, or a header not written yet
-        return None
-    if not isinstance(obj, dict) or obj.get("kind") not in ("header", "resume"):
-        return None
-    return {k: obj.get(k) for k in ("pid", "hostname", "start_time")}
-
-
-def _describe_holder(holder: dict | None, same_process: bool) -> str:
-    if not holder:
-        return "holder unknown: its log has no readable header yet"
-    text = f"pid {holder.get('pid')} on host {holder.get('hostname')!r}"
-    if holder.get("start_time"):
-        text += f", opened {holder['start_time']}"
-    if same_process:
-        text += "; this process: close that writer first"
-    return text
-
-
-# One live writer per file and process, keyed by (st_dev, st_ino): catches a second writer in
-# this process even where flock cannot (no fcntl, or locks emulated per process on NFS).
-_HELD: dict[tuple[int, int], tuple[weakref.ref, dict]] = {}
-_HELD_LOCK = threading.Lock()
-
-
-def _locked_error(path: Path, holder: dict | None, same_process: bool) -> TelemetryLockError:
-    return TelemetryLockError(
-        f"telemetry log {str(path)!r} is already open for writing by another "
-        f"TelemetryWriter ({_describe_holder(holder, same_process)}); one writer per file: "
-        "close it (or wait for its process to end) or log to another path",
-        path,
-        holder,
-    )
-
-
-def _flock(fd: int, path: Path) -> bool:
-    """Take the exclusive advisory lock on ``fd`` without blocking; False if unsupported.
-
-    Raises:
-        TelemetryLockError: another open file (this process or another) holds the lock.
-    """
-    if fcntl is None:  # pragma: no cover - not POSIX
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder_from_log(fd)
-        same = bool(holder) and holder.get("pid") == os.getpid() and (
-            holder.get("hostname") == socket.gethostname())
-        raise _locked_error(path, holder, same) from None
-    except OSError as exc:  # ENOLCK, EOPNOTSUPP, EINVAL: the filesystem has no locks
-        warnings.warn(
-            f"{path}: cannot lock the telemetry log ({exc.strerror or exc}); a second writer "
-            "in another process will not be detected",
-            TelemetryWarning,
-            stacklevel=5,
-        )
-        return False
-    return True
-
-
-def _funlock(fd: int) -> None:
-    if fcntl is not None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except OSError:  # the fd is closing anyway: closing it drops the lock too
-            pass
-
-
 def _prepare_append(fd: int, path: Path, size: int) -> None:
     """Check the header of a non-empty log and end it on a complete line before appending.
 
@@ -724,7 +483,8 @@ class TelemetryWriter:
             fd = os.open(path, flags, 0o666)
             regular = stat.S_ISREG(os.fstat(fd).st_mode)
             if regular:
-                self._acquire(fd, info)
+                holder = {k: info[k] for k in ("pid", "hostname", "start_time")}
+                self._held_key, self._flocked = lock.acquire(fd, path, self, holder)
             size = os.fstat(fd).st_size  # after the lock: nobody else writes now
             append = mode == "a" and regular and size > 0
             if append:
@@ -746,23 +506,6 @@ class TelemetryWriter:
                 raise _reraise_path_error(exc, path, "open") from exc
             raise
 
-    def _acquire(self, fd: int, info: dict) -> None:
-        """One writer per file: the in-process registry, then ``flock``."""
-        st = os.fstat(fd)
-        key = (st.st_dev, st.st_ino)
-        with _HELD_LOCK:
-            entry = _HELD.get(key)
-            if entry is not None:
-                other = entry[0]()  # dead: dropped unclosed, its descriptor is gone too
-                # (an entry inherited through fork belongs to the parent: flock decides)
-                if (other is not None and other._held_key == key
-                        and entry[1]["pid"] == os.getpid()):
-                    raise _locked_error(self.path, entry[1], same_process=True)
-            self._flocked = _flock(fd, self.path)
-            _HELD[key] = (weakref.ref(self),
-                          {k: info[k] for k in ("pid", "hostname", "start_time")})
-            self._held_key = key
-
     def _release(self, fd: int = -1) -> None:
         """Unlock and close whatever is open (never raises ``OSError``)."""
         fh, self._fh = self._fh, None
@@ -772,21 +515,18 @@ class TelemetryWriter:
             except (OSError, ValueError):
                 pass
             if self._flocked:
-                _funlock(fh.fileno())
+                lock.unlock(fh.fileno())
             try:
                 fh.close()
             except OSError:  # a failed flush again; the descriptor is closed regardless
                 pass
         elif fd >= 0:
             if self._flocked:
-                _funlock(fd)
+                lock.unlock(fd)
             os.close(fd)
         self._flocked = False
         if self._held_key is not None:
-            with _HELD_LOCK:
-                entry = _HELD.get(self._held_key)
-                if entry is not None and entry[0]() is self:
-                    del _HELD[self._held_key]
+            lock.forget(self._held_key, self)
             self._held_key = None
         tb, self._tb = self._tb, None
         if tb is not None:
@@ -922,275 +662,3 @@ class TelemetryWriter:
         return f"TelemetryWriter({str(self.path)!r}, records={self.num_records}, {state})"
 
 
-# --------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------
-
-
-class TelemetryRecord(NamedTuple):
-    """One probed step as read back from a log.
-
-    Attributes:
-        step: training step.
-        time: wall-clock UNIX time (s) at which the record was written (None if absent).
-        metrics: ``{name: value}`` with ``None`` for non-finite / missing values and lists
-            for arrays.
-        nonfinite: names of the metrics that were non-finite when written.
-    """
-
-    step: int
-    time: float | None
-    metrics: dict[str, Any]
-    nonfinite: tuple[str, ...] = ()
-
-
-def _line_list(numbers: list[int], limit: int = 10) -> str:
-    text = ", ".join(map(str, numbers[:limit]))
-    return text + (f", ... ({len(numbers)} in all)" if len(numbers) > limit else "")
-
-
-def load_telemetry(
-    path: str | os.PathLike, *, strict: bool = False
-) -> tuple[dict[str, Any], list[TelemetryRecord]]:
-    """Read a telemetry log written by :class:`TelemetryWriter`.
-
-    Line 1 must be a telemetry header. A torn (truncated or unparsable) **last** line is the
-    signature of a crash mid-write: it is dropped with a :class:`TelemetryWarning`. Corrupt
-    lines elsewhere and NUL bytes (a damaged file, e.g. two writers on one path before the
-    lock existed) are skipped with one :class:`TelemetryWarning` naming their line numbers,
-    keeping every intact record (also the JSON between NUL runs); ``strict=True`` raises
-    instead.
-
-    Args:
-        path: the ``.jsonl`` file (``str`` or ``os.PathLike``).
-        strict: refuse a file with a corrupt line or NUL bytes before the last line
-            (a torn last line is still only dropped).
-
-    Returns:
-        ``(metadata, records)``: ``metadata`` is the header dict (``config``, ``seed``,
-        ``versions``, ``start_time``, ``hostname``, ``metadata``, ...) plus three keys added
-        by the reader: ``"end"`` (the footer dict, or ``None`` when the run did not close
-        cleanly), ``"resumes"`` (list of resume markers) and ``"skipped_lines"`` (1-based
-        numbers of the lines dropped in whole or part: torn, corrupt or NUL-damaged; empty
-        for an intact log). ``records`` is the list of :class:`TelemetryRecord` in file
-        order (steps may repeat after a resume; see :func:`to_columns` ``deduplicate``).
-
-    Raises:
-        FileNotFoundError: no such file (``IsADirectoryError`` for a directory).
-        ArgumentTypeError: ``path`` is not a ``str`` / ``os.PathLike`` or ``strict`` not a
-            bool (a ``TypeError`` and a ``ValueError``).
-        ValueError: naming ``path``: the file is not a telemetry log (empty, ``/dev/null``,
-            a first line that is not JSON or not a telemetry header), has a second header,
-            or (``strict=True``) a corrupt line before the last one (the message gives its
-            1-based line number).
-    """
-    path = _check_path(path, "path")
-    strict = _check_bool(strict, "strict")
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    metadata = dict(_parse_header(lines[0], len(data), path))
-    if metadata["format_version"] > FORMAT_VERSION:
-        warnings.warn(
-            f"{path}: format_version {metadata['format_version']} is newer than this "
-            f"reader's {FORMAT_VERSION}; reading the fields it knows",
-            TelemetryWarning,
-            stacklevel=2,
-        )
-    # Index of the last non-blank line: only that one may be torn.
-    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=0)
-    records: list[TelemetryRecord] = []
-    end: dict | None = None
-    resumes: list[dict] = []
-    skipped: list[int] = []  # corrupt or NUL-damaged lines before the last one
-    torn: int | None = None
-    for i in range(1, len(lines)):
-        raw = lines[i]
-        if not raw.strip():
-            continue
-        lineno = i + 1
-        has_nul = b"\x00" in raw
-        if has_nul and strict:
-            raise ValueError(
-                f"{path}: line {lineno} holds NUL bytes (part of the log was overwritten, "
-                "e.g. by a second writer); load with strict=False to recover the intact "
-                "records"
-            )
-        pieces = [p for p in _NUL_RUNS.split(raw) if p.strip()] if has_nul else [raw]
-        if has_nul:
-            skipped.append(lineno)
-        for j, piece in enumerate(pieces):
-            obj = _parse_entry(piece)
-            if obj is None:
-                if i == last and j == len(pieces) - 1:
-                    torn = lineno
-                    if not has_nul:
-                        warnings.warn(
-                            f"{path}: dropping a truncated or corrupt last line {lineno} "
-                            f"({len(raw)} bytes) - the writer probably crashed mid-record",
-                            TelemetryWarning,
-                            stacklevel=2,
-                        )
-                    continue
-                if strict:
-                    raise ValueError(
-                        f"{path}: line {lineno} is corrupt (not a telemetry JSON object): "
-                        f"{piece[:80]!r}"
-                    )
-                if not has_nul:
-                    skipped.append(lineno)
-                continue
-            kind = obj.get("kind")
-            if kind is None:
-                records.append(
-                    TelemetryRecord(
-                        step=obj["step"],
-                        time=obj.get("time"),
-                        metrics=obj["metrics"],
-                        nonfinite=tuple(obj.get("nonfinite", ())),
-                    )
-                )
-            elif kind == "end":
-                end = obj
-            elif kind == "resume":
-                resumes.append(obj)
-                end = None  # a resumed run is open again until its own footer
-            else:
-                raise ValueError(
-                    f"{path}: line {lineno} is a second header (two logs concatenated?); "
-                    "split the file at that line"
-                )
-    if skipped:
-        nul = [n for n in skipped if b"\x00" in lines[n - 1]]
-        what = f"NUL bytes on line(s) {_line_list(nul)}" if nul else ""
-        bad = [n for n in skipped if n not in nul]
-        if bad:
-            what += ("; " if what else "") + f"corrupt line(s) {_line_list(bad)}"
-        warnings.warn(
-            f"{path}: the log is damaged ({what}): kept the {len(records)} intact records "
-            "and skipped the rest (metadata['skipped_lines'] lists the lines); two writers "
-            "on one file (before gradience_jax locked logs) or a crash of the filesystem "
-            "leave such damage; pass strict=True to refuse it",
-            TelemetryWarning,
-            stacklevel=2,
-        )
-    metadata["end"] = end
-    metadata["resumes"] = resumes
-    metadata["skipped_lines"] = sorted(set(skipped) | ({torn} if torn is not None else set()))
-    return metadata, records
-
-
-def _column_from_values(key: str, values: list[Any]) -> np.ndarray:
-    """Per-record values (None = missing) -> float array (T, *shape) or object array."""
-    present = [v for v in values if v is not None]
-    if any(isinstance(v, str) for v in present):
-        col = np.empty(len(values), dtype=object)
-        col[:] = values
-        return col
-    arrays: list[np.ndarray | None] = []
-    for v in values:
-        if v is None:
-            arrays.append(None)
-            continue
-        obj = np.array(v, dtype=object)
-        try:
-            arr = np.where(obj == None, np.nan, obj).astype(np.float64)  # noqa: E711
-        except (TypeError, ValueError) as exc:
-            raise ValueError(
-                f"metric {key!r} holds a non-numeric or ragged value {v!r}"
-            ) from exc
-        arrays.append(arr)
-    ndims = {a.ndim for a in arrays if a is not None}
-    if len(ndims) > 1:
-        raise ValueError(
-            f"metric {key!r} mixes scalars and arrays of different ranks {sorted(ndims)}"
-        )
-    ndim = ndims.pop() if ndims else 0
-    shape = tuple(
-        max(a.shape[d] for a in arrays if a is not None) for d in range(ndim)
-    ) if ndim else ()
-    col = np.full((len(values),) + shape, np.nan)
-    for t, a in enumerate(arrays):
-        if a is not None:
-            col[(t,) + tuple(slice(0, s) for s in a.shape)] = a
-    return col
-
-
-def _check_records(records: Any) -> list[TelemetryRecord]:
-    if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Iterable):
-        raise ArgumentTypeError(
-            f"records must be a sequence of TelemetryRecord (load_telemetry(path)[1]), got "
-            f"{type(records).__name__}"
-        )
-    recs = list(records)
-    for i, r in enumerate(recs):
-        if not isinstance(r, TelemetryRecord):
-            hint = (" (pass load_telemetry(path)[1], not the (metadata, records) pair)"
-                    if isinstance(r, dict) and "kind" in r else "")
-            raise ArgumentTypeError(
-                f"records[{i}] must be a TelemetryRecord, got {type(r).__name__}{hint}"
-            )
-    return recs
-
-
-def to_columns(
-    records: Sequence[TelemetryRecord],
-    keys: Iterable[str] | None = None,
-    *,
-    deduplicate: bool = False,
-) -> dict[str, np.ndarray]:
-    """Records -> ``{"step": int64 (T,), metric: float64 (T, *shape)}`` aligned with steps.
-
-    Missing or non-finite values are NaN. Scalar metrics give ``(T,)`` columns; array
-    metrics give ``(T, *shape)`` with shorter arrays NaN-padded to the longest; string
-    metrics give object arrays (``None`` for missing).
-
-    Args:
-        records: from :func:`load_telemetry` (its second element).
-        keys: metric names to extract (default: every name seen, in first-seen order); an
-            iterable of strings, not one string.
-        deduplicate: keep only the last record of each step and sort by step (use after
-            resuming from a checkpoint, where the crashed run's later steps are replayed).
-
-    Returns:
-        Dict of column arrays; ``"step"`` is always present.
-
-    Raises:
-        ArgumentTypeError: ``records`` is not a sequence of :class:`TelemetryRecord`,
-            ``keys`` is a single string or holds a non-string, ``deduplicate`` is not a
-            bool (a ``TypeError`` and a ``ValueError``).
-        ValueError: a requested key never appears; a metric mixes ranks or is ragged.
-    """
-    recs = _check_records(records)
-    deduplicate = _check_bool(deduplicate, "deduplicate")
-    if keys is not None:
-        if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
-            raise ArgumentTypeError(
-                f"keys must be an iterable of metric names (e.g. [{keys!r}]), got "
-                f"{type(keys).__name__}"
-            )
-        keys = list(keys)
-        for k in keys:
-            if not isinstance(k, str):
-                raise ArgumentTypeError(
-                    f"keys must hold metric names (str), got {_short(k)} ({type(k).__name__})"
-                )
-    if deduplicate:
-        by_step: dict[int, TelemetryRecord] = {}
-        for r in recs:
-            by_step[r.step] = r
-        recs = [by_step[s] for s in sorted(by_step)]
-    seen: dict[str, None] = {}
-    for r in recs:
-        for k in r.metrics:
-            seen.setdefault(k, None)
-    if keys is None:
-        names = list(seen)
-    else:
-        names = keys
-        missing = [k for k in names if k not in seen]
-        if missing:
-            raise ValueError(f"keys {missing} not found in records; available: {list(seen)}")
-    out: dict[str, np.ndarray] = {"step": np.array([r.step for r in recs], dtype=np.int64)}
-    for k in names:
-        out[k] = _column_from_values(k, [r.metrics.get(k) for r in recs])
-    return out
