@@ -29,3 +29,22 @@ def test_figures_draw_and_refuse_missing_or_misshaped_results(tmp_path):
         plot_self_influence(np.ones((2, 3)))
     with pytest.raises(ValueError, match="test_index"):
         plot_influence_examples(np.ones((2, 3)), 5)
+
+
+def test_tracin_bars_colour_proponents_as_helpful_and_ylabel_is_settable():
+    """Influence: negative = helpful (green); TracIn (record.kind == "tracin"): positive is."""
+    from types import SimpleNamespace
+
+    from matplotlib.colors import to_rgba
+
+    scores = np.array([[-3.0, -1.0, 2.0, 4.0]])
+    green, red = to_rgba("tab:green"), to_rgba("tab:red")
+    fig = plot_influence_examples(scores, 0, k=2)
+    # bars: the 2 lowest then the 2 highest, ascending -> -3, -1, 2, 4
+    assert [p.get_facecolor() for p in fig.axes[0].patches] == [green, green, red, red]
+    tracin = SimpleNamespace(scores=scores, record=SimpleNamespace(kind="tracin"))
+    fig = plot_influence_examples(tracin, 0, k=2)
+    assert [p.get_facecolor() for p in fig.axes[0].patches] == [red, red, green, green]
+    assert "proponent" in fig.axes[0].get_xlabel()
+    fig = plot_self_influence(np.arange(10.0), ylabel="my score")
+    assert fig.axes[0].get_ylabel() == "my score"

@@ -7,6 +7,7 @@ Subcommands::
     gradience-jax analyze --model my_model.py:build --data my_model.py:batches
     gradience-jax track RUN_DIR --model mlp    # metrics over a run's checkpoints
     gradience-jax weights PATH                 # weight-spectra table of a checkpoint
+    gradience-jax influence --test 0,5 --planted-noise 0.1   # helpful / harmful examples
     gradience-jax protocol A --fast            # a research protocol (telemetry)
     gradience-jax figures                      # the seed figures into docs/figures/
     gradience-jax bench                        # the benchmark suite, quick mode
@@ -29,7 +30,7 @@ cache in ``~/.cache/gradience_jax/xla`` so that repeated runs start fast
 Supported names: :func:`main`, :func:`build_parser`, :func:`summarise`, :class:`UsageError`,
 :class:`CLIError`, :data:`COMMANDS`, :data:`PROTOCOLS`, :data:`FIGURES`. The work behind the
 commands is in :mod:`gradience_jax.app.report` (``analyze``), :mod:`gradience_jax.app.track`
-(``track``),
+(``track``), :mod:`gradience_jax.app.influence` (``influence``: its flags too),
 :mod:`gradience_jax.app.checkpoints` (``weights``), :mod:`gradience_jax.app.protocols`
 (``protocol``) and :mod:`gradience_jax.app.seed_figures` (``figures``); they are imported
 when their command runs, so ``--help`` stays fast and JAX is configured first.
@@ -227,6 +228,12 @@ def _add_track(sub: Any) -> None:
     _common(p)
 
 
+def _add_influence(sub: Any) -> None:
+    from gradience_jax.app.influence import add_parser  # noqa: PLC0415
+
+    add_parser(sub)
+
+
 def _add_weights(sub: Any) -> None:
     p = sub.add_parser("weights", help="weight-spectra table of a checkpoint",
                        description="Per-layer SVD metrics (alpha, stable / effective rank, MP "
@@ -279,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
-    for add in (_add_analyze, _add_track, _add_weights, _add_protocol, _add_figures, _add_bench):
+    for add in (_add_analyze, _add_track, _add_influence, _add_weights, _add_protocol,
+                _add_figures, _add_bench):
         add(sub)
     return parser
 
@@ -710,6 +718,26 @@ def cmd_track(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_influence(args: argparse.Namespace) -> int:
+    """``influence``: helpful / harmful training examples (:mod:`gradience_jax.app.influence`).
+
+    Args:
+        args: the parsed arguments.
+
+    Returns:
+        The exit code: 0, or 1 when the result is unusable (after writing its files).
+
+    Raises:
+        UsageError: bad flags, or flags that do not fit the model / data.
+    """
+    from gradience_jax.app import influence  # noqa: PLC0415
+
+    try:
+        return influence.command(args)
+    except influence.InfluenceInputError as exc:
+        raise UsageError(str(exc)) from None
+
+
 class _Probe:
     """What :func:`_resolve_model` reads of a config: the track settings at one checkpoint."""
 
@@ -999,6 +1027,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "analyze": cmd_analyze,
     "track": cmd_track,
+    "influence": cmd_influence,
     "weights": cmd_weights,
     "protocol": cmd_protocol,
     "figures": cmd_figures,

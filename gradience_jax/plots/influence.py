@@ -50,6 +50,7 @@ def plot_self_influence(
     fraction: float = 0.1,
     path: str | None = None,
     title: str | None = None,
+    ylabel: str | None = None,
     figsize: tuple[float, float] = (6.5, 3.8),
 ) -> Any:
     """Sorted self-influence, marked examples in red, the inspected top fraction shaded.
@@ -62,6 +63,8 @@ def plot_self_influence(
         fraction: the share of examples an annotator would inspect.
         path: write a PNG there.
         title: axes title (default: method and damping, and the recall).
+        ylabel: y-axis label (default the self-influence formula; e.g. a TracIn label for
+            scores of another kind).
         figsize: figure size in inches.
 
     Returns:
@@ -96,7 +99,7 @@ def plot_self_influence(
         parts.append(f"recall@{fraction:.0%} = {top_recall(scores, idx, fraction):.2f}")
     ax.set_yscale("symlog", linthresh=max(1e-12, float(np.percentile(np.abs(scores), 10))))
     ax.set_xlabel("rank (highest self-influence first)")
-    ax.set_ylabel(r"$g_i^\top (H + dI)^{-1} g_i$")
+    ax.set_ylabel(ylabel or r"$g_i^\top (H + dI)^{-1} g_i$")
     ax.set_title(title or "self-influence: " + "; ".join(parts), **TITLE)
     ax.legend(fontsize=8, loc="upper right")
     save_figure(fig, path)
@@ -115,10 +118,13 @@ def plot_influence_examples(
 ) -> Any:
     """The ``k`` most helpful and ``k`` most harmful training examples for one test example.
 
+    Helpful bars are green, harmful ones red. For influence scores negative is helpful;
+    for a TracIn result (``result.record.kind == "tracin"``) positive is (proponents).
+
     Args:
         result: an :class:`~gradience_jax.influence.InfluenceResult` of ``influence``
             (scores ``(n_test, n_train)``; positive = removing the example lowers the test
-            loss, i.e. harmful).
+            loss, i.e. harmful) or of ``tracin`` (positive = proponent, i.e. helpful).
         test_index: the test example (row).
         k: bars of each sign.
         labels: names of the training examples (default their indices).
@@ -142,17 +148,20 @@ def plot_influence_examples(
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     row = scores[test_index]
+    tracin = getattr(getattr(result, "record", None), "kind", None) == "tracin"
     order = np.argsort(row, kind="stable")
     k = min(k, row.size // 2 or 1)
     chosen = np.concatenate([order[:k], order[::-1][:k][::-1]])
     names = [labels[i] if labels is not None else f"#{i}" for i in chosen]
     fig = new_figure(figsize)
     ax = fig.add_subplot(1, 1, 1)
-    colors = ["tab:green" if row[i] < 0 else "tab:red" for i in chosen]
+    colors = ["tab:green" if (row[i] > 0 if tracin else row[i] < 0) else "tab:red"
+              for i in chosen]
     ax.barh(np.arange(chosen.size), row[chosen], color=colors)
     ax.set_yticks(np.arange(chosen.size), names, fontsize=8)
     ax.axvline(0.0, color="0.3", lw=0.8)
-    ax.set_xlabel("influence on the test loss (< 0 helpful, > 0 harmful)")
+    ax.set_xlabel("TracIn score (> 0 proponent / helpful, < 0 opponent / harmful)" if tracin
+                  else "influence on the test loss (< 0 helpful, > 0 harmful)")
     ax.set_title(title or f"training examples that matter for test example {test_index}",
                  **TITLE)
     save_figure(fig, path)
