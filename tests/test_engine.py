@@ -22,7 +22,12 @@ from test_spectrum import EIG, MATRICES, N, as_run, expected, make_matrix, tree_
 import gradience_jax as gj
 from gradience_jax.spectrum import eigsh, eigsh_fast, top_eigenpairs
 from gradience_jax.spectrum.engine import Plan, rotate_rows, run_engine
-from gradience_jax.spectrum.ritz import small_eigh, which_scores
+from gradience_jax.spectrum.ritz import (
+    cycle_analysis,
+    cycle_analysis_host,
+    small_eigh,
+    which_scores,
+)
 
 strict_promotion = pytest.fixture(autouse=True, scope="module")(strict_dtype_promotion)
 
@@ -125,6 +130,53 @@ def test_which_scores_be_alternates_ends():
     valid = jnp.asarray([True] * 6 + [False])
     order = np.argsort(-np.asarray(which_scores(theta, valid, "BE")), kind="stable")[:5]
     assert sorted(np.asarray(theta)[order].tolist()) == [-3.0, -1.0, 2.0, 5.0, 9.0]
+
+
+@pytest.mark.parametrize("which", ("LA", "SA", "BE", "LM"))
+def test_cycle_analysis_on_host_and_device_matches_dense_eigh(which):
+    """One analysis, two places: jnp in the program and float64 numpy through a callback."""
+    m, filled, k, keep = 9, 7, 3, 5
+    rng = np.random.default_rng(3)
+    g = rng.standard_normal((filled, filled))
+    t = np.zeros((m + 1, m + 1))
+    t[:filled, :filled] = (g + g.T) / 2
+    t[filled, filled - 1] = t[filled - 1, filled] = 0.3  # residual coupling
+    t[filled + 1:, :] = t[:, filled + 1:] = 5.0  # garbage beyond the filled block
+    t = as_run(t)
+    kw = dict(k=k, keep=keep, which=which, floor=1e-6)
+    dev = jax.jit(lambda t: cycle_analysis(t, jnp.asarray(filled), jnp.asarray(4.0, t.dtype),
+                                           jnp.asarray(0.05, t.dtype), **kw))(jnp.asarray(t))
+    host = jax.jit(lambda t: cycle_analysis_host(t, jnp.asarray(filled),
+                                                 jnp.asarray(4.0, t.dtype),
+                                                 jnp.asarray(0.05, t.dtype), **kw))(jnp.asarray(t))
+    theta, s = np.linalg.eigh(np.asarray(t, np.float64)[:filled, :filled])
+    want = np.asarray(theta)[gj.spectrum.ritz.select(theta, filled, which)]
+    for r in (dev, host):
+        vals = np.asarray(r.values, np.float64)
+        # the k most wanted, as a set (BE orders by alternating ends)
+        np.testing.assert_allclose(np.sort(vals), np.sort(want[:k]) if which != "BE" else
+                                   np.sort(np.concatenate([np.sort(theta)[:k // 2],
+                                                           np.sort(theta)[::-1][:k - k // 2]])),
+                                   atol=tol(1e-12, 2e-5))
+        idx = [int(np.argmin(np.abs(theta - v))) for v in vals]
+        np.testing.assert_allclose(np.asarray(r.bounds, np.float64), np.abs(0.3 * s[-1, idx]),
+                                   atol=tol(1e-12, 2e-5))
+        assert int(r.n_valid) == filled
+        np.testing.assert_array_equal(np.asarray(r.conv),
+                                      np.asarray(r.bounds) <= np.maximum(0.05 * np.abs(vals),
+                                                                         4e-6))
+        # the next arrowhead: kept Ritz values on the diagonal, couplings in row `keep`
+        nxt = np.asarray(r.tmat, np.float64)
+        coeff = np.asarray(r.coeff, np.float64)
+        kept = np.diag(nxt)[:keep]
+        np.testing.assert_allclose(
+            np.asarray(t, np.float64)[:filled, :filled] @ coeff[:filled],
+            coeff[:filled] * kept, atol=tol(1e-12, 2e-5))
+        np.testing.assert_allclose(nxt[keep, :keep], 0.3 * coeff[filled - 1], atol=tol(1e-12, 2e-5))
+        np.testing.assert_allclose(nxt[keep, :keep], nxt[:keep, keep], atol=0)
+        assert np.all(coeff[filled:] == 0)
+    np.testing.assert_allclose(np.asarray(dev.values), np.asarray(host.values),
+                               atol=tol(1e-12, 2e-5))
 
 
 def test_rotate_rows_in_place_blocks_match_a_dense_product(monkeypatch):

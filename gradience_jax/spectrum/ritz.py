@@ -21,7 +21,7 @@ a helper outside ``__all__``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -265,7 +265,7 @@ def converged_mask(values: np.ndarray, bounds: np.ndarray, tol: float, anorm: fl
 # ============================================================================================
 
 
-def which_scores(theta: jax.Array, valid: jax.Array, which: str) -> jax.Array:
+def which_scores(theta: Any, valid: Any, which: str, xp: Any = jnp) -> Any:
     """A score per Ritz value: the ``k`` wanted ones are the ``k`` highest (jittable).
 
     Scores are ``-inf`` where not ``valid``. ``"BE"`` alternates ends (largest, smallest,
@@ -276,33 +276,43 @@ def which_scores(theta: jax.Array, valid: jax.Array, which: str) -> jax.Array:
         theta: ``(m,)`` Ritz values.
         valid: ``(m,)`` bool, which entries are real Ritz values.
         which: ``"LA"``, ``"SA"``, ``"LM"`` or ``"BE"`` (static).
+        xp: the array module, ``jax.numpy`` (in a program) or ``numpy`` (on the host).
 
     Returns:
         ``(m,)`` scores in ``theta``'s dtype.
     """
-    neg = jnp.full_like(theta, -jnp.inf)
+    neg = xp.full_like(theta, -np.inf)
     if which == "LA":
         s = theta
     elif which == "SA":
         s = -theta
     elif which == "LM":
-        s = jnp.abs(theta)
+        s = xp.abs(theta)
     else:  # BE: rank from each end among the valid values
-        big = jnp.where(valid, theta, jnp.inf)
-        asc = jnp.argsort(big)
-        pos = jnp.zeros_like(asc).at[asc].set(jnp.arange(theta.shape[0], dtype=asc.dtype))
-        nv = jnp.sum(valid).astype(asc.dtype)
+        big = xp.where(valid, theta, np.inf)
+        pos = xp.argsort(xp.argsort(big, stable=True), stable=True)  # ascending rank
+        nv = xp.sum(valid).astype(pos.dtype)
         r_hi = nv - 1 - pos
         # ranks are small integers: exact in theta's dtype
         r_f, p_f = r_hi.astype(theta.dtype), pos.astype(theta.dtype)
-        s = jnp.where(r_hi <= pos, -2.0 * r_f, -2.0 * p_f - 1.0)
-    return jnp.where(valid, s, neg)
+        s = xp.where(r_hi <= pos, -2.0 * r_f, -2.0 * p_f - 1.0)
+    return xp.where(valid, s, neg)
 
 
 def _host_eigh(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     t = np.asarray(t, np.float64)
     theta, s = np.linalg.eigh((t + t.T) / 2)
     return theta, s
+
+
+def _padded_block(t: Any, n_valid: Any, xp: Any) -> tuple[Any, Any, Any]:
+    """The leading ``n_valid`` block of ``t`` with a sentinel diagonal on the padding."""
+    m = t.shape[0]
+    inside = xp.arange(m, dtype=xp.asarray(n_valid).dtype) < n_valid
+    block = xp.where(inside[:, None] & inside[None, :], t, xp.zeros_like(t))
+    gersh = xp.max(xp.sum(xp.abs(block), axis=1))
+    sentinel = 2.0 * gersh + 1.0
+    return block + xp.diag(xp.where(inside, xp.zeros((), t.dtype), sentinel)), gersh, inside
 
 
 def small_eigh(t: jax.Array, n_valid: jax.Array, solver: str) -> tuple[jax.Array, jax.Array,
@@ -324,12 +334,7 @@ def small_eigh(t: jax.Array, n_valid: jax.Array, solver: str) -> tuple[jax.Array
         eigenvectors.
     """
     m = t.shape[0]
-    idx = jnp.arange(m, dtype=jnp.result_type(n_valid))
-    inside = idx < n_valid
-    block = jnp.where(inside[:, None] & inside[None, :], t, jnp.zeros_like(t))
-    gersh = jnp.max(jnp.sum(jnp.abs(block), axis=1))
-    sentinel = 2.0 * gersh + 1.0
-    padded = block + jnp.diag(jnp.where(inside, jnp.zeros((), t.dtype), sentinel))
+    padded, gersh, _ = _padded_block(t, n_valid, jnp)
     if solver == "device":
         theta, s = jnp.linalg.eigh(padded)
     else:
@@ -340,3 +345,100 @@ def small_eigh(t: jax.Array, n_valid: jax.Array, solver: str) -> tuple[jax.Array
         )
     valid = theta < 1.5 * gersh + 0.5
     return theta, s, valid
+
+
+class CycleAnalysis(NamedTuple):
+    """The Ritz analysis of one thick-restart cycle and the set-up of the next one.
+
+    Attributes:
+        values: ``(k,)`` wanted Ritz values, most wanted first.
+        bounds: ``(k,)`` residual bounds ``|beta_res s_last,i|``.
+        conv: ``(k,)`` bool, converged.
+        n_valid: number of Ritz values of the filled block.
+        coeff: ``(m + 1, keep)`` rotation of the basis onto the ``keep`` best Ritz vectors
+            (zero in the residual's row).
+        tmat: ``(m + 1, m + 1)`` the next cycle's projected matrix (kept Ritz values on the
+            diagonal, arrowhead couplings ``sigma`` in row / column ``keep``).
+    """
+
+    values: Any
+    bounds: Any
+    conv: Any
+    n_valid: Any
+    coeff: Any
+    tmat: Any
+
+
+def cycle_analysis(tmat: Any, filled: Any, anorm: Any, tol: Any, *, k: int, keep: int,
+                   which: str, floor: float, xp: Any = jnp) -> CycleAnalysis:
+    """Ritz pairs of the filled ``(filled, filled)`` block, convergence, next arrowhead.
+
+    One implementation for both places it runs: inside the engine's program (``xp`` =
+    ``jax.numpy``, float64 under x64) and on the host in float64 (``xp`` = ``numpy``,
+    through one ``jax.pure_callback`` per analysis: a handful of small kernels instead of
+    ~60, which is most of the engine's compile time).
+
+    Args:
+        tmat: ``(m + 1, m + 1)`` projected matrix of the cycle.
+        filled: rows filled (``j``); ``tmat[filled, filled - 1]`` is the residual coupling.
+        anorm: estimate of ``||A||``.
+        tol: relative tolerance.
+        k: wanted pairs; keep: Ritz vectors kept at the restart (static).
+        which: ``"LA" | "SA" | "BE" | "LM"``.
+        floor: relative convergence floor (``Plan.floor``).
+        xp: ``jax.numpy`` or ``numpy``.
+
+    Returns:
+        :class:`CycleAnalysis` in ``tmat``'s dtype.
+    """
+    m = tmat.shape[0] - 1
+    padded, gersh, _ = _padded_block(tmat[:m, :m], filled, xp)
+    theta, s = xp.linalg.eigh(padded)
+    valid = theta < 1.5 * gersh + 0.5
+    beta_res = tmat[filled, filled - 1]
+    last = s[filled - 1]
+    order = xp.argsort(-which_scores(theta, valid, which, xp), stable=True)
+    wanted = order[:k]
+    values, bounds = theta[wanted], xp.abs(beta_res * last[wanted])
+    conv = (bounds <= xp.maximum(tol * xp.abs(values), floor * anorm)) & valid[wanted]
+    best = order[:keep]
+    coeff = xp.pad(s[:, best], ((0, 1), (0, 0)))
+    # next cycle: diag(theta_best) with the arrowhead sigma = beta_res * last in row keep
+    th = xp.pad(theta[best], (0, m + 1 - keep))
+    sg = xp.pad(beta_res * last[best], (0, m + 1 - keep))
+    i, j = xp.arange(m + 1)[:, None], xp.arange(m + 1)[None, :]
+    zero = xp.zeros((), tmat.dtype)
+    nxt = (xp.where((i == j) & (i < keep), th[i], zero)
+           + xp.where((i == keep) & (j < keep), sg[j], zero)
+           + xp.where((j == keep) & (i < keep), sg[i], zero))
+    return CycleAnalysis(values, bounds, conv, xp.sum(valid).astype(xp.int32), coeff, nxt)
+
+
+def cycle_analysis_host(tmat: jax.Array, filled: jax.Array, anorm: jax.Array, tol: jax.Array,
+                        *, k: int, keep: int, which: str, floor: float) -> CycleAnalysis:
+    """:func:`cycle_analysis` in float64 numpy through one ``jax.pure_callback``.
+
+    Args:
+        tmat, filled, anorm, tol: as :func:`cycle_analysis` (traced).
+        k, keep, which, floor: as :func:`cycle_analysis` (static).
+
+    Returns:
+        :class:`CycleAnalysis`, arrays in ``tmat``'s dtype (``conv`` bool, ``n_valid``
+        int32).
+    """
+    m1 = tmat.shape[0]
+    dt = tmat.dtype
+
+    def host(t, f, a, tl):
+        out = cycle_analysis(np.asarray(t, np.float64), int(f), float(a), float(tl), k=k,
+                             keep=keep, which=which, floor=floor, xp=np)
+        return CycleAnalysis(*(np.asarray(x, dt) if np.asarray(x).dtype.kind == "f"
+                               else np.asarray(x) for x in out))
+
+    shapes = CycleAnalysis(
+        jax.ShapeDtypeStruct((k,), dt), jax.ShapeDtypeStruct((k,), dt),
+        jax.ShapeDtypeStruct((k,), bool), jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((m1, keep), dt), jax.ShapeDtypeStruct((m1, m1), dt),
+    )
+    return jax.pure_callback(host, shapes, tmat, filled, anorm.astype(dt), tol.astype(dt),
+                             vmap_method="sequential")
