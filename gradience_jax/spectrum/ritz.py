@@ -383,7 +383,8 @@ def cycle_analysis(tmat: Any, filled: Any, anorm: Any, tol: Any, *, k: int, keep
         filled: rows filled (``j``); ``tmat[filled, filled - 1]`` is the residual coupling.
         anorm: estimate of ``||A||``.
         tol: relative tolerance.
-        k: wanted pairs; keep: Ritz vectors kept at the restart (static).
+        k: wanted pairs (static).
+        keep: Ritz vectors kept at the restart (static).
         which: ``"LA" | "SA" | "BE" | "LM"``.
         floor: relative convergence floor (``Plan.floor``).
         xp: ``jax.numpy`` or ``numpy``.
@@ -419,8 +420,14 @@ def cycle_analysis_host(tmat: jax.Array, filled: jax.Array, anorm: jax.Array, to
     """:func:`cycle_analysis` in float64 numpy through one ``jax.pure_callback``.
 
     Args:
-        tmat, filled, anorm, tol: as :func:`cycle_analysis` (traced).
-        k, keep, which, floor: as :func:`cycle_analysis` (static).
+        tmat: ``(m + 1, m + 1)`` projected matrix (traced).
+        filled: rows filled (traced int).
+        anorm: estimate of ``||A||`` (traced).
+        tol: relative tolerance (traced).
+        k: wanted pairs (static).
+        keep: Ritz vectors kept at the restart (static).
+        which: ``"LA" | "SA" | "BE" | "LM"``.
+        floor: relative convergence floor.
 
     Returns:
         :class:`CycleAnalysis`, arrays in ``tmat``'s dtype (``conv`` bool, ``n_valid``
