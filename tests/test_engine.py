@@ -194,6 +194,18 @@ def test_rotate_rows_in_place_blocks_match_a_dense_product(monkeypatch):
     np.testing.assert_allclose(out[4:], b[4:])
 
 
+def test_auto_layout_keeps_the_pytree_for_large_operators_with_few_leaves(dense, monkeypatch):
+    import gradience_jax.spectrum.plan as plan
+
+    op = tree_op(dense["indefinite"])
+    n_leaves = len(jax.tree_util.tree_leaves(op.params_like))
+    assert plan.flat_layout(op)  # n=120: flat
+    monkeypatch.setattr(plan, "TREE_LAYOUT_MIN_PARAMS", op.n_params)
+    assert not plan.flat_layout(op)  # "large", few leaves: the pytree
+    monkeypatch.setattr(plan, "TREE_LAYOUT_MAX_LEAVES", n_leaves - 1)
+    assert plan.flat_layout(op)  # too many leaves: flat (compile time grows per leaf)
+
+
 @pytest.mark.parametrize("reorth", ("full", "window", "none"))
 def test_flat_and_tree_layouts_agree(dense, reorth):
     op = tree_op(dense["indefinite"])

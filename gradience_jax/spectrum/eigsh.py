@@ -208,7 +208,9 @@ def eigsh(
             memory, float32 arithmetic; accuracy ~1e-3 relative, for PSD operators at scale).
         layout: how the program holds Krylov vectors: ``"flat"`` (one ``(P,)`` array: one
             kernel per operation, fastest to compile), ``"tree"`` (pytrees like the params:
-            shardings kept) or ``"auto"`` (flat unless an operand spans several devices).
+            shardings kept) or ``"auto"`` (flat unless an operand spans several devices, or
+            the operator has >= 4M parameters in <= 16 leaves: see
+            :func:`~gradience_jax.spectrum.plan.flat_layout`).
 
     Returns:
         :class:`SpectrumResult`.
