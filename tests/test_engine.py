@@ -179,6 +179,30 @@ def test_cycle_analysis_on_host_and_device_matches_dense_eigh(which):
                                atol=tol(1e-12, 2e-5))
 
 
+def test_ghost_filter_chains_converging_copies_and_keeps_resolved_neighbours():
+    """The float32 ``reorth="none"`` case measured on ``psd_lowrank`` (top of T_80): copies
+    of 9.19507914 still converging (bounds 1e-6..4e-5) spread over 5.4e-5, links up to 1.5e-5,
+    above the multiplicity width ``tol_mult`` (10 eps ||A|| = 1.4e-5). Chained by their
+    bounds they are one value; two converged values 2 tol_mult apart stay two."""
+    from gradience_jax.spectrum.ritz import _cullum_willoughby
+
+    chain = np.array([9.19507914, 9.19507958, 9.19507983, 9.19508128, 9.19508509, 9.19508987,
+                      9.19509635, 9.19509973, 9.19510767, 9.19512235, 9.19513299])
+    chain_bounds = np.array([1.78e-7, 8.55e-7, 9.27e-6, 1.82e-5, 3.16e-5, 3.10e-5, 2.25e-5,
+                             3.21e-5, 3.62e-5, 3.10e-5, 8.98e-6])
+    tol_mult = 10 * 1.1920929e-7 * 11.97
+    resolved = np.array([8.0, 8.0 + 2 * tol_mult])  # converged: bounds ~ 0
+    theta = np.concatenate([resolved, chain])
+    bounds = np.concatenate([[1e-12, 1e-12], chain_bounds])
+    flags = _cullum_willoughby(theta, np.zeros(0), bounds, tol_mult, tol_spur=1e-10)
+    np.testing.assert_array_equal(flags[:2], 0)
+    np.testing.assert_array_equal(flags[2:] == 0, np.arange(len(chain)) == 0)  # best bound
+    # a spurious value (an eigenvalue of T-hat) joined by bounds alone is not the one kept
+    pair = chain[-3:-1]  # 1.47e-5 apart: joined by the smaller bound only
+    flags = _cullum_willoughby(pair, pair[1:], np.array([3e-5, 1e-6]), tol_mult, 1e-10)
+    np.testing.assert_array_equal(flags, [0, 2])
+
+
 def test_rotate_rows_in_place_blocks_match_a_dense_product(monkeypatch):
     import gradience_jax.spectrum.engine as engine
 

@@ -19,6 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 import gradience_jax as gj
 from gradience_jax.spectrum import LanczosConfig, compute_spectrum, eigsh, eigsh_fast
+from gradience_jax.spectrum.eigsh import VECTOR_RESIDUAL_SLACK
 
 strict_promotion = pytest.fixture(autouse=True, scope="module")(strict_dtype_promotion)
 
@@ -31,6 +32,8 @@ EIG = tol(1e-8, 2e-5)
 #: spacing of the clustered top eigenvalues: well above the work precision's resolution
 #: (10 eps ||A||: 7e-15 with float64, 4e-6 with float32), well below the spectrum's gaps
 CLUSTER_GAP = tol(2.5e-7, 2.5e-4)
+#: machine epsilon of the Lanczos arithmetic (the work dtype)
+EPS_WORK = float(np.finfo(FLOAT).eps)
 
 
 LIKE = {"w": jnp.zeros((10, 10)), "b": jnp.zeros((20,))}  # 120 entries
@@ -104,11 +107,6 @@ def test_eigsh_matches_dense_eigh(dense, kind, reorth):
     ref = np.linalg.eigvalsh(a)
     op = tree_op(a)
     for which in ("LA", "SA", "BE"):
-        if which == "BE" and kind == "psd_lowrank" and reorth == "none" and not X64:
-            # measured: after 440 matvecs the float32 recurrence holds two copies of 8.5387,
-            # 1.6e-4 apart (160 eps ||A||) with zero bounds, and misses 5.0975: the copies
-            # escape the Cullum-Willoughby merge width (10 eps ||A|| within a block)
-            pytest.xfail("reorth='none' in float32: an unmerged ghost copy (known, open)")
         res = eigsh(op, k=K, which=which, reorth=reorth, **RUN)
         want = expected(ref, which)
         if reorth != "none":  # "none" reaches the accuracy, its bounds may stay above tol
@@ -196,9 +194,14 @@ def test_ritz_residual_bound_and_eigenvectors(dense, reorth):
     op = tree_op(a)
     res = eigsh(op, k=K, which="LA", reorth=reorth, return_eigenvectors=True, **RUN)
     assert res.true_residuals is not None
-    # the bound is of the recurrence: the true residual adds the rounding of one product,
-    # ~ eps ||A|| (||A|| = 5 here)
-    assert np.all(res.ritz_residuals >= res.true_residuals - tol(1e-10, 20 * 1.2e-7 * 5))
+    # the bound is of the recurrence: the true residual adds the rounding of the products,
+    # a few eps ||A|| (||A|| = 5 here). Without reorthogonalisation a vector can mix copies
+    # of its value and miss that (float32, "none": 25x): the result must say so
+    holds = res.ritz_residuals >= res.true_residuals - VECTOR_RESIDUAL_SLACK * EPS_WORK * 5.0
+    said = any("true residual" in w for w in res.warnings)
+    assert holds.all() != said, (res.warnings, res.ritz_residuals, res.true_residuals)
+    if reorth != "none":
+        assert holds.all()
     vecs = np.stack([ravel_pytree(v)[0] for v in gj.tree.unstack(res.eigenvectors)])
     assert vecs.shape == (K, N)
     assert vecs.dtype == FLOAT  # the operator's dtype

@@ -53,6 +53,9 @@ PyTree = Any
 
 #: operators with at most this many parameters are solved densely by ``top_eigenpairs``
 DENSE_LIMIT = 2000
+#: a true eigenvector residual may exceed its Ritz bound by the rounding of the products,
+#: a few eps ||A||; beyond this many (eps_work ||A||) the result warns
+VECTOR_RESIDUAL_SLACK = 20.0
 
 __all__ = [
     "DENSE_LIMIT",
@@ -344,6 +347,22 @@ def _finish(op: LinearOperator, plan: Plan, cap: int, out, *, tol: float, seed: 
             f"the second Lanczos pass (Ritz vectors) diverged from the first by {dev:.1e} "
             "(relative, in alphas): eigenvectors may be inaccurate; use reorth='full'"
         )
+    if true_res is not None and not half and nv:
+        slack = VECTOR_RESIDUAL_SLACK * plan.eps_work * anorm
+        over = np.flatnonzero(true_res > bounds + slack)
+        if len(over):
+            i = over[int(np.argmax(true_res[over] - bounds[over]))]
+            fix = ("use reorth='window' or 'full' for sharper vectors" if plan.reorth == "none"
+                   else "use reorth='full'" if plan.reorth == "window" else
+                   "check that the operator is symmetric and deterministic")
+            warns.append(
+                f"{len(over)} eigenvector(s) have a true residual ||A y - lambda y|| above their "
+                f"Ritz bound plus {VECTOR_RESIDUAL_SLACK:g} eps ||A|| (worst: "
+                f"{true_res[i]:.2e} against {bounds[i]:.2e} at lambda={values[i]:.6g}): with "
+                f"reorth={plan.reorth!r} the basis lost orthogonality and the vectors mix "
+                f"copies; the eigenvalues stand, each vector is accurate to about its true "
+                f"residual over the gap to its neighbours; {fix}"
+            )
     if int(host.breakdowns):
         warns.append(
             f"{int(host.breakdowns)} Lanczos breakdown(s): an invariant subspace was found and "

@@ -110,20 +110,40 @@ def _cw_tolerances(anorm: float, m: int, eps_work: float) -> tuple[float, float]
 
 def _cullum_willoughby(theta: np.ndarray, mu: np.ndarray, bounds: np.ndarray, tol_mult: float,
                        tol_spur: float) -> np.ndarray:
-    """Flags per ascending Ritz value: 0 keep, 1 copy (merged), 2 spurious."""
+    """Flags per ascending Ritz value: 0 keep, 1 copy (merged), 2 spurious.
+
+    Neighbours join one group when their gap is at most ``tol_mult`` plus the smaller of
+    their two residual bounds: numerically multiple values, and copies of one eigenvalue
+    that are still converging (in float32 a chain of such copies spreads over ~50 eps ||A||,
+    wider than ``tol_mult``, while each link stays within its bounds). A converged value
+    (bound ~ 0) only joins values within ``tol_mult``, so distinct eigenvalues it resolves
+    stay apart. A group with a numerically multiple pair is genuine (a ghost converging
+    onto a genuine value is itself nearly an eigenvalue of ``T-hat``): its best-bounded
+    member is kept. A group joined by bounds alone keeps its best-bounded member that
+    passes the spurious test; a simple value that is an eigenvalue of ``T-hat`` (within
+    ``tol_spur``) is spurious.
+    """
     m = len(theta)
+    spur = np.zeros(m, bool)
+    if len(mu):
+        spur = np.min(np.abs(theta[:, None] - mu[None, :]), axis=1) <= tol_spur
     flags = np.zeros(m, np.int8)
     i = 0
     while i < m:
-        j = i
-        while j + 1 < m and theta[j + 1] - theta[j] <= tol_mult:
+        j, multiple = i, False
+        while j + 1 < m:
+            gap = theta[j + 1] - theta[j]
+            if gap > tol_mult + min(bounds[j], bounds[j + 1]):
+                break
+            multiple |= gap <= tol_mult
             j += 1
-        if j > i:  # a numerically multiple eigenvalue of T: genuine, keep the best copy
-            best = i + int(np.argmin(bounds[i : j + 1]))
-            flags[i : j + 1] = 1
-            flags[best] = 0
-        elif len(mu) and np.min(np.abs(mu - theta[i])) <= tol_spur:
-            flags[i] = 2  # simple and an eigenvalue of T-hat: spurious
+        members = np.arange(i, j + 1)
+        candidates = members if multiple else members[~spur[i : j + 1]]
+        if len(candidates) == 0:
+            flags[i : j + 1] = 2
+        else:
+            flags[i : j + 1] = np.where(spur[i : j + 1] & (not multiple), 2, 1)
+            flags[candidates[int(np.argmin(bounds[candidates]))]] = 0
         i = j + 1
     return flags
 
