@@ -20,7 +20,8 @@ Memory (``--skip-memory`` to skip): XLA temporary bytes of the compiled ``eigsh`
 (``memory_analysis()``, deterministic) minus those of the compiled standalone HVP, in
 parameter-sized float32 vectors, for ``eigsh(k=3, num_iters=30)`` on an MLP
 784-4096-4096-10 (20M parameters) with each ``reorth``; and the peak RSS of a subprocess
-running it. Targets: ``"window"`` <= window + 6, ``"none"`` <= 7 vectors.
+running it. Targets (in peak RSS, as the issue states them; the XLA column is the
+deterministic part): ``"window"`` <= window + 6, ``"none"`` <= 7 vectors.
 """
 
 from __future__ import annotations
@@ -339,7 +340,8 @@ def memory_rows(quick: bool) -> list[dict]:
         rows.append(dict(reorth=reorth, n_params=p, stored_rows={"none": 0, "window": 8,
                                                                   "full": 31}[reorth],
                          extra_vectors_xla=extra, peak_rss_delta_vectors=peak, target=target,
-                         met=None if target is None else extra <= target))
+                         # the issue states the target in peak RSS: judge that, not XLA temps
+                         met=None if target is None else peak <= target))
         print(f"  memory {reorth:<6} P={p:,}: XLA temp beyond the HVP's = {extra:.1f} vectors, "
               f"peak RSS delta {peak:.1f} vectors (target {target})", flush=True)
     return rows

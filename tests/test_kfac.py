@@ -26,6 +26,7 @@ from helpers import (
 import gradience_jax as gj
 from gradience_jax.models import LinenMLP, from_linen, from_nnx, nnx_mlp_to_linen
 from gradience_jax.operators import kfac as kfac_mod
+from gradience_jax.operators import kfac_layers
 from gradience_jax.operators.kfac import KFACCoverageWarning, kfac
 
 strict_promotion = pytest.fixture(autouse=True, scope="module")(strict_dtype_promotion)
@@ -336,7 +337,7 @@ def test_coverage_lists_exactly_the_uncovered_transformer_parameters(deep_case):
 
 def test_coverage_warning_is_emitted_once():
     ad, batch = model_case("transformer", DT)
-    kfac_mod._WARNED.clear()
+    kfac_layers._WARNED.clear()
     with pytest.warns(KFACCoverageWarning, match="ln_f/scale"):
         kfac(ad.model_fn, ad.head, ad.params, batch, check=False)
     with warnings.catch_warnings():
@@ -368,7 +369,7 @@ def test_unsupported_layers_are_reported_not_dropped():
     ad = flax_standard(from_nnx(model, gj.heads.softmax_cross_entropy("labels"), input_key="x"))
     batch = {"x": {"tokens": jnp.array([[1, 2], [3, 4]], jnp.int32)},
              "labels": jnp.array([[0, 1], [2, 3]], jnp.int32)}
-    kfac_mod._WARNED.clear()
+    kfac_layers._WARNED.clear()
     with pytest.warns(KFACCoverageWarning):
         K = kfac(ad.model_fn, ad.head, ad.params, batch, check=False)
     reasons = dict(K.coverage.uncovered)

@@ -43,6 +43,21 @@ import numpy as np
 
 from gradience_jax._json import jsonable
 from gradience_jax._validate import check_choice, check_int, check_real
+from gradience_jax.app.cli_parser import (
+    _common,
+    _model_flags,
+    _positive_int,
+    _seed,
+    _spec_flag,
+    _train_steps,
+)
+from gradience_jax.app.console import (
+    _console,
+    _partial_failure,
+    _print_json,
+    _Stages,
+    _summary_table,
+)
 from gradience_jax.app.families import MODELS, split
 from gradience_jax.app.report import (
     HEADS,
@@ -747,10 +762,8 @@ def add_parser(sub: Any) -> None:
     """Add the ``influence`` subcommand to the CLI's subparsers.
 
     Args:
-        sub: ``parser.add_subparsers(...)`` of :func:`gradience_jax.app.cli.build_parser`.
+        sub: ``parser.add_subparsers(...)`` of :func:`gradience_jax.app.cli_parser.build_parser`.
     """
-    from gradience_jax.app import cli  # noqa: PLC0415 - the CLI's shared flags
-
     p = sub.add_parser(
         "influence", help="the training examples that matter for chosen test examples",
         description="Train the built-in model briefly (or load --model MODULE:FACTORY with "
@@ -758,9 +771,9 @@ def add_parser(sub: Any) -> None:
         "the most helpful and most harmful training examples, and the self-influence ranking "
         "of the training examples; write influence.json, report.md, scores.npz and figures "
         "to --out.")
-    cli._model_flags(p, f"model: a built-in family ({', '.join(MODELS)}; default mlp) or "
+    _model_flags(p, f"model: a built-in family ({', '.join(MODELS)}; default mlp) or "
                      "your own as MODULE:FACTORY (needs --data)")
-    p.add_argument("--test-data", type=cli._spec_flag, default=None, metavar="MODULE:FACTORY",
+    p.add_argument("--test-data", type=_spec_flag, default=None, metavar="MODULE:FACTORY",
                    help="the test examples (default: the second half of --data)")
     p.add_argument("--method", choices=METHODS, default="cg", help="inverse-curvature solve, "
                    "or tracin (no inverse) (cg)")
@@ -769,29 +782,29 @@ def add_parser(sub: Any) -> None:
                    help="damping d >= 0 of (H + d I), or auto (auto)")
     p.add_argument("--operator", choices=OPERATORS, default=None,
                    help="curvature (ggn when the model has a model_fn, else hessian)")
-    p.add_argument("--train", type=cli._positive_int, default=None, metavar="N",
+    p.add_argument("--train", type=_positive_int, default=None, metavar="N",
                    help="score the first N training examples (all; 128 with --fast)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--test", type=_indices_flag, default=None, metavar="I,J,...",
                        help="test examples: indices into the test set")
-    which.add_argument("--test-count", type=cli._positive_int, default=None, metavar="M",
+    which.add_argument("--test-count", type=_positive_int, default=None, metavar="M",
                        help="test examples: the first M of the test set (4)")
-    p.add_argument("--top", type=cli._positive_int, default=10,
+    p.add_argument("--top", type=_positive_int, default=10,
                    help="helpful / harmful examples listed per test example (10)")
     p.add_argument("--planted-noise", type=_number_flag("a fraction in (0, 1)",
                                                         lambda v: 0 < v < 1),
                    default=0.0, metavar="FRAC",
                    help="flip the labels of this share of the training examples before "
                    "training and report the self-influence recall (built-in mlp / cnn data)")
-    p.add_argument("--train-steps", type=cli._train_steps, default=None,
+    p.add_argument("--train-steps", type=_train_steps, default=None,
                    help="full-batch Adam steps (200, 60 with --fast; 0 for MODULE:FACTORY)")
-    p.add_argument("--seed", type=cli._seed, default=None,
+    p.add_argument("--seed", type=_seed, default=None,
                    help=f"seed of data, init, noise and solves, 0..{MAX_SEED} (0)")
     p.add_argument("--tol", type=_number_flag("a number > 0", lambda v: v > 0), default=None,
                    help="relative residual target of the solves (the solver's default)")
-    p.add_argument("--maxiter", type=cli._positive_int, default=None,
+    p.add_argument("--maxiter", type=_positive_int, default=None,
                    help="iteration cap of cg / lissa (the solver's default)")
-    p.add_argument("--rank", type=cli._positive_int, default=None,
+    p.add_argument("--rank", type=_positive_int, default=None,
                    help="eigenpairs of arnoldi (the solver's default)")
     p.add_argument("--no-self-influence", action="store_true",
                    help="skip the self-influence ranking (one solve per training example)")
@@ -799,7 +812,7 @@ def add_parser(sub: Any) -> None:
                    help="output folder (gradience_influence)")
     p.add_argument("--fast", action="store_true", help="quick settings (also GRADIENCE_FAST=1)")
     p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
-    cli._common(p)
+    _common(p)
 
 
 _FLAGS = {"train_steps": "--train-steps", "test_count": "--test-count",
@@ -873,7 +886,6 @@ def command(args: argparse.Namespace) -> int:
             makes it a usage error, exit code 2).
         OSError: ``--out`` is not writable.
     """
-    from gradience_jax.app import cli  # noqa: PLC0415
     from gradience_jax.models.external import FactoryError  # noqa: PLC0415
 
     cfg = _config(args)
@@ -882,17 +894,17 @@ def command(args: argparse.Namespace) -> int:
     except (FactoryError, InfluenceInputError) as exc:
         raise InfluenceInputError(f"{_PROG} influence: {exc}") from None
     check_writable(args.out)
-    with cli._Stages(plan(cfg), enabled=not args.json) as stages:
+    with _Stages(plan(cfg), enabled=not args.json) as stages:
         summary = run_influence(cfg, args.out, progress=stages, prepared=prepared)
     if not summary["ok"]:
         reason = summary["error"] or "; ".join(summary["problems"])
         message = f"influence result unusable: {reason} (files written to {args.out})"
-        return cli._partial_failure(message, args.json, summary)
+        return _partial_failure(message, args.json, summary)
     if args.json:
-        cli._print_json(summary)
+        _print_json(summary)
         return 0
-    con = cli._console()
-    con.print(cli._summary_table(_rows(summary), "gradience-jax influence"))
+    con = _console()
+    con.print(_summary_table(_rows(summary), "gradience-jax influence"))
     for w in summary["warnings"]:
         con.print(f"[yellow]warning:[/] {w}")
     con.print(f"report written to {Path(args.out) / 'report.md'} and {JSON_NAME}")

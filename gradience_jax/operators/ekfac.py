@@ -58,11 +58,10 @@ from gradience_jax.operators.kfac import (
     _KFACPrepare,
     _layer_acts_and_grads,
     _output_gradient_matrix,
-    _Plan,
-    _Tag,
     kfac,
     static_callable,
 )
+from gradience_jax.operators.kfac_layers import _Plan, _Tag
 
 PyTree = Any
 
