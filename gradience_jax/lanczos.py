@@ -25,7 +25,7 @@ Supported names: ``DEFAULT_WINDOW``, ``LanczosState``, ``REORTH_MODES``, ``lancz
 ``lanczos_init``, ``lanczos_run``, ``make_step``, ``random_vector``, ``reorth_passes``,
 ``restart_vector``, ``safe_normalize``, ``scalar_dtype``, ``to_like``, ``to_work``,
 ``zeros_work`` (the ``__all__`` list). The other public-looking helpers (``check_reorth``,
-``check_vector``, ``host_random_vector``, ``NonFiniteError``, ``first_nonfinite``, ...)
+``check_vector``, ``hash_vector``, ``NonFiniteError``, ``first_nonfinite``, ...)
 serve :mod:`gradience_jax.spectrum`, :mod:`gradience_jax.estimators` and
 :mod:`gradience_jax.geometry`; the underscored aliases at the end are old private names.
 """
@@ -529,27 +529,37 @@ def random_vector(key: jax.Array, like: PyTree, distribution: str = "normal") ->
     return jax.tree_util.tree_map(lambda x, s: x.astype(work_dtype(s.dtype)), v, like)
 
 
-def host_random_vector(key: jax.Array, like: PyTree) -> PyTree:
-    """A standard normal vector drawn on the host: no PRNG kernel to compile.
+def hash_vector(like: PyTree, key: jax.Array) -> PyTree:
+    """A pseudo-random start vector made inside the program: a hash of the entry's index.
 
-    numpy's generator is seeded by ``key``'s data, so the same key gives the same vector.
+    Each entry hashes its index over the whole vector (leaves in flatten order, so a flat
+    ``(P,)`` template gives the raveled pytree's entries) and the key's data with the
+    murmur3 finaliser on ``uint32``: uniform on ``[-0.5, 0.5)`` at 24-bit resolution, exact
+    in float32. No PRNG kernel to compile and no host array: the vector is born in the
+    program's own buffers (a host-drawn ``v0`` held two more parameter-sized vectors).
 
     Args:
-        key: ``jax.random`` key.
-        like: template pytree (arrays or ``jax.ShapeDtypeStruct``).
+        like: template pytree (arrays or ``jax.ShapeDtypeStruct``); at most ``2**32`` entries.
+        key: ``jax.random`` key (a single key).
 
     Returns:
-        A pytree shaped like ``like``, leaves in their work dtypes (float32 or wider).
+        A pytree shaped like ``like``, leaves in their work dtypes. Cost ``O(P)`` elementwise.
     """
-    seed = [int(x) for x in np.asarray(jax.random.key_data(key)).ravel()]
-    rng = np.random.default_rng(seed)
+    u32 = jnp.uint32
+    data = jax.random.key_data(key).astype(u32).ravel()
+    seed = functools.reduce(lambda acc, d: (acc ^ d) * u32(0x01000193), data, u32(0x811C9DC5))
     leaves, treedef = jax.tree_util.tree_flatten(like)
-    out = []
+    out, offset = [], 0
     for x in leaves:
+        size = int(np.prod(x.shape))
+        h = (jnp.arange(size, dtype=u32) + u32(offset)) * u32(0x9E3779B1) + seed
+        h = (h ^ (h >> u32(16))) * u32(0x85EBCA6B)
+        h = (h ^ (h >> u32(13))) * u32(0xC2B2AE35)
+        h = h ^ (h >> u32(16))
         dt = work_dtype(x.dtype)
-        # numpy draws float32 directly (1.7x faster than float64 + cast: 0.20 s at 10M)
-        draw_dt = np.float32 if dt == jnp.float32 else np.float64
-        out.append(jnp.asarray(rng.standard_normal(tuple(x.shape), dtype=draw_dt), dt))
+        unit = (h >> u32(8)).astype(dt) * jnp.asarray(2.0**-24, dt) - jnp.asarray(0.5, dt)
+        out.append(unit.reshape(x.shape))
+        offset += size
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -28,7 +28,6 @@ from gradience_jax.lanczos import (
     NonFiniteError,
     check_operator_output,
     check_vector,
-    host_random_vector,
     random_vector,
     scalar_dtype,
 )
@@ -69,20 +68,20 @@ __all__ = [
 
 
 def start_vector(op: LinearOperator, v0: PyTree | None, key: jax.Array,
-                 ) -> tuple[PyTree, jax.Array]:
+                 ) -> tuple[PyTree | None, jax.Array]:
     """The Krylov start vector of ``eigsh`` and the key of its restarts.
 
     Args:
         op: the operator (its ``params_like`` shapes the vector).
-        v0: a given start vector, returned as it is; ``None`` draws one.
+        v0: a given start vector, returned as it is; ``None`` stays ``None``: the engine
+            then makes :func:`~gradience_jax.lanczos.hash_vector` of the restart key inside
+            its program (no host array, no PRNG kernel).
         key: the run's key.
 
     Returns:
-        ``(v0, restart_key)``: a standard normal vector drawn on the host from
-        ``fold_in(key, 0)`` (no PRNG kernel to compile) unless given, and ``fold_in(key, 1)``.
+        ``(v0, restart_key)`` with ``restart_key = fold_in(key, 1)``.
     """
-    if v0 is None:
-        v0 = host_random_vector(jax.random.fold_in(key, 0), op.params_like)
+    del op  # the vector is made in the program, shaped by the operator there
     return v0, jax.random.fold_in(key, 1)
 
 

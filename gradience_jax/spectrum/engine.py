@@ -46,6 +46,7 @@ import numpy as np
 from gradience_jax import tree as tu
 from gradience_jax.lanczos import (
     LanczosState,
+    hash_vector,
     lanczos_init,
     make_step,
     reorth_passes,
@@ -759,10 +760,13 @@ class _FlatOperator:
 def _run(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
     if plan.flat:
         flat = _FlatOperator(op)
-        out = _run_layout(flat, flat.ravel(to_work(v0)), key, tol, max_matvecs, plan)
+        v0 = hash_vector(flat.params_like, key) if v0 is None else flat.ravel(to_work(v0))
+        out = _run_layout(flat, v0, key, tol, max_matvecs, plan)
         if out.vectors is None:
             return out
         return out._replace(vectors=flat.unravel(out.vectors, (plan.k,)))
+    if v0 is None:  # made in the program (same entries as the flat layout's)
+        v0 = hash_vector(op.params_like, key)
     return _run_layout(op, v0, key, tol, max_matvecs, plan)
 
 
