@@ -125,8 +125,13 @@ def _cullum_willoughby(theta: np.ndarray, mu: np.ndarray, bounds: np.ndarray, to
     """
     m = len(theta)
     spur = np.zeros(m, bool)
-    if len(mu):
-        spur = np.min(np.abs(theta[:, None] - mu[None, :]), axis=1) <= tol_spur
+    if len(mu):  # distance to the nearest eigenvalue of T-hat (mu ascending): O(m log m)
+        mu = np.sort(mu)
+        at = np.clip(np.searchsorted(mu, theta), 1, len(mu) - 1) if len(mu) > 1 else 0
+        near = np.abs(theta - mu[at])
+        if len(mu) > 1:
+            near = np.minimum(near, np.abs(theta - mu[at - 1]))
+        spur = near <= tol_spur
     flags = np.zeros(m, np.int8)
     i = 0
     while i < m:
