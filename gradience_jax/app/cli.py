@@ -32,7 +32,8 @@ Supported names: :func:`main`, :func:`build_parser`, :func:`summarise`, :class:`
 its flag types are in :mod:`gradience_jax.app.cli_parser`, the JAX set-up and terminal
 output in :mod:`gradience_jax.app.console`. The work behind the commands is in
 :mod:`gradience_jax.app.report` (``analyze``), :mod:`gradience_jax.app.track` (``track``),
-:mod:`gradience_jax.app.influence` (``influence``: its flags too),
+:mod:`gradience_jax.app.influence` (``influence``; its flags in
+:mod:`gradience_jax.app.influence_command`),
 :mod:`gradience_jax.app.checkpoints` (``weights``), :mod:`gradience_jax.app.protocols`
 (``protocol``) and :mod:`gradience_jax.app.seed_figures` (``figures``); they are imported
 when their command runs, so ``--help`` stays fast and JAX is configured first.
@@ -404,11 +405,12 @@ def cmd_influence(args: argparse.Namespace) -> int:
     Raises:
         UsageError: bad flags, or flags that do not fit the model / data.
     """
-    from gradience_jax.app import influence  # noqa: PLC0415
+    from gradience_jax.app import influence_command  # noqa: PLC0415
+    from gradience_jax.app.influence import InfluenceInputError  # noqa: PLC0415
 
     try:
-        return influence.command(args)
-    except influence.InfluenceInputError as exc:
+        return influence_command.command(args)
+    except InfluenceInputError as exc:
         raise UsageError(str(exc)) from None
 
 

@@ -1,7 +1,7 @@
 """The ``gradience-jax`` command line: its parser, flag types and usage errors.
 
 One ``_add_<command>`` per subcommand (``influence`` adds its own, from
-:mod:`gradience_jax.app.influence`); flag types state their range in the message, and the
+:mod:`gradience_jax.app.influence_command`); flag types state their range in the message, and the
 parser raises :class:`UsageError` (one line, exit code 2) instead of printing usage. The
 commands themselves are in :mod:`gradience_jax.app.cli`.
 
@@ -193,7 +193,7 @@ def _add_track(sub: Any) -> None:
 
 
 def _add_influence(sub: Any) -> None:
-    from gradience_jax.app.influence import add_parser  # noqa: PLC0415
+    from gradience_jax.app.influence_command import add_parser  # noqa: PLC0415
 
     add_parser(sub)
 
