@@ -169,3 +169,27 @@ def test_bad_vectors_and_matvec_structure():
         lanczos(op, ones, 5, key=42)
     with pytest.raises(TypeError, match="op must be a gradience_jax.LinearOperator"):
         lanczos(np.eye(N), ones, 5)
+
+
+def test_hash_start_vector_is_layout_free_uniform_and_keyed():
+    """The engine's in-program start vector: the flat ``(P,)`` template gives the raveled
+    pytree's entries, in the leaves' work dtypes; the entries are uniform on [-0.5, 0.5)
+    (moments against the closed forms); another key gives another vector."""
+    from gradience_jax.lanczos import hash_vector
+
+    like = {"a": jnp.zeros((300, 70), jnp.float32), "b": jnp.zeros((5,), jnp.bfloat16),
+            "c": jnp.zeros((2, 3, 4), jnp.float32)}
+    key = jax.random.key(3)
+    tree = jax.jit(hash_vector)(like, key)
+    assert tree["b"].dtype == jnp.float32  # the work dtype of a bfloat16 leaf
+    flat_like = jax.ShapeDtypeStruct((sum(x.size for x in like.values()),), jnp.float32)
+    flat = np.asarray(jax.jit(hash_vector)(flat_like, key))
+    leaves = jax.tree_util.tree_leaves(tree)  # flatten order, as the flat layout ravels
+    np.testing.assert_array_equal(np.concatenate([np.ravel(x) for x in leaves]), flat)
+    assert flat.min() >= -0.5 and flat.max() < 0.5
+    n = flat.size
+    assert abs(flat.mean()) < 4 * np.sqrt(1 / 12 / n)  # uniform: variance 1/12
+    assert abs(flat.var() - 1 / 12) < 4 * np.sqrt(1 / 180 / n)  # var of x^2: 1/180
+    assert len(np.unique(flat)) > 0.99 * n
+    other = np.asarray(hash_vector(flat_like, jax.random.key(4)))
+    assert abs(np.corrcoef(flat, other)[0, 1]) < 4 / np.sqrt(n)
