@@ -250,6 +250,17 @@ DEFAULT_SEED = 42
 """The one default seed: ``key=None`` means ``jax.random.key(DEFAULT_SEED)`` everywhere."""
 
 
+@functools.lru_cache(maxsize=8)
+def _default_key(impl: str, device: str) -> jax.Array:
+    """``jax.random.key(DEFAULT_SEED)``, made once per PRNG implementation and device.
+
+    Creating a key runs a small compiled program (~40 ms on a fresh process or after
+    ``jax.clear_caches()``); the default one is reused.
+    """
+    del impl, device  # cache keys only
+    return jax.random.key(DEFAULT_SEED)
+
+
 def check_key(key: Any, name: str = "key", *, default: bool = True) -> jax.Array:
     """One PRNG key, checked: typed (``jax.random.key``) or raw (``jax.random.PRNGKey``).
 
@@ -267,7 +278,8 @@ def check_key(key: Any, name: str = "key", *, default: bool = True) -> jax.Array
     """
     if key is None:
         if default:
-            return jax.random.key(DEFAULT_SEED)
+            return _default_key(str(jax.config.jax_default_prng_impl),
+                                str(jax.config.jax_default_device))
         raise ValueError(f"{name} is required: pass {name}=jax.random.key(seed)")
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         raise TypeError(f"{name} must be a PRNG key, got the int {key}: pass "
