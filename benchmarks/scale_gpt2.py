@@ -3,7 +3,8 @@ T = 256, random weights) on CPU: top Hessian eigenvalue and GGN top-3 with windo
 re-orthogonalisation and ``vocab_chunk``; wall time and peak memory.
 
 Usage:
-    python benchmarks/scale_gpt2.py [--small] [--batch 1] [--seq 256] [--window 4]
+    python benchmarks/scale_gpt2.py [--small] [--batch 1] [--seq 256] [--reorth window|none]
+                                    [--window 4]
                                     [--out benchmarks/results/scale_gpt2.json]
 
 ``TinyTransformerLM(vocab_size=50257, d_model=768, num_heads=12, num_layers=12,
@@ -50,6 +51,9 @@ def main(argv=None) -> dict:
     p.add_argument("--small", action="store_true", help="scaled-down model (~1 min)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (256; small 128)")
+    p.add_argument("--reorth", choices=("window", "none"), default="window",
+                   help="Lanczos re-orthogonalisation: a ring buffer of --window rows, or none "
+                        "(ghosts removed by the Cullum-Willoughby filter)")
     p.add_argument("--window", type=int, default=4, help="Lanczos re-orthogonalisation window")
     p.add_argument("--vocab-chunk", type=int, default=128, help="tokens per GGN readout chunk")
     p.add_argument("--tol", type=float, default=1e-3)
@@ -82,7 +86,8 @@ def main(argv=None) -> dict:
     phases["loss"]["peak_rss_delta_GiB"] = m.peak_delta / 2**30
     print(f"loss {loss:.4f} ({phases['loss']['wall_s']:.1f} s incl. compile)", flush=True)
 
-    common = dict(reorth="window", window=args.window, tol=args.tol, max_iters=args.max_iters,
+    common = dict(reorth=args.reorth, window=args.window if args.reorth == "window" else None,
+                  tol=args.tol, max_iters=args.max_iters,
                   chunk=args.chunk, key=jax.random.key(0))
     def phase(name: str, make_op, k: int, **extra) -> None:
         """Build the operator and run eigsh(k) inside one timed, memory-sampled phase."""
@@ -112,7 +117,8 @@ def main(argv=None) -> dict:
     peak = max_rss_GiB()
     result = {
         "suite": "scale_gpt2", "small": args.small, "config": cfg, "n_params": n_params,
-        "batch": args.batch, "seq_len": seq, "window": args.window, "tol": args.tol,
+        "batch": args.batch, "seq_len": seq, "reorth": args.reorth, "window": args.window,
+        "tol": args.tol,
         "max_iters": args.max_iters, "phases": phases, "total_wall_s": total,
         "peak_rss_GiB": peak, "machine": info,
         "targets": {"total_lt_10_min": total < 600, "peak_le_8_GB": peak * 2**30 <= 8e9},

@@ -31,7 +31,8 @@ Supported names: none for users (the module has no ``__all__``; call
 other spectrum modules, the tests and the benchmarks use ``Plan``, ``EngineOut``,
 ``run_engine``, ``run_engine_traced``, ``rotate_rows``, ``keep_count``, ``small_dtype``,
 the status codes (``RUNNING``, ``CONVERGED``, ``BUDGET``, ``NONFINITE``, ``ASYMMETRIC``,
-``STATUS_NAMES``) and the constants ``DGKS_ETA``, ``ROTATE_BLOCK``, ``CHECK_EVERY``.
+``STATUS_NAMES``) and the constants ``DGKS_ETA``, ``ROTATE_BLOCK``, ``CHECK_EVERY``,
+``LEAN_SCHEDULE_OPTIONS``.
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ from gradience_jax.lanczos import (
     make_step,
     reorth_passes,
     restart_vector,
-    safe_normalize,
     scalar_dtype,
     to_like,
     to_work,
+    unit_start,
     zeros_work,
 )
 from gradience_jax.spectrum.ritz import (
@@ -99,6 +100,8 @@ class Plan(NamedTuple):
         flat: Krylov vectors as one contiguous ``(P,)`` array inside the program (single
             device: one kernel per operation instead of one per leaf, 3x faster to compile);
             ``False`` keeps them as pytrees shaped like the params (sharded meshes).
+        lean_schedule: compile with XLA:CPU's memory-optimised schedule
+            (``LEAN_SCHEDULE_OPTIONS``; :func:`~gradience_jax.spectrum.plan.lean_schedule`).
     """
 
     k: int
@@ -120,6 +123,7 @@ class Plan(NamedTuple):
     eps_work: float
     flat: bool = False
     conv_floor: float = 0.0
+    lean_schedule: bool = False
 
     @property
     def floor(self) -> float:
@@ -253,13 +257,6 @@ def _true_residuals(mv: Callable, like: PyTree, vecs: PyTree, values: jax.Array,
         return tu.norm(tu.sub(ay, tu.scale(lam.astype(sdt), y_op)))
 
     return jax.lax.map(one, (vecs, values))
-
-
-def _start_vector(v0: PyTree, key: jax.Array, like: PyTree) -> PyTree:
-    """``v0 / ||v0||`` in the work dtype; a zero ``v0`` becomes a pseudo-random vector."""
-    q, nrm = safe_normalize(to_work(v0))
-    fallback, _ = safe_normalize(restart_vector(zeros_work(like), key, jnp.asarray(-1)))
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(nrm > 0, a, b), q, fallback)
 
 
 # ============================================================================================
@@ -521,7 +518,7 @@ def _thick_restart(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
         lambda s: jnp.zeros((m + 1,) + tuple(s.shape), bdt or tu.accumulation_dtype(s.dtype)),
         like,
     )
-    basis = _set_row(basis, jnp.asarray(0), _start_vector(v0, key, like))
+    basis = _set_row(basis, jnp.asarray(0), unit_start(v0, key))
     zeros_k = jnp.zeros((k,), tdt)
     c = _Cycle(
         basis=basis, tmat=jnp.zeros((m + 1, m + 1), tdt), j=jnp.zeros((), jnp.int32),
@@ -776,8 +773,39 @@ def _run_layout(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
     return _plain(op, v0, key, tol, max_matvecs, plan)
 
 
-#: the engine as one jitted program; ``op``, ``v0``, ``key``, ``tol`` and the matvec cap are
-#: arguments (new params of the same shapes, another tol or cap: no recompilation)
-run_engine = jax.jit(_run, static_argnames=("plan",))
-#: the same program, traceable inside a user's ``jit`` (``eigsh_fast`` / probes)
+#: XLA:CPU compiler options of a ``lean_schedule`` plan: the memory-optimised instruction
+#: schedule (shorter buffer lifetimes, a smaller temporary heap)
+LEAN_SCHEDULE_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+_run_default = jax.jit(_run, static_argnames=("plan",))
+_run_lean = jax.jit(_run, static_argnames=("plan",), compiler_options=LEAN_SCHEDULE_OPTIONS)
+
+
+class _Engine:
+    """The engine as one jitted program (``plan.lean_schedule`` picks its compiler options).
+
+    ``op``, ``v0``, ``key``, ``tol`` and the matvec cap are arguments: new params of the
+    same shapes, another tol or cap: no recompilation.
+    """
+
+    @staticmethod
+    def _jitted(plan: Plan):
+        return _run_lean if plan.lean_schedule else _run_default
+
+    def __call__(self, op, v0, key, tol, max_matvecs, *, plan: Plan) -> EngineOut:
+        return self._jitted(plan)(op, v0, key, tol, max_matvecs, plan=plan)
+
+    def lower(self, op, v0, key, tol, max_matvecs, *, plan: Plan):
+        """``jax.stages.Lowered`` of the program (``.compile()``, ``memory_analysis()``)."""
+        return self._jitted(plan).lower(op, v0, key, tol, max_matvecs, plan=plan)
+
+    @staticmethod
+    def _cache_size() -> int:
+        """Compiled programs held (both schedules): one per configuration."""
+        return _run_default._cache_size() + _run_lean._cache_size()
+
+
+run_engine = _Engine()
+#: the same program, traceable inside a user's ``jit`` (``eigsh_fast`` / probes; the
+#: user's ``jit`` sets the compiler options)
 run_engine_traced = _run

@@ -6,7 +6,8 @@ Supported names (the module has no ``__all__``): ``default_memory_budget`` (re-e
 :mod:`gradience_jax.spectrum`); ``make_plan``, ``check_k``, ``check_int`` (now
 :func:`gradience_jax._validate.check_int`: ``check_int(value, name, lo=..., hi=...)``),
 ``row_bytes``, ``convergence_floor``, ``reachable_residual``,
-``default_basis_size``, ``small_solver``, ``flat_layout`` and the constants
+``default_basis_size``, ``small_solver``, ``flat_layout``, ``lean_schedule`` and the
+constants ``LEAN_SCHEDULE_MIN_PARAMS``,
 ``DEFAULT_MEMORY_BUDGET_BYTES``, ``MIN_BASIS_SIZE``, ``MIN_MATVEC_CAP``,
 ``ASYMMETRY_ERROR``, ``BASIS_DTYPES``, ``TREE_LAYOUT_MIN_PARAMS``,
 ``TREE_LAYOUT_MAX_LEAVES`` serve the other spectrum modules, tests and
@@ -184,6 +185,34 @@ def _capacity(cap: int) -> int:
 TREE_LAYOUT_MIN_PARAMS = 1 << 22
 #: the flat layout for pytrees with more leaves than this (compile time grows per leaf)
 TREE_LAYOUT_MAX_LEAVES = 16
+#: XLA:CPU's memory-optimised instruction schedule from this many parameters on
+LEAN_SCHEDULE_MIN_PARAMS = 1 << 22
+
+
+def lean_schedule(op: LinearOperator) -> bool:
+    """Whether the engine program is compiled with XLA:CPU's memory-optimised schedule.
+
+    On CPU, at ``LEAN_SCHEDULE_MIN_PARAMS`` parameters or more. The schedule orders the
+    instructions to shorten buffer lifetimes; measured on 10M- and 20M-parameter MLP
+    Hessians (``k=3``, 30 steps) it holds 1.3 (``"window"``), 0.9 (``"full"``) and 0.4
+    (``"none"``) fewer parameter-sized vectors at a step time within +-4% of the default
+    one. On small operators it only costs time (0.27M parameters: 9% slower), so they keep
+    the default schedule. Other backends ignore it.
+
+    Args:
+        op: the operator (the platform of its first array operand, else the default backend).
+
+    Returns:
+        ``True`` for the memory-optimised schedule.
+    """
+    if op.n_params < LEAN_SCHEDULE_MIN_PARAMS:
+        return False
+    platform = jax.default_backend()
+    for x in jax.tree_util.tree_leaves(op.operands):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            platform = next(iter(x.devices())).platform
+            break
+    return platform == "cpu"
 
 
 def flat_layout(op: LinearOperator, v0: PyTree | None = None) -> bool:
@@ -353,6 +382,6 @@ def make_plan(
         vectors=bool(vectors), true_residuals=bool(true_residuals), solver=small_solver(),
         basis_dtype=basis_dtype, breakdown_tol=default_breakdown_tol(like),
         asym_tol=asym_tol, eps_work=eps_work, flat=bool(flat),
-        conv_floor=convergence_floor(like, op.dtype),
+        conv_floor=convergence_floor(like, op.dtype), lean_schedule=lean_schedule(op),
     )
     return plan, int(cap)
