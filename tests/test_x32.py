@@ -11,6 +11,7 @@ both precisions.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -38,12 +39,23 @@ CORE_MODULES = (
 )
 
 
+def _workers() -> list[str]:
+    """``pytest-xdist`` flags: two worker processes (a module each) while this one waits.
+
+    The parent suite is idle during the subprocess, so two workers use both cores of the CI
+    machine; without ``pytest-xdist`` (a test extra) or with one core it runs serially.
+    """
+    if (os.cpu_count() or 1) < 2 or importlib.util.find_spec("xdist") is None:
+        return []
+    return ["-n", "2", "--dist", "loadfile"]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not X64, reason="this process already runs with x64 off")
 def test_core_modules_pass_with_x64_off():
     env = dict(os.environ, GRADIENCE_X64="0")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow",
-           *(str(ROOT / "tests" / m) for m in CORE_MODULES)]
+           *_workers(), *(str(ROOT / "tests" / m) for m in CORE_MODULES)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3000)
     tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-60:])
     assert proc.returncode == 0, f"x64-off run of the core modules failed:\n{tail}"
