@@ -11,8 +11,10 @@ The case (issue "Krylov engine"): MLP 784-256-256-10, tanh, softmax CE, Flax def
 weights to tol 1e-13, in a subprocess (x64 on), cross-checked with our float64 ``eigsh``.
 
 For every method: matvecs, warm wall time (median of ``--repeats`` runs after a warm-up),
-first-call time (compilation included, from a fresh program), and the max relative error of
-the top-10. "Equal accuracy" rows use, for each method, the loosest setting (tol or number
+first-call time (compilation included, from a fresh program: ``jax.clear_caches()`` in this
+process), and the max relative error of the top-10. The first-call target compares ours
+(defaults) with ARPACK (tol=0) each as the first solve of a new process (median of 3,
+interleaved): in one process the later method inherits the earlier one's warm-up. "Equal accuracy" rows use, for each method, the loosest setting (tol or number
 of matvecs) whose error is <= ``--target``; our "defaults" row is ``eigsh(op, k=10)`` as a
 new user calls it.
 
@@ -156,28 +158,34 @@ def ours_rows(adapted, batch, ref, target, repeats) -> list[dict]:
     return rows
 
 
-def arpack_rows(adapted, batch, ref, target, repeats) -> list[dict]:
-    """scipy ARPACK on our jitted HVP (the same matvec program a user would hand it)."""
+def arpack_solver(op, tol: float):
+    """``(solve, count)``: scipy ARPACK's top-``K`` on our jitted flat HVP, and its matvec count."""
     import scipy.sparse.linalg as sla
 
+    mv, n = flat_hvp(op)
+    count = [0]
+
+    def matvec(v):
+        count[0] += 1
+        return np.asarray(mv(op, jnp.asarray(v, jnp.float32)))
+
+    lin = sla.LinearOperator((n, n), matvec=matvec, dtype=np.float32)
+    v0 = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+
+    def solve():
+        count[0] = 0
+        return sla.eigsh(lin, k=K, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+
+    return solve, count
+
+
+def arpack_rows(adapted, batch, ref, target, repeats) -> list[dict]:
+    """scipy ARPACK on our jitted HVP (the same matvec program a user would hand it)."""
     op = gj.hessian(adapted.loss_fn, adapted.params, batch)
     rows = []
     for tol in (0.0, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2):
         jax.clear_caches()
-        mv, n = flat_hvp(op)
-        count = [0]
-
-        def matvec(v):
-            count[0] += 1
-            return np.asarray(mv(op, jnp.asarray(v, jnp.float32)))
-
-        lin = sla.LinearOperator((n, n), matvec=matvec, dtype=np.float32)
-        v0 = np.random.default_rng(0).standard_normal(n).astype(np.float32)
-
-        def solve():
-            count[0] = 0
-            return sla.eigsh(lin, k=K, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
-
+        solve, count = arpack_solver(op, tol)
         t0 = time.perf_counter()
         solve()
         first = time.perf_counter() - t0
@@ -285,6 +293,43 @@ def torch_rows(model, adapted, batch, ref, target, quick: bool = False) -> list[
     return rows
 
 
+# -- first calls in fresh processes -----------------------------------------------------------
+
+
+def _first_call_main(method: str, quick: bool) -> None:
+    """One first call in this (fresh) process: ours with defaults or ARPACK at tol=0."""
+    _, adapted, batch, _ = build(quick)
+    op = gj.hessian(adapted.loss_fn, adapted.params, batch)
+    jax.block_until_ready(op.operands)
+    if method == "ours":
+        t0 = time.perf_counter()
+        res = gj.eigsh(op, k=K)
+        jax.block_until_ready(res.eigenvalues)
+        secs, matvecs = time.perf_counter() - t0, res.operator_calls
+    else:
+        solve, count = arpack_solver(op, 0.0)
+        t0 = time.perf_counter()
+        solve()
+        secs, matvecs = time.perf_counter() - t0, count[0]
+    print(json.dumps({"method": method, "first_call_s": secs, "matvecs": matvecs}))
+
+
+def fresh_first_calls(quick: bool, repeats: int) -> dict:
+    """Median first-call seconds of ours (defaults) and ARPACK (tol=0), each the first
+    eigen-solve of a new process (what a user's script pays), runs interleaved."""
+    times = {"ours": [], "arpack": []}
+    for _ in range(repeats):
+        for method in times:
+            cmd = [sys.executable, __file__, "--first-call-only", method]
+            out = subprocess.run(cmd + (["--quick"] if quick else []), check=True,
+                                 capture_output=True, text=True).stdout
+            times[method].append(json.loads(out.strip().splitlines()[-1])["first_call_s"])
+    for method, ts in times.items():
+        print(f"  first call in a fresh process, {method:<6}: median {statistics.median(ts):.2f} s "
+              f"of {[round(t, 2) for t in ts]}", flush=True)
+    return {m: statistics.median(ts) for m, ts in times.items()}
+
+
 # -- memory ----------------------------------------------------------------------------------
 
 
@@ -360,12 +405,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--reference-only", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--rss-only", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--first-call-only", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.reference_only:
         return _reference_main(args.quick, args.reference_only)
     if args.rss_only:
         return _rss_main(args.rss_only, args.quick)
+    if args.first_call_only:
+        return _first_call_main(args.first_call_only, args.quick)
     info = peers.machine()
     model, adapted, batch, sizes = build(args.quick)
     n_params = gj.tree.size(adapted.params)
@@ -374,6 +422,7 @@ def main(argv=None) -> dict:
     rows = ours_rows(adapted, batch, ref, args.target, args.repeats)
     rows += arpack_rows(adapted, batch, ref, args.target, args.repeats)
     rows += matfree_rows(adapted, batch, ref, args.target, args.repeats)
+    fresh = fresh_first_calls(args.quick, 1 if args.quick else 3)
     if not args.skip_torch:
         rows += torch_rows(model, adapted, batch, ref, args.target, args.quick)
     mem = [] if args.skip_memory else memory_rows(args.quick)
@@ -392,10 +441,12 @@ def main(argv=None) -> dict:
         targets["matvecs_le_1.1x_arpack"] = ours_eq["matvecs"] <= 1.1 * arp["matvecs"]
         targets["warm_speedup_vs_arpack_equal_accuracy"] = arp["warm_s"] / ours_eq["warm_s"]
         targets["warm_ge_1.25x_faster_than_arpack"] = arp["warm_s"] / ours_eq["warm_s"] >= 1.25
-        targets["first_call_defaults_vs_arpack_default"] = (
+        # the first call a user's script pays: each method's first solve in a new process
+        # (in this process ARPACK's "first call" follows ours and inherits its warm-up)
+        targets["first_call_defaults_vs_arpack_default"] = fresh["arpack"] / fresh["ours"]
+        targets["first_call_no_slower_than_arpack"] = fresh["ours"] <= fresh["arpack"]
+        targets["first_call_in_this_process_vs_arpack"] = (
             arp_def["first_call_s"] / ours_def["first_call_s"])
-        targets["first_call_no_slower_than_arpack"] = (
-            ours_def["first_call_s"] <= arp_def["first_call_s"])
     if ours_eq and cl:
         targets["speedup_vs_curvlinops_arpack"] = cl["warm_s"] / ours_eq["warm_s"]
         targets["ge_5x_faster_than_curvlinops_arpack"] = cl["warm_s"] / ours_eq["warm_s"] >= 5
@@ -415,7 +466,7 @@ def main(argv=None) -> dict:
     result = {"suite": "eigsh_clustered", "quick": args.quick, "machine": info,
               "sizes": sizes, "n_params": n_params, "batch": int(batch["inputs"].shape[0]),
               "reference": ref.tolist(), "target_rel_error": args.target, "rows": rows,
-              "memory": mem, "targets": targets}
+              "memory": mem, "first_call_fresh_process_s": fresh, "targets": targets}
     out = args.out or str(peers.RESULTS_DIR / ("eigsh_clustered_quick.json" if args.quick
                                                else "eigsh_clustered.json"))
     peers.write_json(out, result)

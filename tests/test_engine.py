@@ -6,6 +6,7 @@ Shares the n=120 matrices of ``test_spectrum.py`` (same programs per configurati
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 import textwrap
@@ -382,6 +383,37 @@ def test_large_cpu_operators_compile_with_the_memory_optimised_schedule():
             temps[lean] = low.compile().memory_analysis().temp_size_in_bytes / (4 * p)
         assert temps[True] <= temps[False] - 0.5, (reorth, temps)
         assert temps[True] < bar + 0.5, (reorth, temps)  # + small per-iteration arrays
+
+
+def test_cpu_programs_use_the_fast_compile_options_and_drop_unknown_ones(dense, monkeypatch):
+    """On CPU the engine compiles with ``FAST_COMPILE_OPTIONS`` (the plan says so); an option
+    this jaxlib does not know is dropped with a working run, not an error, and the result
+    is the same as without it (dense float64 reference)."""
+    import gradience_jax.spectrum.engine as engine
+    from gradience_jax.spectrum.engine import _Engine
+    from gradience_jax.spectrum.plan import program_platform
+
+    op = tree_op(dense["indefinite"])
+    cpu = program_platform(op) == "cpu"
+    plan_opts = run_engine._options(
+        Plan(k=1, which="LA", reorth="none", basis_size=0, window=None, capacity=32,
+             check_every=1, n=N, fixed=False, filter_ghosts=True, vectors=False,
+             true_residuals=False, solver="host", basis_dtype=None, breakdown_tol=0.0,
+             asym_tol=1.0, eps_work=1e-7, cpu_program=cpu))
+    assert plan_opts == (engine.FAST_COMPILE_OPTIONS if cpu else {})
+    fresh = _Engine()
+    monkeypatch.setattr(engine, "run_engine", fresh)
+    monkeypatch.setattr(importlib.import_module("gradience_jax.spectrum.eigsh"), "run_engine",
+                        fresh)
+    known = tuple(sorted(engine.FAST_COMPILE_OPTIONS.items()))
+    monkeypatch.setattr(engine, "FAST_COMPILE_OPTIONS",
+                        {**engine.FAST_COMPILE_OPTIONS, "xla_cpu_no_such_option_here": True})
+    res = eigsh(op, k=K, tol=1e-8)
+    want = expected(np.linalg.eigvalsh(np.asarray(dense["indefinite"], np.float64)), "LA", K)
+    np.testing.assert_allclose(res.eigenvalues, want, atol=tol(1e-8, 1e-4))
+    if cpu:
+        assert fresh._unsupported == {"xla_cpu_no_such_option_here"}
+        assert known in fresh._programs  # the retried program: the known options only
 
 
 def test_host_small_solver_with_x64_off_matches_dense():

@@ -6,7 +6,8 @@ Supported names (the module has no ``__all__``): ``default_memory_budget`` (re-e
 :mod:`gradience_jax.spectrum`); ``make_plan``, ``check_k``, ``check_int`` (now
 :func:`gradience_jax._validate.check_int`: ``check_int(value, name, lo=..., hi=...)``),
 ``row_bytes``, ``convergence_floor``, ``reachable_residual``,
-``default_basis_size``, ``small_solver``, ``flat_layout``, ``lean_schedule`` and the
+``default_basis_size``, ``small_solver``, ``flat_layout``, ``program_platform``,
+``lean_schedule`` and the
 constants ``LEAN_SCHEDULE_MIN_PARAMS``,
 ``DEFAULT_MEMORY_BUDGET_BYTES``, ``MIN_BASIS_SIZE``, ``MIN_MATVEC_CAP``,
 ``ASYMMETRY_ERROR``, ``BASIS_DTYPES``, ``TREE_LAYOUT_MIN_PARAMS``,
@@ -189,6 +190,22 @@ TREE_LAYOUT_MAX_LEAVES = 16
 LEAN_SCHEDULE_MIN_PARAMS = 1 << 22
 
 
+def program_platform(op: LinearOperator) -> str:
+    """The platform the engine program compiles for: that of the operator's first concrete
+    array operand, else the default backend.
+
+    Args:
+        op: the operator.
+
+    Returns:
+        ``"cpu"``, ``"gpu"``, ``"tpu"``, ... (``jax.Device.platform``).
+    """
+    for x in jax.tree_util.tree_leaves(op.operands):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            return next(iter(x.devices())).platform
+    return jax.default_backend()
+
+
 def lean_schedule(op: LinearOperator) -> bool:
     """Whether the engine program is compiled with XLA:CPU's memory-optimised schedule.
 
@@ -200,19 +217,12 @@ def lean_schedule(op: LinearOperator) -> bool:
     the default schedule. Other backends ignore it.
 
     Args:
-        op: the operator (the platform of its first array operand, else the default backend).
+        op: the operator (:func:`program_platform`).
 
     Returns:
         ``True`` for the memory-optimised schedule.
     """
-    if op.n_params < LEAN_SCHEDULE_MIN_PARAMS:
-        return False
-    platform = jax.default_backend()
-    for x in jax.tree_util.tree_leaves(op.operands):
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-            platform = next(iter(x.devices())).platform
-            break
-    return platform == "cpu"
+    return op.n_params >= LEAN_SCHEDULE_MIN_PARAMS and program_platform(op) == "cpu"
 
 
 def flat_layout(op: LinearOperator, v0: PyTree | None = None) -> bool:
@@ -383,5 +393,6 @@ def make_plan(
         basis_dtype=basis_dtype, breakdown_tol=default_breakdown_tol(like),
         asym_tol=asym_tol, eps_work=eps_work, flat=bool(flat),
         conv_floor=convergence_floor(like, op.dtype), lean_schedule=lean_schedule(op),
+        cpu_program=program_platform(op) == "cpu",
     )
     return plan, int(cap)
