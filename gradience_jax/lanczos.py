@@ -85,7 +85,10 @@ class LanczosState(NamedTuple):
             (``"full"``, row ``j`` is ``q_j``), a ring buffer of the last ``window`` vectors
             (``"window"``, ``q_j`` in row ``j % window``) or no rows (``"none"``).
         q: the next Lanczos vector ``q_step`` (unit norm).
-        q_prev: ``q_{step-1}`` (zeros at the start).
+        q_prev: ``q_{step-1}`` (zeros at the start); ``None`` for ``"window"``, whose ring
+            buffer already holds it in row ``(step - 1) % window`` (a separate copy was two
+            more parameter-sized buffers in the compiled loop: the vector and the copy XLA
+            inserts for the ``q_prev <- q`` rotation of the carry).
         beta: scalar ``betas[step-1]``, the coupling between ``q_prev`` and ``q``.
         step: int32 scalar, iterations done (= operator calls).
         breakdowns: ``(capacity,)`` bool, ``True`` at ``j`` if ``q_{j+1}`` is a restart vector.
@@ -488,7 +491,7 @@ def lanczos_init(
         betas=zeros_m,
         basis=zeros_work(like, nrows),
         q=q,
-        q_prev=zeros_work(like),
+        q_prev=None if reorth == "window" else zeros_work(like),
         beta=jnp.zeros((), sdt),
         step=jnp.zeros((), jnp.int32),
         breakdowns=jnp.zeros((capacity,), bool),
@@ -591,6 +594,51 @@ def _hashed_entries(like: PyTree, seed: jax.Array) -> PyTree:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+#: columns per block of the in-place update of :func:`subtract_rows`
+SUBTRACT_BLOCK = 1 << 16
+
+
+def subtract_rows(w: PyTree, basis: PyTree, h: jax.Array, q: PyTree, c: jax.Array) -> PyTree:
+    """``w - B h - c q``, leaf by leaf; leaves of ``4 SUBTRACT_BLOCK`` entries or more in place.
+
+    A large leaf is updated in column blocks of ``SUBTRACT_BLOCK`` entries
+    (``lax.fori_loop`` over in-place writes of ``w``), so ``B h`` never exists as a
+    parameter-sized temporary: at GPT-2 size that vector is 0.6 GiB of the program's peak.
+
+    Args:
+        w: pytree vector.
+        basis: stacked pytree, leaves ``(rows, *leaf.shape)``.
+        h: ``(rows,)`` coefficients.
+        q: pytree vector like ``w``.
+        c: scalar coefficient of ``q``.
+
+    Returns:
+        A pytree like ``w`` (its dtypes). Cost ``(rows + 2) x P``.
+    """
+    block = SUBTRACT_BLOCK
+
+    def leaf(x, b, z):
+        cx = c.astype(x.dtype)
+        hb = h.astype(b.dtype)
+        if x.size < 4 * block:
+            return x - jnp.tensordot(hb, b, axes=1).astype(x.dtype) - cx * z
+        xf, bf, zf = x.reshape(-1), b.reshape(b.shape[0], -1), z.reshape(-1)
+
+        def update(xf, start, width):
+            cols = jax.lax.dynamic_slice_in_dim(bf, start, width, 1)
+            new = (jax.lax.dynamic_slice_in_dim(xf, start, width) - (hb @ cols).astype(x.dtype)
+                   - cx * jax.lax.dynamic_slice_in_dim(zf, start, width))
+            return jax.lax.dynamic_update_slice_in_dim(xf, new, start, 0)
+
+        n_blocks, tail = divmod(xf.shape[0], block)
+        xf = jax.lax.fori_loop(0, n_blocks, lambda i, f: update(f, i * block, block), xf)
+        if tail:
+            xf = update(xf, n_blocks * block, tail)
+        return xf.reshape(x.shape)
+
+    return jax.tree_util.tree_map(leaf, w, basis, q)
+
+
 def _orth_step(w: PyTree, basis: PyTree, q: PyTree, passes: int) -> PyTree:
     """``passes`` times block CGS of ``w`` against the stored rows and ``q``.
 
@@ -599,12 +647,7 @@ def _orth_step(w: PyTree, basis: PyTree, q: PyTree, passes: int) -> PyTree:
     update in place instead of copying / re-fusing the whole basis).
     """
     for _ in range(passes):
-        h = basis_dot(basis, w)
-        c = tu.vdot(q, w)
-        corr = basis_combine(basis, h)
-        w = jax.tree_util.tree_map(
-            lambda x, y, z, c=c: x - y - c.astype(x.dtype) * z, w, corr, q
-        )
+        w = subtract_rows(w, basis, basis_dot(basis, w), q, tu.vdot(q, w))
     return w
 
 
@@ -643,6 +686,8 @@ def make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_to
     def step(state: LanczosState) -> LanczosState:
         j = state.step
         q, q_prev = state.q, state.q_prev
+        if reorth == "window":  # row (j - 1) % window: zeros before the first step
+            q_prev = _get_row(state.basis, (j - 1) % _basis_rows(state.basis))
         aq = to_work(mv(to_like(q, like)))
         alpha = tu.vdot(q, aq)
         asym = jnp.abs(tu.vdot(q_prev, aq) - state.beta)
@@ -677,10 +722,11 @@ def make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_to
             nrows = _basis_rows(basis)
             ortho = jnp.abs(tu.vdot(_get_row(basis, 0 if reorth == "full" else (j + 1) % nrows),
                                     q_next))
-            # the stored row depends on this step's reads (``0 * ortho``: a finite value
-            # leaves q unchanged), so XLA schedules the in-place row update after them
-            # instead of copying the whole basis to keep the reads apart
-            tie = jnp.zeros((), ortho.dtype) * ortho
+            # the stored row depends on this step's reads (``0 * ortho``, ``0 * asym``: finite
+            # values leave q unchanged; ``asym`` reads q_prev from the ring), so XLA
+            # schedules the in-place row update after them instead of copying the whole
+            # basis to keep the reads apart
+            tie = jnp.zeros((), ortho.dtype) * (ortho + asym.astype(ortho.dtype))
             basis = _set_row(basis, j if reorth == "full" else j % nrows,
                              jax.tree_util.tree_map(lambda x: x + tie.astype(x.dtype), q))
         dropped = jnp.where(broke, beta, jnp.zeros_like(beta))
@@ -690,7 +736,7 @@ def make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_to
             betas=state.betas.at[j].set(beta.astype(state.betas.dtype)),
             basis=basis,
             q=q_next,
-            q_prev=q,
+            q_prev=None if reorth == "window" else q,
             beta=beta.astype(state.beta.dtype),
             step=j + 1,
             breakdowns=state.breakdowns.at[j].set(broke),

@@ -333,15 +333,15 @@ def test_top_eigenpairs_dense_fallback_and_lanczos_agree(dense, which):
 
 def test_lean_state_memory_of_the_compiled_programs():
     """XLA temporaries of the engine (a diagonal operator: no HVP working set), in
-    parameter-sized vectors: basis rows + a few. Measured: none 6, window 8 + 7, full 31 + 4
-    (the issue's target for window is + 6: one vector over, reported in the benchmark)."""
+    parameter-sized vectors: basis rows + a few. Measured: none 6, window 8 + 6, full 31 + 4
+    (at 200k parameters, below the in-place Gram-Schmidt's leaf size)."""
     from gradience_jax.spectrum.eigsh import start_vector
     from gradience_jax.spectrum.plan import make_plan
 
     p = 200_000
     d = jnp.linspace(0.0, 1.0, p, dtype=jnp.float32)
     op = gj.from_matvec(lambda v: v * d, jax.ShapeDtypeStruct((p,), jnp.float32), name="diag")
-    limits = {("none", None): 7, ("window", 8): 8 + 7, ("full", None): 31 + 5}
+    limits = {("none", None): 7, ("window", 8): 8 + 6, ("full", None): 31 + 5}
     for (reorth, win), limit in limits.items():
         plan, cap = make_plan(op, k=3, num_iters=30, which="LA", reorth=reorth, window=win,
                               tol=1e-10, max_iters=None, memory_budget_bytes=None,
@@ -356,9 +356,10 @@ def test_lean_state_memory_of_the_compiled_programs():
 
 def test_large_cpu_operators_compile_with_the_memory_optimised_schedule():
     """From ``LEAN_SCHEDULE_MIN_PARAMS`` parameters on (CPU) the plan asks for XLA's
-    memory-optimised schedule, which must hold fewer vectors than the default schedule of
-    the same program (measured on the diagonal: none 6 -> 5, window 8 + 7 -> 8 + 6), and
-    meet the issue's bars: <= 7 (none) and <= window + 6 (window)."""
+    memory-optimised schedule, which must hold no more vectors than the default schedule of
+    the same program, one fewer for ``"none"`` (measured on the diagonal: none 6 -> 5,
+    window 8 + 5 with both), and meet the issue's bars: <= 7 (none) and <= window + 6
+    (window)."""
     from gradience_jax.spectrum.eigsh import start_vector
     from gradience_jax.spectrum.plan import LEAN_SCHEDULE_MIN_PARAMS, lean_schedule, make_plan
 
@@ -381,7 +382,10 @@ def test_large_cpu_operators_compile_with_the_memory_optimised_schedule():
         for lean in (False, True):
             low = run_engine.lower(op, v0, key, 1e-10, cap, plan=plan._replace(lean_schedule=lean))
             temps[lean] = low.compile().memory_analysis().temp_size_in_bytes / (4 * p)
-        assert temps[True] <= temps[False] - 0.5, (reorth, temps)
+        # "none": one vector fewer; "window" (in-place Gram-Schmidt, q_prev read from the
+        # ring) packs as tightly with either schedule, and must not get worse
+        saving = 0.5 if reorth == "none" else 0.0
+        assert temps[True] <= temps[False] - saving + 1e-3, (reorth, temps)
         assert temps[True] < bar + 0.5, (reorth, temps)  # + small per-iteration arrays
 
 
