@@ -191,8 +191,9 @@ LEAN_SCHEDULE_MIN_PARAMS = 1 << 22
 
 
 def program_platform(op: LinearOperator) -> str:
-    """The platform the engine program compiles for: that of the operator's first concrete
-    array operand, else the default backend.
+    """The platform the engine program compiles for.
+
+    That of the operator's first concrete array operand, else the default backend.
 
     Args:
         op: the operator.
