@@ -600,7 +600,8 @@ def _hashed_entries(like: PyTree, seed: jax.Array) -> PyTree:
 SUBTRACT_BLOCK = 1 << 20
 
 
-def subtract_rows(w: PyTree, basis: PyTree, h: jax.Array, q: PyTree, c: jax.Array) -> PyTree:
+def subtract_rows(w: PyTree, basis: PyTree, h: jax.Array, q: PyTree | None = None,
+                  c: jax.Array | None = None) -> PyTree:
     """``w - B h - c q``, leaf by leaf; leaves of ``16 SUBTRACT_BLOCK`` entries or more in place.
 
     A large leaf is updated in column blocks of ``SUBTRACT_BLOCK`` entries
@@ -611,25 +612,27 @@ def subtract_rows(w: PyTree, basis: PyTree, h: jax.Array, q: PyTree, c: jax.Arra
         w: pytree vector.
         basis: stacked pytree, leaves ``(rows, *leaf.shape)``.
         h: ``(rows,)`` coefficients.
-        q: pytree vector like ``w``.
-        c: scalar coefficient of ``q``.
+        q: pytree vector like ``w``, or ``None`` (no ``c q`` term).
+        c: scalar coefficient of ``q`` (with ``q``).
 
     Returns:
         A pytree like ``w`` (its dtypes). Cost ``(rows + 2) x P``.
     """
     block = SUBTRACT_BLOCK
 
-    def leaf(x, b, z):
-        cx = c.astype(x.dtype)
+    def leaf(x, b, z=None):
         hb = h.astype(b.dtype)
         if x.size < 16 * block:
-            return x - jnp.tensordot(hb, b, axes=1).astype(x.dtype) - cx * z
-        xf, bf, zf = x.reshape(-1), b.reshape(b.shape[0], -1), z.reshape(-1)
+            x = x - jnp.tensordot(hb, b, axes=1).astype(x.dtype)
+            return x if z is None else x - c.astype(x.dtype) * z
+        xf, bf = x.reshape(-1), b.reshape(b.shape[0], -1)
+        zf = None if z is None else z.reshape(-1)
 
         def update(xf, start, width):
             cols = jax.lax.dynamic_slice_in_dim(bf, start, width, 1)
-            new = (jax.lax.dynamic_slice_in_dim(xf, start, width) - (hb @ cols).astype(x.dtype)
-                   - cx * jax.lax.dynamic_slice_in_dim(zf, start, width))
+            new = jax.lax.dynamic_slice_in_dim(xf, start, width) - (hb @ cols).astype(x.dtype)
+            if zf is not None:
+                new = new - c.astype(x.dtype) * jax.lax.dynamic_slice_in_dim(zf, start, width)
             return jax.lax.dynamic_update_slice_in_dim(xf, new, start, 0)
 
         n_blocks, tail = divmod(xf.shape[0], block)
@@ -638,18 +641,23 @@ def subtract_rows(w: PyTree, basis: PyTree, h: jax.Array, q: PyTree, c: jax.Arra
             xf = update(xf, n_blocks * block, tail)
         return xf.reshape(x.shape)
 
+    if q is None:
+        return jax.tree_util.tree_map(leaf, w, basis)
     return jax.tree_util.tree_map(leaf, w, basis, q)
 
 
-def _orth_step(w: PyTree, basis: PyTree, q: PyTree, passes: int) -> PyTree:
-    """``passes`` times block CGS of ``w`` against the stored rows and ``q``.
+def _orth_step(w: PyTree, basis: PyTree, q: PyTree | None, passes: int,
+               mask: jax.Array | None = None) -> PyTree:
+    """``passes`` times block CGS of ``w`` against the stored rows (and ``q``, if given).
 
-    The rows are those stored *before* this iteration; ``q`` is added explicitly, so the
-    dots never read the row written in the same iteration (XLA then keeps the ring buffer
-    update in place instead of copying / re-fusing the whole basis).
+    ``mask`` (``(rows,)`` bool) leaves out the rows it marks ``False``: in a ring buffer, the
+    rows from before the last breakdown restart.
     """
     for _ in range(passes):
-        w = subtract_rows(w, basis, basis_dot(basis, w), q, tu.vdot(q, w))
+        h = basis_dot(basis, w)
+        if mask is not None:
+            h = jnp.where(mask, h, jnp.zeros_like(h))
+        w = subtract_rows(w, basis, h, q, None if q is None else tu.vdot(q, w))
     return w
 
 
@@ -677,8 +685,8 @@ def make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_to
             for _ in range(2):
                 r = tu.sub(r, tu.scale(tu.vdot(q, r), q))
                 r = tu.sub(r, tu.scale(tu.vdot(q_prev, r), q_prev))
-        else:  # the stored rows hold q_{j-1} (and older); q_j is added explicitly
-            r = _orth_step(r, basis, q, 2)
+        else:  # the stored rows hold q_j (and older)
+            r = _orth_step(r, basis, None, 2)
         return safe_normalize(r)[0]
 
     def proceed(args):
@@ -688,10 +696,13 @@ def make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_to
     def step(state: LanczosState) -> LanczosState:
         j = state.step
         q, q_prev = state.q, state.q_prev
-        if reorth == "window":  # row (j - 1) % window: zeros before the first step
-            q_prev = _get_row(state.basis, (j - 1) % _basis_rows(state.basis))
         aq = to_work(mv(to_like(q, like)))
         alpha = tu.vdot(q, aq)
+        if reorth == "window":  # row (j - 1) % window: zeros before the first step
+            # read after the matvec (the index depends on ``alpha``, ``0 * alpha > 1`` is
+            # false), so the row copy is not live through the matvec: one vector less at peak
+            late = (jnp.zeros((), alpha.dtype) * alpha > 1).astype(j.dtype)
+            q_prev = _get_row(state.basis, (j - 1 + late) % _basis_rows(state.basis))
         asym = jnp.abs(tu.vdot(q_prev, aq) - state.beta)
         if reorth == "none":
             # for a symmetric A, <q_(j-1), A q_j> = <A q_(j-1), q_j> = beta_(j-1) |q_j|^2
@@ -703,34 +714,51 @@ def make_step(mv: Callable, like: PyTree, reorth: str, passes: int, breakdown_to
                      + jnp.where(j >= 2, state.betas[jm2] * state.orthogonality[jm1], 0.0)
                      + state.beta * jnp.abs(tu.vdot(q, q) - 1.0))
             asym = jnp.maximum(asym - drift.astype(asym.dtype), jnp.zeros_like(asym))
+        # ``beta_w`` equals ``state.beta`` for finite ``asym``; the dependence makes XLA reduce
+        # ``<q_prev, A q>`` before ``w`` overwrites ``A q``, so ``A q`` is not held beside ``w``
+        beta_w = state.beta + jnp.zeros((), asym.dtype) * asym
         w = jax.tree_util.tree_map(
-            lambda x, a, b: x - alpha.astype(x.dtype) * a - state.beta.astype(x.dtype) * b,
+            lambda x, a, b: x - alpha.astype(x.dtype) * a - beta_w.astype(x.dtype) * b,
             aq,
             q,
             q_prev,
         )
-        basis = state.basis
+        basis, fresh = state.basis, None
+        if reorth == "window":
+            # rows written since the last breakdown restart: a restart vector need not be
+            # orthogonal to invariant subspaces found before the ring forgot them, and
+            # projecting the new recurrence on their rows would break its three-term relation
+            # (wrong tridiagonal entries, spurious "converged" Ritz values)
+            nrows = _basis_rows(basis)
+            cap = state.breakdowns.shape[0]
+            seg = jnp.max(jnp.where(state.breakdowns, jnp.arange(1, cap + 1, dtype=j.dtype), 0))
+            row_step = (j - 1) - jnp.mod(j - 1 - jnp.arange(nrows, dtype=j.dtype), nrows)
+            fresh = row_step >= seg
         if reorth != "none":
-            w = _orth_step(w, basis, q, passes)
+            w = _orth_step(w, basis, q, passes, fresh)
         beta = tu.norm(w)
         anorm = jnp.maximum(state.anorm, jnp.abs(alpha) + state.beta + beta)
         broke = beta <= breakdown_tol * anorm
+        if reorth != "none":
+            # q_j is stored before the branch (its last read, so the loop carry's q buffer
+            # is not copied to keep q_j live through the matvec: one vector less at peak);
+            # the write waits for this step's reads of the ring (``asym`` reads q_prev; a
+            # finite ``0 * asym`` leaves q unchanged), so XLA updates the row in place
+            # instead of copying the whole basis to keep the reads apart
+            tie = jnp.zeros((), asym.dtype) * (asym + beta.astype(asym.dtype))
+            basis = _set_row(basis, j if reorth == "full" else j % _basis_rows(basis),
+                             jax.tree_util.tree_map(lambda x: x + tie.astype(x.dtype), q))
         q_next = jax.lax.cond(
             broke, restart, proceed, (basis, q, q_prev, state.key, w, j, beta)
         )
         if reorth == "none":
             ortho = jnp.abs(tu.vdot(q_prev, q_next))
-        else:
-            nrows = _basis_rows(basis)
-            ortho = jnp.abs(tu.vdot(_get_row(basis, 0 if reorth == "full" else (j + 1) % nrows),
-                                    q_next))
-            # the stored row depends on this step's reads (``0 * ortho``, ``0 * asym``: finite
-            # values leave q unchanged; ``asym`` reads q_prev from the ring), so XLA
-            # schedules the in-place row update after them instead of copying the whole
-            # basis to keep the reads apart
-            tie = jnp.zeros((), ortho.dtype) * (ortho + asym.astype(ortho.dtype))
-            basis = _set_row(basis, j if reorth == "full" else j % nrows,
-                             jax.tree_util.tree_map(lambda x: x + tie.astype(x.dtype), q))
+        else:  # row 0 (full) or the oldest row (window, zero if from before a restart)
+            oldest = 0 if reorth == "full" else (j + 1) % _basis_rows(basis)
+            ortho = jnp.abs(tu.vdot(_get_row(basis, oldest), q_next))
+            if reorth == "window":
+                ortho = jnp.where(j + 1 - _basis_rows(basis) >= seg, ortho,
+                                  jnp.zeros_like(ortho))
         dropped = jnp.where(broke, beta, jnp.zeros_like(beta))
         beta = jnp.where(broke, jnp.zeros_like(beta), beta)
         return state._replace(

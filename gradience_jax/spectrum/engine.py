@@ -591,14 +591,14 @@ class _Plain(NamedTuple):
 
 
 def _host_check(plan: Plan):
-    """A host function ``(alphas, betas, dropped, steps, anorm, tol) -> analysis``.
+    """A host function ``(alphas, betas, dropped, steps, anorm, tol, complete) -> analysis``.
 
     For ``jax.pure_callback``: float64 Ritz values of ``T`` with ghost filtering, the ``k``
     wanted ones (most wanted first), their bounds and ``T``-eigenvectors.
     """
     k, cap = plan.k, plan.capacity
 
-    def check(alphas, betas, dropped, steps, anorm, tol):
+    def check(alphas, betas, dropped, steps, anorm, tol, complete):
         m = int(steps)
         dt = alphas.dtype
         values, bounds = np.zeros(k, dt), np.zeros(k, dt)
@@ -607,7 +607,8 @@ def _host_check(plan: Plan):
             return values, bounds, conv, np.int32(0), coeffs
         r = ritz_values(np.asarray(alphas[:m], np.float64), np.asarray(betas[:m], np.float64),
                         filter_ghosts=plan.filter_ghosts, eps_work=plan.eps_work,
-                        anorm=float(anorm), dropped=np.asarray(dropped[:m], np.float64))
+                        anorm=float(anorm), dropped=np.asarray(dropped[:m], np.float64),
+                        complete=bool(complete))
         idx = select(r.values, k, plan.which)
         nv = len(idx)
         values[:nv] = r.values[idx]
@@ -620,14 +621,15 @@ def _host_check(plan: Plan):
     return check
 
 
-def _plain_analysis(st: LanczosState, tol, plan: Plan):
+def _plain_analysis(st: LanczosState, tol, plan: Plan, complete):
     k, cap = plan.k, plan.capacity
     dt = st.alphas.dtype
     shapes = (jax.ShapeDtypeStruct((k,), dt), jax.ShapeDtypeStruct((k,), dt),
               jax.ShapeDtypeStruct((k,), bool), jax.ShapeDtypeStruct((), jnp.int32),
               jax.ShapeDtypeStruct((cap, k), dt))
     return jax.pure_callback(_host_check(plan), shapes, st.alphas, st.betas, st.dropped,
-                             st.step, st.anorm, jnp.asarray(tol, dt), vmap_method="sequential")
+                             st.step, st.anorm, jnp.asarray(tol, dt), complete,
+                             vmap_method="sequential")
 
 
 def _plain(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
@@ -649,13 +651,24 @@ def _plain(op, v0, key, tol, max_matvecs, plan: Plan) -> EngineOut:
         finite = jnp.isfinite(a) & jnp.isfinite(b) & jnp.isfinite(asym)
         status = jnp.where(~finite, NONFINITE,
                            jnp.where(asym > plan.asym_tol * st.anorm, ASYMMETRIC, p.status))
+        if plan.reorth == "window":
+            # a restart vector (pseudo-random, orthogonal to every vector so far: none has left
+            # the ring yet) that is itself an eigenvector: with probability one ``A`` is a
+            # multiple of the identity on the complement of the invariant subspaces found, so
+            # the spectrum is complete (a low-rank operator's null space). Going on would only
+            # push those subspaces out of the ring and re-find them
+            exhausted = (st.breakdowns[j] & (j >= 1) & st.breakdowns[jnp.maximum(j - 1, 0)]
+                         & (j <= plan.window))
+            status = jnp.where(exhausted & (status == RUNNING), CONVERGED, status)
         return p._replace(state=st, status=status.astype(jnp.int32),
                           asym=jnp.maximum(p.asym, asym))
 
     def chunk(p):
         end = jnp.minimum(max_matvecs, p.state.step + plan.check_every)
         p = jax.lax.while_loop(lambda p: (p.state.step < end) & (p.status == RUNNING), one, p)
-        values, bounds, conv, n_valid, coeffs = _plain_analysis(p.state, tol, plan)
+        # CONVERGED before the analysis: the spectrum was found complete (see ``one``)
+        values, bounds, conv, n_valid, coeffs = _plain_analysis(p.state, tol, plan,
+                                                                p.status == CONVERGED)
         running = p.status == RUNNING
         done = jnp.all(conv) & (n_valid >= k) & (not plan.fixed)
         status = jnp.where(running & done, CONVERGED,

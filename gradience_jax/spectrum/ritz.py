@@ -168,6 +168,7 @@ def ritz_values(
     eps_work: float | None = None,
     anorm: float | None = None,
     dropped: np.ndarray | None = None,
+    complete: bool = False,
 ) -> RitzValues:
     """Ritz values, residual bounds and ``T``-eigenvectors from a Lanczos run (float64).
 
@@ -180,6 +181,10 @@ def ritz_values(
         anorm: estimate of ``||A||`` (default ``max |theta|``).
         dropped: ``(m,)`` the ``beta_j`` dropped where a breakdown closed a block (its
             residual bound); zeros if ``None``.
+        complete: the Ritz values are the whole spectrum (the run found that the operator is
+            a multiple of the identity beyond them): each kept bound ``b`` tightens to the
+            gap theorem's ``b^2 / delta``, ``delta`` the distance to the other kept values
+            less their bounds (Parlett, *The Symmetric Eigenvalue Problem*, Thm 11.7.1).
 
     Returns:
         :class:`RitzValues`.
@@ -188,8 +193,8 @@ def ritz_values(
     b = np.asarray(betas, np.float64)
     m = len(a)
     eps_work = float(np.finfo(np.float64).eps) if eps_work is None else float(eps_work)
-    vals, bnds, vecs, flags_all = [], [], [], []
-    for lo, hi in _blocks(b, m):
+    vals, bnds, vecs, flags_all, block_ids = [], [], [], [], []
+    for block_id, (lo, hi) in enumerate(_blocks(b, m)):
         theta, s = _eigh_tridiagonal(a[lo:hi], b[lo : hi - 1])
         beta_end = b[m - 1] if hi == m else (0.0 if dropped is None else dropped[hi - 1])
         bounds = np.abs(beta_end * s[-1])
@@ -206,12 +211,15 @@ def ritz_values(
         bnds.append(bounds)
         vecs.append(full)
         flags_all.append(flags)
+        block_ids.append(np.full(len(theta), block_id))
     theta = np.concatenate(vals)
     bounds = np.concatenate(bnds)
     s = np.concatenate(vecs, axis=1)
     flags = np.concatenate(flags_all)
+    block_of = np.concatenate(block_ids)
     order = np.argsort(theta, kind="stable")
     theta, bounds, s, flags = theta[order], bounds[order], s[:, order], flags[order]
+    block_of = block_of[order]
     if filter_ghosts and len(_blocks(b, m)) > 1:  # copies across blocks (restarts)
         # a restart vector orthogonal to a window only re-finds converged eigenvalues: such
         # copies agree to round-off of the Ritz pairs, ~1e3 eps ||A|| (the ghost-warning width)
@@ -224,7 +232,31 @@ def ritz_values(
                 flags[worse] = 1
             else:
                 best = i
+        # a copy still converging in another block: a restart vector that is not orthogonal
+        # to an invariant subspace the ring forgot re-finds its eigenvalues, and the copy in
+        # progress would displace a wanted eigenvalue. Merged when its interval
+        # theta +- bound holds a value another block converged to round-off and lies in
+        # that value's own neighbourhood (within half its gap to every other value), so
+        # an unresolved interval that could hold a further eigenvalue is kept
+        for i in np.flatnonzero((flags == 0) & (bounds > tol_mult)):
+            kept = np.flatnonzero(flags == 0)
+            done = kept[(bounds[kept] <= tol_mult) & (block_of[kept] != block_of[i])]
+            for c in done[np.abs(theta[done] - theta[i]) <= bounds[i]]:
+                rest = kept[(kept != c) & (kept != i)]
+                gap = np.min(np.abs(theta[rest] - theta[c])) if len(rest) else np.inf
+                if abs(theta[i] - theta[c]) + bounds[i] < gap / 2:
+                    flags[i] = 1
+                    break
     keep = flags == 0
+    raw_bounds = bounds
+    if complete and np.sum(keep) > 1:
+        kv, kb = theta[keep], bounds[keep]
+        dist = np.abs(kv[:, None] - kv[None, :]) - kb[None, :]
+        np.fill_diagonal(dist, np.inf)
+        delta = np.min(dist, axis=1)
+        gap_bound = np.where(delta > kb, kb**2 / np.maximum(delta, np.finfo(float).tiny), kb)
+        bounds = bounds.copy()
+        bounds[keep] = np.minimum(kb, gap_bound)
     return RitzValues(
         values=theta[keep],
         bounds=bounds[keep],
@@ -233,7 +265,7 @@ def ritz_values(
         copies=int(np.sum(flags == 1)),
         flags=flags,
         raw_values=theta,
-        raw_bounds=bounds,
+        raw_bounds=raw_bounds,
     )
 
 
